@@ -1,0 +1,98 @@
+"""One module's adapter weights: the arrows in RAM, A* and B* gathered on demand from memory maps.
+
+The arrows (n, d_in) are the only per-adapter memory a router keeps resident: every token is scored
+against all of them. A* and B* stay in the segment files' memory maps and only the rows a router
+asks for (candidates, winners) are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModuleBank:
+    module: str
+    d_in: int
+    d_out: int
+    names: list[str]
+    arrows: torch.Tensor  # (n, d_in), resident
+    ranks: torch.Tensor  # (n,)
+    r: int  # largest rank; smaller ones are zero-padded
+    parts: list[tuple[torch.Tensor, torch.Tensor]]  # per segment: A (m, r_s, d_in), B (m, d_out, r_s)
+    seg_of: torch.Tensor  # (n,) which part holds each adapter
+    row_of: torch.Tensor  # (n,) its row there
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.arrows.dtype
+
+    @property
+    def index(self) -> dict[str, int]:
+        if not hasattr(self, "_index"):
+            self._index = {name: i for i, name in enumerate(self.names)}
+        return self._index
+
+    @classmethod
+    def from_segments(cls, module, d_in, d_out, names, where, parts, dtype) -> "ModuleBank":
+        """`where[i] = (segment, row, rank)` for adapter names[i]; `parts[segment] = (A, B, arrow, _)`."""
+        order = list(dict.fromkeys(seg for seg, _, _ in where))
+        seg_of = torch.tensor([order.index(seg) for seg, _, _ in where], dtype=torch.long)
+        row_of = torch.tensor([row for _, row, _ in where], dtype=torch.long)
+        ranks = torch.tensor([rank for _, _, rank in where], dtype=torch.long)
+        plist = [(parts[s][0], parts[s][1]) for s in order]
+        if names:
+            arrows = torch.empty(len(names), d_in, dtype=dtype)
+            for p, seg in enumerate(order):
+                sel = (seg_of == p).nonzero().squeeze(1)
+                arrows[sel] = parts[seg][2][row_of[sel]].to(dtype)
+        else:
+            arrows = torch.empty(0, d_in, dtype=dtype)
+        r = max((A.shape[1] for A, _ in plist), default=0)
+        return cls(module, d_in, d_out, list(names), arrows, ranks, r, plist, seg_of, row_of)
+
+    @classmethod
+    def from_tensors(cls, module: str, names: list[str], A: torch.Tensor, B: torch.Tensor, ranks=None) -> "ModuleBank":
+        """A bank over in-memory stacked factors (tests, benchmarks)."""
+        n, r, d_in = A.shape
+        ranks = torch.full((n,), r, dtype=torch.long) if ranks is None else torch.as_tensor(ranks)
+        return cls(module, d_in, B.shape[1], list(names), A[:, 0].contiguous(), ranks, r, [(A, B)],
+                   torch.zeros(n, dtype=torch.long), torch.arange(n))
+
+    def gather(self, idx: torch.Tensor, want_b: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank."""
+        if len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r:
+            A, B = self.parts[0]
+            rows = self.row_of[idx]
+            return A[rows], (B[rows] if want_b else None)
+        A_out = torch.zeros(len(idx), self.r, self.d_in, dtype=self.dtype)
+        B_out = torch.zeros(len(idx), self.d_out, self.r, dtype=self.dtype) if want_b else None
+        segs = self.seg_of[idx]
+        for p in segs.unique().tolist():
+            sel = (segs == p).nonzero().squeeze(1)
+            A, B = self.parts[p]
+            rows = self.row_of[idx[sel]]
+            A_out[sel, : A.shape[1]] = A[rows]
+            if want_b:
+                B_out[sel, :, : B.shape[2]] = B[rows]
+        return A_out, B_out
+
+    def gather_A(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gather(idx, want_b=False)[0]
+
+    def gather_B(self, idx: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1 and self.parts[0][1].shape[2] == self.r:
+            return self.parts[0][1][self.row_of[idx]]
+        return self.gather(idx)[1]
+
+    def chunks(self, size: int = 256):
+        """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers."""
+        for start in range(0, self.n, size):
+            idx = torch.arange(start, min(start + size, self.n))
+            yield start, *self.gather(idx)

@@ -1,0 +1,376 @@
+"""The adapter library on disk: a JSON manifest plus safetensors segments of aligned, stacked tensors.
+
+    LIB/manifest.json                  format version, base model and module shapes, every adapter
+    LIB/segments/<id>.safetensors      per module: <module>.A (n, r, d_in), <module>.B (n, d_out, r),
+                                       <module>.arrow (n, d_in); metadata "rows" names each row
+
+Adding adapters writes new segments and never touches the aligned tensors of the others; removing
+one only drops it from the manifest (a segment with no live row is deleted; `compact` rewrites the
+rest). Every change is a segment written beside the old ones and then one atomic rename of the
+manifest, so a write killed at any moment leaves the previous library readable, and a rerun of the
+same build skips the adapters already committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import CONFIG_FILE, LoraAdapter, adapter_checksum, check_fits, find_adapter_folders, read_adapter
+from .alignment import align
+from .bank import ModuleBank
+from .errors import AdapterError, LibraryError
+from .storage import atomic_save_safetensors, atomic_write_json, mmap_safetensors
+
+FORMAT = "loralag-library"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SEGMENTS = "segments"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def module_shapes(model: torch.nn.Module) -> dict[str, list]:
+    """Every module LAG can adapt: name -> [d_in, d_out, kind] for nn.Linear and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[name] = [m.in_features, m.out_features, "linear"]
+        elif isinstance(m, Conv1D):  # weight is (d_in, d_out): PEFT's fan_in_fan_out
+            shapes[name] = [m.weight.shape[0], m.weight.shape[1], "conv1d"]
+    return shapes
+
+
+def shapes_for_model(spec: str) -> dict[str, list]:
+    """Module shapes of a model named by spec, built on the meta device so no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return module_shapes(model)
+
+
+class Library:
+    """An opened library. Module banks are built on first use and map their tensors from disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise LibraryError(f"{self.path} is not a loralag library: no {MANIFEST}")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise LibraryError(f"{manifest_path} is not valid JSON: {e}") from e
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise LibraryError(
+                f"{manifest_path}: format {self.manifest.get('format')!r} version {self.manifest.get('format_version')!r}, "
+                f"expected {FORMAT!r} version {FORMAT_VERSION}"
+            )
+        self._banks: dict[str, ModuleBank] = {}
+        self._segments: dict[str, tuple[dict, dict]] = {}
+
+    # -- what it holds -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def adapters(self) -> list[dict]:
+        return self.manifest["adapters"]
+
+    @property
+    def names(self) -> list[str]:
+        return [a["name"] for a in self.adapters]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]["name"]
+
+    @property
+    def shapes(self) -> dict[str, list]:
+        return self.manifest["base_model"]["modules"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({m for a in self.adapters for m in a["target_modules"]})
+
+    def entry(self, name: str) -> dict:
+        for a in self.adapters:
+            if a["name"] == name:
+                return a
+        raise LibraryError(f"library {self.path} holds no adapter named '{name}'")
+
+    # -- reading tensors -----------------------------------------------------------------------
+    def _segment(self, seg: str) -> tuple[dict, dict]:
+        if seg not in self._segments:
+            path = self.path / SEGMENTS / f"{seg}.safetensors"
+            if not path.is_file():
+                raise LibraryError(f"library {self.path}: segment file {path} is missing")
+            tensors, meta = mmap_safetensors(path)
+            self._segments[seg] = (tensors, json.loads(meta["rows"]))
+        return self._segments[seg]
+
+    def bank(self, module: str) -> ModuleBank:
+        """The stacked aligned weights of every adapter that targets `module`, in manifest order."""
+        if module not in self._banks:
+            d_in, d_out, _ = self.shapes[module]
+            parts = {}  # segment -> (A, B, arrow, {name: (row, rank)})
+            names, where = [], []
+            for a in self.adapters:
+                if module not in a["target_modules"]:
+                    continue
+                seg = a["segment"]
+                if seg not in parts:
+                    tensors, rows = self._segment(seg)
+                    index = {n: (i, r) for i, (n, r) in enumerate(rows.get(module, []))}
+                    parts[seg] = (tensors.get(f"{module}.A"), tensors.get(f"{module}.B"), tensors.get(f"{module}.arrow"), index)
+                if a["name"] not in parts[seg][3]:
+                    raise LibraryError(f"library {self.path}: segment {seg} has no row for adapter '{a['name']}' at '{module}'")
+                names.append(a["name"])
+                where.append((seg, *parts[seg][3][a["name"]]))
+            self._banks[module] = ModuleBank.from_segments(module, d_in, d_out, names, where, parts, self.dtype)
+        return self._banks[module]
+
+    def adapter_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A*, B*) of one adapter per module, cut to its own rank."""
+        entry = self.entry(name)
+        out = {}
+        for module in entry["target_modules"]:
+            bank = self.bank(module)
+            i = bank.index[name]
+            A, B = bank.gather(torch.tensor([i]))
+            r = int(bank.ranks[i])
+            out[module] = (A[0, :r].float(), B[0, :, :r].float())
+        return out
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def _writing(self):
+        """One writer at a time; orphans of killed writes are swept first."""
+        with open(self.path / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.__init__(self.path)  # re-read: another writer may have committed
+            self._sweep()
+            yield
+            self.__init__(self.path)
+
+    def _sweep(self) -> None:
+        live = {a["segment"] for a in self.adapters}
+        for f in (self.path / SEGMENTS).iterdir():
+            if f.name.startswith(".tmp-") or (f.suffix == ".safetensors" and f.stem not in live):
+                f.unlink()
+
+    def _commit(self, adapters: list[dict]) -> None:
+        manifest = dict(self.manifest, adapters=adapters)
+        atomic_write_json(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+
+    def add(self, paths, replace: bool = False, chunk_size: int = 128, progress: bool = True) -> list[str]:
+        """Align and add adapter folders; returns the names added. Already-present identical ones are skipped."""
+        folders = find_adapter_folders(paths)
+        added = []
+        with self._writing():
+            present = {a["name"]: a for a in self.adapters}
+            todo = []
+            for folder in folders:
+                old = present.get(folder.name)
+                if old is not None and old["checksum"] == adapter_checksum(folder):
+                    continue  # committed by an earlier (maybe interrupted) run
+                if old is not None and not replace:
+                    raise AdapterError(
+                        f"adapter '{folder.name}' ({folder}) differs from the one of that name already in library "
+                        f"{self.path}; remove it first or pass replace=True (--replace)"
+                    )
+                todo.append(folder)
+            bar = tqdm(total=len(todo), desc=f"aligning into {self.path.name}", unit="adapter", disable=not progress)
+            for start in range(0, len(todo), chunk_size):
+                chunk = [read_adapter(f) for f in todo[start : start + chunk_size]]
+                for adapter in chunk:
+                    check_fits(adapter, self.shapes)
+                seg = self._write_segment(chunk)
+                names = {a.name for a in chunk}
+                kept = [a for a in self.adapters if a["name"] not in names]
+                self._commit(kept + [_entry(a, seg) for a in chunk])
+                added += [a.name for a in chunk]
+                bar.update(len(chunk))
+            bar.close()
+        return added
+
+    def _write_segment(self, adapters: list[LoraAdapter]) -> str:
+        aligned: dict[str, list] = {}
+        for adapter in adapters:
+            for module, lm in adapter.modules.items():
+                aligned.setdefault(module, []).append((adapter.name, *align(lm.A, lm.B, lm.scale)))
+        tensors, rows = {}, {}
+        for module, items in aligned.items():
+            A, B = _stack_padded([a for _, a, _ in items], [b for _, _, b in items])
+            tensors[f"{module}.A"] = A.to(self.dtype)
+            tensors[f"{module}.B"] = B.to(self.dtype)
+            tensors[f"{module}.arrow"] = A[:, 0].to(self.dtype)
+            rows[module] = [[name, a.shape[0]] for name, a, _ in items]
+        return self._save_segment(tensors, rows)
+
+    def _save_segment(self, tensors: dict, rows: dict) -> str:
+        seg = uuid.uuid4().hex[:16]
+        atomic_save_safetensors(self.path / SEGMENTS / f"{seg}.safetensors", tensors, {"rows": json.dumps(rows)})
+        return seg
+
+    def remove(self, names) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        with self._writing():
+            for n in names:
+                self.entry(n)  # error on an unknown name before anything changes
+            self._commit([a for a in self.adapters if a["name"] not in set(names)])
+            self._sweep()
+
+    def compact(self, chunk_size: int = 1024) -> None:
+        """Rewrite live rows into fresh segments, dropping space held by removed adapters (no re-alignment)."""
+        with self._writing():
+            entries = list(self.adapters)
+            new = []
+            for start in range(0, len(entries), chunk_size):
+                chunk = entries[start : start + chunk_size]
+                tensors, rows = {}, {}
+                for module in sorted({m for a in chunk for m in a["target_modules"]}):
+                    members = [a["name"] for a in chunk if module in a["target_modules"]]
+                    bank = self.bank(module)
+                    idx = torch.tensor([bank.index[n] for n in members])
+                    A, B = bank.gather(idx)
+                    tensors.update({f"{module}.A": A, f"{module}.B": B, f"{module}.arrow": A[:, 0]})
+                    rows[module] = [[n, int(bank.ranks[i])] for n, i in zip(members, idx.tolist())]
+                seg = self._save_segment(tensors, rows)
+                new += [dict(a, segment=seg) for a in chunk]
+            self._commit(new)
+            self._sweep()
+
+    def export(self, out_dir: str | Path, names=None) -> list[Path]:
+        """Write adapters back out as PEFT LoRA folders (A*, B* with scale 1) that PEFT loads as is."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        paths = []
+        for name in names or self.names:
+            factors = self.adapter_factors(name)
+            folder = out_dir / name
+            folder.mkdir(parents=True, exist_ok=True)
+            ranks = {m: A.shape[0] for m, (A, _) in factors.items()}
+            r = max(ranks.values())
+            conv = any(self.shapes[m][2] == "conv1d" for m in factors)
+            config = {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": self.base_model,
+                "r": r,
+                "lora_alpha": r,
+                "target_modules": sorted(factors),
+                # B* carries the scale, so every module uses alpha = its rank (scale 1).
+                "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+                "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": conv,
+                "inference_mode": True,
+            }
+            tensors = {}
+            for m, (A, B) in factors.items():
+                tensors[f"base_model.model.{m}.lora_A.weight"] = A.contiguous()
+                tensors[f"base_model.model.{m}.lora_B.weight"] = B.contiguous()
+            save_file(tensors, str(folder / "adapter_model.safetensors"))
+            (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+            paths.append(folder)
+        return paths
+
+    def summary(self) -> dict:
+        segs = {a["segment"] for a in self.adapters}
+        size = sum((self.path / SEGMENTS / f"{s}.safetensors").stat().st_size for s in segs)
+        ranks = [a["rank"] for a in self.adapters]
+        return {
+            "path": str(self.path),
+            "base_model": self.base_model,
+            "adapters": len(self),
+            "modules": len(self.target_modules),
+            "segments": len(segs),
+            "dtype": self.manifest["dtype"],
+            "ranks": sorted(set(ranks)),
+            "bytes_on_disk": size,
+        }
+
+
+def _entry(adapter: LoraAdapter, segment: str) -> dict:
+    cfg = adapter.config
+    return {
+        "name": adapter.name,
+        "source": adapter.source,
+        "checksum": adapter.checksum,
+        "rank": adapter.rank,
+        "alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "target_modules": adapter.target_modules,
+        "segment": segment,
+    }
+
+
+def _stack_padded(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack mixed-rank factors by padding with zero rows of A* and zero columns of B* (no effect on outputs)."""
+    r = max(a.shape[0] for a in As)
+    A = torch.zeros(len(As), r, As[0].shape[1])
+    B = torch.zeros(len(Bs), Bs[0].shape[0], r)
+    for i, (a, b) in enumerate(zip(As, Bs)):
+        A[i, : a.shape[0]] = a
+        B[i, :, : b.shape[1]] = b
+    return A, B
+
+
+def create_library(path: str | Path, base_model: str, shapes: dict[str, list], dtype: str = "float32") -> Library:
+    """Create an empty library; an existing one for the same base model is opened instead (resume)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        lib = Library(path)
+        if lib.shapes and any(lib.shapes.get(m, s) != s for m, s in shapes.items() if m in lib.shapes):
+            raise LibraryError(f"library {path} was built for base model '{lib.base_model}' with other module shapes")
+        return lib
+    if path.exists() and any(path.iterdir()):
+        raise LibraryError(f"{path} exists, is not empty and holds no {MANIFEST}: refusing to write a library there")
+    if dtype not in DTYPES:
+        raise LibraryError(f"unknown library dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    (path / SEGMENTS).mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": {"name": base_model, "modules": shapes},
+        "dtype": dtype,
+        "adapters": [],
+    }
+    atomic_write_json(path / MANIFEST, manifest)
+    return Library(path)
+
+
+def build_library(out, adapters, base_model: str = "default", shapes: dict | None = None, dtype: str = "float32",
+                  replace: bool = False, chunk_size: int = 128, progress: bool = True) -> Library:
+    """Build (or resume, or extend) the library at `out` from adapter folders for one base model."""
+    shapes = shapes if shapes is not None else shapes_for_model(base_model)
+    lib = create_library(out, base_model, shapes, dtype)
+    lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=progress)
+    return lib
+
+
+def open_library(path: str | Path) -> Library:
+    return Library(path)

@@ -1,0 +1,136 @@
+"""attach / detach: put routed layers on any Hugging Face model, and take them off bit for bit."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import LibraryError
+from .library import Library, module_shapes
+from .routed_layer import RoutedLinear
+from .routers import RouteSpec
+from .trace import RoutingTrace
+
+STATE_ATTR = "_loralag_state"
+
+
+class RoutingState:
+    """Model-wide routing settings: one RouteSpec per library, and the active trace if any."""
+
+    def __init__(self, model: nn.Module, libraries: dict[str, Library], specs: dict[str, RouteSpec]):
+        self.model = model
+        self.libraries = libraries
+        self.specs = specs
+        self.trace: RoutingTrace | None = None
+        self.originals: dict[str, nn.Module] = {}
+        self.layers: dict[str, RoutedLinear] = {}
+
+    def set_router(self, library: str | None = None, router: str | None = None, **params) -> None:
+        """Change the router or its parameters (k, temperature, ...) of one library, or of all."""
+        for lib in self._libs(library):
+            old = self.specs[lib]
+            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed, granularity=old.granularity)
+            fields.update({key: v for key, v in dict(router=router, **params).items() if v is not None})
+            self.specs[lib] = RouteSpec(**fields)
+
+    def fix(self, library: str, adapters: list[str | None]) -> None:
+        """Route each sequence of the batch to a named adapter of `library` (None: the base model)."""
+        lib = self.libraries[self._libs(library)[0]]
+        known = set(lib.names)
+        for name in adapters:
+            if name is not None and name not in known:
+                raise LibraryError(f"library '{library}' ({lib.path}) holds no adapter named '{name}'")
+        self.set_router(library, "fixed", fixed=list(adapters))
+
+    def _libs(self, library):
+        if library is None:
+            return list(self.specs)
+        if library not in self.specs:
+            raise LibraryError(f"no library named '{library}' is attached; attached: {sorted(self.specs)}")
+        return [library]
+
+    @contextmanager
+    def tracing(self):
+        """Record every routing decision made inside the block."""
+        names = {(m, lib): bank.names for m, layer in self.layers.items() for lib, bank in layer.banks.items()}
+        self.trace = RoutingTrace(names)
+        try:
+            yield self.trace
+        finally:
+            self.trace_done, self.trace = self.trace, None
+
+
+def _library_dict(libraries) -> dict[str, Library]:
+    if isinstance(libraries, Library):
+        libraries = [libraries]
+    if isinstance(libraries, dict):
+        return dict(libraries)
+    out = {}
+    for lib in libraries:
+        if lib.name in out:
+            raise LibraryError(f"two attached libraries are named '{lib.name}'; pass a dict to name them")
+        out[lib.name] = lib
+    return out
+
+
+def _per_library(value, libs, what):
+    if isinstance(value, dict):
+        unknown = set(value) - set(libs)
+        if unknown:
+            raise LibraryError(f"{what} given for unknown libraries {sorted(unknown)}; attached: {sorted(libs)}")
+        return value
+    return {lib: value for lib in libs}
+
+
+def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0) -> RoutingState:
+    """Wrap exactly the modules the libraries target. `router`, `k`, `temperature`: one value or a dict per library."""
+    if hasattr(model, STATE_ATTR):
+        raise RuntimeError("model already has libraries attached; detach(model) first")
+    libs = _library_dict(libraries)
+    routers, ks, temps = (_per_library(v, libs, w) for v, w in ((router, "router"), (k, "k"), (temperature, "temperature")))
+    specs = {lib: RouteSpec(router=routers.get(lib, "lag"), k=ks.get(lib, 20), temperature=temps.get(lib, 1.0)) for lib in libs}
+    shapes = module_shapes(model)
+    state = RoutingState(model, libs, specs)
+    targets: dict[str, dict] = {}
+    for lib_name, lib in libs.items():
+        for module in lib.target_modules:
+            want = lib.shapes[module][:2]
+            if module not in shapes or shapes[module][:2] != want:
+                have = shapes.get(module, ["absent"])[:2]
+                raise LibraryError(
+                    f"library '{lib_name}' ({lib.path}) targets '{module}' with shape {want}, but the model has {have}; "
+                    f"it was built for '{lib.base_model}'"
+                )
+            targets.setdefault(module, {})[lib_name] = lib.bank(module)
+    for module, banks in targets.items():
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+        layer = RoutedLinear(original, module, banks, state)
+        setattr(parent, child, layer)
+        state.originals[module] = original
+        state.layers[module] = layer
+    object.__setattr__(model, STATE_ATTR, state)  # not a submodule: keeps state_dict() unchanged
+    return state
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Put the original modules back; the model is then exactly what it was before `attach`."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return model
+    for module, original in state.originals.items():
+        parent_name, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, original)
+    object.__delattr__(model, STATE_ATTR)
+    return model
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("no libraries are attached to this model; call loralag.attach first")
+    return state
+

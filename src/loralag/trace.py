@@ -1,0 +1,68 @@
+"""Routing trace: which adapter each token chose at each module, with its score, and summaries."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import torch
+
+
+class RoutingTrace:
+    """Collects winners per (module, library) across forward calls (prefill, then each decoding step)."""
+
+    def __init__(self, names: dict[tuple[str, str], list[str]]):
+        self.names = names  # (module, library) -> adapter names of that bank, by index
+        self.winners: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        self.scores: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+
+    def record(self, module: str, library: str, winner: torch.Tensor, score: torch.Tensor) -> None:
+        self.winners[(module, library)].append(winner.detach().cpu())
+        self.scores[(module, library)].append(score.detach().float().cpu())
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return list(self.winners)
+
+    def winner_matrix(self, module: str, library: str) -> torch.Tensor:
+        """(batch, tokens) adapter indices over all recorded steps."""
+        return torch.cat(self.winners[(module, library)], dim=1)
+
+    def score_matrix(self, module: str, library: str) -> torch.Tensor:
+        return torch.cat(self.scores[(module, library)], dim=1)
+
+    def adapter_names(self, module: str, library: str, seq: int) -> list[str | None]:
+        names = self.names[(module, library)]
+        return [names[i] if i >= 0 else None for i in self.winner_matrix(module, library)[seq].tolist()]
+
+    def libraries(self) -> list[str]:
+        return sorted({lib for _, lib in self.winners})
+
+    def modules(self, library: str) -> list[str]:
+        return [m for m, lib in self.winners if lib == library]
+
+    def counts(self, library: str, seq: int, mask: torch.Tensor | None = None) -> Counter:
+        """Tokens routed to each adapter of `library` in sequence `seq`, over every module.
+
+        `mask` (tokens,) marks the positions to count (e.g. the attention mask, to skip padding)."""
+        c: Counter = Counter()
+        for module in self.modules(library):
+            names = self.names[(module, library)]
+            w = self.winner_matrix(module, library)[seq]
+            if mask is not None:
+                w = w[mask[: len(w)].bool()]
+            for i, n in zip(*torch.unique(w, return_counts=True)):
+                if i >= 0:
+                    c[names[i]] += int(n)
+        return c
+
+    def summary(self, seq: int = 0, mask: torch.Tensor | None = None) -> dict[str, dict]:
+        """Per library: adapters used with their share of routed tokens, and the entropy of that share."""
+        out = {}
+        for lib in self.libraries():
+            c = self.counts(lib, seq, mask)
+            total = sum(c.values())
+            shares = {n: v / total for n, v in c.most_common()} if total else {}
+            entropy = -sum(p * math.log(p) for p in shares.values())
+            out[lib] = {"adapters": len(shares), "shares": shares, "entropy": entropy, "routed": total}
+        return out

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built with from_config and real PEFT adapters saved by PEFT itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a minute")
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_lora(model, folder, seed: int, r: int = 4, alpha: float = 8, target_modules=("q_proj", "v_proj"),
+              spectral_gap: float | None = None, **config):
+    """Save a PEFT LoRA with random (non-zero) A and B for `model` at `folder`.
+
+    spectral_gap: scale row 0 of A by this factor, so the top singular vector is well separated
+    (PEFT's 15-step power iteration needs that to find it)."""
+    torch.manual_seed(seed)
+    lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False, **config)
+    peft_model = get_peft_model(model, lcfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+                if spectral_gap and "lora_A" in name:
+                    p[0] *= spectral_gap
+    peft_model.save_pretrained(str(folder))
+    peft_model.unload()  # back to the plain base model, unchanged
+    return folder
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 97, (3, 11), generator=g)
