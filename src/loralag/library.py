@@ -224,7 +224,7 @@ class Library:
             A, B = _stack_padded([a for _, a, _ in items], [b for _, _, b in items])
             tensors[f"{module}.A"] = A.to(self.dtype)
             tensors[f"{module}.B"] = B.to(self.dtype)
-            tensors[f"{module}.arrow"] = A[:, 0].to(self.dtype)
+            tensors[f"{module}.arrow"] = A[:, 0].to(self.dtype).clone()  # own storage: safetensors refuses shared
             rows[module] = [[name, a.shape[0]] for name, a, _ in items]
         return self._save_segment(tensors, rows)
 
@@ -254,7 +254,7 @@ class Library:
                     bank = self.bank(module)
                     idx = torch.tensor([bank.index[n] for n in members])
                     A, B = bank.gather(idx)
-                    tensors.update({f"{module}.A": A, f"{module}.B": B, f"{module}.arrow": A[:, 0]})
+                    tensors.update({f"{module}.A": A, f"{module}.B": B, f"{module}.arrow": A[:, 0].clone()})
                     rows[module] = [[n, int(bank.ranks[i])] for n, i in zip(members, idx.tolist())]
                 seg = self._save_segment(tensors, rows)
                 new += [dict(a, segment=seg) for a in chunk]
