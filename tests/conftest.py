@@ -21,7 +21,7 @@ def tiny_llama(seed: int = 0):
 
 def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 

@@ -98,10 +98,10 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0) -> 
         for module in lib.target_modules:
             want = lib.shapes[module][:2]
             if module not in shapes or shapes[module][:2] != want:
-                have = shapes.get(module, ["absent"])[:2]
+                have = f"shape {shapes[module][:2]}" if module in shapes else "no such module"
                 raise LibraryError(
                     f"library '{lib_name}' ({lib.path}) targets '{module}' with shape {want}, but the model has {have}; "
-                    f"it was built for '{lib.base_model}'"
+                    f"the library was built for '{lib.base_model}'"
                 )
             targets.setdefault(module, {})[lib_name] = lib.bank(module)
     for module, banks in targets.items():

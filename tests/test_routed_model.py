@@ -1,0 +1,176 @@
+"""Routed models in use: generate with the KV cache, padded batches, bf16, several libraries, detach."""
+
+import pytest
+import torch
+
+from conftest import save_lora, tiny_gpt2, tiny_llama
+from loralag import attach, build_library, detach
+from loralag.errors import LibraryError
+from loralag.library import module_shapes
+
+
+def make_library(model, path, n, seed, targets, r=4):
+    ads = path / "ads"
+    for i in range(n):
+        save_lora(model, ads / f"{path.name}{i}", seed=seed + i, r=r, alpha=2 * r, target_modules=targets)
+    name = path.name.rstrip("0123456789")  # tmp folders "task0", "know0" -> libraries "task", "know"
+    return build_library(path / name, [ads], base_model="tiny", shapes=module_shapes(model), progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = tiny_llama()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    task = make_library(model, tmp_path_factory.mktemp("task"), 3, 100, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    know = make_library(model, tmp_path_factory.mktemp("know"), 6, 200, ("gate_proj", "up_proj", "down_proj"), r=3)
+    return model, task, know
+
+
+@pytest.mark.parametrize("router", ["lag", "arrow", "spectral", "arrow-mix"])
+def test_greedy_generate_equals_stepwise_recomputation(setup, router):
+    model, task, know = setup
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    attach(model, [task, know], router=router, k=2)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+            seq = ids
+            for _ in range(8):  # no KV cache: the whole sequence through the routed model each step
+                nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], dim=1)
+    finally:
+        detach(model)
+    assert torch.equal(out, seq)
+
+
+def test_padded_batch_matches_single_sequences(setup):
+    model, task, know = setup
+    a = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    b = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])  # left padding
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    attach(model, [task, know], router="lag", k=2)
+    try:
+        with torch.no_grad():
+            out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            single_a = model.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            single_b = model.generate(b, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    finally:
+        detach(model)
+    assert torch.equal(out[0, 9:], single_a[0, 9:])
+    assert torch.equal(out[1, 9:], single_b[0, 5:])
+
+
+def test_two_libraries_are_routed_separately_and_summed(setup):
+    model, task, know = setup
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
+    base = model(ids).logits
+    state = attach(model, {"task": task, "know": know}, router={"task": "fixed", "know": "fixed"})
+    state.fix("task", [task.names[0], task.names[1]])
+    state.fix("know", [know.names[2], None])
+    with torch.no_grad():
+        both = model(ids).logits
+    state.set_router("know", "none")
+    with torch.no_grad():
+        task_only = model(ids).logits
+    state.set_router("task", "none")
+    state.fix("know", [know.names[2], None])
+    with torch.no_grad():
+        know_only = model(ids).logits
+    detach(model)
+    # In one module only one library adapts here, so the effects must be visible and the second sequence
+    # gets no knowledge adapter at all.
+    assert (both - task_only).abs().max() > 1e-3 and (know_only - base).abs().max() > 1e-3
+    torch.testing.assert_close(know_only[1], base[1], atol=0, rtol=0)
+    torch.testing.assert_close(both[1], task_only[1], atol=0, rtol=0)
+
+
+def test_bfloat16_model_as_close_to_float32_as_peft(setup):
+    """A bf16 model routes and adapts, with an error against fp32 of the order of PEFT's own in bf16."""
+    from peft import PeftModel
+
+    model, task, _ = setup
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
+    name = task.names[0]
+
+    def ours(dtype):
+        model.to(dtype)
+        attach(model, task, router="fixed").fix(task.name, [name] * 2)
+        try:
+            with torch.no_grad():
+                return model(ids).logits.float()
+        finally:
+            detach(model)
+            model.to(torch.float32)
+
+    def peft(dtype):
+        pm = PeftModel.from_pretrained(model, task.entry(name)["source"]).to(dtype)
+        with torch.no_grad():
+            out = pm(ids).logits.float()
+        pm.unload().to(torch.float32)
+        return out
+
+    assert ours(torch.bfloat16).dtype == torch.float32  # .float() above; the model ran in bf16
+    our_err = (ours(torch.bfloat16) - ours(torch.float32)).abs().max()
+    peft_err = (peft(torch.bfloat16) - peft(torch.float32)).abs().max()
+    torch.testing.assert_close(ours(torch.float32), peft(torch.float32), atol=1e-4, rtol=1e-4)
+    assert our_err < 2 * peft_err
+
+
+def test_detach_restores_bit_for_bit(setup):
+    model, task, know = setup
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(8))
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_modules = dict(model.named_modules())
+    before = model(ids).logits
+    attach(model, [task, know], router="lag")
+    assert (model(ids).logits - before).abs().max() > 1e-3
+    detach(model)
+    assert torch.equal(model(ids).logits, before)
+    assert dict(model.named_modules()).keys() == before_modules.keys()
+    assert all(model.get_submodule(n) is m for n, m in before_modules.items() if n)
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+
+
+def test_attach_wraps_exactly_the_targeted_modules(setup):
+    model, task, know = setup
+    state = attach(model, [task, know])
+    try:
+        wrapped = {n for n, m in model.named_modules() if type(m).__name__ == "RoutedLinear"}
+    finally:
+        detach(model)
+    assert wrapped == set(task.target_modules) | set(know.target_modules)
+    assert len(state.layers) == len(wrapped)
+
+
+def test_attach_refuses_a_library_of_another_model(setup):
+    _, task, _ = setup
+    with pytest.raises(LibraryError, match="self_attn.*no such module"):
+        attach(tiny_gpt2(), task)
+
+
+def test_fixed_refuses_unknown_adapter(setup):
+    model, task, _ = setup
+    state = attach(model, task)
+    try:
+        with pytest.raises(LibraryError, match="no adapter named 'nope'"):
+            state.fix(task.name, ["nope"])
+    finally:
+        detach(model)
+
+
+def test_trace_records_prefill_and_decoding(setup):
+    model, task, know = setup
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(9))
+    state = attach(model, {"task": task, "know": know}, router="lag", k=2)
+    with state.tracing() as trace, torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    detach(model)
+    module = know.target_modules[0]
+    w = trace.winner_matrix(module, "know")
+    assert w.shape == (2, 5 + 3)  # the last generated token is never fed back
+    assert ((w >= 0) & (w < len(know))).all()
+    s = trace.summary(0)
+    assert set(s) == {"task", "know"}
+    assert abs(sum(s["know"]["shares"].values()) - 1) < 1e-6
+    assert s["know"]["routed"] == 8 * len(know.target_modules)
