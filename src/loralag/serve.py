@@ -1,0 +1,796 @@
+"""`loralag serve`: an OpenAI-compatible HTTP server over a base model with routed LoRA libraries.
+
+    loralag serve --model default --library lib/ [--library lib2/] --router lag --k 20 --port 8000
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both streaming, as
+server-sent events ending with `data: [DONE]`, and not), GET /health, GET /metrics (Prometheus).
+
+Routing options go in the request body next to the OpenAI fields (`extra_body=` in the openai client):
+
+    router          one of loralag.ROUTERS for the libraries in use (default: the server's --router)
+    k               candidates of the lag / arrow-mix routers (default: the server's --k)
+    libraries       names of the attached libraries to use; the others are off for this request
+    adapters        fixed adapters instead of routing: "name", "library/name", a list of those (one per
+                    library), or {"library": "name"}; libraries without one are off unless listed in
+                    `libraries`
+    return_routing  true: the response holds `routing`, per library the adapters used and their share
+                    of the routed tokens (each token counts once per adapted module)
+    ignore_eos      true: keep generating past the end-of-sequence token (benchmarks)
+
+Requests arriving together share forward passes (continuous batching, see serve_engine.py); requests
+with different routing settings run as separate groups within each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .library import Library, open_library
+from .routed_model import STATE_ATTR, attach
+from .routers import ROUTERS
+from .serve_engine import Engine, EngineRequest, EngineStopped, QueueFull, Routing, SamplingParams
+from .serve_metrics import ServerMetrics
+
+log = logging.getLogger("loralag.serve")
+
+ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
+ROUTERS_WITH_K = ("lag", "arrow-mix")
+ROUTING_TOP = 20  # adapters listed by name in a routing summary; the rest are summed as "other"
+POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _timeout_error(message: str) -> APIError:
+    # A retry would run into the same limit: tell the openai client not to.
+    return APIError(408, message, "timeout_error", None, "request_timeout", {"x-should-retry": "false"})
+
+
+# -- request bodies ----------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # strict: "5" is not an integer, 1.0 is not an integer, 1 is not a boolean
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class _Common(_Body):
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # loralag
+    router: str | None = None
+    k: int | None = None
+    libraries: list[str] | None = None
+    adapters: str | list[str] | dict[str, str | None] | None = None
+    return_routing: bool | None = False
+    ignore_eos: bool | None = False
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+
+
+def _param_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f".[{part}]"
+        elif not out:
+            out = str(part)
+        elif part.isidentifier():  # skip pydantic's union branch tags such as 'list[str]'
+            out += f".{part}"
+    return out
+
+
+def _parse(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _param_path(err["loc"])
+        if err["type"] == "missing":
+            raise APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        got = type(err.get("input")).__name__
+        raise APIError(400, f"Invalid type or value for '{param}': {err['msg']} (got {got}).", param=param,
+                       code="invalid_type") from None
+
+
+async def _read_json(request: Request) -> dict:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request: send a JSON object with "
+                            "Content-Type: application/json.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.")
+    return data
+
+
+# -- the server's state ------------------------------------------------------------------------------------
+class ServerContext:
+    def __init__(self, model, tokenizer, engine: Engine, metrics: ServerMetrics, model_name: str, aliases: set[str],
+                 request_timeout: float, default_max_tokens: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.aliases = aliases | {model_name}
+        self.request_timeout = request_timeout
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+        state = getattr(model, STATE_ATTR, None)
+        self.libraries: dict[str, Library] = dict(state.libraries) if state is not None else {}
+        self.default_specs = dict(engine.base_specs)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+            else len(tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+
+def _served_name(model, spec: str | None = None) -> str:
+    if spec == "default":
+        from .models import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    if spec:
+        p = Path(spec)
+        return p.name if p.exists() else spec
+    name = getattr(model.config, "name_or_path", "") or ""
+    return Path(name).name or "loralag"
+
+
+def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: int | dict = 20, max_batch: int = 16,
+               max_queue: int = 64, request_timeout: float = 120.0, model_name: str | None = None,
+               max_model_len: int | None = None, default_max_tokens: int = 512, aliases=()) -> FastAPI:
+    """The FastAPI app serving `model` with `libraries` attached (Library objects, paths, or a dict name -> Library).
+
+    With no libraries, whatever is already attached to the model is served (or the plain model).
+    `request_timeout`: seconds from arrival (queueing included) after which a request is ended with 408.
+    `default_max_tokens`: chat completions' cap when the request gives none (completions default to 16)."""
+    if request_timeout <= 0:
+        raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+    if isinstance(libraries, dict):
+        libs = {name: lib if isinstance(lib, Library) else open_library(lib) for name, lib in libraries.items()}
+    else:
+        libs = [lib if isinstance(lib, Library) else open_library(lib) for lib in libraries]
+    if libs:
+        if getattr(model, STATE_ATTR, None) is not None:
+            raise RuntimeError("the model already has libraries attached: pass libraries=() or detach it first")
+        attach(model, libs, router=router, k=k)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    metrics = ServerMetrics()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                    metrics=metrics)
+    name = model_name or _served_name(model)
+    ctx = ServerContext(model, tokenizer, engine, metrics, name, set(aliases), request_timeout, default_max_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="loralag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = {404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/completions, "
+                        "POST /v1/chat/completions, GET /health, GET /metrics",
+                   405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, message, type_, None, None, dict(exc.headers or {})).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return APIError(400, "invalid request").response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, "The server had an error while processing your request.", "server_error").response()
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            raise APIError(503, "the generation engine is not running", "server_error", code="engine_down")
+        return {"status": "ok", "model": ctx.model_name, "running": engine.running, "waiting": engine.queue_depth,
+                "max_batch": engine.max_batch, "max_queue": engine.max_queue}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(ctx)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id not in ctx.aliases:
+            raise _model_not_found(model_id)
+        return _model_card(ctx)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = _parse(CompletionRequest, await _read_json(request))
+        _check_model(ctx, body.model)
+        _unsupported(body, {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+                            "frequency_penalty": 0})
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter")
+        routing = resolve_routing(ctx, body)
+        prompts = _completion_prompts(ctx, body.prompt)
+        default = 16
+        return await _run(request, ctx, "text_completion", body, prompts, body.max_tokens, default, routing)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = _parse(ChatRequest, await _read_json(request))
+        _check_model(ctx, body.model)
+        _unsupported(body, {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": None,
+                            "tools": None, "functions": None})
+        if body.tool_choice not in (None, "none"):
+            raise APIError(400, "tool calls are not supported by this server", param="tool_choice", code="unsupported_parameter")
+        if body.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported_parameter")
+        routing = resolve_routing(ctx, body)
+        prompts = [_chat_prompt(ctx, body.messages)]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        return await _run(request, ctx, "chat.completion", body, prompts, max_tokens, ctx.default_max_tokens, routing,
+                          max_tokens_param=param)
+
+    return app
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+def _model_card(ctx: ServerContext) -> dict:
+    return {
+        "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "loralag",
+        "max_model_len": ctx.max_model_len,
+        "libraries": [{"name": name, "adapters": len(lib), "base_model": lib.base_model,
+                       "router": ctx.default_specs[name].router, "k": ctx.default_specs[name].k}
+                      for name, lib in ctx.libraries.items()],
+    }
+
+
+def _model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist on this server.", param="model", code="model_not_found")
+
+
+def _check_model(ctx: ServerContext, model: str) -> None:
+    if model not in ctx.aliases:
+        err = _model_not_found(model)
+        err.message += f" It serves '{ctx.model_name}' (GET /v1/models)."
+        raise err
+
+
+def _unsupported(body, defaults: dict) -> None:
+    for name, default in defaults.items():
+        value = getattr(body, name, None)
+        if value is not None and value != default:
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def resolve_routing(ctx: ServerContext, body) -> Routing:
+    """Per attached library, how this request is routed: from router / k / libraries / adapters and the defaults."""
+    libs = list(ctx.libraries)
+    if body.router is not None and body.router not in ROUTERS:
+        raise APIError(400, f"unknown router '{body.router}'; choose one of {sorted(ROUTERS)}", param="router",
+                       code="invalid_value")
+    if body.k is not None and body.k < 1:
+        raise APIError(400, f"k must be a positive integer, got {body.k}", param="k", code="invalid_value")
+    if body.libraries is not None:
+        for lib in body.libraries:
+            if lib not in ctx.libraries:
+                raise APIError(404, f"no library named '{lib}' is served; libraries: {libs}", param="libraries",
+                               code="library_not_found")
+    fixed: dict[str, str | None] = {}
+    adapters = body.adapters
+    if isinstance(adapters, dict):
+        for lib, name in adapters.items():
+            if lib not in ctx.libraries:
+                raise APIError(404, f"no library named '{lib}' is served; libraries: {libs}", param="adapters",
+                               code="library_not_found")
+            if name is not None and name not in set(ctx.libraries[lib].names):
+                raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
+                               code="adapter_not_found")
+            fixed[lib] = name
+    elif adapters is not None:
+        for item in [adapters] if isinstance(adapters, str) else adapters:
+            lib, name = _find_adapter(ctx, item)
+            if lib in fixed:
+                raise APIError(400, f"two adapters given for library '{lib}': '{fixed[lib]}' and '{name}'; "
+                                    "a sequence uses at most one fixed adapter per library", param="adapters",
+                               code="invalid_value")
+            fixed[lib] = name
+    if body.router == "fixed" and not any(v is not None for v in fixed.values()):
+        raise APIError(400, "router 'fixed' needs 'adapters': the adapter to use in each library", param="adapters",
+                       code="missing_required_parameter")
+    if body.libraries is not None:
+        selected = set(body.libraries)
+    else:
+        selected = set(libs) if adapters is None else set()
+    modes = []
+    for lib in libs:
+        if lib in fixed:
+            modes.append((lib, ("fixed", fixed[lib])))
+            continue
+        if lib not in selected:
+            modes.append((lib, ("fixed", None)))
+            continue
+        spec = ctx.default_specs[lib]
+        router = body.router or spec.router
+        if router in ("none", "fixed"):
+            modes.append((lib, ("fixed", None)))
+            continue
+        k = body.k if body.k is not None else spec.k
+        modes.append((lib, ("route", router, k if router in ROUTERS_WITH_K else 1)))
+    return Routing(tuple(modes))
+
+
+def _find_adapter(ctx: ServerContext, item: str) -> tuple[str, str]:
+    if "/" in item:
+        lib, _, name = item.partition("/")
+        if lib in ctx.libraries:
+            if name not in set(ctx.libraries[lib].names):
+                raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
+                               code="adapter_not_found")
+            return lib, name
+    owners = [lib for lib, L in ctx.libraries.items() if item in set(L.names)]
+    if not owners:
+        raise APIError(404, f"no served library holds an adapter named '{item}'", param="adapters",
+                       code="adapter_not_found")
+    if len(owners) > 1:
+        raise APIError(400, f"adapter '{item}' is in several libraries {owners}: write it 'library/{item}'",
+                       param="adapters", code="invalid_value")
+    return owners[0], item
+
+
+def _completion_prompts(ctx: ServerContext, prompt) -> list[list[int]]:
+    tok = ctx.tokenizer
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            ids = list(tok(p, add_special_tokens=True)["input_ids"])
+        else:
+            bad = [t for t in p if not 0 <= t < ctx.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is out of the vocabulary [0, {ctx.vocab_size})", param="prompt",
+                               code="invalid_value")
+            ids = list(p)
+        if not ids:
+            if tok.bos_token_id is None:
+                raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            ids = [tok.bos_token_id]
+        out.append(ids)
+    return out
+
+
+def _chat_prompt(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
+    tok = ctx.tokenizer
+    if not messages:
+        raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template: use /v1/completions", param="messages",
+                       code="no_chat_template")
+    plain = []
+    for i, m in enumerate(messages):
+        if m.role not in ("system", "user", "assistant", "developer", "tool"):
+            raise APIError(400, f"unknown role '{m.role}'", param=f"messages.[{i}].role", code="invalid_value")
+        if isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"only text content is supported, got a part of type '{part.type}'",
+                                   param=f"messages.[{i}].content", code="invalid_value")
+                parts.append(part.text)
+            content = "".join(parts)
+        else:
+            content = m.content or ""
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    try:
+        text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # the template itself rejects the conversation (roles out of order, ...)
+        raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}", param="messages",
+                       code="invalid_value") from None
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise APIError(400, "the conversation is empty after the chat template", param="messages", code="invalid_value")
+    return ids
+
+
+def _sampling(ctx: ServerContext, body, prompts: list[list[int]], max_tokens, default: int, param: str) -> SamplingParams:
+    limit = ctx.max_model_len
+    longest = max(len(p) for p in prompts)
+    prompt_param = "messages" if hasattr(body, "messages") else "prompt"
+    if longest >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt holds {longest} "
+                            "tokens (at least one must be left to generate). Please shorten the prompt.",
+                       param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(default, limit - longest)
+    elif max_tokens < 1:
+        raise APIError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param, code="invalid_value")
+    elif longest + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
+                            f"Please reduce the prompt or '{param}'.", param=param, code="context_length_exceeded")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not (0.0 <= temperature <= 2.0) or math.isnan(temperature):
+        raise APIError(400, f"'temperature' must be between 0 and 2, got {temperature}", param="temperature",
+                       code="invalid_value")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not (0.0 < top_p <= 1.0):
+        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise APIError(400, f"'stop' holds at most 4 sequences, got {len(stop)}", param="stop", code="invalid_value")
+    if any(s == "" for s in stop):
+        raise APIError(400, "'stop' sequences must not be empty", param="stop", code="invalid_value")
+    seed = None if body.seed is None else body.seed % (2**63)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed,
+                          ignore_eos=bool(body.ignore_eos))
+
+
+# -- running a request -------------------------------------------------------------------------------------
+async def _run(request: Request, ctx: ServerContext, kind: str, body, prompts, max_tokens, default_max: int,
+               routing: Routing, max_tokens_param: str = "max_tokens"):
+    n = 1 if body.n is None else body.n
+    if n < 1:
+        raise APIError(400, f"'n' must be at least 1, got {n}", param="n", code="invalid_value")
+    if n * len(prompts) > ctx.engine.max_batch:
+        raise APIError(400, f"the request asks for {n * len(prompts)} sequences (prompts × n) but this server runs at "
+                            f"most {ctx.engine.max_batch} at once", param="n", code="invalid_value")
+    sampling = _sampling(ctx, body, prompts, max_tokens, default_max, max_tokens_param)
+    ereq = EngineRequest(prompts, n, sampling, routing, ctx.request_timeout)
+    try:
+        ctx.engine.submit(ereq)
+    except QueueFull as e:
+        raise APIError(429, f"{e}; retry later", "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"})
+    except EngineStopped as e:
+        raise APIError(503, str(e), "server_error", None, "server_shutting_down")
+    ctx.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * n)
+    gen = _Generation(request, ctx, kind, body, ereq)
+    if body.stream:
+        # Wait for the first event before answering, so that an error up to then (time limit in the queue,
+        # engine failure) still gets its own status code rather than a 200 stream holding an error.
+        try:
+            first = await gen.next_event()
+        except _ClientGone:
+            request.scope["loralag_outcome"] = 499
+            return Response(status_code=499)
+        except BaseException:
+            ctx.engine.cancel(ereq)
+            raise
+        return StreamingResponse(gen.stream(first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return JSONResponse(await gen.collect())
+    except _ClientGone:
+        request.scope["loralag_outcome"] = 499
+        return Response(status_code=499)
+
+
+class _Generation:
+    """Turns the engine's events for one request into an OpenAI response or stream."""
+
+    def __init__(self, request: Request, ctx: ServerContext, kind: str, body, ereq: EngineRequest):
+        self.request, self.ctx, self.kind, self.body, self.ereq = request, ctx, kind, body, ereq
+        self.chat = kind == "chat.completion"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        size = ereq.size
+        self.texts = [""] * size
+        self.reasons: list[str | None] = [None] * size
+        self.tokens = [0] * size
+        self.counts: list[dict] = [{} for _ in range(size)]
+        self.done = 0
+        self.want_routing = bool(body.return_routing)
+
+    async def next_event(self):
+        """The next engine event; raises _ClientGone if the client left, APIError for an error event."""
+        ereq = self.ereq
+        while True:
+            try:
+                event = await asyncio.wait_for(ereq.events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await self.request.is_disconnected():
+                    self.ctx.engine.cancel(ereq)
+                    raise _ClientGone() from None
+                if time.monotonic() > ereq.deadline + 5.0:  # the engine is stuck in a long step: give up here
+                    self.ctx.engine.cancel(ereq)
+                    raise _timeout_error("the request ran past the server's time limit") from None
+                continue
+            if event[0] == "error":
+                _, status, type_, code, message = event
+                err = _timeout_error(message) if status == 408 else APIError(status, message, type_, None, code)
+                raise err
+            if event[0] == "text":
+                self.texts[event[1]] += event[2]
+            elif event[0] == "done":
+                _, i, reason, ntok, counts = event
+                self.reasons[i], self.tokens[i], self.counts[i] = reason, ntok, counts
+                self.done += 1
+                if self.done == self.ereq.size:
+                    self._record()
+            return event
+
+    def _record(self) -> None:
+        m, ereq, ep = self.ctx.metrics, self.ereq, self.request.url.path
+        now = time.monotonic()
+        if ereq.first_token_at is not None:
+            m.ttft.observe(ereq.first_token_at - ereq.arrival, endpoint=ep)
+            n = max(self.tokens)
+            if n > 1:
+                m.tpot.observe((now - ereq.first_token_at) / (n - 1))
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.ereq.prompts) * self.ereq.n
+        completion = sum(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def routing(self, indices=None) -> dict:
+        total: dict[str, torch.Tensor] = {}
+        for i in range(self.ereq.size) if indices is None else indices:
+            for lib, c in self.counts[i].items():
+                total[lib] = total[lib] + c if lib in total else c.clone()
+        return routing_summary(self.ereq.routing, total, self.ctx.engine.adapter_names)
+
+    async def collect(self) -> dict:
+        try:
+            while self.done < self.ereq.size:
+                await self.next_event()
+        except BaseException:
+            self.ctx.engine.cancel(self.ereq)
+            raise
+        choices = []
+        for i, text in enumerate(self.texts):
+            if self.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                          "finish_reason": self.reasons[i]}
+            else:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": self.reasons[i]}
+            if self.want_routing:
+                choice["routing"] = self.routing([i])
+            choices.append(choice)
+        out = {"id": self.id, "object": self.kind, "created": self.created, "model": self.ctx.model_name,
+               "choices": choices, "usage": self.usage()}
+        if self.chat:
+            out["system_fingerprint"] = None
+        if self.want_routing:
+            out["routing"] = self.routing()
+        return out
+
+    def _chunk(self, choices: list, **extra) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        data = {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name, "choices": choices}
+        if self.chat:
+            data["system_fingerprint"] = None
+        data.update(extra)
+        return f"data: {json.dumps(data)}\n\n"
+
+    def _choice(self, i: int, text: str | None, reason: str | None) -> dict:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    async def stream(self, first):
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        try:
+            if self.chat:
+                for i in range(self.ereq.size):
+                    yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                        "finish_reason": None}])
+            event = first
+            while True:
+                if event[0] == "text":
+                    yield self._chunk([self._choice(event[1], event[2], None)])
+                elif event[0] == "done":
+                    choice = self._choice(event[1], None, event[2])
+                    if self.want_routing:
+                        choice["routing"] = self.routing([event[1]])
+                    yield self._chunk([choice])
+                if self.done == self.ereq.size:
+                    break
+                if await self.request.is_disconnected():
+                    raise _ClientGone()
+                event = await self.next_event()
+            extra = {}
+            if include_usage:
+                extra["usage"] = self.usage()
+            if self.want_routing:
+                extra["routing"] = self.routing()
+            if extra:
+                yield self._chunk([], **extra)
+            yield "data: [DONE]\n\n"
+        except _ClientGone:
+            self.request.scope["loralag_outcome"] = 499
+        except APIError as e:
+            self.request.scope["loralag_outcome"] = e.status
+            yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.request.scope["loralag_outcome"] = 499
+            raise
+        except Exception:
+            log.exception("stream failed")
+            self.request.scope["loralag_outcome"] = 500
+            yield f"data: {json.dumps(APIError(500, 'internal error', 'server_error').body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if self.done < self.ereq.size:
+                self.ctx.engine.cancel(self.ereq)
+                if "loralag_outcome" not in self.request.scope:
+                    self.request.scope["loralag_outcome"] = 499  # the response was closed under us
+
+
+def routing_summary(routing: Routing, counts: dict[str, torch.Tensor], names: dict[str, list[str]],
+                    top: int = ROUTING_TOP) -> dict:
+    """Per library: how it was routed, the tokens routed (once per adapted module), the adapters used and
+    their share (the `top` largest by name, the rest as 'other'), and the entropy of the shares in nats."""
+    out = {}
+    for lib, desc in routing.describe().items():
+        entry = dict(desc)
+        c = counts.get(lib)
+        total = int(c.sum()) if c is not None else 0
+        entry["routed_tokens"] = total
+        if total:
+            idx = c.nonzero().squeeze(1)
+            vals, order = torch.sort(c[idx], descending=True, stable=True)
+            idx = idx[order]
+            p = vals.double() / total
+            entry["adapters_used"] = len(idx)
+            shares = {names[lib][i]: round(float(s), 6) for i, s in zip(idx[:top].tolist(), p[:top])}
+            if len(idx) > top:
+                shares["other"] = round(float(p[top:].sum()), 6)
+            entry["shares"] = shares
+            entry["entropy"] = round(abs(float((p * p.log()).sum())), 6)
+        else:
+            entry["adapters_used"] = 0
+            entry["shares"] = {}
+        out[lib] = entry
+    return out
+
+
+class _MetricsMiddleware:
+    """Counts every HTTP request by endpoint and final status; latency of the generation endpoints."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.monotonic()
+        status = [500]
+
+        async def _send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            outcome = scope.get("loralag_outcome", status[0])
+            self.metrics.requests.inc(endpoint=endpoint, status=outcome)
+            if endpoint in ("/v1/completions", "/v1/chat/completions"):
+                self.metrics.latency.observe(time.monotonic() - t0, endpoint=endpoint)
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+def serve(model_spec: str = "default", libraries: list[str] = (), router: str = "lag", k: int = 20,
+          host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 64,
+          request_timeout: float = 120.0, max_model_len: int | None = None, default_max_tokens: int = 512,
+          model_name: str | None = None, log_level: str = "info") -> None:
+    """Load the model (loralag.models.load_model), open and attach the libraries, and serve until interrupted."""
+    import uvicorn
+
+    from .models import load_model
+
+    model, tokenizer = load_model(model_spec)
+    libs = [open_library(p) for p in libraries]
+    name = model_name or _served_name(model, model_spec)
+    app = create_app(model, tokenizer, libs, router=router, k=k, max_batch=max_batch, max_queue=max_queue,
+                     request_timeout=request_timeout, model_name=name, max_model_len=max_model_len,
+                     default_max_tokens=default_max_tokens, aliases={model_spec})
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

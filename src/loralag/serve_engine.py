@@ -1,0 +1,624 @@
+"""The continuous-batching engine behind `loralag serve`.
+
+One thread owns the model. Each turn of its loop it
+
+  1. admits waiting requests while the running batch has room (FIFO; a request takes one slot per
+     sequence it generates: prompts × n),
+  2. prefills the admitted prompts in one forward pass per routing group (left padded, explicit
+     position ids) and samples each sequence's first token,
+  3. runs one decoding step for every running sequence: one forward pass per routing group, one
+     token sampled per sequence. A sequence that finishes (eos, stop string, max_tokens, the context
+     length, its request cancelled or past its deadline) leaves the batch at once; a waiting one
+     joins at the next turn.
+
+KV cache. Each running group keeps one batched `DynamicCache` whose rows are left padded so that all
+rows end at the same column: row i holds its sequence's `length` real positions at the right end.
+A decoding step feeds each row its last token with position id = its own length and an attention
+mask over [padding | real positions | new token], so every row computes exactly what it would alone.
+When the members of a group change, the cache is rebuilt: each staying row's real positions are cut
+out, newcomers' prefill caches added, and all restacked with zero padding to the new longest length.
+
+Routing. Router settings are model-wide (`RoutingState.specs`), so sequences are grouped by their
+routing settings and each group runs its own forward pass with its specs set. Per library a sequence
+is either routed (`router`, `k`: the group key holds them) or fixed to one adapter (or to none): all
+fixed/none sequences share one group whatever their adapters, through the `fixed` router's per-row
+adapter list (dimension 0 of the routed layer's input is the row). Every forward pass is traced to
+count, per sequence, the tokens routed to each adapter (once per adapted module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .routed_model import STATE_ATTR
+from .routers import RouteSpec
+from .serve_metrics import ServerMetrics
+
+log = logging.getLogger("loralag.serve")
+
+PREFILL_TOKEN_BUDGET = 16384  # padded prompt tokens per prefill pass, bounding its memory
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: the server answers 429."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running (shutting down, or its thread died)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per attached library, in attach order: ("route", router, k) or ("fixed", adapter name or None)."""
+
+    modes: tuple[tuple[str, tuple], ...]
+
+    @property
+    def key(self) -> tuple:
+        """Sequences with equal keys share forward passes (fixed adapters may differ row by row)."""
+        return tuple((lib, mode if mode[0] == "route" else ("fixed",)) for lib, mode in self.modes)
+
+    def fixed(self, lib: str) -> str | None:
+        for name, mode in self.modes:
+            if name == lib and mode[0] == "fixed":
+                return mode[1]
+        return None
+
+    def describe(self) -> dict[str, dict]:
+        out = {}
+        for lib, mode in self.modes:
+            if mode[0] == "route":
+                out[lib] = {"router": mode[1]} | ({"k": mode[2]} if mode[1] in ("lag", "arrow-mix") else {})
+            elif mode[1] is None:
+                out[lib] = {"router": "none"}
+            else:
+                out[lib] = {"router": "fixed", "adapter": mode[1]}
+        return out
+
+
+class EngineRequest:
+    """One HTTP request: its prompts (token ids), n sequences per prompt, and a channel back to the event loop.
+
+    Events put on `events` (an asyncio.Queue of the caller's loop):
+      ("text", index, delta)                                  new text of choice `index`
+      ("done", index, finish_reason, completion_tokens, counts)   counts: {library: LongTensor (n_adapters,)}
+      ("error", status, type, code, message)                  the whole request failed
+    """
+
+    def __init__(self, prompts: list[list[int]], n: int, sampling: SamplingParams, routing: Routing,
+                 timeout: float, loop: asyncio.AbstractEventLoop | None = None):
+        self.id = next(_ids)
+        self.prompts = prompts
+        self.n = n
+        self.sampling = sampling
+        self.routing = routing
+        self.arrival = time.monotonic()
+        self.deadline = self.arrival + timeout
+        self.loop = loop or asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.failed = False
+        self.remaining = len(prompts) * n
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.n
+
+    def emit(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Seq:
+    req: EngineRequest
+    index: int  # choice index in the response
+    length: int  # positions in the KV cache
+    kv: list | None  # own cache [(K, V)] per layer while not yet in a group's batched cache
+    counts: dict = field(default_factory=dict)  # library -> LongTensor (n_adapters,)
+    generator: torch.Generator | None = None
+    tokens: list = field(default_factory=list)  # generated ids, eos included
+    text_ids: list = field(default_factory=list)  # generated ids that make text
+    last: int = -1
+    emitted: int = 0  # characters of text already sent
+    finished: bool = False
+    uid: int = field(default_factory=lambda: next(_ids))
+
+
+class _Group:
+    def __init__(self, key):
+        self.key = key
+        self.seqs: list[_Seq] = []
+        self.cache = None
+        self.members: list[int] = []  # uids of the cache's rows, in order
+        self.cache_len = 0
+
+
+class Engine:
+    """Continuous batching over one model with its attached libraries. Thread-safe `submit` / `cancel`."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None,
+                 metrics: ServerMetrics | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be at least 0, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len or model_context_length(model)
+        self.metrics = metrics or ServerMetrics()
+        self.state = getattr(model, STATE_ATTR, None)
+        self.libraries = list(self.state.specs) if self.state is not None else []
+        self.base_specs = dict(self.state.specs) if self.state is not None else {}
+        self.adapter_names = {lib: list(self.state.libraries[lib].names) for lib in self.libraries}
+        # bank index -> library-wide adapter index, per (module, library)
+        self._maps = {}
+        if self.state is not None:
+            for module, layer in self.state.layers.items():
+                for lib, bank in layer.banks.items():
+                    where = {n: i for i, n in enumerate(self.adapter_names[lib])}
+                    self._maps[(module, lib)] = torch.tensor([where[n] for n in bank.names] or [0], dtype=torch.long)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._cv = threading.Condition()
+        self._waiting: deque[EngineRequest] = deque()
+        self._groups: dict[tuple, _Group] = {}
+        self._running = 0  # unfinished sequences in groups
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.metrics.queue_depth.set_function(lambda: len(self._waiting))
+        self.metrics.running.set_function(lambda: self._running)
+        self.metrics.max_batch.set(max_batch)
+        self.metrics.queue_capacity.set(max_queue)
+
+    # -- control -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="loralag-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for req in self._all_requests():
+            req.emit("error", 503, "server_error", "server_shutting_down", "the server is shutting down")
+        self._waiting.clear()
+        self._groups.clear()
+        self._running = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, req: EngineRequest) -> None:
+        """Queue a request, or raise QueueFull (answer 429) / EngineStopped / ValueError (too many sequences)."""
+        if req.size > self.max_batch:
+            raise ValueError(f"the request asks for {req.size} sequences but a batch holds at most {self.max_batch}")
+        if not self.alive:
+            self.start()
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            free = self.max_batch - self._running - sum(r.size for r in self._waiting)
+            if free < req.size and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting (at most {self.max_queue})")
+            self._waiting.append(req)
+            self._cv.notify_all()
+
+    def cancel(self, req: EngineRequest) -> None:
+        """The client went away: drop the request wherever it is (its slots free up at the next step)."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cv.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                admitted = self._admit()
+            try:
+                self._reap()
+                if admitted:
+                    self._prefill(admitted)
+                self._decode()
+            except Exception:  # never let the engine die: fail what was running, keep serving
+                log.exception("engine step failed")
+                self.metrics.engine_errors.inc()
+                for group in self._groups.values():
+                    for s in group.seqs:
+                        self._fail(s.req, 500, "server_error", "engine_error", "internal error while generating")
+                self._groups.clear()
+                self._running = 0
+            if not self._running and self._waiting:
+                with self._cv:  # waiting requests that are neither admitted nor expired yet: do not spin
+                    if not self._stopping:
+                        self._cv.wait(timeout=0.01)
+
+    def _admit(self) -> list[EngineRequest]:
+        """Pop the requests that fit in the batch (FIFO); drop cancelled and expired ones. Holds the lock."""
+        now = time.monotonic()
+        kept: deque[EngineRequest] = deque()
+        admitted = []
+        free = self.max_batch - self._running
+        blocked = False
+        for req in self._waiting:
+            if req.cancelled:
+                continue
+            if now > req.deadline:
+                self._fail(req, 408, "timeout_error", "request_timeout",
+                           "the request timed out while waiting for a slot in the batch")
+                continue
+            if not blocked and req.size <= free:
+                free -= req.size
+                req.admitted_at = now
+                self.metrics.queue_wait.observe(now - req.arrival)
+                admitted.append(req)
+            else:
+                blocked = True  # strict FIFO: a big request is not overtaken forever
+                kept.append(req)
+        self._waiting = kept
+        return admitted
+
+    def _reap(self) -> None:
+        """Finish the sequences of cancelled requests and of requests past their deadline."""
+        now = time.monotonic()
+        for group in self._groups.values():
+            for s in group.seqs:
+                if s.finished:
+                    continue
+                if s.req.cancelled:
+                    self._finish_quietly(s)
+                elif now > s.req.deadline:
+                    self._fail(s.req, 408, "timeout_error", "request_timeout",
+                               "the request ran past the server's time limit and was stopped")
+
+    # -- forward passes ------------------------------------------------------------------------------------
+    def _apply_specs(self, key: tuple, routings: list[Routing]) -> None:
+        if self.state is None:
+            return
+        for lib, mode in key:
+            base = self.base_specs[lib]
+            if mode[0] == "route":
+                spec = RouteSpec(router=mode[1], k=mode[2], temperature=base.temperature)
+            else:
+                names = [r.fixed(lib) for r in routings]
+                if all(n is None for n in names):
+                    spec = RouteSpec(router="none", k=1, temperature=base.temperature)
+                else:
+                    spec = RouteSpec(router="fixed", k=1, temperature=base.temperature, fixed=names)
+            self.state.specs[lib] = spec
+
+    def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask):
+        """Run the model; return last-position logits (B, V) float and per-row routed counts {lib: (B, N)}."""
+        t0 = time.perf_counter()
+        self._apply_specs(key, routings)
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if self.state is not None:
+            with self.state.tracing() as trace:
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+            counts = self._routed_counts(trace, token_mask)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+            counts = {}
+        logits = out.logits[:, -1].float()
+        self.metrics.forward_passes.inc(kind=kind)
+        self.metrics.batch_size.observe(len(input_ids), kind=kind)
+        self.metrics.forward_seconds.observe(time.perf_counter() - t0, kind=kind)
+        return logits, counts
+
+    def _routed_counts(self, trace, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{library: (B, n_adapters)} tokens of each row routed to each adapter, summed over modules."""
+        B = token_mask.shape[0]
+        out = {}
+        for lib in self.libraries:
+            N = len(self.adapter_names[lib])
+            picks = []
+            for (module, l), winners in trace.winners.items():
+                if l != lib:
+                    continue
+                m = self._maps[(module, lib)]
+                for W in winners:
+                    G = torch.where(W >= 0, m[W.clamp(min=0)], -1)
+                    G = G.masked_fill(~token_mask[:, : G.shape[1]].bool(), -1)
+                    picks.append(G.reshape(B, -1))
+            if not picks or N == 0:
+                continue
+            G = torch.cat(picks, dim=1)  # (B, modules × tokens)
+            valid = G >= 0
+            rows = torch.arange(B).unsqueeze(1).expand_as(G)
+            c = torch.bincount((rows * N + G)[valid], minlength=B * N).view(B, N)
+            out[lib] = c
+            total = c.sum(0)
+            for i in total.nonzero().squeeze(1).tolist():
+                self.metrics.routed.inc(int(total[i]), library=lib, adapter=self.adapter_names[lib][i])
+        return out
+
+    def _prefill(self, admitted: list[EngineRequest]) -> None:
+        rows_by_key: dict[tuple, list] = {}
+        for req in admitted:
+            if req.cancelled:
+                continue
+            for p, ids in enumerate(req.prompts):
+                rows_by_key.setdefault(req.routing.key, []).append((req, p, ids))
+        for key, rows in rows_by_key.items():
+            chunk: list = []
+            for row in rows:
+                width = max([len(r[2]) for r in chunk] + [len(row[2])])
+                if chunk and width * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
+                    self._prefill_rows(key, chunk)
+                    chunk = []
+                chunk.append(row)
+            if chunk:
+                self._prefill_rows(key, chunk)
+
+    def _prefill_rows(self, key: tuple, rows: list) -> None:
+        R = len(rows)
+        T = max(len(ids) for _, _, ids in rows)
+        input_ids = torch.full((R, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(R, T, dtype=torch.long)
+        for r, (_, _, ids) in enumerate(rows):
+            input_ids[r, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[r, T - len(ids):] = 1
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        try:
+            logits, counts = self._forward("prefill", key, [req.routing for req, _, _ in rows], input_ids, mask,
+                                           position_ids, cache, mask)
+        except Exception:
+            log.exception("prefill failed")
+            self.metrics.engine_errors.inc()
+            for req, _, _ in rows:
+                self._fail(req, 500, "server_error", "engine_error", "internal error while reading the prompt")
+            return
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key)
+        for r, (req, p, ids) in enumerate(rows):
+            if req.failed or req.cancelled:
+                continue
+            n = len(ids)
+            kv = [(layer.keys[r : r + 1, :, T - n :], layer.values[r : r + 1, :, T - n :]) for layer in cache.layers]
+            for j in range(req.n):
+                index = p * req.n + j
+                gen = None
+                if req.sampling.temperature > 0:
+                    seed = req.sampling.seed + index if req.sampling.seed is not None else secrets.randbits(63)
+                    gen = torch.Generator().manual_seed(seed)
+                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()}, gen)
+                self._running += 1
+                group.seqs.append(seq)
+                self._accept(seq, self._sample(logits[r], seq))
+
+    def _rebuild(self, group: _Group, live: list[_Seq]) -> None:
+        """Restack the group's cache for `live`: each row's real positions at the right end, zeros before."""
+        from transformers import DynamicCache
+
+        old_rows = {uid: i for i, uid in enumerate(group.members)}
+        old_layers = group.cache.layers if group.cache is not None else []
+        L = max(s.length for s in live)
+        B = len(live)
+        n_layers = len(live[0].kv) if live[0].kv is not None else len(old_layers)
+
+        def piece(s, layer):
+            if s.kv is not None:
+                return s.kv[layer]
+            r = old_rows[s.uid]
+            k, v = old_layers[layer].keys, old_layers[layer].values
+            return k[r : r + 1, :, group.cache_len - s.length :], v[r : r + 1, :, group.cache_len - s.length :]
+
+        cache = DynamicCache()
+        for layer in range(n_layers):
+            k0, v0 = piece(live[0], layer)
+            K = k0.new_zeros(B, k0.shape[1], L, k0.shape[3])
+            V = v0.new_zeros(B, v0.shape[1], L, v0.shape[3])
+            for i, s in enumerate(live):
+                k, v = piece(s, layer)
+                K[i, :, L - s.length :] = k[0]
+                V[i, :, L - s.length :] = v[0]
+            cache.update(K, V, layer)
+        for s in live:
+            s.kv = None
+        group.cache, group.members, group.cache_len = cache, [s.uid for s in live], L
+
+    def _decode(self) -> None:
+        for key in list(self._groups):
+            group = self._groups[key]
+            live = [s for s in group.seqs if not s.finished]
+            group.seqs = live
+            if not live:
+                del self._groups[key]
+                continue
+            if [s.uid for s in live] != group.members:
+                self._rebuild(group, live)
+            B, L = len(live), group.cache_len
+            lengths = torch.tensor([s.length for s in live], dtype=torch.long)
+            input_ids = torch.tensor([[s.last] for s in live], dtype=torch.long)
+            mask = (torch.arange(L + 1).unsqueeze(0) >= (L - lengths).unsqueeze(1)).long()
+            position_ids = lengths.unsqueeze(1)
+            try:
+                logits, counts = self._forward("decode", key, [s.req.routing for s in live], input_ids, mask,
+                                               position_ids, group.cache, torch.ones(B, 1, dtype=torch.long))
+            except Exception:
+                log.exception("decoding step failed")
+                self.metrics.engine_errors.inc()
+                for s in live:
+                    self._fail(s.req, 500, "server_error", "engine_error", "internal error while generating")
+                del self._groups[key]
+                continue
+            group.cache_len += 1
+            for i, s in enumerate(live):
+                s.length += 1
+                for lib, c in counts.items():
+                    s.counts[lib] = s.counts[lib] + c[i] if lib in s.counts else c[i].clone()
+                if not s.finished:  # a sibling's failure may have ended it
+                    self._accept(s, self._sample(logits[i], s))
+
+    # -- sampling and text ---------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, seq: _Seq) -> int:
+        sp = seq.req.sampling
+        if sp.ignore_eos and self.eos_ids:
+            logits = logits.clone()
+            logits[[i for i in self.eos_ids if i < len(logits)]] = float("-inf")
+        if sp.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / sp.temperature, dim=-1)
+        if sp.top_p < 1.0:
+            p, idx = probs.sort(descending=True)
+            drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
+            p = p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, idx, p)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _accept(self, seq: _Seq, token: int) -> None:
+        req, sp = seq.req, seq.req.sampling
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        seq.tokens.append(token)
+        seq.last = token
+        self.metrics.generation_tokens.inc()
+        if token in self.eos_ids and not sp.ignore_eos:
+            return self._finish(seq, "stop", None)
+        seq.text_ids.append(token)
+        text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if sp.stop:
+            start = max(0, seq.emitted - max(len(s) for s in sp.stop))
+            hits = [j for j in (text.find(s, start) for s in sp.stop) if j >= 0]
+            if hits:
+                return self._finish(seq, "stop", text, end=min(hits))
+        if len(seq.tokens) >= sp.max_tokens or seq.length >= self.max_model_len:
+            return self._finish(seq, "length", text)
+        safe = len(text) - _holdback(text, sp.stop)
+        if safe > seq.emitted:
+            req.emit("text", seq.index, text[seq.emitted : safe])
+            seq.emitted = safe
+
+    def _finish(self, seq: _Seq, reason: str, text: str | None, end: int | None = None) -> None:
+        req = seq.req
+        if text is None:
+            text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        end = len(text) if end is None else end
+        if end > seq.emitted:
+            req.emit("text", seq.index, text[seq.emitted : end])
+            seq.emitted = end
+        req.emit("done", seq.index, reason, len(seq.tokens), seq.counts)
+        self._end(seq)
+
+    def _finish_quietly(self, seq: _Seq) -> None:
+        self._end(seq)
+
+    def _end(self, seq: _Seq) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.kv = None
+        self._running -= 1
+        req = seq.req
+        req.remaining -= 1
+        if req.remaining == 0:
+            req.finished_at = time.monotonic()
+        with self._cv:
+            self._cv.notify_all()
+
+    def _fail(self, req: EngineRequest, status: int, type_: str, code: str, message: str) -> None:
+        """End every sequence of `req` and send one error event."""
+        if not req.failed and not req.cancelled:
+            req.emit("error", status, type_, code, message)
+        req.failed = True
+        for group in self._groups.values():
+            for s in group.seqs:
+                if s.req is req:
+                    self._end(s)
+
+    def _all_requests(self) -> list[EngineRequest]:
+        reqs = {id(r): r for r in self._waiting}
+        for group in self._groups.values():
+            for s in group.seqs:
+                if not s.finished:
+                    reqs[id(s.req)] = s.req
+        return list(reqs.values())
+
+
+def _holdback(text: str, stops) -> int:
+    """Characters at the end of `text` not to send yet: an unfinished UTF-8 character, or a stop string's start."""
+    n = 0
+    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
+        n += 1
+    if stops:
+        for k in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in stops):
+                return max(n, k)
+    return n
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the tokenizer's eos (as `loralag.generate` does), else the model's."""
+    if tokenizer.eos_token_id is not None:
+        return {int(tokenizer.eos_token_id)}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def model_context_length(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
