@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arrow_index import ArrowIndex
+
 
 @dataclass
 class ModuleBank:
@@ -24,6 +26,7 @@ class ModuleBank:
     parts: list[tuple[torch.Tensor, torch.Tensor]]  # per segment: A (m, r_s, d_in), B (m, d_out, r_s)
     seg_of: torch.Tensor  # (n,) which part holds each adapter
     row_of: torch.Tensor  # (n,) its row there
+    ivf: ArrowIndex | None = None  # optional sub-linear arrow index (arrow_index.py)
 
     @property
     def n(self) -> int:
@@ -69,8 +72,8 @@ class ModuleBank:
         """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank."""
         if len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r:
             A, B = self.parts[0]
-            rows = self.row_of[idx]
-            return A[rows], (B[rows] if want_b else None)
+            rows = self.row_of.index_select(0, idx)
+            return _rows(A, rows), (_rows(B, rows) if want_b else None)
         A_out = torch.zeros(len(idx), self.r, self.d_in, dtype=self.dtype)
         B_out = torch.zeros(len(idx), self.d_out, self.r, dtype=self.dtype) if want_b else None
         segs = self.seg_of[idx]
@@ -78,9 +81,9 @@ class ModuleBank:
             sel = (segs == p).nonzero().squeeze(1)
             A, B = self.parts[p]
             rows = self.row_of[idx[sel]]
-            A_out[sel, : A.shape[1]] = A[rows]
+            A_out[sel, : A.shape[1]] = _rows(A, rows)
             if want_b:
-                B_out[sel, :, : B.shape[2]] = B[rows]
+                B_out[sel, :, : B.shape[2]] = _rows(B, rows)
         return A_out, B_out
 
     def gather_A(self, idx: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ class ModuleBank:
 
     def gather_B(self, idx: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1 and self.parts[0][1].shape[2] == self.r:
-            return self.parts[0][1][self.row_of[idx]]
+            return _rows(self.parts[0][1], self.row_of.index_select(0, idx))
         return self.gather(idx)[1]
 
     def chunks(self, size: int = 256):
@@ -96,3 +99,8 @@ class ModuleBank:
         for start in range(0, self.n, size):
             idx = torch.arange(start, min(start + size, self.n))
             yield start, *self.gather(idx)
+
+
+def _rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """stack[rows] through a 2-D view: index_select on 2-D is one memcpy per row, on 3-D far slower."""
+    return stack.reshape(len(stack), -1).index_select(0, rows).view(len(rows), *stack.shape[1:])

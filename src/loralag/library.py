@@ -14,6 +14,7 @@ same build skips the adapters already committed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import uuid
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters import CONFIG_FILE, LoraAdapter, adapter_checksum, check_fits, find_adapter_folders, read_adapter
 from .alignment import align
+from .arrow_index import ArrowIndex, build_index
 from .bank import ModuleBank
 from .errors import AdapterError, LibraryError
 from .storage import atomic_save_safetensors, atomic_write_json, mmap_safetensors
@@ -52,9 +54,13 @@ def shapes_for_model(spec: str) -> dict[str, list]:
     """Module shapes of a model named by spec, built on the meta device so no weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import resolve_model_path
+    from .errors import ModelError
+    from .models import default_model_dir
 
-    config = AutoConfig.from_pretrained(resolve_model_path(spec))
+    try:
+        config = AutoConfig.from_pretrained(default_model_dir() if spec == "default" else spec)
+    except OSError as e:  # neither a local folder with config.json nor reachable on the hub
+        raise ModelError(f"cannot read the config of base model '{spec}': {e}") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return module_shapes(model)
@@ -146,8 +152,22 @@ class Library:
                     raise LibraryError(f"library {self.path}: segment {seg} has no row for adapter '{a['name']}' at '{module}'")
                 names.append(a["name"])
                 where.append((seg, *parts[seg][3][a["name"]]))
-            self._banks[module] = ModuleBank.from_segments(module, d_in, d_out, names, where, parts, self.dtype)
+            bank = ModuleBank.from_segments(module, d_in, d_out, names, where, parts, self.dtype)
+            bank.ivf = self._arrow_index(module, names)
+            self._banks[module] = bank
         return self._banks[module]
+
+    def _arrow_index(self, module: str, names: list[str]) -> ArrowIndex | None:
+        info = self.manifest.get("arrow_index")
+        if not info:
+            return None
+        path = self.path / info["file"]
+        if not path.is_file():
+            raise LibraryError(f"library {self.path}: arrow index file {path} is missing")
+        tensors, meta = mmap_safetensors(path)
+        if json.loads(meta["fingerprints"]).get(module) != _fingerprint(names):
+            return None  # written for other adapters; `add`/`remove` drop the index, so only a foreign file gets here
+        return ArrowIndex.from_tensors(tensors, module)
 
     def adapter_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(A*, B*) of one adapter per module, cut to its own rank."""
@@ -170,6 +190,7 @@ class Library:
             self.__init__(self.path)  # re-read: another writer may have committed
             self._sweep()
             yield
+            self._sweep()  # files the new manifest no longer names
             self.__init__(self.path)
 
     def _sweep(self) -> None:
@@ -177,9 +198,33 @@ class Library:
         for f in (self.path / SEGMENTS).iterdir():
             if f.name.startswith(".tmp-") or (f.suffix == ".safetensors" and f.stem not in live):
                 f.unlink()
+        index = (self.manifest.get("arrow_index") or {}).get("file")
+        for f in self.path.glob("arrow-index-*.safetensors"):
+            if f.name != index:
+                f.unlink()
 
-    def _commit(self, adapters: list[dict]) -> None:
+    def build_index(self, nlist: int | None = None, iters: int = 12, progress: bool = True) -> dict:
+        """Cluster every module's arrows (arrow_index.py) and store the index in the library."""
+        with self._writing():
+            tensors, prints, sizes = {}, {}, {}
+            for module in tqdm(self.target_modules, desc="arrow index", unit="module", disable=not progress):
+                bank = self.bank(module)
+                index = build_index(bank.arrows, nlist, iters)
+                tensors.update(index.tensors(module))
+                prints[module], sizes[module] = _fingerprint(bank.names), index.nlist
+            name = f"arrow-index-{uuid.uuid4().hex[:12]}.safetensors"
+            atomic_save_safetensors(self.path / name, tensors, {"fingerprints": json.dumps(prints)})
+            info = {"file": name, "nlist": max(sizes.values(), default=0), "iters": iters}
+            self._commit(self.adapters, arrow_index=info)
+        return info
+
+    def _commit(self, adapters: list[dict], arrow_index: dict | None = None) -> None:
+        """Atomically replace the manifest. Changing the adapters drops the arrow index: its clusters
+        list adapters by position, so an index built for other adapters would route to wrong ones."""
         manifest = dict(self.manifest, adapters=adapters)
+        manifest.pop("arrow_index", None)
+        if arrow_index is not None:
+            manifest["arrow_index"] = arrow_index
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest
 
@@ -239,7 +284,6 @@ class Library:
             for n in names:
                 self.entry(n)  # error on an unknown name before anything changes
             self._commit([a for a in self.adapters if a["name"] not in set(names)])
-            self._sweep()
 
     def compact(self, chunk_size: int = 1024) -> None:
         """Rewrite live rows into fresh segments, dropping space held by removed adapters (no re-alignment)."""
@@ -259,7 +303,6 @@ class Library:
                 seg = self._save_segment(tensors, rows)
                 new += [dict(a, segment=seg) for a in chunk]
             self._commit(new)
-            self._sweep()
 
     def export(self, out_dir: str | Path, names=None) -> list[Path]:
         """Write adapters back out as PEFT LoRA folders (A*, B* with scale 1) that PEFT loads as is."""
@@ -311,7 +354,12 @@ class Library:
             "dtype": self.manifest["dtype"],
             "ranks": sorted(set(ranks)),
             "bytes_on_disk": size,
+            "arrow_index": self.manifest.get("arrow_index"),
         }
+
+
+def _fingerprint(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def _entry(adapter: LoraAdapter, segment: str) -> dict:

@@ -31,7 +31,8 @@ class RoutingState:
         """Change the router or its parameters (k, temperature, ...) of one library, or of all."""
         for lib in self._libs(library):
             old = self.specs[lib]
-            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed, granularity=old.granularity)
+            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed,
+                          granularity=old.granularity, nprobe=old.nprobe)
             fields.update({key: v for key, v in dict(router=router, **params).items() if v is not None})
             self.specs[lib] = RouteSpec(**fields)
 
@@ -84,13 +85,18 @@ def _per_library(value, libs, what):
     return {lib: value for lib in libs}
 
 
-def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0) -> RoutingState:
-    """Wrap exactly the modules the libraries target. `router`, `k`, `temperature`: one value or a dict per library."""
+def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, nprobe=None) -> RoutingState:
+    """Wrap exactly the modules the libraries target.
+
+    `router`, `k`, `temperature`, `nprobe` (clusters the arrow index scans; None = exact arrow stage)
+    take one value for every library or a dict per library name."""
     if hasattr(model, STATE_ATTR):
         raise RuntimeError("model already has libraries attached; detach(model) first")
     libs = _library_dict(libraries)
-    routers, ks, temps = (_per_library(v, libs, w) for v, w in ((router, "router"), (k, "k"), (temperature, "temperature")))
-    specs = {lib: RouteSpec(router=routers.get(lib, "lag"), k=ks.get(lib, 20), temperature=temps.get(lib, 1.0)) for lib in libs}
+    routers, ks, temps, probes = (_per_library(v, libs, w) for v, w in
+                                  ((router, "router"), (k, "k"), (temperature, "temperature"), (nprobe, "nprobe")))
+    specs = {lib: RouteSpec(router=routers.get(lib, "lag"), k=ks.get(lib, 20), temperature=temps.get(lib, 1.0),
+                            nprobe=probes.get(lib)) for lib in libs}
     shapes = module_shapes(model)
     state = RoutingState(model, libs, specs)
     targets: dict[str, dict] = {}

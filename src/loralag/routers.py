@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import arrow_index
 from .bank import ModuleBank
 
 # Candidate scoring against the batch's union of candidates is one dense GEMM; it wins over a per-token
@@ -30,6 +31,7 @@ class RouteSpec:
     temperature: float = 1.0
     fixed: list | None = None  # per sequence: an adapter name or None (set through RoutingState.fix)
     granularity: str = "token"
+    nprobe: int | None = None  # search the library's arrow index, scanning this many clusters (None: exact)
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -38,6 +40,8 @@ class RouteSpec:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature!r}")
+        if self.nprobe is not None and (not isinstance(self.nprobe, int) or self.nprobe < 1):
+            raise ValueError(f"nprobe must be a positive integer or None, got {self.nprobe!r}")
 
 
 @dataclass
@@ -53,13 +57,22 @@ def arrow_scores(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
     return (X @ bank.arrows.T).abs_()
 
 
-def arrow_topk(bank: ModuleBank, X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return arrow_scores(bank, X).topk(min(k, bank.n), dim=1)
+def arrow_topk(bank: ModuleBank, X: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k adapters by |a·x|: exact, or through the bank's arrow index when nprobe is given."""
+    if nprobe is None:
+        return arrow_scores(bank, X).topk(min(k, bank.n), dim=1)
+    if bank.ivf is None:
+        raise ValueError(f"module '{bank.module}' has no arrow index; build one with `loralag index LIB`")
+    if bank.ivf.sorted_arrows is None:
+        bank.ivf.bind(bank.arrows)
+    return arrow_index.search(bank.ivf, X, k, nprobe)
 
 
 def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     """Z[t, j] = A*_{cand[t, j]} x_t for each token's own candidates: (T, k, r)."""
     T, k = cand.shape
+    if T == 1:  # decoding: the candidates are the union
+        return (bank.gather_A(cand[0]).reshape(k * bank.r, bank.d_in) @ X[0]).view(1, k, bank.r)
     uniq, inv = cand.unique(return_inverse=True)
     if len(uniq) <= UNION_FACTOR * k:
         A = bank.gather_A(uniq)  # (u, r, d_in)
@@ -73,59 +86,64 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     return Z
 
 
-def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor, token: torch.Tensor, T: int) -> torch.Tensor:
-    """delta[token[p]] += B*_{adapter[p]} Z[p] over pairs p, grouped so each B* is read once."""
-    delta = Z.new_zeros(T, bank.d_out)
-    keep = adapter >= 0
-    adapter, Z, token = adapter[keep], Z[keep], token[keep]
-    if len(adapter) == 0:
-        return delta
+def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """out[p] = B*_{adapter[p]} Z[p] for each pair p (zero where adapter is -1), each B* read once."""
+    P = len(adapter)
+    if P == 1:
+        if adapter[0] < 0:
+            return Z.new_zeros(1, bank.d_out)
+        return (bank.gather_B(adapter) @ Z.unsqueeze(-1)).squeeze(-1)
     order = adapter.argsort()
-    adapter, Z, token = adapter[order], Z[order], token[order]
-    uniq, counts = adapter.unique_consecutive(return_counts=True)
-    B = bank.gather_B(uniq)  # (u, d_out, r)
-    if len(uniq) * 4 <= len(adapter):  # few adapters, many tokens each: one GEMM per adapter
-        for g, (s, e) in enumerate(zip((counts.cumsum(0) - counts).tolist(), counts.cumsum(0).tolist())):
-            delta.index_add_(0, token[s:e], Z[s:e] @ B[g].T)
-    else:  # mostly distinct adapters: one batched matrix-vector product
-        Bp = B.repeat_interleave(counts, dim=0)  # (p, d_out, r)
-        delta.index_add_(0, token, torch.bmm(Bp, Z.unsqueeze(-1)).squeeze(-1))
-    return delta
+    sorted_adapter, Zs = adapter[order], Z.index_select(0, order)
+    uniq, counts = sorted_adapter.unique_consecutive(return_counts=True)
+    if uniq[0] < 0:  # pairs without an adapter sort first and stay zero
+        skip, uniq, counts = int(counts[0]), uniq[1:], counts[1:]
+    else:
+        skip = 0
+    out = Z.new_zeros(P, bank.d_out)
+    if len(uniq):
+        B = bank.gather_B(uniq)  # (u, d_out, r)
+        if len(uniq) * 4 <= P - skip:  # few adapters, many tokens each: one GEMM per adapter
+            ends = (counts.cumsum(0) + skip).tolist()
+            for g, (s, e) in enumerate(zip([skip] + ends[:-1], ends)):
+                torch.mm(Zs[s:e], B[g].T, out=out[s:e])
+        else:  # mostly distinct adapters: one batched matrix-vector product
+            out[skip:] = torch.bmm(B.repeat_interleave(counts, dim=0), Zs[skip:].unsqueeze(-1)).squeeze(-1)
+    return out.index_select(0, order.argsort())  # back to pair order
 
 
 def _apply_winner(bank, X, winner, Z=None) -> torch.Tensor:
     """B*_w A*_w x for each token's single winner (Z: its A*x when already known)."""
     if Z is None:
         Z = project(bank, X, winner.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return apply_b(bank, winner, Z, torch.arange(len(X)), len(X))
+    return apply_b(bank, winner, Z)
 
 
 # -- routers -------------------------------------------------------------------------------------------
 def route_lag(bank, X, spec, seq_ids):
     """Arrow top-k filter, then SpectR top-1 by ‖A*x‖ among the k, reusing A*x to apply the winner."""
-    _, cand = arrow_topk(bank, X, spec.k)
+    _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
     Z = project(bank, X, cand)
     norms = Z.norm(dim=-1)
     score, best = norms.max(dim=1)
     winner = cand.gather(1, best.unsqueeze(1)).squeeze(1)
-    z = Z[torch.arange(len(X)), best]
+    z = Z.gather(1, best.view(-1, 1, 1).expand(-1, 1, bank.r)).squeeze(1)
     return Routed(_apply_winner(bank, X, winner, z), winner, score)
 
 
 def route_arrow(bank, X, spec, seq_ids):
-    score, cand = arrow_topk(bank, X, 1)
+    score, cand = arrow_topk(bank, X, 1, spec.nprobe)
     winner = cand.squeeze(1)
     return Routed(_apply_winner(bank, X, winner), winner, score.squeeze(1))
 
 
 def route_arrow_mix(bank, X, spec, seq_ids):
     """PEFT ArrowConfig semantics: softmax over the top-k |a·x| / temperature, weighted sum of outputs."""
-    val, cand = arrow_topk(bank, X, spec.k)
+    val, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
     coeff = torch.softmax(val / spec.temperature, dim=1)
     Z = project(bank, X, cand) * coeff.unsqueeze(-1)
     T, k = cand.shape
-    token = torch.arange(T).repeat_interleave(k)
-    delta = apply_b(bank, cand.reshape(-1), Z.reshape(T * k, -1), token, T)
+    delta = apply_b(bank, cand.reshape(-1), Z.reshape(T * k, -1)).view(T, k, bank.d_out).sum(1)
     return Routed(delta, cand[:, 0], coeff[:, 0])
 
 
