@@ -174,3 +174,40 @@ def test_trace_records_prefill_and_decoding(setup):
     assert set(s) == {"task", "know"}
     assert abs(sum(s["know"]["shares"].values()) - 1) < 1e-6
     assert s["know"]["routed"] == 8 * len(know.target_modules)
+
+
+def test_sequence_vote_picks_the_majority_adapter(setup):
+    """The vote equals a hand count over the trace of the same per-token pass, then routes by `fixed`."""
+    from collections import Counter
+
+    model, task, know = setup
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second sequence must not vote
+    state = attach(model, {"task": task, "know": know}, router="lag", k=2)
+    with state.tracing() as trace, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    expected = {}
+    for lib in ("task", "know"):
+        expected[lib] = []
+        for seq in range(2):
+            c = Counter()
+            for module in trace.modules(lib):
+                for pos, name in enumerate(trace.adapter_names(module, lib, seq)):
+                    if mask[seq, pos]:
+                        c[name] += 1
+            top = max(c.values())
+            expected[lib].append(sorted(n for n, v in c.items() if v == top)[0])
+    votes = state.fix_by_vote(ids, mask)
+    assert votes == expected
+    assert state.specs["know"].router == "fixed" and state.specs["know"].fixed == expected["know"]
+    with torch.no_grad():
+        voted = model(input_ids=ids, attention_mask=mask).logits
+    detach(model)
+    fixed = attach(model, {"task": task, "know": know}, router="fixed")
+    fixed.fix("task", expected["task"])
+    fixed.fix("know", expected["know"])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    detach(model)
+    torch.testing.assert_close(voted, ref, atol=0, rtol=0)

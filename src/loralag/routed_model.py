@@ -31,8 +31,7 @@ class RoutingState:
         """Change the router or its parameters (k, temperature, ...) of one library, or of all."""
         for lib in self._libs(library):
             old = self.specs[lib]
-            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed,
-                          granularity=old.granularity, nprobe=old.nprobe)
+            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed, nprobe=old.nprobe)
             fields.update({key: v for key, v in dict(router=router, **params).items() if v is not None})
             self.specs[lib] = RouteSpec(**fields)
 
@@ -51,6 +50,28 @@ class RoutingState:
         if library not in self.specs:
             raise LibraryError(f"no library named '{library}' is attached; attached: {sorted(self.specs)}")
         return [library]
+
+    @torch.no_grad()
+    def vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, list[str | None]]:
+        """Sequence-level routing: route the prompts per token and module as usual, and return for each
+        library the adapter that won the most (token, module) decisions in each sequence (padding excluded)."""
+        with self.tracing() as trace:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        votes = {}
+        for lib in trace.libraries():
+            votes[lib] = []
+            for seq in range(len(input_ids)):
+                counts = trace.counts(lib, seq, None if attention_mask is None else attention_mask[seq])
+                # most votes; a tie goes to the name that sorts first, so the result never depends on order
+                votes[lib].append(min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None)
+        return votes
+
+    def fix_by_vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, list]:
+        """Serve each whole sequence (prompt and decoding) with its libraries' most-voted adapters."""
+        votes = self.vote(input_ids, attention_mask)
+        for lib, names in votes.items():
+            self.set_router(lib, "fixed", fixed=names)
+        return votes
 
     @contextmanager
     def tracing(self):

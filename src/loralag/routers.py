@@ -30,7 +30,6 @@ class RouteSpec:
     k: int = 20
     temperature: float = 1.0
     fixed: list | None = None  # per sequence: an adapter name or None (set through RoutingState.fix)
-    granularity: str = "token"
     nprobe: int | None = None  # search the library's arrow index, scanning this many clusters (None: exact)
 
     def __post_init__(self):
