@@ -145,26 +145,44 @@ class ChatRequest(_Common):
     response_format: dict | None = None
 
 
-def _param_path(loc: tuple) -> str:
-    out = ""
+def _field_names() -> set[str]:
+    return {f for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions) for f in m.model_fields}
+
+
+def _param_path(loc: tuple, fields: set[str]) -> tuple[str, list[str]]:
+    """OpenAI's way of naming a field ('messages.[0].content') and pydantic's union branches met on the way."""
+    out, branches = "", []
     for part in loc:
         if isinstance(part, int):
             out += f".[{part}]"
         elif not out:
             out = str(part)
-        elif part.isidentifier():  # skip pydantic's union branch tags such as 'list[str]'
+        elif part in fields:
             out += f".{part}"
-    return out
+        else:
+            branches.append(str(part))
+    return out, branches
 
 
 def _parse(model: type[BaseModel], data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = _param_path(err["loc"])
+        fields = _field_names()
+        errors = e.errors()
+        err = errors[0]
+        param, branches = _param_path(err["loc"], fields)
         if err["type"] == "missing":
             raise APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        if branches:  # a union: name every accepted type
+            accepted = []
+            for other in errors:
+                p, b = _param_path(other["loc"], fields)
+                if b and b[0] not in accepted and p.startswith(param.split(".")[0]):
+                    accepted.append(b[0])
+            got = type(err.get("input")).__name__ if len(branches) == 1 else "a value of the wrong type"
+            raise APIError(400, f"Invalid type for '{param}': expected one of {', '.join(accepted)}; got {got}.",
+                           param=param, code="invalid_type") from None
         got = type(err.get("input")).__name__
         raise APIError(400, f"Invalid type or value for '{param}': {err['msg']} (got {got}).", param=param,
                        code="invalid_type") from None
@@ -582,20 +600,24 @@ class _Generation:
         self.counts: list[dict] = [{} for _ in range(size)]
         self.done = 0
         self.want_routing = bool(body.return_routing)
+        self.checked = time.monotonic()
 
     async def next_event(self):
         """The next engine event; raises _ClientGone if the client left, APIError for an error event."""
         ereq = self.ereq
         while True:
+            now = time.monotonic()
+            if now - self.checked > POLL_S:  # events may flow without pause: check the client every POLL_S
+                self.checked = now
+                if await self.request.is_disconnected():
+                    self.ctx.engine.cancel(ereq)
+                    raise _ClientGone()
+            if now > ereq.deadline + 5.0:  # the engine is stuck in a long step: give up here
+                self.ctx.engine.cancel(ereq)
+                raise _timeout_error("the request ran past the server's time limit")
             try:
                 event = await asyncio.wait_for(ereq.events.get(), POLL_S)
             except asyncio.TimeoutError:
-                if await self.request.is_disconnected():
-                    self.ctx.engine.cancel(ereq)
-                    raise _ClientGone() from None
-                if time.monotonic() > ereq.deadline + 5.0:  # the engine is stuck in a long step: give up here
-                    self.ctx.engine.cancel(ereq)
-                    raise _timeout_error("the request ran past the server's time limit") from None
                 continue
             if event[0] == "error":
                 _, status, type_, code, message = event
@@ -689,8 +711,6 @@ class _Generation:
                     yield self._chunk([choice])
                 if self.done == self.ereq.size:
                     break
-                if await self.request.is_disconnected():
-                    raise _ClientGone()
                 event = await self.next_event()
             extra = {}
             if include_usage:
@@ -770,7 +790,7 @@ class _MetricsMiddleware:
             await self.app(scope, receive, _send)
         finally:
             path = scope.get("path", "")
-            endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            endpoint = path if path in ENDPOINTS else ("/v1/models/<id>" if path.startswith("/v1/models/") else "other")
             outcome = scope.get("loralag_outcome", status[0])
             self.metrics.requests.inc(endpoint=endpoint, status=outcome)
             if endpoint in ("/v1/completions", "/v1/chat/completions"):

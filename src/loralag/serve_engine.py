@@ -244,9 +244,15 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            free = self.max_batch - self._running - sum(r.size for r in self._waiting)
-            if free < req.size and len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting (at most {self.max_queue})")
+            # FIFO admission: the requests that will not find a slot at the next step are the queue
+            free, queued = self.max_batch - self._running, 0
+            for r in [*self._waiting, req]:
+                if queued == 0 and r.size <= free:
+                    free -= r.size
+                elif not r.cancelled:
+                    queued += 1
+            if queued > self.max_queue:
+                raise QueueFull(f"the server is busy: {queued - 1} requests are waiting (at most {self.max_queue})")
             self._waiting.append(req)
             self._cv.notify_all()
 
