@@ -23,13 +23,12 @@ class RoutedLinear(nn.Module):
         h = self.base(x)
         batch = x.shape[0] if x.dim() > 2 else 1
         X = x.reshape(-1, x.shape[-1])
-        seq_ids = torch.arange(batch).repeat_interleave(len(X) // batch)
         delta = None
         for lib, bank in self.banks.items():
             spec = self.state.specs[lib]
             if spec.router == "none":
                 continue
-            routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, seq_ids)
+            routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch)
             if routed.delta is not None:
                 delta = routed.delta if delta is None else delta + routed.delta
             if self.state.trace is not None:

@@ -1,5 +1,8 @@
 """Routers: for tokens X (T, d_in) and one module's bank, the adapter delta (T, d_out) and a trace.
 
+Every router is called as `route(bank, X, spec, batch)`: the T tokens are `batch` sequences of
+equal length laid out one after the other (only `fixed` needs to know which token is whose).
+
 All routers share three kernels: `arrow_topk` (one matmul against the stacked arrows),
 `project` (A*x for each token's candidates only) and `apply_b` (B* of the chosen adapters, tokens
 grouped by adapter). Nothing of size tokens × n × d_out is ever formed; beyond the arrow scores,
@@ -119,7 +122,7 @@ def _apply_winner(bank, X, winner, Z=None) -> torch.Tensor:
 
 
 # -- routers -------------------------------------------------------------------------------------------
-def route_lag(bank, X, spec, seq_ids):
+def route_lag(bank, X, spec, batch):
     """Arrow top-k filter, then SpectR top-1 by ‖A*x‖ among the k, reusing A*x to apply the winner."""
     _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
     Z = project(bank, X, cand)
@@ -130,13 +133,13 @@ def route_lag(bank, X, spec, seq_ids):
     return Routed(_apply_winner(bank, X, winner, z), winner, score)
 
 
-def route_arrow(bank, X, spec, seq_ids):
+def route_arrow(bank, X, spec, batch):
     score, cand = arrow_topk(bank, X, 1, spec.nprobe)
     winner = cand.squeeze(1)
     return Routed(_apply_winner(bank, X, winner), winner, score.squeeze(1))
 
 
-def route_arrow_mix(bank, X, spec, seq_ids):
+def route_arrow_mix(bank, X, spec, batch):
     """PEFT ArrowConfig semantics: softmax over the top-k |a·x| / temperature, weighted sum of outputs."""
     val, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
     coeff = torch.softmax(val / spec.temperature, dim=1)
@@ -146,7 +149,7 @@ def route_arrow_mix(bank, X, spec, seq_ids):
     return Routed(delta, cand[:, 0], coeff[:, 0])
 
 
-def route_spectral(bank, X, spec, seq_ids):
+def route_spectral(bank, X, spec, batch):
     """SpectR over the whole library: argmax ‖A*_i x‖, scanned in chunks of adapters."""
     T = len(X)
     best = X.new_full((T,), -1.0)
@@ -162,7 +165,7 @@ def route_spectral(bank, X, spec, seq_ids):
     return Routed(_apply_winner(bank, X, winner, z), winner, best)
 
 
-def route_uniform(bank, X, spec, seq_ids):
+def route_uniform(bank, X, spec, batch):
     delta = X.new_zeros(len(X), bank.d_out)
     for _, A, B in bank.chunks(DENSE_CHUNK):
         Z = (X @ A.reshape(-1, bank.d_in).T).view(len(X), len(A), bank.r)
@@ -170,19 +173,19 @@ def route_uniform(bank, X, spec, seq_ids):
     return Routed(delta / bank.n, torch.full((len(X),), -1), X.new_full((len(X),), 1.0 / bank.n))
 
 
-def route_fixed(bank, X, spec, seq_ids):
+def route_fixed(bank, X, spec, batch):
     """The adapter named for each sequence (Oracle, PRAG); -1 leaves a sequence on the base model."""
     if spec.fixed is None:
         raise ValueError("router 'fixed' needs the adapters per sequence (RoutingState.fix)")
     # Names resolve per module: a bank holds only the adapters that target its module.
+    if len(spec.fixed) != batch:
+        raise ValueError(f"router 'fixed' was given {len(spec.fixed)} sequences but the batch holds {batch}")
     fixed = torch.tensor([bank.index.get(n, -1) if n is not None else -1 for n in spec.fixed], dtype=torch.long)
-    if seq_ids.max() >= len(fixed):
-        raise ValueError(f"router 'fixed' was given {len(fixed)} sequences but the batch holds {int(seq_ids.max()) + 1}")
-    winner = fixed[seq_ids]
+    winner = fixed.repeat_interleave(len(X) // batch)  # tokens are laid out sequence by sequence
     return Routed(_apply_winner(bank, X, winner), winner, X.new_ones(len(X)))
 
 
-def route_none(bank, X, spec, seq_ids):
+def route_none(bank, X, spec, batch):
     return Routed(None, torch.full((len(X),), -1), X.new_zeros(len(X)))
 
 
