@@ -36,12 +36,11 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .routed_model import STATE_ATTR
-from .routers import RouteSpec
 from .serve_metrics import ServerMetrics
 
 log = logging.getLogger("loralag.serve")
@@ -179,13 +178,18 @@ class Engine:
         self.libraries = list(self.state.specs) if self.state is not None else []
         self.base_specs = dict(self.state.specs) if self.state is not None else {}
         self.adapter_names = {lib: list(self.state.libraries[lib].names) for lib in self.libraries}
-        # bank index -> library-wide adapter index, per (module, library)
-        self._maps = {}
+        # bank index -> library-wide adapter index: per library one table of every module's bank, at offsets
+        self._offsets: dict[str, dict[str, int]] = {lib: {} for lib in self.libraries}
+        self._tables: dict[str, torch.Tensor] = {}
         if self.state is not None:
+            parts: dict[str, list] = {lib: [] for lib in self.libraries}
             for module, layer in self.state.layers.items():
                 for lib, bank in layer.banks.items():
                     where = {n: i for i, n in enumerate(self.adapter_names[lib])}
-                    self._maps[(module, lib)] = torch.tensor([where[n] for n in bank.names] or [0], dtype=torch.long)
+                    self._offsets[lib][module] = sum(len(p) for p in parts[lib])
+                    parts[lib].append([where[n] for n in bank.names])
+            for lib in self.libraries:  # the last entry (-1) is where "no adapter" points
+                self._tables[lib] = torch.tensor([i for p in parts[lib] for i in p] + [-1], dtype=torch.long)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
         params = inspect.signature(model.forward).parameters
@@ -333,15 +337,15 @@ class Engine:
         if self.state is None:
             return
         for lib, mode in key:
-            base = self.base_specs[lib]
+            base = self.base_specs[lib]  # keeps the server's other settings (temperature, nprobe, ...)
             if mode[0] == "route":
-                spec = RouteSpec(router=mode[1], k=mode[2], temperature=base.temperature)
+                spec = replace(base, router=mode[1], k=mode[2], fixed=None)
             else:
                 names = [r.fixed(lib) for r in routings]
                 if all(n is None for n in names):
-                    spec = RouteSpec(router="none", k=1, temperature=base.temperature)
+                    spec = replace(base, router="none", fixed=None)
                 else:
-                    spec = RouteSpec(router="fixed", k=1, temperature=base.temperature, fixed=names)
+                    spec = replace(base, router="fixed", fixed=names)
             self.state.specs[lib] = spec
 
     def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask):
@@ -367,23 +371,23 @@ class Engine:
     def _routed_counts(self, trace, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{library: (B, n_adapters)} tokens of each row routed to each adapter, summed over modules."""
         B = token_mask.shape[0]
+        keep = token_mask.bool().reshape(1, B, -1)
         out = {}
         for lib in self.libraries:
-            N = len(self.adapter_names[lib])
-            picks = []
+            N, table, offsets = len(self.adapter_names[lib]), self._tables[lib], self._offsets[lib]
+            Ws, offs = [], []
             for (module, l), winners in trace.winners.items():
-                if l != lib:
-                    continue
-                m = self._maps[(module, lib)]
-                for W in winners:
-                    G = torch.where(W >= 0, m[W.clamp(min=0)], -1)
-                    G = G.masked_fill(~token_mask[:, : G.shape[1]].bool(), -1)
-                    picks.append(G.reshape(B, -1))
-            if not picks or N == 0:
+                if l == lib:
+                    for W in winners:
+                        Ws.append(W.reshape(B, -1))
+                        offs.append(offsets[module])
+            if not Ws or N == 0:
                 continue
-            G = torch.cat(picks, dim=1)  # (B, modules × tokens)
+            W = torch.stack(Ws)  # (modules, B, tokens) bank indices, -1 for none
+            at = torch.where(W >= 0, W + torch.tensor(offs).view(-1, 1, 1), len(table) - 1)
+            G = table[at].masked_fill_(~keep, -1)  # library-wide adapter indices
             valid = G >= 0
-            rows = torch.arange(B).unsqueeze(1).expand_as(G)
+            rows = torch.arange(B).view(1, B, 1).expand_as(G)
             c = torch.bincount((rows * N + G)[valid], minlength=B * N).view(B, N)
             out[lib] = c
             total = c.sum(0)
