@@ -1,0 +1,346 @@
+"""The `loralag` command line: build and manage adapter libraries, train adapters, generate with LAG.
+
+Heavy modules (torch, transformers, matplotlib) are imported inside the commands, so `--help`
+stays quick. Errors a user can act on (LoralagError, and ValueError from router settings)
+print one red line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import LoralagError
+
+app = typer.Typer(
+    name="loralag",
+    help="LoRA-Augmented Generation: route every token and layer to the right adapter of a large LoRA library.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def user_errors(fn):
+    """Turn LoralagError / ValueError into one red line and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (LoralagError, ValueError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _quiet_warnings() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _open(path: Path):
+    from .library import open_library
+
+    return open_library(path)
+
+
+def _model_shapes(model: str) -> dict:
+    from .library import shapes_for_model
+
+    try:
+        return shapes_for_model(model)
+    except LoralagError:
+        raise
+    except (OSError, ValueError) as e:
+        raise LoralagError(f"cannot read the configuration of model '{model}': {e}") from e
+
+
+# -- library commands -------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def build(
+    out: Path = typer.Argument(..., help="Library folder to create (or resume, or extend)."),
+    adapters: List[Path] = typer.Argument(..., help="PEFT LoRA folders, or folders holding them."),
+    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Storage dtype of the aligned factors."),
+    replace: bool = typer.Option(False, "--replace", help="Replace adapters of the same name that differ."),
+    chunk_size: int = typer.Option(128, "--chunk-size", min=1, help="Adapters aligned per segment file."),
+):
+    """Align PEFT LoRA adapters and store them as a library for MODEL."""
+    from .library import build_library
+
+    _quiet_warnings()
+    lib = build_library(out, adapters, base_model=model, shapes=_model_shapes(model), dtype=dtype.value,
+                        replace=replace, chunk_size=chunk_size, progress=True)
+    console.print(f"[green]library[/] {lib.path}: {len(lib)} adapters for base model '{lib.base_model}'")
+
+
+@app.command()
+@user_errors
+def add(
+    library: Path = typer.Argument(..., help="Library folder."),
+    adapters: List[Path] = typer.Argument(..., help="PEFT LoRA folders, or folders holding them."),
+    replace: bool = typer.Option(False, "--replace", help="Replace adapters of the same name that differ."),
+    chunk_size: int = typer.Option(128, "--chunk-size", min=1),
+):
+    """Add adapters to a library (identical ones already there are skipped)."""
+    lib = _open(library)
+    added = lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=True)
+    console.print(f"added {len(added)} adapter(s); {lib.path} now holds {len(lib)}")
+
+
+@app.command()
+@user_errors
+def remove(
+    library: Path = typer.Argument(..., help="Library folder."),
+    names: List[str] = typer.Argument(..., help="Adapter names to remove."),
+):
+    """Remove adapters from a library (run `compact` to reclaim their space)."""
+    lib = _open(library)
+    lib.remove(names)
+    console.print(f"removed {len(names)} adapter(s); {lib.path} now holds {len(lib)}")
+
+
+@app.command()
+@user_errors
+def compact(library: Path = typer.Argument(..., help="Library folder.")):
+    """Rewrite a library's segments without the space held by removed adapters."""
+    lib = _open(library)
+    before = lib.summary()["bytes_on_disk"]
+    lib.compact()
+    after = lib.summary()["bytes_on_disk"]
+    console.print(f"compacted {lib.path}: {_human_bytes(before)} -> {_human_bytes(after)}")
+
+
+@app.command()
+@user_errors
+def info(
+    library: Path = typer.Argument(..., help="Library folder."),
+    adapters: bool = typer.Option(False, "--adapters", "-a", help="Also list every adapter."),
+):
+    """What a library holds: base model, adapters, modules, ranks, size on disk."""
+    from rich.table import Table
+
+    lib = _open(library)
+    s = lib.summary()
+    table = Table(title=f"Library {lib.path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    ranks = s["ranks"]
+    table.add_row("base model", s["base_model"])
+    table.add_row("adapters", str(s["adapters"]))
+    table.add_row("modules", f"{s['modules']} targeted of {len(lib.shapes)} adaptable")
+    table.add_row("ranks", ", ".join(map(str, ranks)) if ranks else "—")
+    table.add_row("dtype", s["dtype"])
+    table.add_row("segments", str(s["segments"]))
+    table.add_row("size on disk", _human_bytes(s["bytes_on_disk"]))
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in lib.target_modules})
+    if kinds:
+        table.add_row("module kinds", ", ".join(kinds))
+    console.print(table)
+    if adapters:
+        rows = Table(title="Adapters", header_style="bold", title_justify="left")
+        for col, just in (("name", "left"), ("rank", "right"), ("alpha", "right"), ("modules", "right"), ("source", "left")):
+            rows.add_column(col, justify=just, overflow="fold")
+        for a in lib.adapters:
+            alpha = a.get("alpha")
+            rows.add_row(a["name"], str(a["rank"]), "—" if alpha is None else f"{alpha:g}" + (" (rs)" if a.get("use_rslora") else ""),
+                         str(len(a["target_modules"])), str(a.get("source", "")))
+        console.print(rows)
+
+
+@app.command()
+@user_errors
+def export(
+    library: Path = typer.Argument(..., help="Library folder."),
+    out: Path = typer.Argument(..., help="Folder to write PEFT adapter folders into."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-n", help="Adapter to export (repeatable; default all)."),
+):
+    """Write adapters back out as PEFT LoRA folders."""
+    lib = _open(library)
+    for name in adapter or []:
+        lib.entry(name)  # unknown names fail before anything is written
+    paths = lib.export(out, adapter or None)
+    console.print(f"exported {len(paths)} adapter(s) to {out}")
+
+
+# -- training ----------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def train(
+    out: Path = typer.Argument(..., help="Folder to write one PEFT adapter folder per input into."),
+    inputs: List[Path] = typer.Argument(..., help=".txt documents, .jsonl files (prompt/answer or name/text lines), or folders of them."),
+    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    target_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--target-modules", "-t",
+                                       help="Comma-separated module names to adapt."),
+    r: int = typer.Option(6, "--r", "-r", min=1, help="LoRA rank."),
+    alpha: int = typer.Option(12, "--alpha", min=1, help="LoRA alpha."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per adapter (default 30)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", min=0.0,
+                                           help="Instead of --steps: passes over each input's examples."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Learning rate."),
+    max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per training window."),
+):
+    """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
+    if steps is not None and epochs is not None:
+        raise LoralagError("give --steps or --epochs, not both")
+    _quiet_warnings()
+    import math
+
+    from .models import load_model
+    from .train import TrainConfig, build_examples, read_training_inputs, train_adapters
+
+    items = read_training_inputs(inputs)
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    if not targets:
+        raise LoralagError("--target-modules names no module")
+    model_, tokenizer = load_model(model)
+    base = TrainConfig(target_modules=targets, r=r, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
+    if steps is not None:
+        base.steps = steps
+    paths = []
+    for item in items:
+        cfg = TrainConfig(**{**base.__dict__})
+        if epochs is not None:  # steps from the item's own number of examples
+            n = len(build_examples(tokenizer, item, cfg))
+            cfg.steps = max(1, math.ceil(epochs * n / min(n, batch_size)))
+        paths += train_adapters(model_, tokenizer, [item], out, cfg, progress=True)
+    console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
+
+
+# -- generation --------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def generate(
+    prompt: List[str] = typer.Argument(..., help="Prompt(s); several are generated as one batch."),
+    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
+    router: str = typer.Option("lag", "--router", help="lag, arrow, arrow-mix, spectral, uniform, none."),
+    k: int = typer.Option(20, "--k", help="Arrow candidates per token for LAG / arrow-mix."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    show_routing: bool = typer.Option(False, "--show-routing", help="Print the adapter chosen per prompt token."),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write a routing heatmap PNG here (first prompt)."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Use the tokenizer's chat template."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
+):
+    """Generate with LAG over one or more libraries (or with the plain base model when none is given)."""
+    _quiet_warnings()
+    import torch
+
+    from . import generate as gen
+    from .models import load_model
+    from .routed_model import attach, detach
+    from .routers import RouteSpec
+
+    if router == "fixed":
+        raise LoralagError("router 'fixed' needs adapters per sequence; use the Python API (RoutingState.fix)")
+    RouteSpec(router=router, k=k)  # bad router settings fail before the model loads
+    libs = [_open(p) for p in library or []]
+    if (show_routing or heatmap) and not libs:
+        raise LoralagError("--show-routing and --heatmap need at least one --library")
+    model_, tokenizer = load_model(model, dtype=getattr(torch, dtype.value))
+    if libs:
+        attach(model_, {_unique_name(lib, libs): lib for lib in libs}, router=router, k=k)
+    try:
+        want_trace = bool(libs) and (show_routing or heatmap is not None)
+        result = gen.generate(model_, tokenizer, list(prompt), max_new_tokens=max_new_tokens, chat=chat,
+                              greedy=not sample, trace=want_trace)
+        texts, trace = result if want_trace else (result, None)
+    finally:
+        detach(model_)
+    for i, (p, text) in enumerate(zip(prompt, texts)):
+        if len(prompt) > 1:
+            console.print(f"[bold]\\[{i}] {p}[/]", highlight=False)
+        console.print(text, highlight=False, markup=False)
+    if trace is not None and show_routing:
+        for seq in range(len(prompt)):
+            console.print(gen.routing_table(trace, tokenizer, trace.input_ids, seq=seq))
+    if trace is not None and heatmap is not None:
+        path = gen.routing_heatmap(trace, tokenizer, trace.input_ids, heatmap, seq=0)
+        console.print(f"routing heatmap written to {path}")
+
+
+def _unique_name(lib, libs) -> str:
+    """A library's name for routing: its folder name, or its path where two folders share a name."""
+    if sum(other.name == lib.name for other in libs) > 1:
+        return str(lib.path)
+    return lib.name
+
+
+# -- demo --------------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where adapters and library are cached (default: under the loralag cache)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per adapter."),
+    router: str = typer.Option("lag", "--router", help="Router for the LAG column."),
+    k: int = typer.Option(20, "--k", help="Arrow candidates per token."),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Also write LAG's routing heatmap of the first question."),
+):
+    """Train knowledge adapters on invented entities, then compare base model, LAG and Oracle on questions."""
+    _quiet_warnings()
+    from .routers import RouteSpec
+
+    RouteSpec(router=router, k=k)
+    if router == "fixed":
+        raise LoralagError("the demo's LAG column needs a routing router; 'fixed' is what the Oracle column does")
+    from .demo import print_results, run_demo
+
+    results = run_demo(workdir, steps=steps, router=router, k=k, console=console)
+    print_results(results, console)
+    if heatmap is not None and results["trace"] is not None:
+        from . import generate as gen
+        from .models import load_model
+
+        _, tokenizer = load_model("default")
+        path = gen.routing_heatmap(results["trace"], tokenizer, results["trace"].input_ids, heatmap, seq=0)
+        console.print(f"routing heatmap written to {path}")
+
+
+def main() -> None:  # pragma: no cover - python -m loralag.cli
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

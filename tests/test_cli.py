@@ -1,0 +1,141 @@
+"""The `loralag` command line on a tiny llama saved to disk, with a tiny offline tokenizer next to it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import save_lora, tiny_llama
+from tiny_text import tiny_tokenizer
+from typer.testing import CliRunner
+
+from loralag.cli import app
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def output(result) -> str:
+    # typer's runner merges or splits stderr depending on the click version: read both
+    text = result.output
+    try:
+        text += result.stderr
+    except (ValueError, AttributeError):
+        pass
+    text = re.sub("[\u2500-\u257f]", " ", text)  # rich's table borders
+    return " ".join(text.split())  # and its line wrapping
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    model = tiny_llama()
+    model.save_pretrained(tmp / "model")
+    tiny_tokenizer().save_pretrained(tmp / "model")
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        save_lora(model, tmp / "adapters" / name, seed=i, target_modules=("q_proj", "v_proj", "up_proj"))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def lib(world):
+    out = world / "lib"
+    result = invoke("build", out, world / "adapters", "--model", world / "model")
+    assert result.exit_code == 0, output(result)
+    assert "3 adapters" in output(result)
+    return out
+
+
+def test_info_lists_adapters(lib):
+    result = invoke("info", lib, "--adapters")
+    assert result.exit_code == 0, output(result)
+    text = output(result)
+    for name in ("alpha", "beta", "gamma"):
+        assert name in text
+    assert "adapters 3" in text and "size on disk" in text
+    assert "6 targeted" in text  # q, v, up in 2 layers
+    assert "q_proj" in text and "up_proj" in text
+
+
+def test_build_is_resumable(world, lib):
+    result = invoke("build", lib, world / "adapters", "--model", world / "model")
+    assert result.exit_code == 0, output(result)
+    assert "3 adapters" in output(result)
+
+
+def test_remove_export_compact_add(world, lib, tmp_path):
+    result = invoke("remove", lib, "beta")
+    assert result.exit_code == 0, output(result)
+    text = output(invoke("info", lib, "--adapters"))
+    assert "adapters 2" in text and "beta" not in text
+
+    result = invoke("export", lib, tmp_path / "out")
+    assert result.exit_code == 0, output(result)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha", "gamma"]
+    cfg = json.loads((tmp_path / "out" / "alpha" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and (tmp_path / "out" / "alpha" / "adapter_model.safetensors").is_file()
+
+    result = invoke("export", lib, tmp_path / "one", "--adapter", "gamma")
+    assert result.exit_code == 0 and [p.name for p in (tmp_path / "one").iterdir()] == ["gamma"]
+
+    assert invoke("compact", lib).exit_code == 0
+    result = invoke("add", lib, world / "adapters" / "beta")
+    assert result.exit_code == 0, output(result)
+    assert "adapters 3" in output(invoke("info", lib))
+
+
+def test_errors_exit_2_with_one_line(world, lib, tmp_path):
+    bad = tmp_path / "bad" / "broken"
+    bad.mkdir(parents=True)
+    (bad / "adapter_config.json").write_text("{not json")
+    result = invoke("build", tmp_path / "lib2", bad, "--model", world / "model")
+    assert result.exit_code == 2
+    text = output(result)
+    assert "adapter_config.json" in text and str(bad) in text and "Traceback" not in text
+
+    result = invoke("remove", lib, "nonexistent")
+    assert result.exit_code == 2 and "nonexistent" in output(result)
+    result = invoke("info", tmp_path / "nolib")
+    assert result.exit_code == 2 and "not a loralag library" in output(result)
+    result = invoke("generate", "--model", world / "model", "--library", lib, "--router", "bogus", "what")
+    assert result.exit_code == 2 and "unknown router 'bogus'" in output(result)
+    result = invoke("generate", "--model", world / "model", "--library", lib, "--k", "0", "what")
+    assert result.exit_code == 2 and "k must be a positive integer" in output(result)
+    result = invoke("build", tmp_path / "lib3", world / "adapters", "--model", tmp_path / "nomodel")
+    assert result.exit_code == 2
+
+
+def test_generate_with_routing_and_heatmap(world, lib, tmp_path):
+    png = tmp_path / "routing.png"
+    result = invoke("generate", "--model", world / "model", "--library", lib, "--k", "2", "--max-new-tokens", "4",
+                    "--show-routing", "--heatmap", png, "--no-chat", "what is the capital of the red moon ?")
+    assert result.exit_code == 0, output(result)
+    text = output(result)
+    assert "Routing of sequence 0" in text and "capital" in text and "entropy" in text
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    # several prompts in one batch, plain base model when no library is given
+    result = invoke("generate", "--model", world / "model", "--max-new-tokens", "3", "--no-chat", "who", "what is the sun")
+    assert result.exit_code == 0, output(result)
+    assert "[0] who" in output(result) and "[1] what is the sun" in output(result)
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = subprocess.run([sys.executable, "-m", "loralag.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("build", "add", "remove", "compact", "info", "export", "train", "generate", "demo"):
+        assert cmd in proc.stdout
+    # no heavy imports for --help beyond what `import loralag` itself pulls in
+    code = "import sys, loralag.cli; print(sorted(m for m in ('transformers', 'matplotlib', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "[]"
