@@ -451,7 +451,7 @@ class Engine:
                 seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()}, gen)
                 self._running += 1
                 group.seqs.append(seq)
-                self._accept(seq, self._sample(logits[r], seq))
+                self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
 
     def _rebuild(self, group: _Group, live: list[_Seq]) -> None:
         """Restack the group's cache for `live`: each row's real positions at the right end, zeros before."""
@@ -510,28 +510,34 @@ class Engine:
                 del self._groups[key]
                 continue
             group.cache_len += 1
+            tokens = self._sample(logits, live)
             for i, s in enumerate(live):
                 s.length += 1
                 for lib, c in counts.items():
                     s.counts[lib] = s.counts[lib] + c[i] if lib in s.counts else c[i].clone()
                 if not s.finished:  # a sibling's failure may have ended it
-                    self._accept(s, self._sample(logits[i], s))
+                    self._accept(s, tokens[i])
 
     # -- sampling and text ---------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seq: _Seq) -> int:
-        sp = seq.req.sampling
-        if sp.ignore_eos and self.eos_ids:
-            logits = logits.clone()
-            logits[[i for i in self.eos_ids if i < len(logits)]] = float("-inf")
-        if sp.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / sp.temperature, dim=-1)
-        if sp.top_p < 1.0:
-            p, idx = probs.sort(descending=True)
-            drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
-            p = p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, idx, p)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        """One token per row of `logits` (B, V), which this may change in place: greedy rows by one argmax."""
+        eos = [i for i in self.eos_ids if i < logits.shape[1]]
+        ignore = [i for i, s in enumerate(seqs) if s.req.sampling.ignore_eos]
+        if eos and ignore:
+            logits[torch.tensor(ignore).unsqueeze(1), torch.tensor(eos).unsqueeze(0)] = float("-inf")
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            sp = s.req.sampling
+            if sp.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / sp.temperature, dim=-1)
+            if sp.top_p < 1.0:
+                p, idx = probs.sort(descending=True)
+                drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
+                p = p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter_(0, idx, p)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+        return tokens
 
     def _accept(self, seq: _Seq, token: int) -> None:
         req, sp = seq.req, seq.req.sampling
