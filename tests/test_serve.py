@@ -280,6 +280,15 @@ def test_sampling_options(server):
     # a list of prompts: n choices per prompt, in order
     r = c.completions.create(model=MODEL, prompt=[prompt, "who"], max_tokens=4, temperature=0, n=2)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.choices[0].text == r.choices[1].text
+    # streamed choices interleave; each one's text is what the same seed gives without streaming
+    messages = [{"role": "user", "content": prompt}]
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.2, seed=5, n=2)
+    parts = {0: "", 1: ""}
+    for ch in c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.2, seed=5, n=2,
+                                        stream=True):
+        for choice in ch.choices:
+            parts[choice.index] += choice.delta.content or ""
+    assert [parts[0], parts[1]] == [ch.message.content for ch in plain.choices]
     # token ids as the prompt
     ids = tiny_tokenizer()(prompt)["input_ids"]
     assert c.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0).choices[0].text == greedy

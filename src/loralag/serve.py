@@ -29,6 +29,7 @@ import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health",
 ROUTERS_WITH_K = ("lag", "arrow-mix")
 ROUTING_TOP = 20  # adapters listed by name in a routing summary; the rest are summed as "other"
 POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+MAX_BODY_BYTES = 32 * 2**20
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -189,7 +191,12 @@ def _parse(model: type[BaseModel], data: dict):
 
 
 async def _read_json(request: Request) -> dict:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -219,9 +226,15 @@ class ServerContext:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
             else len(tokenizer)
 
+        # Tokenizing (a long prompt, a chat template) runs here, one call at a time, off the event loop.
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loralag-tokenize")
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
 
 def _served_name(model, spec: str | None = None) -> str:
@@ -325,7 +338,7 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter")
         routing = resolve_routing(ctx, body)
-        prompts = _completion_prompts(ctx, body.prompt)
+        prompts = await ctx.off_loop(_completion_prompts, ctx, body.prompt)
         default = 16
         return await _run(request, ctx, "text_completion", body, prompts, body.max_tokens, default, routing)
 
@@ -341,7 +354,7 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
                            code="unsupported_parameter")
         routing = resolve_routing(ctx, body)
-        prompts = [_chat_prompt(ctx, body.messages)]
+        prompts = [await ctx.off_loop(_chat_prompt, ctx, body.messages)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         return await _run(request, ctx, "chat.completion", body, prompts, max_tokens, ctx.default_max_tokens, routing,
