@@ -222,6 +222,7 @@ class ServerContext:
         self.created = int(time.time())
         state = getattr(model, STATE_ATTR, None)
         self.libraries: dict[str, Library] = dict(state.libraries) if state is not None else {}
+        self.adapter_sets = {lib: set(L.names) for lib, L in self.libraries.items()}
         self.default_specs = dict(engine.base_specs)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
             else len(tokenizer)
@@ -334,7 +335,7 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         body = _parse(CompletionRequest, await _read_json(request))
         _check_model(ctx, body.model)
         _unsupported(body, {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
-                            "frequency_penalty": 0})
+                            "frequency_penalty": 0, "logit_bias": {}})
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter")
         routing = resolve_routing(ctx, body)
@@ -347,7 +348,7 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         body = _parse(ChatRequest, await _read_json(request))
         _check_model(ctx, body.model)
         _unsupported(body, {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": None,
-                            "tools": None, "functions": None})
+                            "tools": None, "functions": None, "logit_bias": {}})
         if body.tool_choice not in (None, "none"):
             raise APIError(400, "tool calls are not supported by this server", param="tool_choice", code="unsupported_parameter")
         if body.response_format not in (None, {"type": "text"}):
@@ -412,7 +413,7 @@ def resolve_routing(ctx: ServerContext, body) -> Routing:
             if lib not in ctx.libraries:
                 raise APIError(404, f"no library named '{lib}' is served; libraries: {libs}", param="adapters",
                                code="library_not_found")
-            if name is not None and name not in set(ctx.libraries[lib].names):
+            if name is not None and name not in ctx.adapter_sets[lib]:
                 raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
                                code="adapter_not_found")
             fixed[lib] = name
@@ -453,11 +454,11 @@ def _find_adapter(ctx: ServerContext, item: str) -> tuple[str, str]:
     if "/" in item:
         lib, _, name = item.partition("/")
         if lib in ctx.libraries:
-            if name not in set(ctx.libraries[lib].names):
+            if name not in ctx.adapter_sets[lib]:
                 raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
                                code="adapter_not_found")
             return lib, name
-    owners = [lib for lib, L in ctx.libraries.items() if item in set(L.names)]
+    owners = [lib for lib, names in ctx.adapter_sets.items() if item in names]
     if not owners:
         raise APIError(404, f"no served library holds an adapter named '{item}'", param="adapters",
                        code="adapter_not_found")
