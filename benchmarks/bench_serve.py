@@ -205,6 +205,7 @@ def main(argv=None) -> str:
     from loralag.serve import create_app
 
     clients = [int(c) for c in args.clients.split(",")]
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     spec = tiny_model_and_tokenizer(tmp / "tiny") if args.tiny else args.model
     model, tokenizer = load_model(spec)
@@ -250,7 +251,8 @@ def main(argv=None) -> str:
         f"k={args.k}. Every request: a chat completion of exactly {args.max_tokens} tokens, greedy. "
         f"Server: uvicorn in the benchmark's process, max_batch {args.max_batch}; clients send their next request "
         f"when the previous one is answered. Machine: {os.cpu_count()} CPUs ({platform.machine()}), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads. Latencies in seconds.",
+        f"{torch.__version__} with {torch.get_num_threads()} threads; load average {load0:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (other work on the machine slows both sides). Latencies in seconds.",
         "",
         "| setup | concurrent clients | requests | tokens | wall s | tokens/s | vs generate | p50 | p90 | p99 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
