@@ -544,3 +544,22 @@ def test_client_disconnect_frees_its_slot(small_server):
     assert _wait_for(lambda: srv.metric("loralag_requests_total", endpoint="/v1/completions", status="499") == gone + 2)
     assert _wait_for(lambda: srv.http.get("/health").json()["running"] == 0)
     assert srv.healthy()
+
+
+def test_an_engine_failure_is_a_500_without_details_and_the_server_goes_on(small_server):
+    srv = small_server
+    engine = srv.app.state.ctx.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    engine._forward = broken
+    try:
+        r = srv.http.post("/v1/completions", json={"model": MODEL, "prompt": "who", "max_tokens": 3})
+    finally:
+        del engine._forward
+    err = _check_error(r, 500)
+    assert err["type"] == "server_error" and "secret" not in r.text
+    assert srv.metric("loralag_engine_errors_total") >= 1
+    assert srv.healthy()
+    assert srv.client.completions.create(model=MODEL, prompt="who", max_tokens=3, temperature=0).choices[0].text

@@ -284,9 +284,10 @@ class Engine:
             except Exception:  # never let the engine die: fail what was running, keep serving
                 log.exception("engine step failed")
                 self.metrics.engine_errors.inc()
-                for group in self._groups.values():
+                for group in list(self._groups.values()):
                     for s in group.seqs:
-                        self._fail(s.req, 500, "server_error", "engine_error", "internal error while generating")
+                        if not s.finished:
+                            self._fail(s.req, 500, "server_error", "engine_error", "internal error while generating")
                 self._groups.clear()
                 self._running = 0
             if not self._running and self._waiting:
