@@ -1,0 +1,865 @@
+"""`loralag bench`: the paper's knowledge-intensive evaluation, rebuilt on LAMA T-REx at laptop scale.
+
+    results = run_bench("tiny", data_dir="../shared/data/lama-trex", out_dir="results/lama-tiny")
+
+A base LM gets two libraries, routed separately and applied together (Fleshman & Van Durme 2025):
+
+* knowledge: one LoRA per subject entity's article (gate/up/down, rank 6, alpha 12), trained on the article
+  and templated synthetic rewrites of it (lama_data.py);
+* task: one LoRA per task family (q/k/v/o, rank 8, alpha 16) — slot filling, QA, fact checking — trained on
+  prompt -> answer pairs about entities *outside* the knowledge set.
+
+Every method answers the same questions about the knowledge-set entities:
+
+    base        no adapter
+    oracle      the gold task adapter and the gold knowledge adapter, through `fixed`
+    arrow       Arrow top-1 on both libraries
+    lag@k       LAG (Arrow top-k filter, SpectR pick) on both libraries; "lag" is k=20, the sweep k=1..N
+    spectral    SpectR over the whole library (= lag@N, which reuses its answers)
+    arrow-mix   PEFT Arrow: softmax-weighted top-k mixture
+    rag         BM25 top-1 article prepended to the prompt; task adapter by LAG, no knowledge adapter
+    prag        BM25 top-1 article's knowledge adapter through `fixed`; task adapter by LAG
+    r-lag       RAG's prompt plus LAG on both libraries
+    p-lag       LAG on both libraries plus the retrieved article's adapter summed on top (see PLAG_NOTE)
+
+Each routed method also runs at sequence granularity ("<method>/seq"): every library's most-voted adapter
+over the prompt's tokens and modules (RoutingState.vote) serves the whole sequence through `fixed`.
+
+Scores: KILT EM for slot filling and QA, label accuracy for fact checking (kilt.score_dataset), normalised by
+the Oracle per family (kilt.normalised_scores with kilt.LAMA_FAMILIES). Answers are cut at the first line
+and sentence end; with `credit_prefix` (default) an answer whose normalised form starts with a gold answer's
+(at a word boundary) is credited as that answer (strict EM is reported beside it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import LoralagError
+from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, LamaData, Question, build_data,
+                        describe, rewrites, write_questions)
+
+PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
+             "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
+             "picks the retrieved adapter itself it counts twice).")
+TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
+GRANULARITIES = ("token", "sequence", "both")
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on; a size is a preset of these."""
+
+    n_entities: int = 200  # knowledge adapters, one per subject entity
+    questions_per_dataset: int | None = None  # default: one per knowledge entity
+    n_train_pairs: int = 200  # task-adapter training pairs per family
+    seed: int = 0
+    max_article_chars: int = 400
+    # knowledge adapters
+    know_r: int = 6
+    know_alpha: int = 12
+    know_steps: int = 12
+    know_lr: float = 2e-3
+    know_batch: int = 4
+    # task adapters
+    task_r: int = 8
+    task_alpha: int = 16
+    task_steps: int = 60
+    task_lr: float = 1e-3
+    task_batch: int = 8
+    # evaluation
+    k: int = 20  # the headline LAG's k
+    k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
+    granularity: str = "both"
+    methods: tuple | None = None  # None: every method
+    max_new_tokens: int = 10
+    batch_size: int = 32
+    credit_prefix: bool = True
+
+
+SIZES = {
+    # a handful of entities: the test suite's end-to-end run
+    "tiny": dict(n_entities=6, n_train_pairs=30, know_steps=12, task_steps=20, task_lr=2e-3, k_sweep=(1, 2, 5, "N")),
+    # a sanity check at the scale of the earlier 12-adapter measurement
+    "small": dict(n_entities=12, n_train_pairs=60, task_steps=40, task_lr=2e-3),
+    # the benchmark: 200 knowledge adapters
+    "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=60),
+}
+
+BASE_METHODS = ("base", "oracle", "arrow", "lag", "spectral", "arrow-mix", "rag", "prag", "r-lag", "p-lag", "k-sweep")
+
+
+def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchConfig:
+    """The config of a named size ("tiny", "small", "full"), a dict of fields, or a config; then overrides."""
+    if isinstance(size, BenchConfig):
+        cfg = size
+    elif isinstance(size, dict):
+        cfg = BenchConfig(**size)
+    elif size in SIZES:
+        cfg = BenchConfig(**SIZES[size])
+    else:
+        raise LoralagError(f"unknown bench size {size!r}; choose one of {sorted(SIZES)} or pass custom parameters")
+    known = {f.name for f in fields(BenchConfig)}
+    bad = set(overrides) - known
+    if bad:
+        raise LoralagError(f"unknown bench settings {sorted(bad)}; known: {sorted(known)}")
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.granularity not in GRANULARITIES:
+        raise LoralagError(f"granularity must be one of {GRANULARITIES}, got {cfg.granularity!r}")
+    if cfg.n_entities < 2:
+        raise LoralagError("the knowledge library needs at least 2 entities")
+    if cfg.methods is not None:
+        unknown = set(cfg.methods) - set(BASE_METHODS)
+        if unknown:
+            raise LoralagError(f"unknown methods {sorted(unknown)}; choose from {BASE_METHODS}")
+    return cfg
+
+
+def default_data_dir() -> Path:
+    """$LORALAG_LAMA_DATA, else ../shared/data/lama-trex from the working directory or from the repository."""
+    env = os.environ.get("LORALAG_LAMA_DATA")
+    if env:
+        return Path(env)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        p = root.parent / "shared" / "data" / "lama-trex"
+        if p.is_dir():
+            return p
+    return Path("../shared/data/lama-trex")
+
+
+def default_cache_dir() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "lama_bench"
+
+
+# -- methods ---------------------------------------------------------------------------------------------------
+@dataclass
+class Method:
+    """How one method routes. knowledge/task: a router name, or "gold" / "retrieved" (through `fixed`)."""
+
+    name: str
+    knowledge: str = "none"
+    task: str = "none"
+    k: int = 20
+    rag: bool = False  # the retrieved article goes in the prompt
+    plag: bool = False  # the retrieved article's adapter is added on top of the knowledge routing
+    reuse: str | None = None  # identical to another method: reuse its answers
+
+    @property
+    def routed(self) -> list[str]:
+        """Libraries routed per token (what the sequence mode votes on)."""
+        return [lib for lib, r in (("knowledge", self.knowledge), ("task", self.task))
+                if r not in ("none", "gold", "retrieved")]
+
+
+def method_list(cfg: BenchConfig, n: int) -> list[Method]:
+    """The methods of a run, in table order. k values clamp to N; lag@k with k >= N is SpectR over everything."""
+    want = set(cfg.methods) if cfg.methods is not None else set(BASE_METHODS)
+    kk = min(cfg.k, n)
+    lag_name = f"lag@{kk}"
+    out = []
+
+    def add(m):
+        if m.name not in {x.name for x in out}:
+            out.append(m)
+
+    if "base" in want:
+        add(Method("base"))
+    if "oracle" in want:
+        add(Method("oracle", knowledge="gold", task="gold"))
+    if "arrow" in want:
+        add(Method("arrow", knowledge="arrow", task="arrow", k=1))
+    if "lag" in want:
+        add(Method(lag_name, knowledge="lag", task="lag", k=kk, reuse="spectral" if kk >= n else None))
+    if "spectral" in want or "lag" in want and kk >= n:
+        add(Method("spectral", knowledge="spectral", task="spectral"))
+    if "arrow-mix" in want:
+        add(Method("arrow-mix", knowledge="arrow-mix", task="arrow-mix", k=kk))
+    if "k-sweep" in want:
+        for k in sweep_ks(cfg, n):
+            if k >= n:
+                add(Method("spectral", knowledge="spectral", task="spectral"))
+            add(Method(f"lag@{k}", knowledge="lag", task="lag", k=k, reuse="spectral" if k >= n else None))
+    if "rag" in want:
+        add(Method("rag", task="lag", rag=True))
+    if "prag" in want:
+        add(Method("prag", knowledge="retrieved", task="lag"))
+    if "r-lag" in want:
+        add(Method("r-lag", knowledge="lag", task="lag", k=kk, rag=True))
+    if "p-lag" in want:
+        add(Method("p-lag", knowledge="lag", task="lag", k=kk, plag=True))
+    # a reused method must come after what it reuses
+    order = {m.name: i for i, m in enumerate(out)}
+    out.sort(key=lambda m: order[m.reuse] + 0.5 if m.reuse else order[m.name])
+    return out
+
+
+def sweep_ks(cfg: BenchConfig, n: int) -> list[int]:
+    ks = sorted({min(n, n if k == "N" else int(k)) for k in cfg.k_sweep})
+    return [k for k in ks if k >= 1]
+
+
+# -- answers ---------------------------------------------------------------------------------------------------
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]]{3})\.(?:\s|$)")
+
+
+def clean_answer(text: str) -> str:
+    """The short answer in a generation: its first non-empty line, cut at the first sentence end.
+
+    A period ends a sentence only after 3+ lower-case letters/digits ("Paris. It" -> "Paris"), so "St. Louis"
+    and "U.S. Army" stay whole."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    first = lines[0]
+    m = _SENTENCE_END.search(first)
+    if m:
+        first = first[: m.start()]
+    return first.strip().rstrip(".").strip()
+
+
+def fc_label(answer: str) -> str:
+    """The fact-checking verdict: SUPPORTS / REFUTES when the answer starts with one (any case), else as is."""
+    head = answer.strip().upper()
+    for label in (SUPPORTS, REFUTES):
+        if head.startswith(label):
+            return label
+    return answer.strip()
+
+
+def credited(answer: str, golds: list[str]) -> str:
+    """The gold answer whose normalised form starts the normalised answer at a word boundary, else the answer."""
+    from .kilt import normalize_answer
+
+    a = normalize_answer(answer)
+    for g in golds:
+        ng = normalize_answer(g)
+        if ng and (a == ng or a.startswith(ng + " ")):
+            return g
+    return answer
+
+
+# -- routing statistics ----------------------------------------------------------------------------------------
+def layer_of(module: str) -> int:
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
+
+
+def subject_mask(tokenizer, prompts: list[str], mentions: list[list[str]], width: int):
+    """(batch, width) bool: prompt tokens that overlap a mention of the subject, for left-padded prompts."""
+    import torch
+
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, (prompt, names) in enumerate(zip(prompts, mentions)):
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        pad = width - n
+        spans = []
+        for name in sorted(set(names), key=len, reverse=True):
+            for m in re.finditer(re.escape(name), prompt):
+                spans.append((m.start(), m.end()))
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and any(a < e and b > s for s, e in spans):
+                mask[i, pad + t] = True
+    return mask
+
+
+def votes_from_trace(trace, library: str, prompt_mask) -> list[str | None]:
+    """RoutingState.vote's rule on an existing trace: per sequence, the adapter that won most (token, module)
+    decisions over the real prompt tokens; ties to the name that sorts first."""
+    import torch
+
+    width = trace.winner_matrix(trace.modules(library)[0], library).shape[1]
+    out = []
+    for seq in range(prompt_mask.shape[0]):
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[: prompt_mask.shape[1]] = prompt_mask[seq].bool()
+        counts = trace.counts(library, seq, mask)
+        out.append(min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None)
+    return out
+
+
+class RoutingStats:
+    """Per method and library: per layer, tokens routed to the gold adapter among subject tokens and prompt tokens."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def _slot(self, method: str, lib: str, layers: int) -> dict:
+        d = self.data.setdefault(method, {}).setdefault(lib, {})
+        if not d:
+            d.update(subject_hits=[0] * layers, subject_total=[0] * layers, prompt_hits=[0] * layers,
+                     prompt_total=[0] * layers, vote_hits=0, vote_total=0)
+        return d
+
+    def add_trace(self, method: str, lib: str, trace, gold: list[str], prompt_mask, subj_mask, layers: int) -> None:
+        import torch
+
+        d = self._slot(method, lib, layers)
+        width = prompt_mask.shape[1]
+        for module in trace.modules(lib):
+            names = trace.names[(module, lib)]
+            index = {n: i for i, n in enumerate(names)}
+            g = torch.tensor([index.get(x, -2) for x in gold]).unsqueeze(1)
+            w = trace.winner_matrix(module, lib)[:, :width]
+            hit = w == g
+            L = layer_of(module)
+            pm, sm = prompt_mask.bool(), subj_mask.bool() & prompt_mask.bool()
+            d["prompt_hits"][L] += int((hit & pm).sum())
+            d["prompt_total"][L] += int(pm.sum())
+            d["subject_hits"][L] += int((hit & sm).sum())
+            d["subject_total"][L] += int(sm.sum())
+
+    def add_votes(self, method: str, lib: str, votes: list, gold: list[str], layers: int) -> None:
+        d = self._slot(method, lib, layers)
+        d["vote_hits"] += sum(v == g for v, g in zip(votes, gold))
+        d["vote_total"] += len(gold)
+
+    def summary(self) -> dict:
+        out = {}
+        for method, libs in self.data.items():
+            for lib, d in libs.items():
+                def share(h, t):
+                    return [hh / tt if tt else None for hh, tt in zip(h, t)]
+
+                sh, th = sum(d["subject_hits"]), sum(d["subject_total"])
+                ph, pt = sum(d["prompt_hits"]), sum(d["prompt_total"])
+                out.setdefault(method, {})[lib] = {
+                    "subject_by_layer": share(d["subject_hits"], d["subject_total"]),
+                    "prompt_by_layer": share(d["prompt_hits"], d["prompt_total"]),
+                    "subject": sh / th if th else None,
+                    "prompt": ph / pt if pt else None,
+                    "subject_tokens": th,
+                    "vote": d["vote_hits"] / d["vote_total"] if d["vote_total"] else None,
+                    "vote_hits": d["vote_hits"],
+                    "vote_total": d["vote_total"],
+                }
+        return out
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        marker = p / "loralag_train.json"
+        key = json.loads(marker.read_text()).get("key", "") if marker.is_file() else ""
+        h.update(f"{p.name}:{key}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, progress: bool):
+    from .library import build_library, module_shapes
+
+    path = cache / "libraries" / f"{kind}-{len(paths)}-{_fingerprint(paths)}"
+    lib = build_library(path, paths, base_model=model_spec, shapes=module_shapes(model), replace=True,
+                        progress=progress)
+    stale = sorted(set(lib.names) - {p.name for p in paths})
+    if stale:
+        lib.remove(stale)
+    return lib
+
+
+def _batches(items: list, size: int):
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | None = None,
+              out_dir: str | Path | None = None, model_spec: str = "default", cache_dir: str | Path | None = None,
+              progress: bool = True, console=None, model_and_tokenizer=None, **overrides) -> dict:
+    """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
+    method, and write the results folder. Returns the results dict (also written as results.json).
+
+    size: "tiny" | "small" | "full", a dict of BenchConfig fields, or a BenchConfig; overrides: BenchConfig
+    fields (e.g. n_entities=50, granularity="sequence", methods=("base", "oracle", "lag")).
+    data_dir: a folder of LAMA T-REx jsonl files (+ relations.json); default default_data_dir().
+    out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
+    shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair."""
+    import torch
+
+    from .kilt import LAMA_FAMILIES, normalised_scores, score_dataset, write_kilt_predictions
+    from .models import load_model
+    from .retrieval import BM25Index
+    from .routed_model import attach, detach
+    from .train import Document, QAPairs, TrainConfig, train_adapters
+
+    cfg = size_config(size, **overrides)
+    size_name = size if isinstance(size, str) else "custom"
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    out = Path(out_dir) if out_dir is not None else Path("results") / f"lama-{size_name}"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    data = build_data(data_dir, cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
+                      cfg.max_article_chars)
+    timings["data"] = time.perf_counter() - t
+    n = len(data.entities)
+    say(f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
+        + ", ".join(f"{len(q)} {d}" for d, q in data.questions.items()) + f" questions; data from {data_dir}")
+
+    t = time.perf_counter()
+    if model_and_tokenizer is not None:
+        model, tokenizer = model_and_tokenizer
+    else:
+        model, tokenizer = load_model(model_spec, dtype=torch.float32)
+    timings["load_model"] = time.perf_counter() - t
+
+    # -- adapters (cached) --------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
+                       steps=cfg.know_steps, batch_size=cfg.know_batch, lr=cfg.know_lr, seed=cfg.seed)
+    docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
+    say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
+    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
+    timings["train_knowledge"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tcfg = TrainConfig(target_modules=list(TASK_MODULES), r=cfg.task_r, alpha=cfg.task_alpha, steps=cfg.task_steps,
+                       batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed)
+    task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d]) for d in DATASETS]
+    say(f"[bold]Task adapters[/]: {len(task_items)} × {cfg.task_steps} steps on "
+        f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities")
+    task_paths = train_adapters(model, tokenizer, task_items, cache / "task", tcfg, progress=progress)
+    timings["train_task"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    know_lib = _library(cache, "knowledge", know_paths, model, model_spec, progress)
+    task_lib = _library(cache, "task", task_paths, model, model_spec, progress)
+    timings["build_libraries"] = time.perf_counter() - t
+
+    # -- questions, retrieval --------------------------------------------------------------------------------------
+    questions: list[Question] = [q for d in DATASETS for q in data.questions[d]]
+    articles = {e.name: e.article for e in data.entities}
+    mentions = {e.name: e.mentions for e in data.entities}
+    index = BM25Index([e.article for e in data.entities], [e.name for e in data.entities])
+    retrieved = [hits[0][0] for hits in index.search([q.example.input for q in questions], k=1)]
+    retrieval_top1 = sum(r == q.entity for r, q in zip(retrieved, questions)) / len(questions)
+    rag_prompts = [f"{articles[r]}\n\n{q.prompt}" for r, q in zip(retrieved, questions)]
+    lengths = [len(tokenizer(q.prompt).input_ids) for q in questions]
+    rag_lengths = [len(tokenizer(p).input_ids) for p in rag_prompts]
+    order_plain = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
+    order_rag = sorted(range(len(questions)), key=lambda i: (rag_lengths[i], i))
+    write_questions(out / "questions.jsonl", data)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    methods = method_list(cfg, n)
+    grans = ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,)
+    layers = model.config.num_hidden_layers
+    stats = RoutingStats()
+    answers: dict[str, list[str | None]] = {}  # method -> raw generation per question
+    method_time: dict[str, float] = {}
+    libs = {"task": task_lib, "knowledge": know_lib, "prag": know_lib}
+    state = attach(model, libs, router="none", k=cfg.k)
+    try:
+        for m in methods:
+            names = [m.name] if m.name in ("base", "oracle") or "token" in grans else []
+            if m.routed and "sequence" in grans:
+                names.append(f"{m.name}/seq")
+            if m.reuse is not None:
+                for name in names:
+                    src = name.replace(m.name, m.reuse, 1)
+                    answers[name] = answers[src]
+                    if src in stats.data:
+                        stats.data[name] = stats.data[src]
+                say(f"  {m.name}: identical to {m.reuse} (k >= N), answers reused")
+                continue
+            t = time.perf_counter()
+            for name in names:
+                answers[name] = [None] * len(questions)
+            _run_method(m, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts,
+                        order_rag if m.rag else order_plain, mentions, cfg, stats, answers, layers)
+            method_time[m.name] = time.perf_counter() - t
+            say(f"  {m.name}: {method_time[m.name]:.1f} s ({', '.join(names)})")
+    finally:
+        detach(model)
+    timings["evaluate"] = sum(method_time.values())
+
+    # -- scores ------------------------------------------------------------------------------------------------
+    scores: dict[str, dict] = {}
+    table: dict[str, dict] = {}
+    pred_dir = out / "predictions"
+    for name, raw in answers.items():
+        scores[name] = {}
+        table[name] = {}
+        for d in DATASETS:
+            idx = [i for i, q in enumerate(questions) if q.dataset == d]
+            if not idx:
+                continue
+            examples = [questions[i].example for i in idx]
+            cleaned = {}
+            for i in idx:
+                a = clean_answer(raw[i] or "")
+                cleaned[questions[i].example.id] = fc_label(a) if d == FACT_CHECKING else a
+            final = {k: credited(v, ex.answers) if cfg.credit_prefix and d != FACT_CHECKING else v
+                     for (k, v), ex in zip(cleaned.items(), examples)}
+            metric = "accuracy" if d == FACT_CHECKING else "em"
+            res = score_dataset(examples, final, task=d, metric=metric)
+            strict = score_dataset(examples, cleaned, task=d, metric=metric)
+            res["strict"] = strict["score"]
+            scores[name][d] = res
+            table[name][d] = (res["score"], res["n"])
+            slug_name = name.replace("/", "-").replace("@", "-k")
+            write_kilt_predictions(pred_dir / slug_name / f"{d}.jsonl", final)
+            with open(pred_dir / slug_name / f"{d}.generations.jsonl", "w", encoding="utf-8") as fh:
+                for i in idx:
+                    q = questions[i]
+                    fh.write(json.dumps({"id": q.example.id, "prompt": rag_prompts[i] if name.startswith(("rag", "r-lag"))
+                                         else q.prompt, "generation": raw[i], "answer": final[q.example.id],
+                                         "gold": q.example.answers, "entity": q.entity,
+                                         "retrieved": retrieved[i]}, ensure_ascii=False) + "\n")
+    try:
+        normalised = normalised_scores(table, oracle="oracle", families=LAMA_FAMILIES, percent=True)
+    except LoralagError as e:  # e.g. an oracle scoring 0 on a dataset: report raw scores only
+        normalised = {"error": str(e)}
+    routing = stats.summary()
+    timings["total"] = time.perf_counter() - t_all
+
+    settings = {"size": size_name, "config": _jsonable(asdict(cfg)), "data_dir": str(data_dir), "out_dir": str(out),
+                "cache_dir": str(cache), "model": model_spec, "knowledge_library": str(know_lib.path),
+                "task_library": str(task_lib.path), "n_knowledge_adapters": len(know_lib),
+                "task_adapters": task_lib.names, "methods": list(answers), "p_lag_definition": PLAG_NOTE,
+                "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
+                "torch_threads": torch.get_num_threads()}
+    results = {
+        "settings": settings,
+        "data": describe(data),
+        "scores": scores,
+        "table": {m: {d: v[0] for d, v in r.items()} for m, r in table.items()},
+        "normalised": normalised,
+        "routing": routing,
+        "retrieval_top1": retrieval_top1,
+        "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
+        "timings": {**timings, "methods": method_time},
+    }
+    results["findings"] = findings(results, cfg)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(report_markdown(results))
+    plot_k_sweep(results, out / "k_sweep.png")
+    plot_routing(results, out / "routing_by_layer.png", layers)
+    say(f"[bold]Results[/] in {out} ({timings['total']:.0f} s)")
+    return results
+
+
+_CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
+                  "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer) must equal "
+                  "the gold label. Gold answers: obj_label plus the article's surface forms that name it in full.")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, order,
+                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers) -> None:
+    """Answer every question with method m, per token and/or per sequence, recording routing statistics."""
+    from .generate import encode_prompts, generate
+
+    kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False)
+    token_name = names[0] if not names[0].endswith("/seq") else None
+    seq_name = f"{m.name}/seq" if f"{m.name}/seq" in names else None
+    for batch in _batches(order, cfg.batch_size):
+        prompts = [rag_prompts[i] if m.rag else questions[i].prompt for i in batch]
+        gold_know = [questions[i].entity for i in batch]
+        gold_task = [FAMILY_OF[questions[i].dataset] for i in batch]
+        _configure(state, m, cfg, gold_know, gold_task, [retrieved[i] for i in batch])
+        votes = None
+        if token_name is not None:
+            texts, trace = generate(model, tokenizer, prompts, trace=True, **kw)
+            for i, text in zip(batch, texts):
+                answers[token_name][i] = text
+            if m.routed and trace is not None:
+                width = trace.prompt_length
+                pmask = trace.attention_mask[:, :width]
+                smask = subject_mask(tokenizer, prompts, [mentions[questions[i].entity] for i in batch], width)
+                for lib, gold in (("knowledge", gold_know), ("task", gold_task)):
+                    if lib in m.routed:
+                        stats.add_trace(token_name, lib, trace, gold, pmask, smask, layers)
+                if seq_name is not None:
+                    votes = {lib: votes_from_trace(trace, lib, pmask) for lib in m.routed}
+        if seq_name is None:
+            continue
+        if votes is None:  # sequence granularity alone: RoutingState.vote runs the prompts once
+            enc = encode_prompts(tokenizer, prompts, chat=False)
+            all_votes = state.vote(enc["input_ids"], enc["attention_mask"])
+            votes = {lib: all_votes[lib] for lib in m.routed}
+        for lib in m.routed:
+            gold = gold_know if lib == "knowledge" else gold_task
+            stats.add_votes(seq_name, lib, votes[lib], gold, layers)
+            state.set_router(lib, "fixed", fixed=list(votes[lib]))
+        texts = generate(model, tokenizer, prompts, **kw)
+        for i, text in zip(batch, texts):
+            answers[seq_name][i] = text
+
+
+def _configure(state, m: Method, cfg: BenchConfig, gold_know, gold_task, retrieved) -> None:
+    for lib, router, gold in (("knowledge", m.knowledge, gold_know), ("task", m.task, gold_task)):
+        if router == "gold":
+            state.fix(lib, gold)
+        elif router == "retrieved":
+            state.fix(lib, retrieved)
+        else:
+            k = m.k if lib == "knowledge" else cfg.k
+            state.set_router(lib, router, k=k, fixed=None)
+            state.specs[lib].fixed = None
+    if m.plag:
+        state.fix("prag", retrieved)
+    else:
+        state.set_router("prag", "none")
+        state.specs["prag"].fixed = None
+
+
+# -- summaries -------------------------------------------------------------------------------------------------
+def _k_sweep(methods, normalised, routing, cfg, n) -> list[dict]:
+    rows = []
+    for k in sweep_ks(cfg, n):
+        name = f"lag@{k}"
+        if name not in normalised:
+            continue
+        row = {"k": k, "token": normalised.get(name, {}).get("AVG"),
+               "sequence": normalised.get(f"{name}/seq", {}).get("AVG")}
+        r = routing.get(name, {}).get("knowledge", {})
+        row["subject_routing"] = r.get("subject")
+        row["vote"] = routing.get(f"{name}/seq", {}).get("knowledge", {}).get("vote")
+        rows.append(row)
+    return rows
+
+
+def headline_lag(results: dict) -> str | None:
+    """The headline LAG method's name (lag@k with the run's k, clamped to N)."""
+    k = min(results["settings"]["config"]["k"], results["settings"]["n_knowledge_adapters"])
+    name = f"lag@{k}"
+    return name if name in results["table"] else None
+
+
+def findings(results: dict, cfg: BenchConfig) -> dict:
+    """The numbers the issue asks about: best LAG mode vs Oracle and Arrow; token vs sequence routing."""
+    norm = results["normalised"]
+    if "error" in norm:
+        return {"error": norm["error"]}
+    lag = headline_lag(results)
+    lag_modes = [m for m in norm if m.startswith("lag@")]
+    best = max(lag_modes, key=lambda m: norm[m].get("AVG", -1), default=None)
+    out = {
+        "lag": lag,
+        "lag_avg": norm.get(lag, {}).get("AVG") if lag else None,
+        "lag_seq_avg": norm.get(f"{lag}/seq", {}).get("AVG") if lag else None,
+        "best_lag_mode": best,
+        "best_lag_avg": norm[best]["AVG"] if best else None,
+        "arrow_avg": norm.get("arrow", {}).get("AVG"),
+        "base_avg": norm.get("base", {}).get("AVG"),
+    }
+    out["best_lag_at_least_95pct_of_oracle"] = out["best_lag_avg"] is not None and out["best_lag_avg"] >= 95.0
+    out["best_lag_above_arrow"] = (out["best_lag_avg"] is not None and out["arrow_avg"] is not None
+                                   and out["best_lag_avg"] > out["arrow_avg"])
+    r = results["routing"]
+    if lag and lag in r:
+        out["lag_subject_tokens_to_gold"] = r[lag].get("knowledge", {}).get("subject")
+    if lag and f"{lag}/seq" in r:
+        v = r[f"{lag}/seq"].get("knowledge", {})
+        out["lag_vote_gold"] = v.get("vote")
+        out["lag_vote_gold_count"] = [v.get("vote_hits"), v.get("vote_total")]
+    return out
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "—"
+    return f"{100 * x:.1f}" if pct else f"{x:.1f}"
+
+
+def report_markdown(results: dict) -> str:
+    s = results["settings"]
+    cfg = s["config"]
+    lines = [f"# LAMA knowledge benchmark — size {s['size']}", "",
+             f"{s['n_knowledge_adapters']} knowledge adapters (gate/up/down, rank {cfg['know_r']}, "
+             f"{cfg['know_steps']} steps), task adapters {', '.join(s['task_adapters'])} (q/k/v/o, rank "
+             f"{cfg['task_r']}); model `{s['model']}`; data `{s['data_dir']}`.", "",
+             f"Questions: " + ", ".join(f"{d} {n}" for d, n in results["data"]["questions"].items())
+             + f". BM25 top-1 retrieval finds the gold article for {100 * results['retrieval_top1']:.1f}% of them.", "",
+             "## Scores per dataset", "",
+             "EM (%) for slot filling and QA, label accuracy (%) for fact checking; strict EM (no prefix credit) "
+             "in parentheses.", "",
+             "| method | " + " | ".join(DATASETS) + " |", "|---|" + "---|" * len(DATASETS)]
+    for m, per in results["scores"].items():
+        cells = []
+        for d in DATASETS:
+            r = per.get(d)
+            if r is None:
+                cells.append("—")
+            elif d == FACT_CHECKING:
+                cells.append(f"{r['score']:.1f}")
+            else:
+                cells.append(f"{r['score']:.1f} ({r['strict']:.1f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    norm = results["normalised"]
+    lines += ["", "## Normalised by the Oracle (%, per family; AVG = mean over families)", ""]
+    if "error" in norm:
+        lines.append(f"Not computed: {norm['error']}")
+    else:
+        fams = ["slot_filling", "qa", "fact_checking", "AVG"]
+        lines += ["| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+        for m, per in norm.items():
+            lines.append(f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams) + " |")
+    lines += ["", "## Routing accuracy", "",
+              "Share of routing decisions (token × module, all layers) that pick the gold adapter: knowledge over "
+              "the subject-mention tokens and over all prompt tokens, task over all prompt tokens; for `/seq` "
+              "the share of questions whose vote picks the gold adapter.", "",
+              "| method | knowledge: subject tokens | knowledge: prompt tokens | task: prompt tokens | "
+              "knowledge vote | task vote |", "|---|---|---|---|---|---|"]
+    for m, per in results["routing"].items():
+        kn, tk = per.get("knowledge", {}), per.get("task", {})
+        vote_k = f"{_fmt(kn.get('vote'), True)} ({kn.get('vote_hits')}/{kn.get('vote_total')})" \
+            if kn.get("vote") is not None else "—"
+        lines.append(f"| {m} | {_fmt(kn.get('subject'), True)} | {_fmt(kn.get('prompt'), True)} | "
+                     f"{_fmt(tk.get('prompt'), True)} | {vote_k} | {_fmt(tk.get('vote'), True)} |")
+    if results["k_sweep"]:
+        lines += ["", "## LAG's k (knowledge library)", "",
+                  "| k | token (% of Oracle) | sequence (% of Oracle) | subject tokens to gold (%) | vote gold (%) |",
+                  "|---|---|---|---|---|"]
+        for row in results["k_sweep"]:
+            lines.append(f"| {row['k']} | {_fmt(row['token'])} | {_fmt(row['sequence'])} | "
+                         f"{_fmt(row['subject_routing'], True)} | {_fmt(row['vote'], True)} |")
+    f = results.get("findings", {})
+    if f and "error" not in f:
+        lines += ["", "## Findings", "",
+                  f"- Headline LAG ({f['lag']}): {_fmt(f['lag_avg'])}% of the Oracle per token, "
+                  f"{_fmt(f['lag_seq_avg'])}% per sequence; Arrow {_fmt(f['arrow_avg'])}%, base {_fmt(f['base_avg'])}%.",
+                  f"- Best LAG mode: {f['best_lag_mode']} at {_fmt(f['best_lag_avg'])}% "
+                  f"(≥ 95% of the Oracle: {'yes' if f['best_lag_at_least_95pct_of_oracle'] else 'no'}; "
+                  f"above Arrow: {'yes' if f['best_lag_above_arrow'] else 'no'})."]
+        if f.get("lag_subject_tokens_to_gold") is not None:
+            lines.append(f"- Per-token LAG sends {_fmt(f['lag_subject_tokens_to_gold'], True)}% of subject-mention "
+                         f"routing decisions to the gold knowledge adapter; the sequence vote picks the gold adapter "
+                         f"for {f.get('lag_vote_gold_count', ['?', '?'])[0]}/{f.get('lag_vote_gold_count', ['?', '?'])[1]} "
+                         "questions.")
+    lines += ["", "## Settings", "", f"- {s['p_lag_definition']}", f"- {s['answer_checking']}",
+              "- lag@k with k ≥ N is SpectR over the whole library; it reuses `spectral`'s answers.",
+              "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()
+                                              if isinstance(v, (int, float))), ""]
+    return "\n".join(lines)
+
+
+def _figure(w, h):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_k_sweep(results: dict, path: Path) -> Path:
+    """Normalised score (AVG over families, % of the Oracle) against LAG's k, per token and per sequence."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    rows = [r for r in results["k_sweep"] if r["token"] is not None or r["sequence"] is not None]
+    if rows:
+        ks = [r["k"] for r in rows]
+        if any(r["token"] is not None for r in rows):
+            ax.plot(ks, [r["token"] if r["token"] is not None else math.nan for r in rows], "o-", label="LAG per token")
+        if any(r["sequence"] is not None for r in rows):
+            ax.plot(ks, [r["sequence"] if r["sequence"] is not None else math.nan for r in rows], "s--",
+                    label="LAG per sequence (vote)")
+        ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+    norm = results["normalised"]
+    if "error" not in norm:
+        ax.axhline(100, color="black", lw=0.8, label="Oracle")
+        for name, style in (("arrow", ":"), ("base", "-.")):
+            if name in norm and "AVG" in norm[name]:
+                ax.axhline(norm[name]["AVG"], color="grey", ls=style, lw=1, label=name)
+    ax.set_xlabel("k (Arrow candidates per token, knowledge library)")
+    ax.set_ylabel("normalised score, % of Oracle (AVG)")
+    ax.set_title(f"LAG's k — {results['settings']['n_knowledge_adapters']} knowledge adapters")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_routing(results: dict, path: Path, layers: int) -> Path:
+    """Per layer: share of routing decisions that pick the gold knowledge adapter (subject tokens, prompt tokens)
+    and the gold task adapter (prompt tokens), for the headline LAG, Arrow and SpectR."""
+    fig = _figure(10, 4.2)
+    ax_k, ax_t = fig.subplots(1, 2, sharey=True)
+    routing = results["routing"]
+    lag = headline_lag(results)
+    x = list(range(layers))
+    for name, color in ((lag, "tab:blue"), ("arrow", "tab:orange"), ("spectral", "tab:green")):
+        if not name or name not in routing:
+            continue
+        kn, tk = routing[name].get("knowledge"), routing[name].get("task")
+        if kn:
+            ax_k.plot(x, [v if v is not None else math.nan for v in kn["subject_by_layer"]], "-", color=color,
+                      label=f"{name}: subject tokens")
+            ax_k.plot(x, [v if v is not None else math.nan for v in kn["prompt_by_layer"]], ":", color=color,
+                      label=f"{name}: all prompt tokens")
+        if tk:
+            ax_t.plot(x, [v if v is not None else math.nan for v in tk["prompt_by_layer"]], "-", color=color,
+                      label=f"{name}: prompt tokens")
+    n = results["settings"]["n_knowledge_adapters"]
+    ax_k.axhline(1 / n, color="grey", lw=0.8, ls="--", label=f"chance (1/{n})")
+    ax_t.axhline(1 / max(1, len(results["settings"]["task_adapters"])), color="grey", lw=0.8, ls="--", label="chance")
+    ax_k.set_title("knowledge library: gold adapter's share")
+    ax_t.set_title("task library: gold adapter's share")
+    for ax in (ax_k, ax_t):
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    ax_k.set_ylabel("share of routing decisions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def print_summary(results: dict, console) -> None:
+    """The normalised table and the findings, for the terminal."""
+    from rich.table import Table
+
+    norm = results["normalised"]
+    if "error" in norm:
+        console.print(f"[yellow]normalised scores not computed:[/] {norm['error']}")
+    else:
+        t = Table(title="LAMA bench: % of the Oracle", header_style="bold")
+        fams = ["slot_filling", "qa", "fact_checking", "AVG"]
+        t.add_column("method")
+        for f in fams:
+            t.add_column(f, justify="right")
+        for m, per in norm.items():
+            t.add_row(m, *[_fmt(per.get(f)) for f in fams])
+        console.print(t)
+    for line in report_markdown(results).split("## Findings", 1)[-1].split("## Settings")[0].strip().splitlines():
+        if line.startswith("-"):
+            console.print(line, highlight=False)
+    console.print(f"results: {results['settings']['out_dir']}")
+
+
+def bench_command(size: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
+                  model: str = "default", granularity: str = "both", cache: str | Path | None = None,
+                  methods: list[str] | None = None, n_entities: int | None = None,
+                  questions_per_dataset: int | None = None, progress: bool = True, console=None) -> dict:
+    """What `loralag bench` runs: run_bench with the command's options, then a summary on the console."""
+    results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, cache_dir=cache, progress=progress,
+                        console=console, granularity=granularity, methods=tuple(methods) if methods else None,
+                        n_entities=n_entities, questions_per_dataset=questions_per_dataset)
+    if console is not None:
+        print_summary(results, console)
+    return results

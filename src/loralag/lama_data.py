@@ -1,0 +1,432 @@
+"""The LAMA knowledge benchmark's data: articles, knowledge adapters' training texts, task families.
+
+From LAMA T-REx files (any `*.jsonl` of LAMA records in a folder, plus an optional `relations.json`
+with each relation's label and cloze template):
+
+* one **article** per subject entity: its evidence sentences, `[MASK]` replaced by the object's surface
+  form (`obj_surface` where the evidence has one, else `obj_label`);
+* **synthetic rewrites** of each article (templated synthetic continued pretraining): every fact restated
+  around the subject and around the object, and the article's sentences restated around each entity they
+  name — what each knowledge adapter learns besides the article itself;
+* three **task families** in KILT's forms, one dataset each: slot filling (`subject [SEP] relation label`
+  -> object, the KILT T-REx/zsRE form), question answering (a natural question per relation -> object, the
+  NQ form) and fact checking (the relation's cloze template filled with the true object or with a wrong
+  object of the same relation -> SUPPORTS / REFUTES, the FEVER form).
+
+The knowledge set (entities that get an adapter and are asked about) and the task-training pool (entities
+whose facts train the task adapters) are disjoint, drawn deterministically from a seed, spread evenly
+over the relations.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LoralagError
+from .kilt import Example, normalize_answer, read_lama, read_lama_relations
+
+# -- the three families: dataset names as kilt.LAMA_FAMILIES spells them ---------------------------------------
+SLOT_FILLING, QA, FACT_CHECKING = "lama_slot_filling", "lama_qa", "lama_fact_checking"
+DATASETS = (SLOT_FILLING, QA, FACT_CHECKING)
+FAMILY_OF = {SLOT_FILLING: "slot_filling", QA: "qa", FACT_CHECKING: "fact_checking"}
+SUPPORTS, REFUTES = "SUPPORTS", "REFUTES"
+
+# One natural question per LAMA T-REx relation (the NQ form); other relations get QUESTION_FALLBACK.
+QUESTION_TEMPLATES = {
+    "P19": "Where was {subject} born?",
+    "P20": "Where did {subject} die?",
+    "P27": "Which country is {subject} a citizen of?",
+    "P31": "What kind of thing is {subject}?",
+    "P36": "What is the capital of {subject}?",
+    "P37": "What is the official language of {subject}?",
+    "P39": "What position did {subject} hold?",
+    "P47": "What does {subject} share a border with?",
+    "P101": "What field does {subject} work in?",
+    "P103": "What is the native language of {subject}?",
+    "P106": "What is the occupation of {subject}?",
+    "P108": "Who is the employer of {subject}?",
+    "P127": "Who owns {subject}?",
+    "P131": "Where is {subject} located?",
+    "P136": "What genre is {subject}?",
+    "P138": "What is {subject} named after?",
+    "P140": "What is the religion of {subject}?",
+    "P159": "Where is the headquarters of {subject}?",
+    "P176": "Which company produces {subject}?",
+    "P178": "Who developed {subject}?",
+    "P190": "What is a twin city of {subject}?",
+    "P264": "What record label is {subject} signed to?",
+    "P276": "Where is {subject} located?",
+    "P279": "What is {subject} a subclass of?",
+    "P361": "What is {subject} part of?",
+    "P364": "What is the original language of {subject}?",
+    "P407": "In which language is {subject} written?",
+    "P413": "What position does {subject} play?",
+    "P449": "On which network was {subject} originally aired?",
+    "P463": "What organization is {subject} a member of?",
+    "P495": "In which country was {subject} created?",
+    "P527": "What is one part of {subject}?",
+    "P530": "Which country has diplomatic relations with {subject}?",
+    "P740": "Where was {subject} founded?",
+    "P937": "Where did {subject} work?",
+    "P1001": "Where does {subject} apply?",
+    "P1303": "What instrument does {subject} play?",
+    "P1376": "What is {subject} the capital of?",
+    "P1412": "What language does {subject} speak?",
+}
+QUESTION_FALLBACK = "What is the {label} of {subject}?"
+
+
+@dataclass
+class Relation:
+    id: str
+    label: str
+    template: str  # LAMA cloze template with [X] and [Y]
+
+
+@dataclass
+class Fact:
+    id: str  # the LAMA record's uuid (or "<relation>-<index>")
+    relation: str
+    subject: str
+    object: str  # obj_label
+    surfaces: list[str]  # the object's surface forms in the evidence sentences (obj_label first)
+    sentences: list[str]  # evidence sentences, [MASK] filled
+
+
+@dataclass
+class Entity:
+    """A subject entity: its adapter's name, its article and its facts."""
+
+    name: str  # adapter name: a slug of the label plus its Wikidata id
+    label: str  # sub_label
+    uri: str
+    facts: list[Fact]
+    article: str = ""
+    mentions: list[str] = field(default_factory=list)  # surface forms of the subject (sub_label first)
+
+
+@dataclass
+class Question:
+    """One benchmark question about one entity, in one family."""
+
+    example: Example  # id, input (the KILT-form input), answers, provenance=[entity label], task
+    dataset: str
+    prompt: str  # what the model reads
+    entity: str  # gold knowledge adapter
+    subject: str  # the subject's mention, to find its tokens in the prompt
+    fact: Fact
+
+
+@dataclass
+class LamaData:
+    relations: dict[str, Relation]
+    entities: list[Entity]  # the knowledge set, in adapter order
+    train_entities: list[Entity]  # the task-training pool (disjoint from the knowledge set)
+    questions: dict[str, list[Question]]  # dataset -> questions about the knowledge set
+    task_pairs: dict[str, list[tuple[str, str]]]  # dataset -> (prompt, answer) about the training pool
+
+    def entity(self, name: str) -> Entity:
+        for e in self.entities:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def read_relations(data_dir: Path, present: set[str]) -> dict[str, Relation]:
+    """relations.json when the folder has one; a relation it does not describe gets a generic label and template."""
+    known = {}
+    path = data_dir / "relations.json"
+    if path.is_file():
+        for rid, rec in read_lama_relations(path).items():
+            label = str(rec.get("label") or rid)
+            known[rid] = Relation(rid, label, rec["template"])
+    for rid in present - set(known):
+        known[rid] = Relation(rid, rid, f"[X] has {rid} [Y] .")
+    for rel in known.values():
+        if "[X]" not in rel.template or "[Y]" not in rel.template:
+            raise LoralagError(f"{path}: the template of {rel.id} needs both [X] and [Y]: {rel.template!r}")
+    return known
+
+
+def read_facts(data_dir: str | Path) -> tuple[list[Fact], dict[str, dict], dict[str, Relation]]:
+    """Every fact of every LAMA jsonl file in `data_dir`; also each subject's uri and surface forms."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LoralagError(f"LAMA data folder {data_dir} does not exist")
+    files = sorted(p for p in data_dir.glob("*.jsonl") if p.is_file())
+    if not files:
+        raise LoralagError(f"{data_dir} holds no LAMA *.jsonl file")
+    facts, subjects = [], {}
+    for path in files:
+        for ex in read_lama(path):
+            raw = ex.raw
+            obj_label = ex.answers[0]
+            surfaces, sentences, mentions = [obj_label], [], [ex.input.strip()]
+            for ev in raw.get("evidences") or []:
+                masked = ev.get("masked_sentence") or ""
+                surface = (ev.get("obj_surface") or "").strip() or obj_label
+                if surface not in surfaces:
+                    surfaces.append(surface)
+                sub_surface = (ev.get("sub_surface") or "").strip()
+                if sub_surface and sub_surface not in mentions:
+                    mentions.append(sub_surface)
+                if "[MASK]" in masked:
+                    sent = " ".join(masked.replace("[MASK]", surface).split())
+                    if sent not in sentences:
+                        sentences.append(sent)
+            if not ex.input.strip():
+                continue
+            fact = Fact(ex.id, str(raw["predicate_id"]), ex.input.strip(), obj_label, surfaces, sentences)
+            facts.append(fact)
+            key = _subject_key(raw)
+            info = subjects.setdefault(key, {"uri": str(raw.get("sub_uri") or ""), "labels": set(), "mentions": []})
+            info["labels"].add(fact.subject)
+            for m in mentions:
+                if m not in info["mentions"]:
+                    info["mentions"].append(m)
+    relations = read_relations(data_dir, {f.relation for f in facts})
+    return facts, subjects, relations
+
+
+def _subject_key(raw: dict) -> str:
+    return str(raw.get("sub_uri") or raw["sub_label"].strip())
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].strip("-") or "entity"
+
+
+def _adapter_name(label: str, uri: str) -> str:
+    tail = re.sub(r"[^A-Za-z0-9]+", "", uri)
+    return f"{slug(label)}-{tail}" if tail else slug(label, 60)
+
+
+# -- articles and rewrites -------------------------------------------------------------------------------------
+def article_text(facts: list[Fact]) -> str:
+    sentences = []
+    for f in facts:
+        for s in f.sentences:
+            if s not in sentences:
+                sentences.append(s)
+    return " ".join(sentences)
+
+
+def fill_template(template: str, subject: str, obj: str) -> str:
+    text = template.replace("[X]", subject).replace("[Y]", obj)
+    return re.sub(r"\s+([.,;:?!])", r"\1", " ".join(text.split()))
+
+
+def rewrites(entity: Entity, relations: dict[str, Relation]) -> list[str]:
+    """Templated synthetic continued pretraining: restate the article around each entity it names.
+
+    Per fact: the relation's cloze sentence, the fact stated around the subject and around the object.
+    Per named entity (the subject and each object): the article's sentences that mention it, introduced
+    by that entity."""
+    texts = []
+    s = entity.label
+    for f in entity.facts:
+        rel = relations[f.relation]
+        texts.append(fill_template(rel.template, s, f.object))
+        texts.append(f"The {rel.label} of {s} is {f.object}.")
+        texts.append(f"{f.object} is the {rel.label} of {s}.")
+    sentences = [x for f in entity.facts for x in f.sentences]
+    named = [s] + [f.object for f in entity.facts]
+    for e in dict.fromkeys(named):
+        forms = [e] + [sf for f in entity.facts if f.object == e for sf in f.surfaces]
+        about = [x for x in dict.fromkeys(sentences) if any(form.lower() in x.lower() for form in forms)]
+        if about:
+            texts.append(f"About {e}: " + " ".join(about))
+    return list(dict.fromkeys(texts))
+
+
+# -- task families ---------------------------------------------------------------------------------------------
+def question_text(relation: Relation, subject: str) -> str:
+    template = QUESTION_TEMPLATES.get(relation.id, QUESTION_FALLBACK)
+    return template.format(subject=subject, label=relation.label)
+
+
+def slot_filling_input(relation: Relation, subject: str) -> str:
+    return f"{subject} [SEP] {relation.label}"
+
+
+def make_prompt(dataset: str, text: str) -> str:
+    """The model's prompt for a KILT-form input (plain completion; no chat template)."""
+    if dataset == SLOT_FILLING:
+        return f"{text}\nAnswer:"
+    if dataset == QA:
+        return f"Question: {text}\nAnswer:"
+    if dataset == FACT_CHECKING:
+        return f"Claim: {text}\nIs the claim true? Answer {SUPPORTS} or {REFUTES}.\nAnswer:"
+    raise LoralagError(f"unknown LAMA dataset {dataset!r}")
+
+
+def _wrong_object(fact: Fact, pool: list[str], true_objects: set[str], rng: random.Random) -> str | None:
+    taken = {normalize_answer(o) for o in true_objects}
+    choices = [o for o in pool if normalize_answer(o) not in taken]
+    return rng.choice(choices) if choices else None
+
+
+def family_item(dataset: str, fact: Fact, relations: dict[str, Relation], objects_by_relation: dict[str, list[str]],
+                true_objects: set[str], rng: random.Random) -> tuple[str, list[str]] | None:
+    """(KILT-form input, gold answers) of a fact in one family; None when it cannot be asked that way."""
+    rel = relations[fact.relation]
+    if dataset == SLOT_FILLING:
+        return slot_filling_input(rel, fact.subject), _answers(fact)
+    if dataset == QA:
+        return question_text(rel, fact.subject), _answers(fact)
+    if rng.random() < 0.5:
+        return fill_template(rel.template, fact.subject, fact.object), [SUPPORTS]
+    wrong = _wrong_object(fact, objects_by_relation[fact.relation], true_objects, rng)
+    if wrong is None:
+        return fill_template(rel.template, fact.subject, fact.object), [SUPPORTS]
+    return fill_template(rel.template, fact.subject, wrong), [REFUTES]
+
+
+def _answers(fact: Fact) -> list[str]:
+    """obj_label, then those of the object's surface forms in the article that name it in full
+    ("Queen Victoria" for Victoria, "Alexandra, Victoria" for Alexandra; not "Scottish" for Scotland)."""
+    label = normalize_answer(fact.object)
+    forms = [s for s in fact.surfaces if s.strip() and re.search(rf"\b{re.escape(label)}\b", normalize_answer(s))]
+    return list(dict.fromkeys([fact.object] + forms))
+
+
+# -- selection -------------------------------------------------------------------------------------------------
+def _usable_fact(f: Fact, max_object_words: int) -> bool:
+    if not f.sentences or not f.object.strip():
+        return False
+    if len(f.object.split()) > max_object_words:
+        return False
+    no, ns = normalize_answer(f.object), normalize_answer(f.subject)
+    return bool(no) and no not in ns  # "Paris Saint-Germain" -> Paris would be trivial
+
+
+def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
+               n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
+               max_object_words: int = 4, min_subject_mentions: int = 1) -> LamaData:
+    """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
+
+    n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
+    questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
+    pairs per family for the task adapters, about other entities. Entities are picked round-robin over the
+    relations (so every relation is represented), in a seeded order, among subjects whose label is
+    unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
+    whose object is not part of the subject's own name."""
+    facts, subjects, relations = read_facts(data_dir)
+    rng = random.Random(seed)
+    by_subject: dict[str, list[Fact]] = defaultdict(list)
+    key_of = {}
+    for f in facts:
+        by_subject[f.subject].append(f)
+    # a label shared by two Wikidata subjects is ambiguous: asking about it has no single answer
+    label_keys: dict[str, set[str]] = defaultdict(set)
+    for key, info in subjects.items():
+        for label in info["labels"]:
+            label_keys[label].add(key)
+            key_of[label] = key
+    objects_by_relation: dict[str, list[str]] = defaultdict(list)
+    for f in facts:
+        objects_by_relation[f.relation].append(f.object)
+    for rid in objects_by_relation:
+        objects_by_relation[rid] = sorted(set(objects_by_relation[rid]))
+
+    candidates: dict[str, list[Entity]] = defaultdict(list)  # main relation -> entities
+    for label in sorted(by_subject):
+        if len(label_keys[label]) != 1:
+            continue
+        efacts = [f for f in by_subject[label] if _usable_fact(f, max_object_words)]
+        if not efacts:
+            continue
+        info = subjects[key_of[label]]
+        article = article_text(by_subject[label])
+        if len(article) > max_article_chars:
+            continue
+        mentions = [m for m in info["mentions"] if m]
+        if sum(article.lower().count(m.lower()) for m in mentions) < min_subject_mentions:
+            continue
+        ent = Entity(_adapter_name(label, info["uri"]), label, info["uri"], efacts, article, mentions)
+        candidates[efacts[0].relation].append(ent)
+    for rid in candidates:
+        rng.shuffle(candidates[rid])
+    order = _round_robin([candidates[r] for r in sorted(candidates)])
+    if len(order) < n_entities + 1:
+        raise LoralagError(f"{data_dir} has only {len(order)} usable subject entities; asked for {n_entities} "
+                           "plus a task-training pool")
+    entities = order[:n_entities]
+    pool = order[n_entities:]
+    names = [e.name for e in entities]
+    if len(set(names)) != len(names):
+        raise LoralagError("two knowledge entities got the same adapter name")  # uri makes this unreachable
+
+    q_cap = n_entities if questions_per_dataset is None else questions_per_dataset
+    questions: dict[str, list[Question]] = {}
+    for d_i, dataset in enumerate(DATASETS):
+        qrng = random.Random(f"{seed}-{dataset}")
+        qs = []
+        for i, ent in enumerate(entities):
+            if len(qs) >= q_cap:
+                break
+            fact = ent.facts[(i + d_i) % len(ent.facts)]
+            true = {f.object for f in ent.facts if f.relation == fact.relation}
+            item = family_item(dataset, fact, relations, objects_by_relation, true, qrng)
+            text, answers = item
+            ex = Example(f"{dataset}-{fact.id}", text, answers, [ent.label], dataset,
+                         {"entity": ent.name, "relation": fact.relation})
+            qs.append(Question(ex, dataset, make_prompt(dataset, text), ent.name, ent.label, fact))
+        questions[dataset] = qs
+
+    task_pairs: dict[str, list[tuple[str, str]]] = {}
+    train_entities = []
+    for d_i, dataset in enumerate(DATASETS):
+        prng = random.Random(f"{seed}-train-{dataset}")
+        pairs = []
+        for j, ent in enumerate(pool):
+            if len(pairs) >= n_train_pairs:
+                break
+            fact = ent.facts[j % len(ent.facts)]
+            true = {f.object for f in ent.facts if f.relation == fact.relation}
+            text, answers = family_item(dataset, fact, relations, objects_by_relation, true, prng)
+            pairs.append((make_prompt(dataset, text), " " + answers[0]))
+            if ent not in train_entities:
+                train_entities.append(ent)
+        task_pairs[dataset] = pairs
+    return LamaData(relations, entities, train_entities, questions, task_pairs)
+
+
+def _round_robin(groups: list[list]) -> list:
+    out, i = [], 0
+    while any(i < len(g) for g in groups):
+        for g in groups:
+            if i < len(g):
+                out.append(g[i])
+        i += 1
+    return out
+
+
+def describe(data: LamaData) -> dict:
+    """A json-able summary of the data a run used."""
+    return {
+        "entities": [{"name": e.name, "label": e.label, "facts": [[f.relation, f.object] for f in e.facts],
+                      "article_chars": len(e.article)} for e in data.entities],
+        "questions": {d: len(q) for d, q in data.questions.items()},
+        "task_pairs": {d: len(p) for d, p in data.task_pairs.items()},
+        "task_training_entities": len(data.train_entities),
+        "relations": sorted({f.relation for e in data.entities for f in e.facts}),
+    }
+
+
+def write_questions(path: str | Path, data: LamaData) -> None:
+    """The questions as KILT-format gold files' records (one jsonl, all datasets), for inspection."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for dataset, qs in data.questions.items():
+            for q in qs:
+                fh.write(json.dumps({"id": q.example.id, "dataset": dataset, "input": q.example.input,
+                                     "output": [{"answer": a} for a in q.example.answers],
+                                     "provenance": [q.example.provenance[0]], "entity": q.entity,
+                                     "prompt": q.prompt}, ensure_ascii=False) + "\n")

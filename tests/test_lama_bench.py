@@ -1,0 +1,276 @@
+"""The LAMA knowledge benchmark: data building on any LAMA-format folder, answer checking, method plumbing,
+votes, and one end-to-end `tiny` run on the real default model (Oracle beats base; LAG finds the gold adapter)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import save_lora, tiny_llama
+from loralag import attach, build_library, detach
+from loralag.errors import LoralagError
+from loralag.kilt import read_kilt_predictions
+from loralag.lama_bench import (BenchConfig, RoutingStats, clean_answer, credited, default_data_dir, fc_label,
+                                layer_of, method_list, size_config, subject_mask, sweep_ks, votes_from_trace)
+from loralag.lama_data import (DATASETS, FACT_CHECKING, QA, REFUTES, SLOT_FILLING, SUPPORTS, build_data,
+                               fill_template, read_facts, rewrites)
+from loralag.library import module_shapes
+
+
+# -- data on a made-up LAMA folder: other relations, a partial relations.json ---------------------------------
+def lama_record(pred, sub, obj, sentence, surface=None, uri=None, i=0):
+    ev = {"sub_surface": sub, "obj_surface": surface or obj, "masked_sentence": sentence}
+    return {"uuid": f"{pred}-{sub}-{i}", "obj_label": obj, "sub_label": sub, "sub_uri": uri or f"Q{abs(hash(sub)) % 10**6}",
+            "predicate_id": pred, "evidences": [ev]}
+
+
+@pytest.fixture
+def lama_dir(tmp_path):
+    d = tmp_path / "lama"
+    d.mkdir()
+    cities = ["Quillsby", "Ostrelle", "Tarrowmere", "Pallinor", "Dunmoor", "Fennick", "Hallaby", "Marrowen"]
+    colours = ["red", "blue", "green", "amber", "white", "black", "grey", "violet"]
+    with open(d / "X1.jsonl", "w") as fh:  # a relation relations.json describes
+        for i, city in enumerate(cities):
+            fh.write(json.dumps(lama_record("X1", f"Person {i}", city, f"Person {i} was born in [MASK] in 1900.",
+                                            surface=f"{city} Town" if i == 0 else None)) + "\n")
+    with open(d / "X2.jsonl", "w") as fh:  # a relation it does not describe
+        for i, c in enumerate(colours):
+            fh.write(json.dumps(lama_record("X2", f"Flag {i}", c, f"The Flag {i} is mostly [MASK].")) + "\n")
+        fh.write(json.dumps(lama_record("X2", "Person 0", "red", "Person 0 liked [MASK] hats.", uri=None)) + "\n")
+    (d / "relations.json").write_text(json.dumps([{"relation": "X1", "label": "birthplace",
+                                                   "template": "[X] was born in [Y] ."}]))
+    return d
+
+
+def test_articles_fill_mask_with_surface_and_keep_disjoint_sets(lama_dir):
+    facts, subjects, relations = read_facts(lama_dir)
+    assert relations["X2"].label == "X2" and "[X]" in relations["X2"].template  # generic fallback
+    data = build_data(lama_dir, n_entities=4, n_train_pairs=5, seed=1)
+    assert len(data.entities) == 4
+    names = {e.name for e in data.entities}
+    assert not names & {e.name for e in data.train_entities}  # task training never sees the knowledge set
+    for e in data.entities:
+        assert "[MASK]" not in e.article and e.label in e.article
+    p0 = next(e for e in data.entities + data.train_entities if e.label == "Person 0")
+    assert "Quillsby Town" in p0.article  # obj_surface, not obj_label, fills the mask
+    texts = rewrites(p0, data.relations)
+    assert "Person 0 was born in Quillsby." in texts  # the cloze template, with obj_label
+    assert any(t.startswith("About Quillsby") for t in texts)  # restated around the object
+    for d in DATASETS:
+        assert len(data.questions[d]) == 4
+        assert {q.entity for q in data.questions[d]} == names
+        assert len(data.task_pairs[d]) == 5
+    sf = data.questions[SLOT_FILLING][0]
+    assert " [SEP] " in sf.example.input and sf.prompt.endswith("Answer:")
+    qa = [q for q in data.questions[QA] if q.fact.relation == "X2"]
+    assert all(q.example.input.startswith("What is the X2 of") for q in qa)  # the fallback question
+    labels = {q.example.answers[0] for q in data.questions[FACT_CHECKING]}
+    assert labels <= {SUPPORTS, REFUTES}
+    labels |= {a.strip() for _, a in data.task_pairs[FACT_CHECKING]}
+    assert labels == {SUPPORTS, REFUTES}
+    for q in data.questions[FACT_CHECKING]:
+        if q.example.answers == [REFUTES]:  # a wrong object of the same relation, never a true one
+            assert q.fact.object not in q.example.input
+
+
+def test_data_is_deterministic_and_checks_inputs(lama_dir, tmp_path):
+    a = build_data(lama_dir, 4, n_train_pairs=5, seed=3)
+    b = build_data(lama_dir, 4, n_train_pairs=5, seed=3)
+    assert [e.name for e in a.entities] == [e.name for e in b.entities]
+    assert [q.example.input for q in a.questions[FACT_CHECKING]] == [q.example.input for q in b.questions[FACT_CHECKING]]
+    with pytest.raises(LoralagError, match="usable subject entities"):
+        build_data(lama_dir, 100)
+    with pytest.raises(LoralagError, match="does not exist"):
+        build_data(tmp_path / "nope", 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoralagError, match="no LAMA"):
+        build_data(tmp_path / "empty", 2)
+
+
+def test_fill_template():
+    assert fill_template("[X] is a [Y] by profession .", "Ann", "poet") == "Ann is a poet by profession."
+
+
+# -- answers --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, want", [
+    ("Paris", "Paris"), ("Paris.\nQuestion: x", "Paris"), ("  \nParis, France. It is big", "Paris, France"),
+    ("St. Louis", "St. Louis"), ("U.S. Army", "U.S. Army"), ("", ""), ("jazz music.", "jazz music"),
+])
+def test_clean_answer(raw, want):
+    assert clean_answer(raw) == want
+
+
+def test_fact_checking_label_and_prefix_credit():
+    assert fc_label("supports the claim") == SUPPORTS and fc_label("REFUTES") == REFUTES
+    assert fc_label("maybe") == "maybe"
+    assert credited("Paris, France", ["Paris"]) == "Paris"
+    assert credited("the Paris region", ["Paris"]) == "Paris"  # articles drop in normalisation
+    assert credited("Parisian", ["Paris"]) == "Parisian"  # a word boundary is needed
+    assert credited("Lyon", ["Paris"]) == "Lyon"
+
+
+# -- methods --------------------------------------------------------------------------------------------------
+def test_method_list_clamps_k_and_reuses_spectral():
+    cfg = size_config("tiny")
+    ms = method_list(cfg, 6)
+    names = [m.name for m in ms]
+    assert names[:2] == ["base", "oracle"]
+    assert sweep_ks(cfg, 6) == [1, 2, 5, 6]
+    assert "lag@6" in names and "lag@20" not in names  # k=20 > N: clamps to N = SpectR over all
+    lag = next(m for m in ms if m.name == "lag@6")
+    assert lag.reuse == "spectral" and names.index("spectral") < names.index("lag@6")
+    assert {"rag", "prag", "r-lag", "p-lag", "arrow", "arrow-mix"} <= set(names)
+    big = [m.name for m in method_list(BenchConfig(n_entities=200), 200)]
+    assert {"lag@1", "lag@2", "lag@5", "lag@10", "lag@20", "lag@50", "lag@200", "spectral"} <= set(big)
+    assert next(m for m in method_list(BenchConfig(), 200) if m.name == "p-lag").plag
+    assert next(m for m in ms if m.name == "prag").routed == ["task"]
+    with pytest.raises(LoralagError, match="unknown bench size"):
+        size_config("huge")
+    with pytest.raises(LoralagError, match="unknown bench settings"):
+        size_config("tiny", steps=3)
+    with pytest.raises(LoralagError, match="granularity"):
+        size_config("tiny", granularity="word")
+
+
+def test_layer_of():
+    assert layer_of("model.layers.12.mlp.down_proj") == 12
+
+
+# -- votes and routing statistics on a tiny llama with real PEFT adapters --------------------------------------
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    model = tiny_llama()
+    base = tmp_path_factory.mktemp("bench-libs")
+    libs = {}
+    for name, n, targets in (("task", 3, ("q_proj", "v_proj")), ("knowledge", 5, ("gate_proj", "up_proj", "down_proj"))):
+        for i in range(n):
+            save_lora(model, base / name / "ads" / f"{name}{i}", seed=10 * n + i, r=3, alpha=6, target_modules=targets)
+        libs[name] = build_library(base / name / "lib", [base / name / "ads"], base_model="tiny",
+                                   shapes=module_shapes(model), progress=False)
+    return model, libs
+
+
+def test_votes_from_trace_equal_routing_state_vote(routed):
+    model, libs = routed
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0  # a left-padded sequence
+    state = attach(model, libs, router="lag", k=2)
+    try:
+        expected = state.vote(ids, mask)
+        with state.tracing() as trace, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        for lib in ("task", "knowledge"):
+            assert votes_from_trace(trace, lib, mask) == expected[lib]
+        stats = RoutingStats()
+        gold = expected["knowledge"]
+        subj = torch.zeros(3, 9, dtype=torch.bool)
+        subj[:, -3:] = True
+        stats.add_trace("m", "knowledge", trace, gold, mask, subj, layers=2)
+        stats.add_votes("m", "knowledge", expected["knowledge"], gold, layers=2)
+        s = stats.summary()["m"]["knowledge"]
+        assert s["vote"] == 1.0 and s["vote_total"] == 3
+        # by hand: decisions on real prompt tokens that pick the voted adapter
+        hits = total = 0
+        for module in trace.modules("knowledge"):
+            names = trace.names[(module, "knowledge")]
+            w = trace.winner_matrix(module, "knowledge")
+            for seq in range(3):
+                for t in range(9):
+                    if mask[seq, t]:
+                        total += 1
+                        hits += names[int(w[seq, t])] == gold[seq]
+        assert s["prompt"] == pytest.approx(hits / total)
+        assert s["subject_tokens"] == 3 * 3 * len(trace.modules("knowledge"))
+        assert len(s["prompt_by_layer"]) == 2
+    finally:
+        detach(model)
+
+
+def test_subject_mask_marks_the_mention_tokens():
+    from loralag.errors import ModelError
+
+    try:
+        from transformers import AutoTokenizer
+
+        from loralag.models import default_model_dir
+
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+    except (ModelError, OSError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+    prompts = ["Question: Where was Allan Peiper born?\nAnswer:", "Allan [SEP] x\nAnswer:"]
+    width = max(len(tok(p).input_ids) for p in prompts)
+    m = subject_mask(tok, prompts, [["Allan Peiper"], ["Allan"]], width)
+    for i, (p, name) in enumerate(zip(prompts, ["Allan Peiper", "Allan"])):
+        ids = tok(p).input_ids
+        pad = width - len(ids)
+        marked = [ids[t - pad] for t in range(width) if m[i, t]]
+        assert tok.decode(marked).strip() == name
+
+
+# -- the whole benchmark, tiny ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from loralag.errors import ModelError
+
+    data = default_data_dir()
+    if not data.is_dir():
+        pytest.skip(f"LAMA data not found at {data}")
+    from loralag.lama_bench import run_bench
+
+    root = tmp_path_factory.mktemp("lama-tiny")
+    t = time.perf_counter()
+    try:
+        results = run_bench("tiny", data_dir=data, out_dir=root / "results", cache_dir=root / "cache", progress=False)
+    except ModelError as e:
+        pytest.skip(f"default model unavailable: {e}")
+    elapsed = time.perf_counter() - t
+    print(f"\nlama bench tiny: {elapsed:.0f} s ({results['timings']})")
+    return results, root / "results", elapsed
+
+
+@pytest.mark.slow
+def test_tiny_oracle_beats_base(tiny_run):
+    results, _, _ = tiny_run
+    table = results["table"]
+    mean = {m: sum(table[m].values()) / len(table[m]) for m in ("base", "oracle")}
+    assert mean["oracle"] > mean["base"]
+    # knowledge, not only format: the oracle wins on the open-answer families
+    assert table["oracle"][SLOT_FILLING] + table["oracle"][QA] > table["base"][SLOT_FILLING] + table["base"][QA]
+
+
+@pytest.mark.slow
+def test_tiny_lag_routes_subject_tokens_to_the_gold_adapter(tiny_run):
+    results, _, _ = tiny_run
+    from loralag.lama_bench import headline_lag
+
+    lag = headline_lag(results)
+    r = results["routing"][lag]["knowledge"]
+    assert r["subject_tokens"] > 0
+    assert r["subject"] > 0.5
+    assert results["routing"][f"{lag}/seq"]["knowledge"]["vote"] > 0.5
+
+
+@pytest.mark.slow
+def test_tiny_writes_the_results_folder(tiny_run):
+    results, out, _ = tiny_run
+    for f in ("results.md", "results.json", "settings.json", "k_sweep.png", "routing_by_layer.png", "questions.jsonl"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    md = (out / "results.md").read_text()
+    assert "## Normalised by the Oracle" in md and "| oracle |" in md
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["config"]["n_entities"] == 6 and settings["n_knowledge_adapters"] == 6
+    n = results["data"]["questions"]
+    for method in results["scores"]:
+        slug = method.replace("/", "-").replace("@", "-k")
+        for d in DATASETS:
+            preds = read_kilt_predictions(out / "predictions" / slug / f"{d}.jsonl")
+            assert len(preds) == n[d]
+    assert results["normalised"]["oracle"]["AVG"] == pytest.approx(100.0)
+    for required in ("base", "oracle", "arrow", "arrow/seq", "spectral", "arrow-mix", "rag", "prag", "r-lag",
+                     "p-lag", "p-lag/seq", "lag@1", "lag@1/seq"):
+        assert required in results["scores"], required
