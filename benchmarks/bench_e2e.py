@@ -37,7 +37,7 @@ def extra(p):
     p.add_argument("--peft-arrow-ns", default=None, help="library sizes for PEFT Arrow (default 100; quick 10)")
     p.add_argument("--no-compact", action="store_true", help="skip the one-segment variant of the largest library")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 256; quick 32)")
-    p.add_argument("--new", type=int, default=None, help="new tokens (default 64; quick 8)")
+    p.add_argument("--new", type=int, default=None, help="new tokens (default 64; quick 4)")
 
 
 def mlp_modules(shapes):
@@ -61,7 +61,7 @@ def main():
 
     ns = [int(x) for x in (args.ns or ("10,40" if quick else "100,1000")).split(",")]
     pa_ns = [int(x) for x in (args.peft_arrow_ns or ("10" if quick else "100")).split(",") if x]
-    P, NEW = args.prompt or (32 if quick else 256), args.new or (8 if quick else 64)
+    P, NEW = args.prompt or (32 if quick else 256), args.new or (4 if quick else 64)
     seg = 16 if quick else 128
     r = 6
     info = C.machine_info()
@@ -141,10 +141,10 @@ def main():
     with torch.inference_mode():
         C.log(f"[e2e] timing prefill ({P} tokens) of {list(models)}")
         pre = C.side_by_side({n: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for n, m in models.items()},
-                             reps=3 if quick else 7, budget_s=5 if quick else 90)
+                             reps=3 if quick else 5, budget_s=2 if quick else 60)
         C.log(f"[e2e] timing generate ({NEW} new tokens)")
         gen = C.side_by_side({n: (lambda m=m: m.generate(ids, **gen_kw)) for n, m in models.items()},
-                             reps=3 if quick else 5, budget_s=10 if quick else 240)
+                             reps=3 if quick else 5, budget_s=4 if quick else 150)
         out_len = {n: m.generate(ids, **gen_kw).shape[1] - P for n, m in list(models.items())[:1]}
         assert out_len["base"] == NEW, out_len
     elapsed = C.elapsed_since(t0)

@@ -173,7 +173,7 @@ def main():
                 resident = 2 * A.numel() * 4
                 peft_note = None
                 if need + resident > args.mem_limit_gib * C.GiB:
-                    peft_note = f"does not fit (needs {need / C.GiB:.1f} GiB)"
+                    peft_note = f"does not fit (needs {(need + resident) / C.GiB:.1f} GiB)"
                 else:
                     if peft_fn is None and peft_path != "ArrowLoraLinearLayer.forward":
                         direct = make_peft_direct(A, B, bank.arrows)

@@ -79,6 +79,10 @@ def main():
     p.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # only so that SUMMARY.md records the count the benchmarks used
     out = C.RESULTS / "quick" if args.quick else C.RESULTS
     out.mkdir(parents=True, exist_ok=True)
     todo = args.only.split(",") if args.only else BENCHES
