@@ -68,7 +68,7 @@ def main():
     model, tok = load_model("default")
     shapes = module_shapes(model)
     modules = mlp_modules(shapes)
-    ids = tok(TEXT * (1 + 4 * P // len(TEXT)), return_tensors="pt").input_ids[:, :P]
+    ids = tok(TEXT * (1 + 8 * P // len(TEXT)), return_tensors="pt").input_ids[:, :P]
     assert ids.shape[1] == P
     mask = torch.ones_like(ids)
 
