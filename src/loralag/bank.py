@@ -28,6 +28,13 @@ class ModuleBank:
     row_of: torch.Tensor  # (n,) its row there
     ivf: ArrowIndex | None = None  # optional sub-linear arrow index (arrow_index.py)
 
+    def __post_init__(self):
+        # The common case, one segment at full rank, gathers with a single index_select per tensor;
+        # when its rows are also the bank's order (nothing removed) even the row lookup goes.
+        self._single = len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r
+        self._direct = self._single and len(self.parts[0][0]) == self.n and bool((self.row_of == torch.arange(self.n)).all())
+        self._padded = any(A.shape[1] < self.r for A, _ in self.parts)
+
     @property
     def n(self) -> int:
         return len(self.names)
@@ -44,21 +51,26 @@ class ModuleBank:
 
     @classmethod
     def from_segments(cls, module, d_in, d_out, names, where, parts, dtype) -> "ModuleBank":
-        """`where[i] = (segment, row, rank)` for adapter names[i]; `parts[segment] = (A, B, arrow, _)`."""
+        """`where[i] = (segment, row, rank)` for adapter names[i]; `parts[segment] = (A, B, read_arrows)`.
+
+        Arrows are read with plain file reads, not through the map, so opening keeps one copy of them."""
         order = list(dict.fromkeys(seg for seg, _, _ in where))
         seg_of = torch.tensor([order.index(seg) for seg, _, _ in where], dtype=torch.long)
         row_of = torch.tensor([row for _, row, _ in where], dtype=torch.long)
         ranks = torch.tensor([rank for _, _, rank in where], dtype=torch.long)
         plist = [(parts[s][0], parts[s][1]) for s in order]
-        if names:
+        arrows = torch.empty(0, d_in, dtype=dtype)
+        if len(order) == 1:
+            arrows = parts[order[0]][2]()
+            if len(arrows) != len(names) or not bool((row_of == torch.arange(len(names))).all()):
+                arrows = arrows.index_select(0, row_of)
+        elif names:
             arrows = torch.empty(len(names), d_in, dtype=dtype)
             for p, seg in enumerate(order):
                 sel = (seg_of == p).nonzero().squeeze(1)
-                arrows[sel] = parts[seg][2][row_of[sel]].to(dtype)
-        else:
-            arrows = torch.empty(0, d_in, dtype=dtype)
+                arrows[sel] = parts[seg][2]().index_select(0, row_of[sel])
         r = max((A.shape[1] for A, _ in plist), default=0)
-        return cls(module, d_in, d_out, list(names), arrows, ranks, r, plist, seg_of, row_of)
+        return cls(module, d_in, d_out, list(names), arrows.to(dtype), ranks, r, plist, seg_of, row_of)
 
     @classmethod
     def from_tensors(cls, module: str, names: list[str], A: torch.Tensor, B: torch.Tensor, ranks=None) -> "ModuleBank":
@@ -70,17 +82,18 @@ class ModuleBank:
 
     def gather(self, idx: torch.Tensor, want_b: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank."""
-        if len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r:
+        if self._single:
             A, B = self.parts[0]
-            rows = self.row_of.index_select(0, idx)
+            rows = idx if self._direct else self.row_of.index_select(0, idx)
             return _rows(A, rows), (_rows(B, rows) if want_b else None)
-        A_out = torch.zeros(len(idx), self.r, self.d_in, dtype=self.dtype)
-        B_out = torch.zeros(len(idx), self.d_out, self.r, dtype=self.dtype) if want_b else None
-        segs = self.seg_of[idx]
+        alloc = torch.zeros if self._padded else torch.empty
+        A_out = alloc(len(idx), self.r, self.d_in, dtype=self.dtype)
+        B_out = alloc(len(idx), self.d_out, self.r, dtype=self.dtype) if want_b else None
+        segs = self.seg_of.index_select(0, idx)
         for p in segs.unique().tolist():
             sel = (segs == p).nonzero().squeeze(1)
             A, B = self.parts[p]
-            rows = self.row_of[idx[sel]]
+            rows = self.row_of.index_select(0, idx.index_select(0, sel))
             A_out[sel, : A.shape[1]] = _rows(A, rows)
             if want_b:
                 B_out[sel, :, : B.shape[2]] = _rows(B, rows)
@@ -90,15 +103,19 @@ class ModuleBank:
         return self.gather(idx, want_b=False)[0]
 
     def gather_B(self, idx: torch.Tensor) -> torch.Tensor:
-        if len(self.parts) == 1 and self.parts[0][1].shape[2] == self.r:
-            return _rows(self.parts[0][1], self.row_of.index_select(0, idx))
+        if self._single:
+            return _rows(self.parts[0][1], idx if self._direct else self.row_of.index_select(0, idx))
         return self.gather(idx)[1]
 
     def chunks(self, size: int = 256):
-        """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers."""
+        """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers (views when possible)."""
         for start in range(0, self.n, size):
-            idx = torch.arange(start, min(start + size, self.n))
-            yield start, *self.gather(idx)
+            end = min(start + size, self.n)
+            if self._direct:
+                A, B = self.parts[0]
+                yield start, A[start:end], B[start:end]
+            else:
+                yield start, *self.gather(torch.arange(start, end))
 
 
 def _rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

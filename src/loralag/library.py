@@ -14,6 +14,7 @@ same build skips the adapters already committed.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import uuid
@@ -28,7 +29,7 @@ from .alignment import align
 from .arrow_index import ArrowIndex, build_index
 from .bank import ModuleBank
 from .errors import AdapterError, LibraryError
-from .storage import atomic_save_safetensors, atomic_write_json, mmap_safetensors
+from .storage import atomic_save_safetensors, atomic_write_json, mmap_safetensors, read_tensor
 
 FORMAT = "loralag-library"
 FORMAT_VERSION = 1
@@ -125,29 +126,30 @@ class Library:
         raise LibraryError(f"library {self.path} holds no adapter named '{name}'")
 
     # -- reading tensors -----------------------------------------------------------------------
-    def _segment(self, seg: str) -> tuple[dict, dict]:
+    def _segment(self, seg: str) -> tuple[Path, dict, dict]:
         if seg not in self._segments:
             path = self.path / SEGMENTS / f"{seg}.safetensors"
             if not path.is_file():
                 raise LibraryError(f"library {self.path}: segment file {path} is missing")
             tensors, meta = mmap_safetensors(path)
-            self._segments[seg] = (tensors, json.loads(meta["rows"]))
+            self._segments[seg] = (path, tensors, json.loads(meta["rows"]))
         return self._segments[seg]
 
     def bank(self, module: str) -> ModuleBank:
         """The stacked aligned weights of every adapter that targets `module`, in manifest order."""
         if module not in self._banks:
             d_in, d_out, _ = self.shapes[module]
-            parts = {}  # segment -> (A, B, arrow, {name: (row, rank)})
+            parts = {}  # segment -> (A, B, read_arrows, {name: (row, rank)})
             names, where = [], []
             for a in self.adapters:
                 if module not in a["target_modules"]:
                     continue
                 seg = a["segment"]
                 if seg not in parts:
-                    tensors, rows = self._segment(seg)
+                    path, tensors, rows = self._segment(seg)
                     index = {n: (i, r) for i, (n, r) in enumerate(rows.get(module, []))}
-                    parts[seg] = (tensors.get(f"{module}.A"), tensors.get(f"{module}.B"), tensors.get(f"{module}.arrow"), index)
+                    read = functools.partial(read_tensor, path, f"{module}.arrow")
+                    parts[seg] = (tensors.get(f"{module}.A"), tensors.get(f"{module}.B"), read, index)
                 if a["name"] not in parts[seg][3]:
                     raise LibraryError(f"library {self.path}: segment {seg} has no row for adapter '{a['name']}' at '{module}'")
                 names.append(a["name"])

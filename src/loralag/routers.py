@@ -20,8 +20,8 @@ from .bank import ModuleBank
 
 # Candidate scoring against the batch's union of candidates is one dense GEMM; it wins over a per-token
 # gather while the union stays within this many times k (measured in benchmarks/bench_layer.py).
-UNION_FACTOR = 32
-TOKEN_CHUNK = 64  # tokens per gathered block in the per-token path, bounding its memory
+UNION_FACTOR = 64
+TOKEN_CHUNK = 8  # tokens per gathered block in the per-token path: a small reused buffer stays in cache
 DENSE_CHUNK = 256  # adapters per block in the dense routers
 
 
@@ -84,7 +84,7 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     for s in range(0, T, TOKEN_CHUNK):
         c = cand[s : s + TOKEN_CHUNK]
         A = bank.gather_A(c.reshape(-1)).view(len(c), k * bank.r, bank.d_in)
-        Z[s : s + TOKEN_CHUNK] = torch.bmm(A, X[s : s + TOKEN_CHUNK].unsqueeze(-1)).view(len(c), k, bank.r)
+        torch.bmm(A, X[s : s + TOKEN_CHUNK].unsqueeze(-1), out=Z[s : s + TOKEN_CHUNK].view(len(c), k * bank.r, 1))
     return Z
 
 
@@ -124,6 +124,8 @@ def _apply_winner(bank, X, winner, Z=None) -> torch.Tensor:
 # -- routers -------------------------------------------------------------------------------------------
 def route_lag(bank, X, spec, batch):
     """Arrow top-k filter, then SpectR top-1 by ‖A*x‖ among the k, reusing A*x to apply the winner."""
+    if len(X) == 1 and spec.nprobe is None:
+        return _lag_one_token(bank, X, spec.k)
     _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
     Z = project(bank, X, cand)
     norms = Z.norm(dim=-1)
@@ -131,6 +133,17 @@ def route_lag(bank, X, spec, batch):
     winner = cand.gather(1, best.unsqueeze(1)).squeeze(1)
     z = Z.gather(1, best.view(-1, 1, 1).expand(-1, 1, bank.r)).squeeze(1)
     return Routed(_apply_winner(bank, X, winner, z), winner, score)
+
+
+def _lag_one_token(bank, X, k):
+    """Decoding: the same steps as route_lag on matrix-vector products, with as few ops as possible."""
+    x = X[0]
+    cand = (bank.arrows @ x).abs_().topk(min(k, bank.n)).indices
+    Z = (bank.gather_A(cand).view(-1, bank.d_in) @ x).view(len(cand), bank.r)
+    score, j = Z.norm(dim=1).max(dim=0)
+    winner = cand[j].view(1)
+    delta = bank.gather_B(winner)[0] @ Z[j]
+    return Routed(delta.unsqueeze(0), winner, score.view(1))
 
 
 def route_arrow(bank, X, spec, batch):

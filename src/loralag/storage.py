@@ -47,11 +47,29 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metada
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
+def _header(f) -> tuple[int, dict]:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return n, json.loads(f.read(n))
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """Read one tensor of a safetensors file into ordinary memory (no mapping stays resident)."""
+    with open(path, "rb") as f:
+        n, header = _header(f)
+        info = header[name]
+        np_dtype, torch_view = _NP_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        buf = np.empty((end - start) // np.dtype(np_dtype).itemsize, dtype=np_dtype)
+        f.readinto(memoryview(buf).cast("B"))
+    t = torch.from_numpy(buf).view(info["shape"])
+    return t.view(torch_view) if torch_view is not None else t
+
+
 def mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Map a safetensors file without reading its data: returns (tensors, metadata)."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        n, header = _header(f)
     metadata = header.pop("__metadata__", {}) or {}
     if not header:
         return {}, metadata
