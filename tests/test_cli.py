@@ -139,3 +139,29 @@ def test_help_is_fast_and_lists_commands():
     code = "import sys, loralag.cli; print(sorted(m for m in ('transformers', 'matplotlib', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+def test_demo_pipeline_on_tiny_model(world, tmp_path):
+    # The real demo trains on the default model for minutes; here only its plumbing runs, on the tiny model.
+    args = ("demo", "--model", world / "model", "--workdir", tmp_path / "demo", "--steps", "2", "--k", "3",
+            "--heatmap", tmp_path / "demo.png")
+    result = invoke(*args)
+    assert result.exit_code == 0, output(result)
+    text = output(result)
+    for col in ("question", "gold", "Oracle", "Answered right", "Timings", "train"):
+        assert col in text
+    assert "Velmora" in text and "Pallinor" in text
+    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    adapters = sorted(p.name for p in (tmp_path / "demo" / "adapters").iterdir())
+    assert len(adapters) == 6 and "velmora" in adapters
+
+    from loralag.demo import run_demo
+
+    again = run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
+    assert set(again["accuracy"]) >= {"base", "lag", "lag_voted", "oracle", "lag_adapter"}
+    assert len(again["rows"]) == 6 and all(r["lag_adapter"] in adapters for r in again["rows"])
+    # cached: nothing is trained again
+    mtimes = {p.name: (p / "adapter_model.safetensors").stat().st_mtime for p in (tmp_path / "demo" / "adapters").iterdir()}
+    run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
+    assert mtimes == {p.name: (p / "adapter_model.safetensors").stat().st_mtime
+                      for p in (tmp_path / "demo" / "adapters").iterdir()}

@@ -149,3 +149,16 @@ def test_trace_errors(setup):
         routing_table(trace, tok, seq=0, library="other")
     with pytest.raises(LoralagError, match="out of range"):
         routing_table(trace, tok, seq=3)
+
+
+def test_stop_strings(setup):
+    model, _, _ = setup
+    tok = tiny_tokenizer()
+    full = generate(model, tok, PROMPTS, max_new_tokens=8, chat=False)
+    words = full[0].split()
+    assert len(words) >= 3
+    stop = words[1]
+    cut = generate(model, tok, PROMPTS, max_new_tokens=8, chat=False, stop=[" " + stop])
+    assert cut[0] == words[0]  # cut before the stop string
+    # the other sequence of the batch is unaffected up to where it would have stopped
+    assert full[1].startswith(cut[1])

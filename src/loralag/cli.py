@@ -8,7 +8,7 @@ print one red line and exit with code 2.
 from __future__ import annotations
 
 import functools
-import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -317,6 +317,7 @@ def demo(
     router: str = typer.Option("lag", "--router", help="Router for the LAG column."),
     k: int = typer.Option(20, "--k", help="Arrow candidates per token."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Also write LAG's routing heatmap of the first question."),
+    model: str = typer.Option("default", "--model", "-m", help="Base model (the demo is tuned for the default one)."),
 ):
     """Train knowledge adapters on invented entities, then compare base model, LAG and Oracle on questions."""
     _quiet_warnings()
@@ -327,15 +328,15 @@ def demo(
         raise LoralagError("the demo's LAG column needs a routing router; 'fixed' is what the Oracle column does")
     from .demo import print_results, run_demo
 
-    results = run_demo(workdir, steps=steps, router=router, k=k, console=console)
+    start = time.perf_counter()
+    results = run_demo(workdir, steps=steps, router=router, k=k, model_spec=model, console=console)
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:
         from . import generate as gen
-        from .models import load_model
 
-        _, tokenizer = load_model("default")
-        path = gen.routing_heatmap(results["trace"], tokenizer, results["trace"].input_ids, heatmap, seq=0)
+        path = gen.routing_heatmap(results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0)
         console.print(f"routing heatmap written to {path}")
+    console.print(f"total {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:  # pragma: no cover - python -m loralag.cli

@@ -96,13 +96,33 @@ def _real_tokens(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids) ->
     return torch.cat([prompt_mask.to(sequences.device).long(), gen_mask], dim=1)
 
 
+class _StopOnStrings:
+    """Stopping criterion: a sequence is done once its generated text contains one of `stops`."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _cut(text: str, stops) -> str:
+    for s in stops or ():
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True, greedy: bool = True,
-             trace: bool = False, **gen_kwargs):
+             trace: bool = False, stop: list[str] | None = None, **gen_kwargs):
     """Generate one answer per prompt with whatever libraries are attached to `model`.
 
     Prompts are wrapped in the tokenizer's chat template when `chat` is true and it has one,
     batched with left padding, and decoded with the KV cache (greedy unless `greedy=False`).
+    `stop`: strings that end a sequence (e.g. `["\\n"]`); each text is cut before the first of them.
     Extra keyword arguments go to the generation config (e.g. `repetition_penalty=1.2`).
 
     Returns the generated texts; with `trace=True`, `(texts, trace)` where trace is the
@@ -118,14 +138,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
     cfg = _generation_config(model, tokenizer, max_new_tokens, greedy, gen_kwargs)
     state = getattr(model, STATE_ATTR, None)
     recorded = None
+    extra = {"tokenizer": tokenizer} if getattr(cfg, "stop_strings", None) else {}  # HF matches these through the tokenizer
+    if stop:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, input_ids.shape[1])])
     if trace and state is not None:
         with state.tracing() as recorded:
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg, **extra)
     else:
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg, **extra)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     prompt_len = input_ids.shape[1]
-    texts = [t.strip() for t in tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)]
+    texts = [_cut(t, stop).strip() for t in tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)]
     if not trace:
         return texts
     if recorded is not None:
@@ -222,7 +247,8 @@ def majority_adapter(trace, library: str | None = None, seq: int = 0, input_ids=
     total = sum(counts.values())
     if not total:
         return None, 0.0
-    name, n = counts.most_common(1)[0]
+    # most decisions; a tie goes to the name that sorts first (as RoutingState.vote does)
+    name, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return name, n / total
 
 
