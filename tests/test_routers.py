@@ -67,15 +67,15 @@ def test_kernels_match_brute_force(router, k):
 
 
 @pytest.mark.parametrize("router", ["lag", "arrow-mix"])
-def test_union_and_per_token_paths_agree(router, monkeypatch):
+def test_union_and_grouped_paths_agree(router, monkeypatch):
     bank, _ = random_bank(n=40)
     X = torch.randn(100, 24, generator=torch.Generator().manual_seed(2))
     spec = R.RouteSpec(router=router, k=5)
-    ids = 1  # one sequence of 100 tokens
-    union = R.ROUTERS[router](bank, X, spec, ids)
-    monkeypatch.setattr(R, "UNION_FACTOR", 0)  # force the gathered per-token path
-    monkeypatch.setattr(R, "TOKEN_CHUNK", 7)
-    per_token = R.ROUTERS[router](bank, X, spec, ids)
+    monkeypatch.setattr(R, "STEP_COST", 1e9)  # force the union GEMM
+    union = R.ROUTERS[router](bank, X, spec, 1)
+    monkeypatch.setattr(R, "STEP_COST", 0.0)  # force the per-adapter grouped GEMMs
+    monkeypatch.setattr(R, "GEMM_RATE", 1.0)
+    per_token = R.ROUTERS[router](bank, X, spec, 1)
     torch.testing.assert_close(union.delta, per_token.delta, atol=1e-5, rtol=1e-5)
     assert torch.equal(union.winner, per_token.winner)
 

@@ -80,15 +80,17 @@ class ModuleBank:
         return cls(module, d_in, B.shape[1], list(names), A[:, 0].contiguous(), ranks, r, [(A, B)],
                    torch.zeros(n, dtype=torch.long), torch.arange(n))
 
-    def gather(self, idx: torch.Tensor, want_b: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank."""
+    def gather(self, idx: torch.Tensor, want_b: bool = True, out_A=None, out_B=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank.
+
+        out_A / out_B: flat buffers of at least that size to write into (reused memory is much faster
+        than fresh pages for the tens of MB a prefill gathers)."""
         if self._single:
             A, B = self.parts[0]
             rows = idx if self._direct else self.row_of.index_select(0, idx)
-            return _rows(A, rows), (_rows(B, rows) if want_b else None)
-        alloc = torch.zeros if self._padded else torch.empty
-        A_out = alloc(len(idx), self.r, self.d_in, dtype=self.dtype)
-        B_out = alloc(len(idx), self.d_out, self.r, dtype=self.dtype) if want_b else None
+            return _rows(A, rows, out_A), (_rows(B, rows, out_B) if want_b else None)
+        A_out = _fill(out_A, (len(idx), self.r, self.d_in), self.dtype, self._padded)
+        B_out = _fill(out_B, (len(idx), self.d_out, self.r), self.dtype, self._padded) if want_b else None
         segs = self.seg_of.index_select(0, idx)
         for p in segs.unique().tolist():
             sel = (segs == p).nonzero().squeeze(1)
@@ -99,13 +101,13 @@ class ModuleBank:
                 B_out[sel, :, : B.shape[2]] = _rows(B, rows)
         return A_out, B_out
 
-    def gather_A(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.gather(idx, want_b=False)[0]
+    def gather_A(self, idx: torch.Tensor, out=None) -> torch.Tensor:
+        return self.gather(idx, want_b=False, out_A=out)[0]
 
-    def gather_B(self, idx: torch.Tensor) -> torch.Tensor:
+    def gather_B(self, idx: torch.Tensor, out=None) -> torch.Tensor:
         if self._single:
-            return _rows(self.parts[0][1], idx if self._direct else self.row_of.index_select(0, idx))
-        return self.gather(idx)[1]
+            return _rows(self.parts[0][1], idx if self._direct else self.row_of.index_select(0, idx), out)
+        return self.gather(idx, out_B=out)[1]
 
     def chunks(self, size: int = 256):
         """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers (views when possible)."""
@@ -118,6 +120,18 @@ class ModuleBank:
                 yield start, *self.gather(torch.arange(start, end))
 
 
-def _rows(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _rows(stack: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """stack[rows] through a 2-D view: index_select on 2-D is one memcpy per row, on 3-D far slower."""
-    return stack.reshape(len(stack), -1).index_select(0, rows).view(len(rows), *stack.shape[1:])
+    flat = stack.reshape(len(stack), -1)
+    if out is None:
+        return flat.index_select(0, rows).view(len(rows), *stack.shape[1:])
+    dst = out[: len(rows) * flat.shape[1]].view(len(rows), flat.shape[1])
+    return torch.index_select(flat, 0, rows, out=dst).view(len(rows), *stack.shape[1:])
+
+
+def _fill(out: torch.Tensor | None, shape: tuple, dtype, zero: bool) -> torch.Tensor:
+    n = shape[0] * shape[1] * shape[2]
+    if out is None:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
+    t = out[:n].view(shape)
+    return t.zero_() if zero else t

@@ -11,6 +11,7 @@ only `spectral` and `uniform` (the dense baselines) touch every adapter, in boun
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -18,10 +19,11 @@ import torch
 from . import arrow_index
 from .bank import ModuleBank
 
-# Candidate scoring against the batch's union of candidates is one dense GEMM; it wins over a per-token
-# gather while the union stays within this many times k (measured in benchmarks/bench_layer.py).
-UNION_FACTOR = 64
-TOKEN_CHUNK = 8  # tokens per gathered block in the per-token path: a small reused buffer stays in cache
+# Cost model for choosing how `project` scores candidates (multiply-adds per second on one core, and the
+# Python cost of one per-adapter step), measured with benchmarks/bench_layer.py on this machine's CPU.
+GEMM_RATE = 20e9
+SMALL_GEMM_RATE = 5e9
+STEP_COST = 10e-6
 DENSE_CHUNK = 256  # adapters per block in the dense routers
 
 
@@ -54,6 +56,18 @@ class Routed:
 
 
 # -- kernels -------------------------------------------------------------------------------------------
+_workspace = threading.local()
+
+
+def workspace(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat scratch buffer reused across calls (per thread). Fresh allocations of tens of MB cost
+    more in page faults than the gathers that fill them; results that leave a router never live here."""
+    bufs = _workspace.__dict__.setdefault("bufs", {})
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf
+
 def arrow_scores(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
     """|a_i · x| for every token and adapter: (T, n)."""
     return (X @ bank.arrows.T).abs_()
@@ -76,16 +90,34 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     if T == 1:  # decoding: the candidates are the union
         return (bank.gather_A(cand[0]).reshape(k * bank.r, bank.d_in) @ X[0]).view(1, k, bank.r)
     uniq, inv = cand.unique(return_inverse=True)
-    if len(uniq) <= UNION_FACTOR * k:
-        A = bank.gather_A(uniq)  # (u, r, d_in)
-        Z = (X @ A.reshape(-1, bank.d_in).T).view(T, len(uniq), bank.r)
+    u = len(uniq)
+    # Two exact ways: one dense GEMM of every token against the batch's union of candidates, or one small
+    # GEMM per candidate adapter over just the tokens that picked it (T·k·r·d work plus a Python step
+    # per adapter). Estimated seconds with rates measured on one core here; the ratio is what matters.
+    union_cost = T * u * bank.r * bank.d_in / GEMM_RATE
+    grouped_cost = T * k * bank.r * bank.d_in / SMALL_GEMM_RATE + u * STEP_COST
+    if union_cost <= grouped_cost:
+        A = bank.gather_A(uniq, out=workspace("A", u * bank.r * bank.d_in, bank.dtype))  # (u, r, d_in)
+        Z = (X @ A.reshape(-1, bank.d_in).T).view(T, u, bank.r)
         return Z.gather(1, inv.unsqueeze(-1).expand(T, k, bank.r))
-    Z = X.new_empty(T, k, bank.r)
-    for s in range(0, T, TOKEN_CHUNK):
-        c = cand[s : s + TOKEN_CHUNK]
-        A = bank.gather_A(c.reshape(-1)).view(len(c), k * bank.r, bank.d_in)
-        torch.bmm(A, X[s : s + TOKEN_CHUNK].unsqueeze(-1), out=Z[s : s + TOKEN_CHUNK].view(len(c), k * bank.r, 1))
-    return Z
+    return _project_grouped(bank, X, cand)
+
+
+def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens."""
+    T, k = cand.shape
+    flat = cand.reshape(-1)
+    order = flat.argsort()
+    uniq, counts = flat.index_select(0, order).unique_consecutive(return_counts=True)
+    A = bank.gather_A(uniq, out=workspace("A", len(uniq) * bank.r * bank.d_in, bank.dtype))
+    Xs = workspace("X", len(flat) * bank.d_in, X.dtype)[: len(flat) * bank.d_in].view(len(flat), bank.d_in)
+    torch.index_select(X, 0, order // k, out=Xs)  # the token of each sorted pair
+    Zs = X.new_empty(len(flat), bank.r)
+    start = 0
+    for g, end in enumerate(counts.cumsum(0).tolist()):
+        torch.mm(Xs[start:end], A[g].T, out=Zs[start:end])
+        start = end
+    return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
 
 
 def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
@@ -102,15 +134,16 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
         skip, uniq, counts = int(counts[0]), uniq[1:], counts[1:]
     else:
         skip = 0
-    out = Z.new_zeros(P, bank.d_out)
+    out = Z.new_zeros(P, bank.d_out) if skip else Z.new_empty(P, bank.d_out)  # every row gets written
     if len(uniq):
-        B = bank.gather_B(uniq)  # (u, d_out, r)
         if len(uniq) * 4 <= P - skip:  # few adapters, many tokens each: one GEMM per adapter
+            B = bank.gather_B(uniq, out=workspace("B", len(uniq) * bank.d_out * bank.r, bank.dtype))
             ends = (counts.cumsum(0) + skip).tolist()
             for g, (s, e) in enumerate(zip([skip] + ends[:-1], ends)):
                 torch.mm(Zs[s:e], B[g].T, out=out[s:e])
-        else:  # mostly distinct adapters: one batched matrix-vector product
-            out[skip:] = torch.bmm(B.repeat_interleave(counts, dim=0), Zs[skip:].unsqueeze(-1)).squeeze(-1)
+        else:  # mostly distinct adapters: one batched matrix-vector product over each pair's own B*
+            B = bank.gather_B(sorted_adapter[skip:], out=workspace("B", (P - skip) * bank.d_out * bank.r, bank.dtype))
+            torch.bmm(B, Zs[skip:].unsqueeze(-1), out=out[skip:].unsqueeze(-1))
     return out.index_select(0, order.argsort())  # back to pair order
 
 
