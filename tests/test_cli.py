@@ -176,3 +176,22 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path):
     run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
     assert mtimes == {p.name: (p / "adapter_model.safetensors").stat().st_mtime
                       for p in (tmp_path / "demo" / "adapters").iterdir()}
+
+
+def test_index_then_generate_with_nprobe_and_sequence_routing(world, lib, tmp_path):
+    import shutil
+
+    copy = tmp_path / "lib"
+    shutil.copytree(lib, copy)
+    result = invoke("index", copy, "--nlist", "2")
+    assert result.exit_code == 0, output(result)
+    assert "arrow index" in output(result)
+    args = ("generate", "--model", world / "model", "--library", copy, "--k", "2", "--max-new-tokens", "3", "--no-chat")
+    exact = invoke(*args, "what is the capital of the red moon ?")
+    indexed = invoke(*args, "--nprobe", "2", "what is the capital of the red moon ?")  # every cluster: exact
+    assert exact.exit_code == 0 and indexed.exit_code == 0, output(indexed)
+    assert output(exact) == output(indexed)
+    voted = invoke(*args, "--granularity", "sequence", "--show-routing", "what is the capital of the red moon ?")
+    assert voted.exit_code == 0, output(voted)
+    bad = invoke(*args, "--granularity", "paragraph", "x")
+    assert bad.exit_code == 2 and "granularity" in output(bad)

@@ -66,6 +66,9 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise here
 
 
 def _human_bytes(n: int) -> str:
@@ -257,6 +260,8 @@ def generate(
     library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
     router: str = typer.Option("lag", "--router", help="lag, arrow, arrow-mix, spectral, uniform, none."),
     k: int = typer.Option(20, "--k", help="Arrow candidates per token for LAG / arrow-mix."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Use the library's arrow index, scanning this many clusters."),
+    granularity: str = typer.Option("token", "--granularity", help="token (the paper) or sequence (majority vote)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     show_routing: bool = typer.Option(False, "--show-routing", help="Print the adapter chosen per prompt token."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write a routing heatmap PNG here (first prompt)."),
@@ -275,17 +280,17 @@ def generate(
 
     if router == "fixed":
         raise LoralagError("router 'fixed' needs adapters per sequence; use the Python API (RoutingState.fix)")
-    RouteSpec(router=router, k=k)  # bad router settings fail before the model loads
+    RouteSpec(router=router, k=k, nprobe=nprobe)  # bad router settings fail before the model loads
     libs = [_open(p) for p in library or []]
     if (show_routing or heatmap) and not libs:
         raise LoralagError("--show-routing and --heatmap need at least one --library")
     model_, tokenizer = load_model(model, dtype=getattr(torch, dtype.value))
     if libs:
-        attach(model_, {_unique_name(lib, libs): lib for lib in libs}, router=router, k=k)
+        attach(model_, {_unique_name(lib, libs): lib for lib in libs}, router=router, k=k, nprobe=nprobe)
     try:
         want_trace = bool(libs) and (show_routing or heatmap is not None)
         result = gen.generate(model_, tokenizer, list(prompt), max_new_tokens=max_new_tokens, chat=chat,
-                              greedy=not sample, trace=want_trace)
+                              greedy=not sample, trace=want_trace, granularity=granularity)
         texts, trace = result if want_trace else (result, None)
     finally:
         detach(model_)
@@ -306,6 +311,41 @@ def _unique_name(lib, libs) -> str:
     if sum(other.name == lib.name for other in libs) > 1:
         return str(lib.path)
     return lib.name
+
+
+@app.command()
+@user_errors
+def index(
+    library: Path = typer.Argument(..., help="Library folder."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="Clusters per module (default about 2·sqrt(N))."),
+    iters: int = typer.Option(12, "--iters", min=1, help="k-means iterations."),
+):
+    """Build the sub-linear arrow index (sign-invariant clusters of the arrows); use it with --nprobe."""
+    info = _open(library).build_index(nlist=nlist, iters=iters)
+    console.print(f"arrow index {info['file']}: up to {info['nlist']} clusters per module")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
+    router: str = typer.Option("lag", "--router"),
+    k: int = typer.Option(20, "--k"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before answering 429."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", help="Seconds before a request is ended."),
+):
+    """An OpenAI-compatible server (/v1/completions, /v1/chat/completions) routing every request."""
+    _quiet_warnings()
+    from .routers import RouteSpec
+    from .serve import serve as run_server
+
+    RouteSpec(router=router, k=k)
+    run_server(model, [str(p) for p in library or []], router=router, k=k, host=host, port=port,
+               max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
 
 
 # -- demo --------------------------------------------------------------------------------------------------

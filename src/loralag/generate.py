@@ -117,13 +117,15 @@ def _cut(text: str, stops) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True, greedy: bool = True,
-             trace: bool = False, stop: list[str] | None = None, **gen_kwargs):
+             trace: bool = False, stop: list[str] | None = None, granularity: str = "token", **gen_kwargs):
     """Generate one answer per prompt with whatever libraries are attached to `model`.
 
     Prompts are wrapped in the tokenizer's chat template when `chat` is true and it has one,
     batched with left padding, and decoded with the KV cache (greedy unless `greedy=False`).
     `stop`: strings that end a sequence (e.g. `["\\n"]`); each text is cut before the first of them.
     Extra keyword arguments go to the generation config (e.g. `repetition_penalty=1.2`).
+    `granularity="sequence"`: route the prompts per token first, then serve each whole sequence with
+    every library's most-voted adapter (`RoutingState.fix_by_vote`); the routers are restored after.
 
     Returns the generated texts; with `trace=True`, `(texts, trace)` where trace is the
     RoutingTrace of the whole generation, or None when no library is attached to the model.
@@ -138,6 +140,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
     cfg = _generation_config(model, tokenizer, max_new_tokens, greedy, gen_kwargs)
     state = getattr(model, STATE_ATTR, None)
     recorded = None
+    if granularity not in ("token", "sequence"):
+        raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
+    if granularity == "sequence" and state is not None:
+        saved = dict(state.specs)
+        state.fix_by_vote(input_ids, mask)
+        try:
+            return generate(model, tokenizer, prompts, max_new_tokens, chat, greedy, trace, stop, "token", **gen_kwargs)
+        finally:
+            state.specs.update(saved)
     extra = {"tokenizer": tokenizer} if getattr(cfg, "stop_strings", None) else {}  # HF matches these through the tokenizer
     if stop:
         from transformers import StoppingCriteriaList
