@@ -71,6 +71,13 @@ def _quiet_warnings() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise here
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -268,6 +275,7 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Use the tokenizer's chat template."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (on a busy machine 1 is often fastest)."),
 ):
     """Generate with LAG over one or more libraries (or with the plain base model when none is given)."""
     _quiet_warnings()
@@ -278,6 +286,7 @@ def generate(
     from .routed_model import attach, detach
     from .routers import RouteSpec
 
+    _set_threads(threads)
     if router == "fixed":
         raise LoralagError("router 'fixed' needs adapters per sequence; use the Python API (RoutingState.fix)")
     RouteSpec(router=router, k=k, nprobe=nprobe)  # bad router settings fail before the model loads
@@ -302,7 +311,7 @@ def generate(
         for seq in range(len(prompt)):
             console.print(gen.routing_table(trace, tokenizer, trace.input_ids, seq=seq))
     if trace is not None and heatmap is not None:
-        path = gen.routing_heatmap(trace, tokenizer, trace.input_ids, heatmap, seq=0)
+        path = gen.routing_heatmap(trace, tokenizer, trace.input_ids, heatmap, seq=0, prompt_only=False)
         console.print(f"routing heatmap written to {path}")
 
 
@@ -358,6 +367,7 @@ def demo(
     k: int = typer.Option(20, "--k", help="Arrow candidates per token."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Also write LAG's routing heatmap of the first question."),
     model: str = typer.Option("default", "--model", "-m", help="Base model (the demo is tuned for the default one)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (on a busy machine 1 is often fastest)."),
 ):
     """Train knowledge adapters on invented entities, then compare base model, LAG and Oracle on questions."""
     _quiet_warnings()
@@ -368,13 +378,16 @@ def demo(
         raise LoralagError("the demo's LAG column needs a routing router; 'fixed' is what the Oracle column does")
     from .demo import print_results, run_demo
 
+    _set_threads(threads)
+
     start = time.perf_counter()
     results = run_demo(workdir, steps=steps, router=router, k=k, model_spec=model, console=console)
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:
         from . import generate as gen
 
-        path = gen.routing_heatmap(results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0)
+        path = gen.routing_heatmap(results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0,
+                                   prompt_only=False)
         console.print(f"routing heatmap written to {path}")
     console.print(f"total {time.perf_counter() - start:.1f} s")
 

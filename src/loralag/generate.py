@@ -274,21 +274,22 @@ def _count_mask(trace, library, seq, input_ids, attention_mask, prompt_only) -> 
 
 
 def summary_lines(trace, seq: int = 0, mask: torch.Tensor | None = None, library: str | None = None, top: int = 5) -> list[str]:
-    """One line per library: adapters used, the top adapters' share of routed token-modules, entropy."""
+    """Per library: adapters used, routed token×module decisions and entropy; then the top adapters' shares."""
     summary = trace.summary(seq, mask)
     lines = []
     for lib in _libraries(trace, library):
         s = summary[lib]
         if not s["routed"]:
-            lines.append(f"{lib}: no single adapter chosen ({trace.modules(lib).__len__()} modules)")
+            lines.append(f"{lib}: no single adapter chosen ({len(trace.modules(lib))} modules)")
             continue
         shares = list(s["shares"].items())
-        best = ", ".join(f"{n} {v:.0%}" for n, v in shares[:top])
-        more = f", +{len(shares) - top} more" if len(shares) > top else ""
+        best = " · ".join(f"{n} {v:.0%}" for n, v in shares[:top])
+        more = f" · +{len(shares) - top} more" if len(shares) > top else ""
         lines.append(
-            f"{lib}: {s['adapters']} adapter{'s' if s['adapters'] != 1 else ''} used over {s['routed']} "
-            f"token×module decisions — {best}{more}; entropy {s['entropy']:.2f} nats"
+            f"{lib}: {s['adapters']} adapter{'s' if s['adapters'] != 1 else ''} used, {s['routed']} token×module "
+            f"decisions, entropy {s['entropy']:.2f} nats"
         )
+        lines.append(f"  {best}{more}")
     return lines
 
 
@@ -327,7 +328,7 @@ def routing_table(trace, tokenizer, input_ids=None, seq: int = 0, library: str |
     lines = summary_lines(trace, seq, mask, library)
     table.caption = "\n".join(lines)
     table.caption_justify = "left"
-    table.min_width = min(120, max(len(line) for line in lines))  # so the summary does not wrap in a narrow table
+    table.min_width = min(76, max(len(line) for line in lines))  # so the summary does not wrap in a narrow table
     return table
 
 
