@@ -1,13 +1,23 @@
-"""loralag: LoRA-Augmented Generation over large libraries of PEFT LoRA adapters."""
+"""loralag: LoRA-Augmented Generation over large libraries of PEFT LoRA adapters.
 
-from .adapters import LoraAdapter, read_adapter
-from .alignment import align
-from .errors import AdapterError, LibraryError, LoralagError, ModelError
-from .library import Library, build_library, open_library
-from .routed_model import attach, detach, routing_state
-from .routers import ROUTERS, RouteSpec
+Names are imported on first use, so `import loralag` (and the CLI's --help) does not load torch.
+"""
 
-__all__ = [
-    "AdapterError", "Library", "LibraryError", "LoraAdapter", "LoralagError", "ModelError", "ROUTERS", "RouteSpec",
-    "align", "attach", "build_library", "detach", "open_library", "read_adapter", "routing_state",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "AdapterError": "errors", "LibraryError": "errors", "LoralagError": "errors", "ModelError": "errors",
+    "LoraAdapter": "adapters", "read_adapter": "adapters",
+    "align": "alignment",
+    "Library": "library", "build_library": "library", "open_library": "library",
+    "attach": "routed_model", "detach": "routed_model", "routing_state": "routed_model",
+    "ROUTERS": "routers", "RouteSpec": "routers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'loralag' has no attribute {name!r}")

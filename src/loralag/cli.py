@@ -7,14 +7,21 @@ print one red line and exit with code 2.
 
 from __future__ import annotations
 
-import functools
-import time
-from enum import Enum
-from pathlib import Path
-from typing import List, Optional
+import os
 
-import typer
-from rich.console import Console
+# Torch's OpenMP threads spin while waiting; on a machine shared with other busy processes that made
+# small ops 5-15x slower. Passive waiting costs a dedicated machine little. Only our own CLI process
+# is changed (a library must not touch its host's environment), and only if the user has not chosen.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import functools  # noqa: E402
+import time  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 from .errors import LoralagError
 
