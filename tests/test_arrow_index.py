@@ -5,7 +5,7 @@ import torch
 
 from conftest import save_lora, tiny_llama
 from loralag import attach, build_library, detach, open_library
-from loralag.arrow_index import build_index, search
+from loralag.arrow_index import build_index, scan_clusters, search
 from loralag.library import module_shapes
 
 
@@ -18,11 +18,12 @@ def test_scanning_every_cluster_is_exact(n, k):
     arrows, X = unit(n, 48, 0), torch.randn(30, 48)
     index = build_index(arrows, nlist=max(1, n // 8)).bind(arrows)
     exact_v, exact_i = (X @ arrows.T).abs().topk(min(k, n), dim=1)
-    v, i = search(index, X, k, nprobe=index.nlist)
-    torch.testing.assert_close(v[:, : exact_v.shape[1]], exact_v)
-    assert torch.equal(i[:, : exact_i.shape[1]].sort(1).values, exact_i.sort(1).values)
-    v1, i1 = search(index, X[:1], k, nprobe=index.nlist)  # the decoding path
-    assert torch.equal(i1, i[:1])
+    for find in (search, scan_clusters):  # the exact shortcut, and the cluster scan over every cluster
+        v, i = find(index, X, min(k, n), index.nlist)
+        torch.testing.assert_close(v[:, : exact_v.shape[1]], exact_v)
+        assert torch.equal(i[:, : exact_i.shape[1]].sort(1).values, exact_i.sort(1).values)
+        v1, i1 = find(index, X[:1], min(k, n), index.nlist)  # the decoding path
+        assert torch.equal(i1.sort(1).values, i[:1].sort(1).values)
 
 
 def test_partial_scan_returns_members_of_probed_clusters_only():

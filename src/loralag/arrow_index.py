@@ -75,8 +75,16 @@ def build_index(arrows: torch.Tensor, nlist: int | None = None, iters: int = 12,
 def search(index: ArrowIndex, X: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k of |a·x| per token: (values, adapter ids), both (T, k)."""
     assert index.sorted_arrows is not None, "bind the index to the bank's arrows first"
-    T, n = len(X), len(index.order)
-    k, nprobe = min(k, n), min(nprobe, index.nlist)
+    k, nprobe = min(k, len(index.order)), min(nprobe, index.nlist)
+    if nprobe == index.nlist:  # scanning every cluster is the exact search: do it in one matmul
+        val, pos = (X @ index.sorted_arrows.T).abs_().topk(k, dim=1)
+        return val, index.order[pos]
+    return scan_clusters(index, X, k, nprobe)
+
+
+def scan_clusters(index: ArrowIndex, X: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexed search proper: score the members of each token's nprobe best clusters (k ≤ n)."""
+    T = len(X)
     probes = (X @ index.centroids.T).abs_().topk(nprobe, dim=1).indices  # (T, nprobe)
     starts, ends = index.offsets[probes], index.offsets[probes + 1]
     if T == 1:  # decoding: one matrix-vector product over the probed blocks
