@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import LoralagError
-from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, LamaData, Question, build_data,
-                        describe, rewrites, write_questions)
+from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, Question, build_data, describe,
+                        rag_prompt, rewrites, write_questions)
 
 PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
              "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
@@ -61,6 +61,7 @@ class BenchConfig:
     n_entities: int = 200  # knowledge adapters, one per subject entity
     questions_per_dataset: int | None = None  # default: one per knowledge entity
     n_train_pairs: int = 200  # task-adapter training pairs per family
+    context_every: int = 3  # one task-training prompt in this many has its entity's article in front (RAG form)
     seed: int = 0
     max_article_chars: int = 400
     # knowledge adapters
@@ -72,9 +73,9 @@ class BenchConfig:
     # task adapters
     task_r: int = 8
     task_alpha: int = 16
-    task_steps: int = 60
-    task_lr: float = 1e-3
-    task_batch: int = 8
+    task_steps: int = 80
+    task_lr: float = 2e-3
+    task_batch: int = 4
     # evaluation
     k: int = 20  # the headline LAG's k
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
@@ -87,11 +88,14 @@ class BenchConfig:
 
 SIZES = {
     # a handful of entities: the test suite's end-to-end run
-    "tiny": dict(n_entities=6, n_train_pairs=30, know_steps=12, task_steps=20, task_lr=2e-3, k_sweep=(1, 2, 5, "N")),
+    # (its task adapters see no RAG-form prompt: cheaper, and RAG is not what the tiny run checks)
+    "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, know_steps=8, know_lr=3e-3, task_steps=12,
+                 task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=8),
     # a sanity check at the scale of the earlier 12-adapter measurement
-    "small": dict(n_entities=12, n_train_pairs=60, task_steps=40, task_lr=2e-3),
+    "small": dict(n_entities=12, n_train_pairs=60, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
-    "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=60),
+    "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=80, task_batch=4,
+                 task_lr=2e-3),
 }
 
 BASE_METHODS = ("base", "oracle", "arrow", "lag", "spectral", "arrow-mix", "rag", "prag", "r-lag", "p-lag", "k-sweep")
@@ -153,6 +157,7 @@ class Method:
     rag: bool = False  # the retrieved article goes in the prompt
     plag: bool = False  # the retrieved article's adapter is added on top of the knowledge routing
     reuse: str | None = None  # identical to another method: reuse its answers
+    mixed: bool = False  # also run "<name>/seq-task": task library by vote, knowledge library per token
 
     @property
     def routed(self) -> list[str]:
@@ -179,15 +184,15 @@ def method_list(cfg: BenchConfig, n: int) -> list[Method]:
     if "arrow" in want:
         add(Method("arrow", knowledge="arrow", task="arrow", k=1))
     if "lag" in want:
-        add(Method(lag_name, knowledge="lag", task="lag", k=kk, reuse="spectral" if kk >= n else None))
+        add(Method(lag_name, knowledge="lag", task="lag", k=kk, reuse="spectral" if kk >= n else None, mixed=True))
     if "spectral" in want or "lag" in want and kk >= n:
-        add(Method("spectral", knowledge="spectral", task="spectral"))
+        add(Method("spectral", knowledge="spectral", task="spectral", mixed="lag" in want and kk >= n))
     if "arrow-mix" in want:
         add(Method("arrow-mix", knowledge="arrow-mix", task="arrow-mix", k=kk))
     if "k-sweep" in want:
         for k in sweep_ks(cfg, n):
             if k >= n:
-                add(Method("spectral", knowledge="spectral", task="spectral"))
+                add(Method("spectral", knowledge="spectral", task="spectral", mixed="lag" in want and kk >= n))
             add(Method(f"lag@{k}", knowledge="lag", task="lag", k=k, reuse="spectral" if k >= n else None))
     if "rag" in want:
         add(Method("rag", task="lag", rag=True))
@@ -256,14 +261,18 @@ def layer_of(module: str) -> int:
     return -1
 
 
-def subject_mask(tokenizer, prompts: list[str], mentions: list[list[str]], width: int):
-    """(batch, width) bool: prompt tokens that overlap a mention of the subject, for left-padded prompts."""
+def subject_mask(tokenizer, prompts: list[str], mentions: list[list[str]], width: int, lengths=None):
+    """(batch, width) bool: prompt tokens that overlap a mention of the subject, for left-padded prompts.
+
+    lengths: the real tokens of each prompt in the batch that was run (checked against this tokenization)."""
     import torch
 
     mask = torch.zeros(len(prompts), width, dtype=torch.bool)
     for i, (prompt, names) in enumerate(zip(prompts, mentions)):
         enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
         n = len(enc["input_ids"])
+        if lengths is not None and int(lengths[i]) != n:
+            raise RuntimeError(f"prompt {i} has {int(lengths[i])} tokens in the batch but {n} alone")
         pad = width - n
         spans = []
         for name in sorted(set(names), key=len, reverse=True):
@@ -377,7 +386,8 @@ def _batches(items: list, size: int):
 
 def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | None = None,
               out_dir: str | Path | None = None, model_spec: str = "default", cache_dir: str | Path | None = None,
-              progress: bool = True, console=None, model_and_tokenizer=None, **overrides) -> dict:
+              progress: bool = True, console=None, model_and_tokenizer=None, threads: int | None = None,
+              **overrides) -> dict:
     """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
     method, and write the results folder. Returns the results dict (also written as results.json).
 
@@ -385,7 +395,20 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
     fields (e.g. n_entities=50, granularity="sequence", methods=("base", "oracle", "lag")).
     data_dir: a folder of LAMA T-REx jsonl files (+ relations.json); default default_data_dir().
     out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
-    shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair."""
+    shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
+    threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy)."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, overrides)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, overrides) -> dict:
     import torch
 
     from .kilt import LAMA_FAMILIES, normalised_scores, score_dataset, write_kilt_predictions
@@ -407,7 +430,7 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
     # -- data ------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     data = build_data(data_dir, cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
-                      cfg.max_article_chars)
+                      cfg.max_article_chars, context_every=cfg.context_every)
     timings["data"] = time.perf_counter() - t
     n = len(data.entities)
     say(f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
@@ -450,7 +473,7 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
     index = BM25Index([e.article for e in data.entities], [e.name for e in data.entities])
     retrieved = [hits[0][0] for hits in index.search([q.example.input for q in questions], k=1)]
     retrieval_top1 = sum(r == q.entity for r, q in zip(retrieved, questions)) / len(questions)
-    rag_prompts = [f"{articles[r]}\n\n{q.prompt}" for r, q in zip(retrieved, questions)]
+    rag_prompts = [rag_prompt(articles[r], q.prompt) for r, q in zip(retrieved, questions)]
     lengths = [len(tokenizer(q.prompt).input_ids) for q in questions]
     rag_lengths = [len(tokenizer(p).input_ids) for p in rag_prompts]
     order_plain = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
@@ -471,6 +494,8 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
             names = [m.name] if m.name in ("base", "oracle") or "token" in grans else []
             if m.routed and "sequence" in grans:
                 names.append(f"{m.name}/seq")
+                if m.mixed and len(m.routed) == 2:
+                    names.append(f"{m.name}/seq-task")
             if m.reuse is not None:
                 for name in names:
                     src = name.replace(m.name, m.reuse, 1)
@@ -587,7 +612,8 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
             if m.routed and trace is not None:
                 width = trace.prompt_length
                 pmask = trace.attention_mask[:, :width]
-                smask = subject_mask(tokenizer, prompts, [mentions[questions[i].entity] for i in batch], width)
+                smask = subject_mask(tokenizer, prompts, [mentions[questions[i].entity] for i in batch], width,
+                                     lengths=pmask.sum(1))
                 for lib, gold in (("knowledge", gold_know), ("task", gold_task)):
                     if lib in m.routed:
                         stats.add_trace(token_name, lib, trace, gold, pmask, smask, layers)
@@ -599,6 +625,12 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
             enc = encode_prompts(tokenizer, prompts, chat=False)
             all_votes = state.vote(enc["input_ids"], enc["attention_mask"])
             votes = {lib: all_votes[lib] for lib in m.routed}
+        mixed_name = f"{m.name}/seq-task"
+        if mixed_name in names:  # the task adapter by vote, the knowledge library still per token
+            state.set_router("task", "fixed", fixed=list(votes["task"]))
+            texts = generate(model, tokenizer, prompts, **kw)
+            for i, text in zip(batch, texts):
+                answers[mixed_name][i] = text
         for lib in m.routed:
             gold = gold_know if lib == "knowledge" else gold_task
             stats.add_votes(seq_name, lib, votes[lib], gold, layers)
@@ -855,11 +887,13 @@ def print_summary(results: dict, console) -> None:
 def bench_command(size: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
                   model: str = "default", granularity: str = "both", cache: str | Path | None = None,
                   methods: list[str] | None = None, n_entities: int | None = None,
-                  questions_per_dataset: int | None = None, progress: bool = True, console=None) -> dict:
+                  questions_per_dataset: int | None = None, threads: int | None = None, progress: bool = True,
+                  console=None) -> dict:
     """What `loralag bench` runs: run_bench with the command's options, then a summary on the console."""
     results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, cache_dir=cache, progress=progress,
-                        console=console, granularity=granularity, methods=tuple(methods) if methods else None,
-                        n_entities=n_entities, questions_per_dataset=questions_per_dataset)
+                        console=console, threads=threads, granularity=granularity,
+                        methods=tuple(methods) if methods else None, n_entities=n_entities,
+                        questions_per_dataset=questions_per_dataset)
     if console is not None:
         print_summary(results, console)
     return results

@@ -257,14 +257,20 @@ def slot_filling_input(relation: Relation, subject: str) -> str:
 
 
 def make_prompt(dataset: str, text: str) -> str:
-    """The model's prompt for a KILT-form input (plain completion; no chat template)."""
+    """The model's prompt for a KILT-form input (plain completion; no chat template). Each family ends in its
+    own cue ("Value:", "Answer:", "Verdict ...:"), so the tokens where the answer starts differ per task."""
     if dataset == SLOT_FILLING:
-        return f"{text}\nAnswer:"
+        return f"Fill the slot: {text}\nValue:"
     if dataset == QA:
         return f"Question: {text}\nAnswer:"
     if dataset == FACT_CHECKING:
-        return f"Claim: {text}\nIs the claim true? Answer {SUPPORTS} or {REFUTES}.\nAnswer:"
+        return f"Claim: {text}\nVerdict ({SUPPORTS} or {REFUTES}):"
     raise LoralagError(f"unknown LAMA dataset {dataset!r}")
+
+
+def rag_prompt(article: str, prompt: str) -> str:
+    """A prompt with a retrieved article in front (RAG form)."""
+    return f"{article}\n\n{prompt}"
 
 
 def _wrong_object(fact: Fact, pool: list[str], true_objects: set[str], rng: random.Random) -> str | None:
@@ -274,16 +280,17 @@ def _wrong_object(fact: Fact, pool: list[str], true_objects: set[str], rng: rand
 
 
 def family_item(dataset: str, fact: Fact, relations: dict[str, Relation], objects_by_relation: dict[str, list[str]],
-                true_objects: set[str], rng: random.Random) -> tuple[str, list[str]] | None:
-    """(KILT-form input, gold answers) of a fact in one family; None when it cannot be asked that way."""
+                true_objects: set[str], rng: random.Random, verdict: str | None = None) -> tuple[str, list[str]]:
+    """(KILT-form input, gold answers) of a fact in one family. Fact checking states the true object or a wrong
+    object of the same relation (verdict SUPPORTS / REFUTES; by default a coin flip)."""
     rel = relations[fact.relation]
     if dataset == SLOT_FILLING:
         return slot_filling_input(rel, fact.subject), _answers(fact)
     if dataset == QA:
         return question_text(rel, fact.subject), _answers(fact)
-    if rng.random() < 0.5:
-        return fill_template(rel.template, fact.subject, fact.object), [SUPPORTS]
-    wrong = _wrong_object(fact, objects_by_relation[fact.relation], true_objects, rng)
+    if verdict is None:
+        verdict = SUPPORTS if rng.random() < 0.5 else REFUTES
+    wrong = _wrong_object(fact, objects_by_relation[fact.relation], true_objects, rng) if verdict == REFUTES else None
     if wrong is None:
         return fill_template(rel.template, fact.subject, fact.object), [SUPPORTS]
     return fill_template(rel.template, fact.subject, wrong), [REFUTES]
@@ -309,12 +316,13 @@ def _usable_fact(f: Fact, max_object_words: int) -> bool:
 
 def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
                n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
-               max_object_words: int = 4, min_subject_mentions: int = 1) -> LamaData:
+               max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3) -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
     questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
-    pairs per family for the task adapters, about other entities. Entities are picked round-robin over the
+    pairs per family for the task adapters, about other entities; one in `context_every` of them has the
+    entity's article in front (the RAG form; 0: none). Entities are picked round-robin over the
     relations (so every relation is represented), in a seeded order, among subjects whose label is
     unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
     whose object is not part of the subject's own name."""
@@ -382,20 +390,27 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
         questions[dataset] = qs
 
     task_pairs: dict[str, list[tuple[str, str]]] = {}
-    train_entities = []
-    for d_i, dataset in enumerate(DATASETS):
+    train_entities: list[Entity] = []
+    for dataset in DATASETS:
         prng = random.Random(f"{seed}-train-{dataset}")
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         for j, ent in enumerate(pool):
             if len(pairs) >= n_train_pairs:
                 break
             fact = ent.facts[j % len(ent.facts)]
             true = {f.object for f in ent.facts if f.relation == fact.relation}
-            text, answers = family_item(dataset, fact, relations, objects_by_relation, true, prng)
-            pairs.append((make_prompt(dataset, text), " " + answers[0]))
+            # fact checking: the true and a false claim about the same fact, so the verdict has to come from
+            # the object, not from the subject
+            verdicts = [SUPPORTS, REFUTES] if dataset == FACT_CHECKING else [None]
+            items = [family_item(dataset, fact, relations, objects_by_relation, true, prng, v) for v in verdicts]
+            for k, (text, answers) in enumerate(items):
+                prompt = make_prompt(dataset, text)
+                # every third fact also in RAG form (its article in front), so one task adapter serves both
+                with_context = context_every and (j + k) % context_every == 0
+                pairs.append((rag_prompt(ent.article, prompt) if with_context else prompt, " " + answers[0]))
             if ent not in train_entities:
                 train_entities.append(ent)
-        task_pairs[dataset] = pairs
+        task_pairs[dataset] = pairs[:n_train_pairs]
     return LamaData(relations, entities, train_entities, questions, task_pairs)
 
 
