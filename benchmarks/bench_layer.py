@@ -112,7 +112,8 @@ def make_peft_created(A, B, base, tmp: Path):
 def seg_bank(A, B, names, size=128):
     parts, where = {}, []
     for p, s in enumerate(range(0, len(A), size)):
-        parts[f"s{p}"] = (A[s : s + size], B[s : s + size], A[s : s + size, 0], None)
+        arrows = A[s : s + size, 0].contiguous()
+        parts[f"s{p}"] = (A[s : s + size], B[s : s + size], lambda arrows=arrows: arrows, None)  # arrow reader
     where = [(f"s{i // size}", i % size, A.shape[1]) for i in range(len(A))]
     return ModuleBank.from_segments("m", A.shape[2], B.shape[1], names, where, parts, A.dtype)
 

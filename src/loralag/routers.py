@@ -21,7 +21,7 @@ from .bank import ModuleBank
 
 # Cost model for choosing how `project` scores candidates (multiply-adds per second on one core, and the
 # Python cost of one per-adapter step), measured with benchmarks/bench_layer.py on this machine's CPU.
-GEMM_RATE = 20e9
+GEMM_RATE = 40e9
 SMALL_GEMM_RATE = 5e9
 STEP_COST = 10e-6
 DENSE_CHUNK = 256  # adapters per block in the dense routers
