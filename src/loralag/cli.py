@@ -364,6 +364,23 @@ def serve(
                max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
 
 
+@app.command()
+@user_errors
+def bench(
+    size: str = typer.Option("tiny", "--size", help="tiny (minutes, in the test suite) or full (200+ knowledge adapters)."),
+    data: Path = typer.Option(Path("../shared/data/lama-trex"), "--data", help="Folder of LAMA T-REx relation files."),
+    out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
+    model: str = typer.Option("default", "--model", "-m"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
+    _quiet_warnings()
+    from .lama_bench import run_bench
+
+    run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, console=console)
+    console.print(f"results written to {out}")
+
+
 # -- demo --------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors
