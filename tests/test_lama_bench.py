@@ -42,6 +42,11 @@ def lama_dir(tmp_path):
         for i, c in enumerate(colours):
             fh.write(json.dumps(lama_record("X2", f"Flag {i}", c, f"The Flag {i} is mostly [MASK].")) + "\n")
         fh.write(json.dumps(lama_record("X2", "Person 0", "red", "Person 0 liked [MASK] hats.", uri=None)) + "\n")
+        # the other LAMA subsets' form: masked_sentences instead of evidences
+        rec = lama_record("X2", "Flag 9", "teal", "")
+        del rec["evidences"]
+        rec["masked_sentences"] = ["The Flag 9 is mostly [MASK]."]
+        fh.write(json.dumps(rec) + "\n")
     (d / "relations.json").write_text(json.dumps([{"relation": "X1", "label": "birthplace",
                                                    "template": "[X] was born in [Y] ."}]))
     return d
@@ -49,6 +54,7 @@ def lama_dir(tmp_path):
 
 def test_articles_fill_mask_with_surface_and_keep_disjoint_sets(lama_dir):
     facts, subjects, relations = read_facts(lama_dir)
+    assert next(f for f in facts if f.subject == "Flag 9").sentences == ["The Flag 9 is mostly teal."]
     assert relations["X2"].label == "X2" and "[X]" in relations["X2"].template  # generic fallback
     data = build_data(lama_dir, n_entities=4, n_train_pairs=5, seed=1)
     assert len(data.entities) == 4
@@ -56,7 +62,8 @@ def test_articles_fill_mask_with_surface_and_keep_disjoint_sets(lama_dir):
     assert not names & {e.name for e in data.train_entities}  # task training never sees the knowledge set
     for e in data.entities:
         assert "[MASK]" not in e.article and e.label in e.article
-    p0 = next(e for e in data.entities + data.train_entities if e.label == "Person 0")
+    everyone = build_data(lama_dir, n_entities=4, n_train_pairs=50, seed=1)  # the whole pool trains tasks
+    p0 = next(e for e in everyone.entities + everyone.train_entities if e.label == "Person 0")
     assert "Quillsby Town" in p0.article  # obj_surface, not obj_label, fills the mask
     texts = rewrites(p0, data.relations)
     assert "Person 0 was born in Quillsby." in texts  # the cloze template, with obj_label

@@ -838,6 +838,8 @@ def plot_routing(results: dict, path: Path, layers: int) -> Path:
     for name, color in ((lag, "tab:blue"), ("arrow", "tab:orange"), ("spectral", "tab:green")):
         if not name or name not in routing:
             continue
+        if name == "spectral" and lag in routing and routing[lag] == routing[name]:
+            continue  # the headline LAG is SpectR here (k >= N): one line, not two on top of each other
         kn, tk = routing[name].get("knowledge"), routing[name].get("task")
         if kn:
             ax_k.plot(x, [v if v is not None else math.nan for v in kn["subject_by_layer"]], "-", color=color,

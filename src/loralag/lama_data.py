@@ -168,7 +168,9 @@ def read_facts(data_dir: str | Path) -> tuple[list[Fact], dict[str, dict], dict[
             raw = ex.raw
             obj_label = ex.answers[0]
             surfaces, sentences, mentions = [obj_label], [], [ex.input.strip()]
-            for ev in raw.get("evidences") or []:
+            evidences = raw.get("evidences") or [{"masked_sentence": m} for m in raw.get("masked_sentences") or []
+                                                 if isinstance(m, str)]  # the other LAMA subsets' field
+            for ev in evidences:
                 masked = ev.get("masked_sentence") or ""
                 surface = (ev.get("obj_surface") or "").strip() or obj_label
                 if surface not in surfaces:
