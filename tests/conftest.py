@@ -46,6 +46,15 @@ def save_lora(model, folder, seed: int, r: int = 4, alpha: float = 8, target_mod
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; with more, a busy machine makes every small op wait on the others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def llama():
     return tiny_llama()
 

@@ -23,15 +23,7 @@ from loralag.library import module_shapes
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with more, a busy machine makes every small op wait on the others."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 PROMPTS = ["what is the capital of the red moon ?", "who"]
 
 
