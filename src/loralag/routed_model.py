@@ -81,7 +81,7 @@ class RoutingState:
         try:
             yield self.trace
         finally:
-            self.trace_done, self.trace = self.trace, None
+            self.trace = None
 
 
 def _library_dict(libraries) -> dict[str, Library]:
