@@ -300,3 +300,17 @@ def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
         assert 0 < len(with_context) < len(data.task_pairs[d])
     none = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=0)
     assert not any("\n\n" in p for d in DATASETS for p, _ in none.task_pairs[d])
+
+
+def test_bare_fact_checking_pairs_only_from_known_facts():
+    from loralag.lama_data import Claim, fact_checking_pairs
+
+    claims = [Claim(f"T{i}.", f"F{i}.", f"Article {i}.", f"e{i}") for i in range(6)]
+    known = [False, False, True, False, True, True]
+    pairs = fact_checking_pairs(claims, known, n_pairs=100, context_every=2)
+    facts = [p for p, _ in pairs[::2]]
+    # fact 0: RAG form (context decides, known or not); 1 unknown: skipped; 2 bare; 3 RAG form; 4 bare; 5 RAG form
+    assert ["Article" in p for p in facts] == [True, False, True, False, True]
+    assert [p.split("Claim: ")[1].split("\n")[0] for p in facts] == ["T0.", "T2.", "T3.", "T4.", "T5."]
+    assert [a.strip() for _, a in pairs[:2]] == [SUPPORTS, REFUTES]
+    assert len(fact_checking_pairs(claims, None, n_pairs=4, context_every=0)) == 4

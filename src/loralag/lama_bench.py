@@ -44,7 +44,7 @@ from pathlib import Path
 
 from .errors import LoralagError
 from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, Question, build_data, describe,
-                        rag_prompt, rewrites, write_questions)
+                        fact_checking_pairs, rag_prompt, rewrites, write_questions)
 
 PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
              "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
@@ -379,6 +379,17 @@ def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, 
     return lib
 
 
+def torch_no_grad(fn):
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 def _batches(items: list, size: int):
     for s in range(0, len(items), size):
         yield items[s : s + size]
@@ -442,6 +453,13 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     else:
         model, tokenizer = load_model(model_spec, dtype=torch.float32)
     timings["load_model"] = time.perf_counter() - t
+
+    # fact checking without context trains only on facts the base model already knows (see known_claims)
+    t = time.perf_counter()
+    known = known_claims(model, tokenizer, data.claims)
+    data.task_pairs[FACT_CHECKING] = fact_checking_pairs(data.claims, known, cfg.n_train_pairs, cfg.context_every)
+    claims_known = sum(known) / len(known) if known else None
+    timings["score_claims"] = time.perf_counter() - t
 
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -559,6 +577,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                 "cache_dir": str(cache), "model": model_spec, "knowledge_library": str(know_lib.path),
                 "task_library": str(task_lib.path), "n_knowledge_adapters": len(know_lib),
                 "task_adapters": task_lib.names, "methods": list(answers), "p_lag_definition": PLAG_NOTE,
+                "task_training": _TRAINING_NOTE,
                 "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
                 "torch_threads": torch.get_num_threads()}
     results = {
@@ -569,6 +588,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         "normalised": normalised,
         "routing": routing,
         "retrieval_top1": retrieval_top1,
+        "claims_known_by_base": claims_known,
         "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
         "timings": {**timings, "methods": method_time},
     }
@@ -582,9 +602,46 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     return results
 
 
+_TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
+                  "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
+                  "the same fact; those without context only for facts the base model already ranks right "
+                  "(log p(true claim) > log p(false claim)), so the adapter learns to check a claim against the "
+                  "model's own knowledge.")
 _CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
                   "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer) must equal "
                   "the gold label. Gold answers: obj_label plus the article's surface forms that name it in full.")
+
+
+@torch_no_grad
+def sequence_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
+    """log p(text) under the model (sum over its tokens after the first), batched with left padding."""
+    import torch
+
+    out = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in _batches(texts, batch_size):
+            enc = tokenizer(batch, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            out += (lp * (mask[:, 1:] * mask[:, :-1])).sum(1).tolist()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def known_claims(model, tokenizer, claims) -> list[bool]:
+    """Per claim pair: does the base model find the true claim more likely than the false one?
+
+    A claim with no context can only be checked against the model's own knowledge, so the fact-checking
+    adapter learns that skill from the facts the model knows: it learns to read "does this match what I know"
+    out of the model, which is what the knowledge adapters then change."""
+    if not claims:
+        return []
+    lp = sequence_logprobs(model, tokenizer, [t for c in claims for t in (c.true, c.false)])
+    return [lp[2 * i] > lp[2 * i + 1] for i in range(len(claims))]
 
 
 def _jsonable(x):
@@ -781,7 +838,8 @@ def report_markdown(results: dict) -> str:
                          f"routing decisions to the gold knowledge adapter; the sequence vote picks the gold adapter "
                          f"for {f.get('lag_vote_gold_count', ['?', '?'])[0]}/{f.get('lag_vote_gold_count', ['?', '?'])[1]} "
                          "questions.")
-    lines += ["", "## Settings", "", f"- {s['p_lag_definition']}", f"- {s['answer_checking']}",
+    lines += ["", "## Settings", "", f"- {s['p_lag_definition']}", f"- {s.get('task_training', '')}",
+              f"- {s['answer_checking']}",
               "- lag@k with k ≥ N is SpectR over the whole library; it reuses `spectral`'s answers.",
               "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()
                                               if isinstance(v, (int, float))), ""]

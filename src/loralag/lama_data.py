@@ -123,12 +123,24 @@ class Question:
 
 
 @dataclass
+class Claim:
+    """A fact of the task-training pool stated truly and falsely (a wrong object of the same relation)."""
+
+    true: str
+    false: str
+    article: str
+    entity: str
+
+
+@dataclass
 class LamaData:
     relations: dict[str, Relation]
     entities: list[Entity]  # the knowledge set, in adapter order
     train_entities: list[Entity]  # the task-training pool (disjoint from the knowledge set)
     questions: dict[str, list[Question]]  # dataset -> questions about the knowledge set
     task_pairs: dict[str, list[tuple[str, str]]]  # dataset -> (prompt, answer) about the training pool
+    claims: list[Claim] = field(default_factory=list)  # the fact-checking claim pool
+    context_every: int = 3
 
     def entity(self, name: str) -> Entity:
         for e in self.entities:
@@ -318,13 +330,15 @@ def _usable_fact(f: Fact, max_object_words: int) -> bool:
 
 def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
                n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
-               max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3) -> LamaData:
+               max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3,
+               claim_pool: int = 2) -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
     questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
     pairs per family for the task adapters, about other entities; one in `context_every` of them has the
-    entity's article in front (the RAG form; 0: none). Entities are picked round-robin over the
+    entity's article in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
+    claim_pool × n_train_pairs claims (see fact_checking_pairs). Entities are picked round-robin over the
     relations (so every relation is represented), in a seeded order, among subjects whose label is
     unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
     whose object is not part of the subject's own name."""
@@ -393,27 +407,62 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
 
     task_pairs: dict[str, list[tuple[str, str]]] = {}
     train_entities: list[Entity] = []
-    for dataset in DATASETS:
+    for dataset in (SLOT_FILLING, QA):
         prng = random.Random(f"{seed}-train-{dataset}")
         pairs: list[tuple[str, str]] = []
         for j, ent in enumerate(pool):
             if len(pairs) >= n_train_pairs:
                 break
             fact = ent.facts[j % len(ent.facts)]
-            true = {f.object for f in ent.facts if f.relation == fact.relation}
-            # fact checking: the true and a false claim about the same fact, so the verdict has to come from
-            # the object, not from the subject
-            verdicts = [SUPPORTS, REFUTES] if dataset == FACT_CHECKING else [None]
-            items = [family_item(dataset, fact, relations, objects_by_relation, true, prng, v) for v in verdicts]
-            for k, (text, answers) in enumerate(items):
-                prompt = make_prompt(dataset, text)
-                # every third fact also in RAG form (its article in front), so one task adapter serves both
-                with_context = context_every and (j + k) % context_every == 0
-                pairs.append((rag_prompt(ent.article, prompt) if with_context else prompt, " " + answers[0]))
+            text, answers = family_item(dataset, fact, relations, objects_by_relation, set(), prng)
+            prompt = make_prompt(dataset, text)
+            # one fact in `context_every` in RAG form (its article in front), so one task adapter serves both
+            with_context = context_every and j % context_every == 0
+            pairs.append((rag_prompt(ent.article, prompt) if with_context else prompt, " " + answers[0]))
             if ent not in train_entities:
                 train_entities.append(ent)
-        task_pairs[dataset] = pairs[:n_train_pairs]
-    return LamaData(relations, entities, train_entities, questions, task_pairs)
+        task_pairs[dataset] = pairs
+    # fact checking: a pool of (true claim, false claim) about the same fact, so the verdict has to come from the
+    # object, not the subject; which claims train the adapter is fact_checking_pairs' choice
+    prng = random.Random(f"{seed}-train-{FACT_CHECKING}")
+    claims: list[Claim] = []
+    for j, ent in enumerate(pool):
+        if len(claims) >= claim_pool * n_train_pairs:
+            break
+        fact = ent.facts[j % len(ent.facts)]
+        true = {f.object for f in ent.facts if f.relation == fact.relation}
+        wrong = _wrong_object(fact, objects_by_relation[fact.relation], true, prng)
+        if wrong is None:
+            continue
+        rel = relations[fact.relation]
+        claims.append(Claim(fill_template(rel.template, fact.subject, fact.object),
+                            fill_template(rel.template, fact.subject, wrong), ent.article, ent.name))
+    task_pairs[FACT_CHECKING] = fact_checking_pairs(claims, None, n_train_pairs, context_every)
+    used = {c.entity for c in claims[: n_train_pairs]}
+    train_entities += [e for e in pool if e.name in used and e not in train_entities]
+    return LamaData(relations, entities, train_entities, questions, task_pairs, claims, context_every)
+
+
+def fact_checking_pairs(claims: list["Claim"], known: list[bool] | None, n_pairs: int,
+                        context_every: int) -> list[tuple[str, str]]:
+    """Fact-checking training pairs: each fact's true claim (SUPPORTS) and false claim (REFUTES).
+
+    One fact in `context_every` comes in RAG form, its article in front: the verdict is in the context.
+    The others come bare, and only if `known[i]` (None: all): a claim without context can only be checked
+    against what the model already knows, so only facts it knows teach that skill (see lama_bench)."""
+    pairs: list[tuple[str, str]] = []
+    j = 0
+    for i, c in enumerate(claims):
+        if len(pairs) >= n_pairs:
+            break
+        with_context = bool(context_every) and j % context_every == 0
+        if not with_context and known is not None and not known[i]:
+            continue
+        for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
+            prompt = make_prompt(FACT_CHECKING, text)
+            pairs.append((rag_prompt(c.article, prompt) if with_context else prompt, " " + label))
+        j += 1
+    return pairs[:n_pairs]
 
 
 def _round_robin(groups: list[list]) -> list:
