@@ -809,7 +809,8 @@ def report_markdown(results: dict) -> str:
     lines += ["", "## Routing accuracy", "",
               "Share of routing decisions (token × module, all layers) that pick the gold adapter: knowledge over "
               "the subject-mention tokens and over all prompt tokens, task over all prompt tokens; for `/seq` "
-              "the share of questions whose vote picks the gold adapter.", "",
+              "the share of questions whose vote picks the gold adapter. In RAG-form prompts the subject's mentions "
+              "in the article count as subject tokens too.", "",
               "| method | knowledge: subject tokens | knowledge: prompt tokens | task: prompt tokens | "
               "knowledge vote | task vote |", "|---|---|---|---|---|---|"]
     for m, per in results["routing"].items():
