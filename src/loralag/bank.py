@@ -27,6 +27,7 @@ class ModuleBank:
     seg_of: torch.Tensor  # (n,) which part holds each adapter
     row_of: torch.Tensor  # (n,) its row there
     ivf: ArrowIndex | None = None  # optional sub-linear arrow index (arrow_index.py)
+    _arrows_half: torch.Tensor | None = None  # float16 copy for decoding, see arrows_half
 
     def __post_init__(self):
         # The common case, one segment at full rank, gathers with a single index_select per tensor;
@@ -42,6 +43,14 @@ class ModuleBank:
     @property
     def dtype(self) -> torch.dtype:
         return self.arrows.dtype
+
+    @property
+    def arrows_half(self) -> torch.Tensor:
+        """A float16 copy of the arrows for decoding, made on first use: one token's arrow stage is a
+        matrix-vector product bound by memory bandwidth, and this halves the bytes it reads."""
+        if getattr(self, "_arrows_half", None) is None:
+            self._arrows_half = self.arrows.to(torch.float16)
+        return self._arrows_half
 
     @property
     def index(self) -> dict[str, int]:
