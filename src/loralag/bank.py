@@ -37,6 +37,11 @@ class ModuleBank:
         self._padded = any(A.shape[1] < self.r for A, _ in self.parts)
 
     @property
+    def direct(self) -> bool:
+        """One full-rank segment whose rows are the bank's order: stacks can be used as they are."""
+        return self._direct
+
+    @property
     def n(self) -> int:
         return len(self.names)
 

@@ -118,7 +118,10 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     union_cost = T * u * bank.r * bank.d_in / GEMM_RATE
     grouped_cost = T * k * bank.r * bank.d_in / SMALL_GEMM_RATE + u * STEP_COST
     if union_cost <= grouped_cost:
-        A = bank.gather_A(uniq, out=workspace("A", u * bank.r * bank.d_in, bank.dtype))  # (u, r, d_in)
+        if u == bank.n and bank.direct:  # every adapter is a candidate: the stack itself, no copy
+            A = bank.parts[0][0]
+        else:
+            A = bank.gather_A(uniq, out=workspace("A", u * bank.r * bank.d_in, bank.dtype))  # (u, r, d_in)
         Z = (X @ A.reshape(-1, bank.d_in).T).view(T, u, bank.r)
         return Z.gather(1, inv.unsqueeze(-1).expand(T, k, bank.r))
     return _project_grouped(bank, X, cand)
