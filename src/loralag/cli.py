@@ -381,6 +381,143 @@ def bench(
     console.print(f"results written to {out}")
 
 
+# -- evaluation --------------------------------------------------------------------------------------------
+@app.command("eval")
+@user_errors
+def eval_command(
+    data: List[Path] = typer.Argument(..., help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."),
+    predictions: Optional[List[str]] = typer.Option(
+        None, "--predictions", "-p",
+        help="KILT-format predictions: a file (one data file) or a folder of <data-file-stem>.jsonl; "
+             "NAME=PATH to name the method (repeatable, to compare methods)."),
+    oracle: Optional[str] = typer.Option(None, "--oracle",
+                                         help="Method to normalise by (Eq. 9); default 'oracle' when one is named so."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Write scores.json and scores.md here (and, with --model, the predictions)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", help="Force the task of KILT files: TASK, or STEM=TASK (repeatable)."),
+    strict: bool = typer.Option(False, "--strict", help="A missing prediction is an error (as in the official scorer), not a wrong answer."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples of each data file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Generate predictions with this model ('default', a folder or a hub id)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Method name of the generated predictions (default: the router, or 'base')."),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
+    router: str = typer.Option("lag", "--router", help="lag, arrow, arrow-mix, spectral, uniform, none, fixed."),
+    k: int = typer.Option(20, "--k", help="Arrow candidates per token for LAG / arrow-mix."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Use the library's arrow index, scanning this many clusters."),
+    granularity: str = typer.Option("token", "--granularity", help="token (the paper) or sequence (majority vote)."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-a",
+                                                help="Fix a library to this adapter (LIB/NAME or NAME) for every example."),
+    adapter_map: Optional[Path] = typer.Option(None, "--adapter-map",
+                                               help="JSON {example id: LIB/NAME or [..]}: fixed adapters per example (an Oracle)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt for every example, with {input}."),
+    max_input_chars: int = typer.Option(2000, "--max-input-chars", min=1, help="Cut longer inputs (around the mention for entity linking)."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Use the tokenizer's chat template."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+):
+    """Score KILT-format predictions with the official KILT metrics (and the paper's normalised score), or
+    generate them first with --model."""
+    from . import evaluate as ev
+
+    if not predictions and model is None:
+        raise LoralagError("give --predictions PATH (or NAME=PATH, repeatable), or --model to generate predictions")
+    if model is not None and out is None:
+        raise LoralagError("--model needs --out DIR, where the predictions are written as DIR/<data-file-stem>.jsonl")
+    if model is None and (library or adapter or adapter_map):
+        raise LoralagError("--library, --adapter and --adapter-map need --model")
+    tasks: dict[str, str] | str | None = None
+    for spec in task or []:
+        stem, sep, value = spec.rpartition("=")
+        if not sep and len(task) == 1:
+            tasks = spec
+        elif not sep or not stem:
+            raise LoralagError(f"--task {spec!r}: with several --task options each must be STEM=TASK")
+        else:
+            tasks = tasks if isinstance(tasks, dict) else {}
+            tasks[stem] = value
+    datasets = ev.load_datasets(data, task=tasks, limit=limit)
+
+    methods: dict[str, Path] = {}
+    for spec in predictions or []:
+        m_name, path = ev.parse_method(spec)
+        if m_name in methods:
+            raise LoralagError(f"two --predictions are named {m_name!r}; name them NAME=PATH")
+        methods[m_name] = path
+    preds = {m_name: ev.read_method_predictions(path, datasets) for m_name, path in methods.items()}
+
+    if model is not None:
+        gen_name = name or (router if library else "base")
+        if gen_name in preds:
+            raise LoralagError(f"the generated predictions and a --predictions are both named {gen_name!r}; use --name")
+        preds = {gen_name: _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter,
+                                          adapter_map, max_new_tokens, batch_size, prompt_template, max_input_chars,
+                                          chat, dtype, threads, out), **preds}
+    if oracle is not None and oracle not in preds:
+        raise LoralagError(f"--oracle {oracle!r} names no method; methods: {', '.join(preds)}")
+    report = ev.evaluate(datasets, preds, oracle=oracle, strict=strict)
+    for table in ev.rich_tables(report):
+        console.print(table)
+    for m_name, per in report["scores"].items():
+        for ds_name, res in per.items():
+            if res["n_missing"]:
+                err_console.print(f"[yellow]warning:[/] {m_name}: {res['n_missing']} of {res['n']} examples of "
+                                  f"{ds_name} have no prediction; scored as wrong", highlight=False, soft_wrap=True)
+    if "normalised_error" in report:
+        err_console.print(f"[yellow]warning:[/] no normalised table: {report['normalised_error']}", highlight=False,
+                          soft_wrap=True)
+    if out is not None:
+        js, md = ev.write_report(out, report)
+        console.print(f"scores written to {js} and {md}")
+
+
+def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter, adapter_map,
+                   max_new_tokens, batch_size, prompt_template, max_input_chars, chat, dtype, threads, out):
+    """`eval --model`: generate every dataset's predictions, write them to OUT/<stem>.jsonl, return them."""
+    _quiet_warnings()
+    import torch
+
+    from .kilt import write_kilt_predictions
+    from .models import load_model
+    from .routed_model import attach, detach
+    from .routers import RouteSpec
+
+    _set_threads(threads)
+    RouteSpec(router=router, k=k, nprobe=nprobe)  # bad router settings fail before the model loads
+    if granularity not in ("token", "sequence"):
+        raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
+    if prompt_template is not None and "{input}" not in prompt_template:
+        raise LoralagError("--prompt-template must contain {input}")
+    libs = [_open(p) for p in library or []]
+    named = {_unique_name(lib, libs): lib for lib in libs}
+    if router == "fixed" and not libs:
+        raise LoralagError("--router fixed needs --library and --adapter or --adapter-map")
+    fixed, per_example = ev.fixed_adapters(named, adapter or [],
+                                           ev.read_adapter_map(adapter_map) if adapter_map is not None else None)
+    if router == "fixed" and not fixed and not per_example:
+        raise LoralagError("--router fixed needs --adapter LIB/NAME or --adapter-map FILE")
+    fixed_libs = set(fixed) | {lib for m in per_example.values() for lib in m}
+    model_, tokenizer = load_model(model, dtype=getattr(torch, dtype.value))
+    if libs:
+        routers = {lib: ("fixed" if lib in fixed_libs or router == "fixed" else router) for lib in named}
+        attach(model_, named, router=routers, k=k, nprobe=nprobe)
+    out_preds = {}
+    try:
+        for ds in datasets:
+            start = time.perf_counter()
+            answers = ev.generate_predictions(model_, tokenizer, ds, batch_size=batch_size,
+                                              max_new_tokens=max_new_tokens, template=prompt_template, chat=chat,
+                                              granularity=granularity, max_input_chars=max_input_chars,
+                                              fixed=fixed, fixed_per_example=per_example)
+            path = write_kilt_predictions(Path(out) / f"{ds.name}.jsonl", answers)
+            out_preds[ds.name] = answers
+            console.print(f"{ds.name}: {len(answers)} predictions in {time.perf_counter() - start:.1f} s -> {path}",
+                          highlight=False)
+    finally:
+        detach(model_)
+    return out_preds
+
+
 # -- demo --------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors
