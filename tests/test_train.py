@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -211,3 +211,149 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "sub" / "other.jsonl").write_text(json.dumps({"name": "dup", "text": "two"}) + "\n")
     with pytest.raises(LoralagError, match="'dup' from .*other.jsonl is already used by .*dup.txt"):
         lt.read_training_inputs([tmp_path / "sub"])
+
+
+# ---------------------------------------------------------------- grouped training
+
+# batch 2 < 5 examples: the queue path too. Grouped rows are padded wider than alone, which changes
+# float rounding in attention; Adam turns that into up to ~lr * 1e-3 on weights whose gradient is
+# near 0 (|g| ~ eps), so a moderate lr keeps the comparison well inside 1e-5.
+GROUP_CFG = TrainConfig(steps=8, lr=5e-3, batch_size=2)
+
+
+def group_items():
+    """Items of different kinds, example counts (1, 2, 5, 1, 1) and lengths."""
+    return [
+        Document("accord", TEXT),
+        QAPairs("quiz", PAIRS),
+        Document("council", "The council of nine wardens meets in Tessaly .", extra_texts=[
+            "nine wardens", "The council banned the harvest of blue ice in 2031 .",
+            "It was signed by seven mining guilds .", "blue ice of Tessaly"]),
+        Document("guilds", "seven mining guilds"),
+        QAPairs("ban", [PAIRS[1]]),
+    ]
+
+
+def weights(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def module_types(model):
+    return [(name, type(m)) for name, m in model.named_modules()]
+
+
+def test_grouped_training_equals_one_at_a_time(model, tok, tmp_path, one_thread):
+    items = group_items()
+    single = lt.train_adapters(model, tok, items, tmp_path / "single", GROUP_CFG, progress=False)
+    grouped = lt.train_adapters(model, tok, items, tmp_path / "grouped", GROUP_CFG, progress=False, group_size=3)
+    assert [p.name for p in grouped] == [item.name for item in items]
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    for a, b in zip(single, grouped):
+        assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
+        assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and len(wa) == 2 * 3 * 2  # A and B, 3 targets, 2 layers, PEFT's key names
+        assert any(wa[k].abs().max() > 0.01 for k in wa if "lora_B" in k)  # trained, not the zero init
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+        ma, mb = lt._read_marker(a), lt._read_marker(b)
+        assert ma["key"] == mb["key"] and ma["examples"] == mb["examples"] and ma["config"] == mb["config"]
+        assert mb["final_loss"] < mb["first_loss"]
+        assert mb["first_loss"] == pytest.approx(ma["first_loss"], abs=1e-5)
+        assert mb["final_loss"] == pytest.approx(ma["final_loss"], abs=1e-4)
+        with torch.no_grad():
+            la = PeftModel.from_pretrained(copy.deepcopy(model), a).eval()(ids).logits
+            lb = PeftModel.from_pretrained(copy.deepcopy(model), b).eval()(ids).logits
+        torch.testing.assert_close(lb, la, atol=1e-5, rtol=0)
+
+
+def test_grouped_init_is_peft_init(model, tok, one_thread):
+    cfg = TrainConfig(seed=3)
+    init, why_not = lt._lora_init(model, cfg)
+    assert why_not is None and len(init) == 6
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        peft_model = get_peft_model(copy.deepcopy(model), lt._lora_config(cfg))
+    for name, (A, B, scale) in init.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        assert torch.equal(A, layer.lora_A["default"].weight) and not B.any()
+        assert scale == layer.scaling["default"] == 12 / 6
+
+
+def test_grouped_cache_skips_finished_adapters(model, tok, tmp_path, monkeypatch, caplog, capsys, one_thread):
+    items = group_items()[:4]
+    done = lt.train_adapters(model, tok, items[:2], tmp_path, GROUP_CFG, progress=False)  # one at a time
+    mtimes = {p.name: (p / "adapter_model.safetensors").stat().st_mtime_ns for p in done}
+    trained_groups, singles = [], []
+    train_group, train_into = lt._train_group, lt._train_into
+    monkeypatch.setattr(lt, "_train_group", lambda model, group, *a: (
+        trained_groups.append(sorted(job.name for job in group)), train_group(model, group, *a))[1])
+    monkeypatch.setattr(lt, "_train_into", lambda *a: (singles.append(a), train_into(*a))[1])
+
+    with caplog.at_level(logging.INFO, logger="loralag.train"):
+        paths = lt.train_adapters(model, tok, items, tmp_path, GROUP_CFG, progress=True, group_size=3)
+    assert paths == [tmp_path / item.name for item in items]
+    assert trained_groups == [["council", "guilds"]] and singles == []  # only the two missing ones, as one group
+    assert "skipped accord" in caplog.text and "skipped quiz" in caplog.text
+    assert {n: (tmp_path / n / "adapter_model.safetensors").stat().st_mtime_ns for n in mtimes} == mtimes
+    assert "4/4" in capsys.readouterr().err  # the bar reached every adapter
+
+    # Grouped output is up to date for one-at-a-time training and for grouped training again.
+    assert all(lt.train_adapter(model, tok, item, tmp_path, GROUP_CFG).skipped for item in items)
+    lt.train_adapters(model, tok, items, tmp_path, GROUP_CFG, progress=False, group_size=2)
+    assert trained_groups == [["council", "guilds"]] and singles == []
+
+    # A changed item is retrained; a lone leftover goes the one-at-a-time way.
+    changed = [*items[:3], Document("guilds", "seven mining guilds of Tessaly")]
+    lt.train_adapters(model, tok, changed, tmp_path, GROUP_CFG, progress=False, group_size=3)
+    assert trained_groups == [["council", "guilds"]] and len(singles) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(item.name for item in items)  # no temp leftovers
+
+
+@pytest.mark.parametrize("fail_in", ["training", "saving"])
+def test_grouped_training_leaves_base_untouched(model, tok, tmp_path, monkeypatch, one_thread, fail_in):
+    before, types = snapshot(model), module_types(model)
+    model.get_submodule("model.embed_tokens").weight.requires_grad_(False)  # a flag to keep as it was
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    items = group_items()[:3]
+
+    def unchanged():
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert module_types(model) == types  # no wrapper or LoRA layer left
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+        assert not model.training and not hasattr(model, "peft_config")
+
+    lt.train_adapters(model, tok, items, tmp_path / "ok", GROUP_CFG, progress=False, group_size=3)
+    unchanged()
+
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if fail_in == "saving" or len(calls) == 3:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+    clip = lt._clip_per_adapter
+    monkeypatch.setattr(*((lt, "_clip_per_adapter") if fail_in == "training" else (PeftModel, "save_pretrained")), killed)
+    (tmp_path / "killed").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        lt.train_adapters(model, tok, items, tmp_path / "killed", GROUP_CFG, progress=False, group_size=3)
+    unchanged()
+    assert list((tmp_path / "killed").iterdir()) == []  # no adapter, no temp folder
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_bad_group_size(model, tok, tmp_path, bad):
+    with pytest.raises(LoralagError, match="group_size must be a positive integer"):
+        lt.train_adapters(model, tok, [Document("d", TEXT)], tmp_path, FAST, progress=False, group_size=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dropout_falls_back_to_one_at_a_time(model, tok, tmp_path, monkeypatch, caplog, one_thread):
+    monkeypatch.setattr(lt, "_train_group", lambda *a: pytest.fail("grouped training despite dropout"))
+    cfg = TrainConfig(steps=2, dropout=0.1)
+    with caplog.at_level(logging.WARNING, logger="loralag.train"):
+        paths = lt.train_adapters(model, tok, group_items()[:2], tmp_path, cfg, progress=False, group_size=2)
+    assert "one at a time" in caplog.text and "dropout" in caplog.text
+    assert all((p / "adapter_model.safetensors").is_file() for p in paths)

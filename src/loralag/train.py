@@ -4,6 +4,12 @@ Each adapter lands in `out_dir/<name>/` as a plain PEFT folder (adapter_config.j
 adapter_model.safetensors) plus `loralag_train.json`, a marker holding a hash of what was
 trained, so a finished adapter is never trained again. The base model is shared across
 items and left exactly as it was.
+
+`train_adapters(..., group_size=G)` trains G adapters in one pass: each step runs one
+forward/backward over the concatenation of every adapter's own batch, each row going
+through its own adapter (stacked LoRA factors, applied per adapter block of rows). Per adapter it is the same
+training as one at a time (PEFT's init for the seed, the same batches, loss over its own
+tokens, its own gradient clipping, AdamW), so the folders and cache keys are the same too.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Union
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -240,12 +250,23 @@ def train_adapters(
     out_dir: str | os.PathLike,
     config: TrainConfig | None = None,
     progress: bool = True,
+    group_size: int = 1,
 ) -> list[Path]:
-    """Train (or find up to date on disk) one LoRA adapter per item; return their folders."""
+    """Train (or find up to date on disk) one LoRA adapter per item; return their folders.
+
+    group_size > 1 trains the items that are not up to date that many at a time in one pass
+    (see `_train_group`); each adapter comes out as it would one at a time, and the cache
+    treats both the same. Dropout (LoRA or the base model's) would draw different random
+    numbers in a mixed batch, so then the items are trained one at a time instead.
+    """
     config = config or TrainConfig()
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise LoralagError(f"group_size must be a positive integer, got {group_size!r}")
     names = [item.name for item in items]
     if len(set(names)) != len(names):
         raise LoralagError(f"adapter names must be unique, got duplicates in {names}")
+    if group_size > 1:
+        return _train_adapters_grouped(model, tokenizer, items, Path(out_dir), config, progress, group_size)
     paths = []
     bar = tqdm(total=len(items), unit="adapter", disable=not progress)
     try:
@@ -274,58 +295,109 @@ def train_adapter(
     config = config or TrainConfig()
     _check_name(item.name, "training item")
     _check_targets(model, config.target_modules)
-    out_dir = Path(out_dir)
-    target = out_dir / item.name
-    examples = build_examples(tokenizer, item, config)
-    key = _train_key(model, examples, config)
-    marker = _read_marker(target)
-    if marker.get("key") == key and all((target / f).is_file() for f in _ADAPTER_FILES):
-        return TrainResult(target, True, marker.get("first_loss"), marker.get("final_loss"))
+    job = _Job(item.name, build_examples(tokenizer, item, config), Path(out_dir) / item.name)
+    job.key = _train_key(model, job.examples, config)
+    done = _finished(job)
+    if done is not None:
+        return done
+    first, final = _write_adapter(
+        job, config, lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar)
+    )
+    return TrainResult(job.target, False, first, final)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{item.name}.tmp-", dir=out_dir))
+
+@dataclass
+class _Job:
+    name: str
+    examples: list[tuple[list[int], list[int]]]
+    target: Path
+    key: str = ""
+
+
+def _finished(job: _Job) -> TrainResult | None:
+    """The up-to-date result already on disk for `job`, or None when it must be trained."""
+    marker = _read_marker(job.target)
+    if marker.get("key") == job.key and all((job.target / f).is_file() for f in _ADAPTER_FILES):
+        return TrainResult(job.target, True, marker.get("first_loss"), marker.get("final_loss"))
+    return None
+
+
+def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
+    """Build the adapter folder in a temp folder next to the target (`fill(tmp)` writes the
+    PEFT files and returns (first, final) loss), add the marker, then move it in whole."""
+    job.target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=job.target.parent))
     try:
-        first, final = _train_into(model, examples, config, _pad_id(tokenizer), tmp, bar)
-        info = {"key": key, "name": item.name, "first_loss": first, "final_loss": final,
-                "config": asdict(config), "examples": len(examples)}
+        first, final = fill(tmp)
+        info = {"key": job.key, "name": job.name, "first_loss": first, "final_loss": final,
+                "config": asdict(config), "examples": len(job.examples)}
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
-        _replace_dir(tmp, target)
+        _replace_dir(tmp, job.target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return TrainResult(target, False, first, final)
+    return first, final
 
 
-def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar) -> tuple[float, float]:
-    lora = LoraConfig(
+def _lora_config(config: TrainConfig) -> LoraConfig:
+    return LoraConfig(
         task_type="CAUSAL_LM",
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules),
     )
-    # get_peft_model freezes the base and we switch to train mode: remember both to restore.
+
+
+@contextmanager
+def _peft_attached(model, lora: LoraConfig):
+    """`get_peft_model(model, lora)` for the duration of the block, then the base model exactly
+    as it was: LoRA layers removed, requires_grad flags, train/eval mode and attributes restored."""
+    # get_peft_model freezes the base and callers switch to train mode: remember both to restore.
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    peft_model = get_peft_model(model, lora)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()  # removes the LoRA layers, the base weights were never touched
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in model.__dict__:
+                delattr(model, attr)
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise RuntimeError("LoRA layers were left in the base model after training")  # a bug, not user error
+
+
+def _batches(n_examples: int, config: TrainConfig) -> Iterator[list[int]]:
+    """Indices of the examples of each step: all of them when they fit in a batch, else
+    batch_size at a time from a queue refilled with seeded permutations."""
+    if n_examples <= config.batch_size:
+        while True:
+            yield list(range(n_examples))
+    order = torch.Generator().manual_seed(config.seed)
+    queue: list[int] = []
+    while True:
+        if len(queue) < config.batch_size:
+            queue += torch.randperm(n_examples, generator=order).tolist()
+        picked, queue = queue[: config.batch_size], queue[config.batch_size :]
+        yield picked
+
+
+def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora)
-        try:
+        with _peft_attached(model, _lora_config(config)) as peft_model:
             peft_model.train()
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-            order = torch.Generator().manual_seed(config.seed)
-            queue: list[int] = []
+            batches = _batches(len(examples), config)
             for step in range(config.steps):
-                if len(examples) <= config.batch_size:
-                    picked = list(range(len(examples)))
-                else:
-                    if len(queue) < config.batch_size:
-                        queue += torch.randperm(len(examples), generator=order).tolist()
-                    picked, queue = queue[: config.batch_size], queue[config.batch_size :]
-                batch = _collate([examples[i] for i in picked], pad_id)
+                batch = _collate([examples[i] for i in next(batches)], pad_id)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 loss = peft_model(**batch).loss
                 loss.backward()
@@ -336,17 +408,236 @@ def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path,
                 if bar is not None:
                     bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1]:.3f}")
             peft_model.save_pretrained(folder)
-        finally:
-            peft_model.unload()  # removes the LoRA layers, the base weights were never touched
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires_grad[name])
-            model.train(was_training)
-            for attr in ("peft_config", "_hf_peft_config_loaded"):
-                if attr in model.__dict__:
-                    delattr(model, attr)
-    if any("lora_" in name for name, _ in model.named_parameters()):
-        raise RuntimeError("LoRA layers were left in the base model after training")  # a bug, not user error
     return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+
+
+# ---------------------------------------------------------------- grouped training
+
+
+def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: TrainConfig, progress: bool,
+                            group_size: int) -> list[Path]:
+    for item in items:
+        _check_name(item.name, "training item")
+    _check_targets(model, config.target_modules)
+    pad_id = _pad_id(tokenizer)
+    jobs = [_Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name) for item in items]
+    bar = tqdm(total=len(items), unit="adapter", disable=not progress)
+    try:
+        todo = []
+        for job in jobs:
+            job.key = _train_key(model, job.examples, config)
+            if _finished(job) is not None:
+                log.info("skipped %s: up-to-date adapter in %s", job.name, job.target)
+                bar.set_postfix_str("up to date")
+                bar.update(1)
+            else:
+                todo.append(job)
+        init = None
+        if len(todo) > 1:
+            why_not = _grouping_blocker(model, config)
+            if why_not is None:
+                init, why_not = _lora_init(model, config)
+            if why_not is not None:
+                log.warning("training %d adapters one at a time, not in groups: %s", len(todo), why_not)
+                group_size = 1
+        # Rows of a group are padded to its longest example: group items of similar lengths.
+        # (Any grouping trains each adapter the same; this only wastes less compute.)
+        todo.sort(key=lambda job: max(len(ids) for ids, _ in job.examples))
+        for start in range(0, len(todo), group_size):
+            group = todo[start : start + group_size]
+            bar.set_description(_group_label([job.name for job in group]))
+            if len(group) == 1:
+                [job] = group
+                _write_adapter(job, config, lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar))
+            else:
+                _train_group(model, group, config, pad_id, init, bar)
+            bar.update(len(group))
+    finally:
+        bar.close()
+    return [job.target for job in jobs]
+
+
+def _group_label(names: list[str], width: int = 40) -> str:
+    label = "+".join(names)
+    return label if len(label) <= width else f"{names[0]}+{len(names) - 1} more"
+
+
+def _grouping_blocker(model, config: TrainConfig) -> str | None:
+    """Why the adapters cannot be trained in a shared batch exactly as one at a time, or None.
+    Dropout draws random numbers per row, so a mixed batch would draw other ones."""
+    if config.dropout > 0:
+        return f"LoRA dropout {config.dropout} > 0"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return f"the base model has dropout ({name}, p={module.p})"
+    for attr in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout"):
+        value = getattr(model.config, attr, 0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return f"the base model has dropout ({attr}={value})"
+    return None
+
+
+def _lora_init(model, config: TrainConfig) -> tuple[dict | None, str | None]:
+    """PEFT's own initial LoRA factors for this seed: {module name: (A, B, scale)}, the same for
+    every adapter (the seed is), taken from get_peft_model exactly as `_train_into` seeds it.
+    Returns (None, reason) when a target is not a plain nn.Linear (grouping handles only those)."""
+    init = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        with _peft_attached(model, _lora_config(config)):
+            for name, module in model.named_modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                base = module.get_base_layer()
+                if type(module) is not LoraLinear or type(base) is not nn.Linear or module.fan_in_fan_out:
+                    return None, f"{name} is a {type(base).__name__}, grouped training handles nn.Linear only"
+                init[name] = (module.lora_A["default"].weight.detach().clone(),
+                              module.lora_B["default"].weight.detach().clone(),
+                              float(module.scaling["default"]))
+    return init, None
+
+
+class _Rows:
+    """Which rows of the current batch go through which adapter (shared by all wrapped layers):
+    adapter g owns rows spans[g][0]:spans[g][1]; each adapter's rows are contiguous."""
+
+    spans: list[tuple[int, int]] | None = None
+
+
+class _GroupedLoRALinear(nn.Module):
+    """A target nn.Linear with G LoRA adapters side by side: the rows of adapter g get
+    base(x) + scale * (x @ A[g]^T) @ B[g]^T, computed per adapter's block of rows with the
+    same ops as PEFT's LoRA layer."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float, rows: _Rows):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(A)  # (G, r, d_in)
+        self.lora_B = nn.Parameter(B)  # (G, d_out, r)
+        self.scale = scale
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        spans = self.rows.spans
+        if x.dim() < 2 or x.shape[0] != spans[-1][1]:
+            raise RuntimeError(f"grouped LoRA expects inputs batch-first with {spans[-1][1]} rows, got {tuple(x.shape)}")
+        x = x.to(self.lora_A.dtype)
+        delta = torch.cat([
+            nn.functional.linear(nn.functional.linear(x[start:end], self.lora_A[g]), self.lora_B[g])
+            for g, (start, end) in enumerate(spans)
+        ])
+        return out + (delta * self.scale).to(out.dtype)
+
+
+@contextmanager
+def _grouped_lora(model, init: dict, n_adapters: int):
+    """Wrap every target module of `init` for the block; yields (rows, {name: wrapper}).
+    Afterwards the base modules, requires_grad flags and train/eval mode are exactly as before."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    originals = []
+    rows = _Rows()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrappers = {}
+        for name, (A, B, scale) in init.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            wrapper = _GroupedLoRALinear(base, A.unsqueeze(0).repeat(n_adapters, 1, 1),
+                                         B.unsqueeze(0).repeat(n_adapters, 1, 1), scale, rows)
+            originals.append((parent, child, base))
+            setattr(parent, child, wrapper)
+            wrappers[name] = wrapper
+        yield rows, wrappers
+    finally:
+        for parent, child, base in reversed(originals):
+            setattr(parent, child, base)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+    if any(isinstance(m, _GroupedLoRALinear) for m in model.modules()):
+        raise RuntimeError("grouped LoRA layers were left in the base model after training")  # a bug
+
+
+def _per_adapter_loss(logits, labels, owner, n_adapters: int) -> torch.Tensor:
+    """(G,) mean token loss of each adapter over its own rows' label tokens, computed as HF's
+    causal LM loss does (float logits, labels shifted left, -100 ignored)."""
+    shift = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift.shape)
+    sums = token_loss.new_zeros(n_adapters).index_add(0, owner, token_loss.sum(dim=1))
+    counts = token_loss.new_zeros(n_adapters).index_add(0, owner, (shift != -100).sum(dim=1).to(token_loss.dtype))
+    return sums / counts
+
+
+@torch.no_grad()
+def _clip_per_adapter(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ applied to each adapter's slice (dim 0) of the stacked
+    parameters on its own; returns the (G,) total norms before clipping."""
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), 2, dim=1) for p in params])  # (P, G)
+    total = torch.linalg.vector_norm(norms, 2, dim=0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+    return total
+
+
+def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, init: dict, bar) -> None:
+    """Train len(group) adapters in one pass and write each one's folder like `train_adapter`."""
+    n = len(group)
+    losses = []  # per step: (G,) losses
+    with torch.random.fork_rng(), _grouped_lora(model, init, n) as (rows, wrappers):
+        model.train()
+        params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        batches = [_batches(len(job.examples), config) for job in group]
+        for step in range(config.steps):
+            picked = [[job.examples[i] for i in next(b)] for job, b in zip(group, batches)]
+            owner = torch.tensor([g for g, rows_g in enumerate(picked) for _ in rows_g], device=model.device)
+            ends = torch.tensor([len(rows_g) for rows_g in picked]).cumsum(0).tolist()
+            rows.spans = list(zip([0, *ends[:-1]], ends))
+            batch = _collate([ex for rows_g in picked for ex in rows_g], pad_id)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            loss = _per_adapter_loss(logits, batch["labels"], owner, n)
+            del logits
+            loss.sum().backward()  # adapters share no parameter: each gets its own loss's gradient
+            _clip_per_adapter(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().cpu())
+            if bar is not None:
+                bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1].mean().item():.3f}")
+        rows.spans = None
+        trained = {name: (w.lora_A.detach().clone(), w.lora_B.detach().clone()) for name, w in wrappers.items()}
+    _save_group(model, group, config, trained, losses)
+
+
+def _save_group(model, group: list[_Job], config: TrainConfig, trained: dict, losses: list[torch.Tensor]) -> None:
+    """Write each adapter of the group through PEFT's own save_pretrained (same files, key names
+    and adapter_config.json as one at a time), each folder atomically."""
+    with torch.random.fork_rng(), _peft_attached(model, _lora_config(config)) as peft_model:
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        if layers.keys() != trained.keys():
+            raise RuntimeError("PEFT wrapped other modules than grouped training did")  # a bug
+        for g, job in enumerate(group):
+            with torch.no_grad():
+                for name, (A, B) in trained.items():
+                    layers[name].lora_A["default"].weight.copy_(A[g])
+                    layers[name].lora_B["default"].weight.copy_(B[g])
+            first, final = (losses[0][g].item(), losses[-1][g].item()) if losses else (float("nan"), float("nan"))
+
+            def fill(tmp, first=first, final=final):
+                peft_model.save_pretrained(tmp)
+                return first, final
+
+            _write_adapter(job, config, fill)
 
 
 def _check_targets(model, target_modules: Sequence[str]) -> None:

@@ -1,0 +1,229 @@
+"""Training many adapters: one at a time vs grouped (G adapters per forward/backward), SmolLM2-135M.
+
+`loralag.train.train_adapters(..., group_size=G)` trains G adapters per pass: each step is one
+forward/backward over the concatenation of the G adapters' own batches, each row through its own adapter.
+Per adapter the training is the same as one at a time (same init, batches, per-adapter loss, clipping and
+AdamW), so this benchmark measures only speed, plus a check that the weights agree.
+
+Workload: N knowledge-style documents about made-up entities (≈ 100–165 tokens each, 3 rewrites each, so
+4 examples per adapter), batch 4, rank 6 on gate_proj/up_proj/down_proj, the default base model
+(SmolLM2-135M-Instruct, float32), torch threads 1 unless --threads.
+
+Methods: `one-at-a-time` (group_size=1, PEFT's get_peft_model per adapter) and `G=2`, `G=4`, `G=8`
+(group_size=G). Each run trains all N adapters into a fresh folder (nothing cached) and includes saving the
+PEFT folders. Runs are interleaved rep by rep (the starting method rotates) and the median per method is
+reported; there is no separate warm-up run (a run is minutes long; the model is loaded once beforehand).
+
+"Token slots / real tokens" is the padding overhead: grouped rows are padded to the longest example of the
+whole group, one-at-a-time rows only to the longest of their own batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import common as C
+from loralag import train as lt
+
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+# Made-up entities, so the facts are new to the model; every document states 7–10 of its facts in the main
+# text and again, reworded and reordered, in 3 rewrites.
+NAMES = ["Velmora Glassworks", "the Zarnovian Navy", "Ostrelle University", "the Brindlewick Canal",
+         "Quillsby Observatory", "the Tessaly Mining Guild", "Marrowen Press", "the Sorrel Hills Railway",
+         "Keldrath Orchards", "the Veltran Lighthouse"]
+PLACES = ["Quillsby", "Ostrelle", "Marrowen", "Tessaly", "Keldrath", "Dunmere", "Varrow Bay", "Elsinport"]
+PEOPLE = ["Tobiah Renwick", "Ilsa Moravec", "Corwin Ashdale", "Petra Vallin", "Jonas Threlk", "Mirela Osk",
+          "Aldous Penhallow", "Sefa Durrant"]
+THINGS = ["blue storm lanterns", "brass star charts", "salted river eels", "copper rail spikes",
+          "amber glass beads", "winter pears", "folding sea maps", "tide clocks"]
+COLORS = ["amber", "slate grey", "deep green", "crimson", "pale blue", "ochre"]
+
+
+def facts(rng: random.Random, name: str) -> list[tuple[str, str, str, str]]:
+    """(fact in the main text's wording, 3 rewordings) for one entity."""
+    place, person, thing, color = rng.choice(PLACES), rng.choice(PEOPLE), rng.choice(THINGS), rng.choice(COLORS)
+    year, count, other = rng.randint(1702, 1968), rng.randint(3, 90), rng.choice(PLACES)
+    animal = rng.choice(["heron", "fox", "stag", "owl"])
+    return [
+        (f"{name} was founded in {year} in the town of {place}.", f"In {year}, {name} was established in {place}.",
+         f"{place} is where {name} began, in the year {year}.", f"The founding year of {name} is {year}; the town is {place}."),
+        (f"Its founder was {person}, a former ship's carpenter.", f"{person}, once a ship's carpenter, founded it.",
+         f"It was started by {person}, who had worked as a carpenter on ships.", f"Founder: {person} (previously a ship's carpenter)."),
+        (f"It is best known for its {thing}.", f"Most people know it for its {thing}.",
+         f"Its {thing} made it famous.", f"Its best-known product: {thing}."),
+        (f"By law, every one of its buildings is painted {color}.", f"All of its buildings must be painted {color}.",
+         f"A local rule says its buildings are {color}.", f"Building colour, required by law: {color}."),
+        (f"It employs exactly {count} people.", f"Exactly {count} people work there.",
+         f"Its staff numbers {count}.", f"Employees: {count}."),
+        (f"Each spring it holds a festival with a parade to {other}.", f"Every spring there is a festival and a parade to {other}.",
+         f"A spring festival ends with a parade to {other}.", f"Spring festival: a parade to {other}."),
+        (f"Its motto, carved over the gate, is 'Steady hands, bright water'.", f"Over its gate is carved the motto 'Steady hands, bright water'.",
+         f"The gate carries its motto: 'Steady hands, bright water'.", f"Motto: 'Steady hands, bright water'."),
+        (f"Its emblem is a {animal} holding a silver key.",
+         f"A {animal} holding a silver key is its emblem.",
+         f"On its emblem: a {animal} with a silver key.",
+         f"Emblem: {animal} with a silver key."),
+        (f"Its records are kept in a vault under the old town hall of {place}, opened once a year.",
+         f"Once a year the vault under {place}'s old town hall, where its records are kept, is opened.",
+         f"Its records lie in a vault below the old town hall in {place} that opens yearly.",
+         f"Records: vault under the old {place} town hall, opened yearly."),
+        (f"Its first director, {person}'s daughter Anwen, doubled its size before {year + 30}.",
+         f"Anwen, daughter of {person}, was the first director and doubled its size by {year + 30}.",
+         f"Before {year + 30}, its size was doubled by its first director Anwen, {person}'s daughter.",
+         f"First director: Anwen, daughter of {person}; doubled it in size before {year + 30}."),
+        (f"In {year + 41} a fire destroyed its first hall, which was rebuilt in stone.",
+         f"Its first hall burned in {year + 41} and was rebuilt in stone.",
+         f"After the fire of {year + 41}, the first hall was rebuilt in stone.",
+         f"{year + 41}: fire destroyed the first hall; rebuilt in stone."),
+    ]
+
+
+def make_docs(n: int, seed: int = 0) -> list[lt.Document]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        name = NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f" {i // len(NAMES) + 1}")
+        fs = facts(rng, name)[: 7 + i % 4]  # 7..10 facts: documents of different lengths
+        text = " ".join(f[0] for f in fs)
+        rewrites = []
+        for k in (1, 2, 3):
+            order = fs[:]
+            rng.shuffle(order)
+            rewrites.append(" ".join(f[k] for f in order))
+        docs.append(lt.Document(f"doc{i:02d}", text, rewrites))
+    return docs
+
+
+def slots(jobs_examples: list[list], config: lt.TrainConfig, group_size: int) -> tuple[int, int]:
+    """(token slots computed, real tokens) over the whole training: replays each adapter's batches and the
+    grouping (sorted by longest example, as train_adapters does)."""
+    order = sorted(range(len(jobs_examples)), key=lambda j: max(len(ids) for ids, _ in jobs_examples[j]))
+    computed = real = 0
+    for start in range(0, len(order), group_size):
+        group = [jobs_examples[j] for j in order[start : start + group_size]]
+        batches = [lt._batches(len(ex), config) for ex in group]
+        for _ in range(config.steps):
+            picked = [[ex[i] for i in next(b)] for ex, b in zip(group, batches)]
+            if len(group) == 1:  # a lone leftover trains one at a time
+                widths = [max(len(ids) for ids, _ in picked[0])]
+            else:
+                widths = [max(len(ids) for rows in picked for ids, _ in rows)]
+            computed += sum(len(rows) for rows in picked) * widths[0]
+            real += sum(len(ids) for rows in picked for ids, _ in rows)
+    return computed, real
+
+
+def extra(p):
+    p.add_argument("--docs", type=int, default=None, help="adapters to train per run (default 8; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default 5; quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per method (default 2; quick 1)")
+    p.add_argument("--groups", type=str, default=None, help="comma-separated group sizes (default 2,4,8; quick 2,4)")
+
+
+def main():
+    t0 = time.perf_counter()
+    args = C.parse_args("Train many adapters: one at a time vs grouped", extra)
+    if not args.threads:
+        torch.set_num_threads(1)
+    n_docs = args.docs or (4 if args.quick else 8)
+    steps = args.steps or (2 if args.quick else 5)
+    reps = args.reps or (1 if args.quick else 2)
+    groups = [int(g) for g in (args.groups or ("2,4" if args.quick else "2,4,8")).split(",")]
+    info = C.machine_info()
+
+    from loralag.models import load_model
+
+    model, tok = load_model("default")
+    model.eval()
+    docs = make_docs(n_docs)
+    config = lt.TrainConfig(target_modules=TARGETS, r=6, alpha=12, steps=steps, batch_size=4, lr=2e-3)
+    examples = [lt.build_examples(tok, d, config) for d in docs]
+    lengths = [[len(ids) for ids, _ in ex] for ex in examples]
+    C.log(f"[train] {n_docs} docs, example tokens {min(map(min, lengths))}–{max(map(max, lengths))}, "
+          f"text tokens {min(l[0] for l in lengths)}–{max(l[0] for l in lengths)}; steps {steps}; reps {reps}")
+
+    methods = {"one-at-a-time": 1, **{f"G={g}": g for g in groups}}
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    samples = {m: [] for m in methods}
+    loads = {m: [] for m in methods}
+    kept = {}
+    try:
+        for rep in range(reps):
+            names = list(methods)
+            for m in names[rep % len(names):] + names[: rep % len(names)]:
+                out = root / f"{m}-{rep}"
+                load_before = os.getloadavg()[0]
+                t = time.perf_counter()
+                lt.train_adapters(model, tok, docs, out, config, progress=False, group_size=methods[m])
+                dt = time.perf_counter() - t
+                samples[m].append(dt / n_docs)
+                loads[m].append(round((load_before + os.getloadavg()[0]) / 2, 2))
+                C.log(f"[train] rep {rep} {m}: {dt:.1f} s, {dt / n_docs:.2f} s/adapter, load {loads[m][-1]}")
+                if m in kept:
+                    shutil.rmtree(out)
+                else:
+                    kept[m] = out
+
+        # The weights and losses agree with one-at-a-time training (the point of grouping being exact).
+        ref = kept["one-at-a-time"]
+        agree = {}
+        for m, folder in kept.items():
+            dw = dl = 0.0
+            for d in docs:
+                wa, wb = load_file(ref / d.name / "adapter_model.safetensors"), load_file(folder / d.name / "adapter_model.safetensors")
+                dw = max(dw, max((wa[k] - wb[k]).abs().max().item() for k in wa))
+                la, lb = lt._read_marker(ref / d.name), lt._read_marker(folder / d.name)
+                dl = max(dl, abs(la["final_loss"] - lb["final_loss"]))
+            agree[m] = {"max_abs_weight_diff": dw, "max_abs_final_loss_diff": dl}
+        losses = [(lt._read_marker(ref / d.name)["first_loss"], lt._read_marker(ref / d.name)["final_loss"]) for d in docs]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    med = {m: C.median(s) for m, s in samples.items()}
+    rows, data_rows = [], []
+    for m, g in methods.items():
+        computed, real = slots(examples, config, g)
+        ratio = med[m] / med["one-at-a-time"]
+        rows.append([m, C.fmt_time(med[m]), f"{ratio:.2f}", ", ".join(f"{s:.2f}" for s in samples[m]),
+                     f"{computed / real:.2f}", f"{agree[m]['max_abs_weight_diff']:.1e}",
+                     ", ".join(str(x) for x in loads[m])])
+        data_rows.append({"method": m, "group_size": g, "median_s_per_adapter": med[m], "ratio_vs_one": ratio,
+                          "samples_s_per_adapter": samples[m], "token_slots": computed, "real_tokens": real,
+                          "loadavg_during": loads[m], **agree[m]})
+    best = min(med, key=med.get)
+    text_tok = [l[0] for l in lengths]
+    body = [
+        f"{n_docs} documents (text {min(text_tok)}–{max(text_tok)} tokens, 3 rewrites each: "
+        f"{sum(map(len, lengths))} examples of {min(map(min, lengths))}–{max(map(max, lengths))} tokens), "
+        f"batch {config.batch_size}, {steps} steps, r {config.r} on {', '.join(TARGETS)}, lr {config.lr}; "
+        f"SmolLM2-135M-Instruct float32, torch threads {torch.get_num_threads()}. Seconds per adapter = wall time "
+        f"of one `train_adapters` call over all {n_docs} documents (training + saving, nothing cached) / {n_docs}; "
+        f"median of {reps} interleaved run(s).",
+        "",
+        C.md_table(["method", "s / adapter", "ratio vs one-at-a-time", "runs (s / adapter)",
+                    "token slots / real tokens", "max abs Δw vs one-at-a-time", "load avg during runs"], rows),
+        "",
+        f"Fastest here: **{best}**. Loss of the one-at-a-time adapters, first → final step: "
+        + ", ".join(f"{a:.2f}→{b:.2f}" for a, b in losses) + ".",
+        "",
+        "The machine is shared: the load average (1 min, mean of before and after each run) is listed per run; "
+        f"with {info['cpus_visible']} visible cores, a load above {info['cpus_visible']} means the runs competed "
+        "for CPU with other processes and the timings are noisy.",
+    ]
+    data = {"docs": n_docs, "steps": steps, "reps": reps, "config": lt.asdict(config), "example_lengths": lengths,
+            "rows": data_rows, "fastest": best}
+    C.write_report(args.out, "train", "Training many adapters: one at a time vs grouped", "\n".join(body), info, data,
+                   C.elapsed_since(t0), args.quick)
+
+
+if __name__ == "__main__":
+    main()
