@@ -183,6 +183,8 @@ def test_index_then_generate_with_nprobe_and_sequence_routing(world, lib, tmp_pa
     indexed = invoke(*args, "--nprobe", "2", "what is the capital of the red moon ?")  # every cluster: exact
     assert exact.exit_code == 0 and indexed.exit_code == 0, output(indexed)
     assert output(exact) == output(indexed)
+    alias = invoke(*args, "--arrow-index", "2", "what is the capital of the red moon ?")
+    assert alias.exit_code == 0 and output(alias) == output(exact), output(alias)
     voted = invoke(*args, "--granularity", "sequence", "--show-routing", "what is the capital of the red moon ?")
     assert voted.exit_code == 0, output(voted)
     bad = invoke(*args, "--granularity", "paragraph", "x")
