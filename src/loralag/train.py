@@ -499,10 +499,10 @@ def _lora_init(model, config: TrainConfig) -> tuple[dict | None, str | None]:
 
 
 class _Rows:
-    """Which rows of the current batch go through which adapter (shared by all wrapped layers):
-    adapter g owns rows spans[g][0]:spans[g][1]; each adapter's rows are contiguous."""
+    """How many rows of the current batch each adapter owns, in order (shared by all wrapped
+    layers): adapter g's rows follow adapter g-1's."""
 
-    spans: list[tuple[int, int]] | None = None
+    sizes: list[int] | None = None
 
 
 class _GroupedLoRALinear(nn.Module):
@@ -520,13 +520,15 @@ class _GroupedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        spans = self.rows.spans
-        if x.dim() < 2 or x.shape[0] != spans[-1][1]:
-            raise RuntimeError(f"grouped LoRA expects inputs batch-first with {spans[-1][1]} rows, got {tuple(x.shape)}")
-        x = x.to(self.lora_A.dtype)
+        sizes = self.rows.sizes
+        if x.dim() < 2 or x.shape[0] != sum(sizes):
+            raise RuntimeError(f"grouped LoRA expects inputs batch-first with {sum(sizes)} rows, got {tuple(x.shape)}")
+        # split/unbind, not x[a:b] / A[g]: their backward is one cat/stack, not a zero-filled
+        # full-size gradient per adapter.
+        parts = x.to(self.lora_A.dtype).split(sizes)
         delta = torch.cat([
-            nn.functional.linear(nn.functional.linear(x[start:end], self.lora_A[g]), self.lora_B[g])
-            for g, (start, end) in enumerate(spans)
+            nn.functional.linear(nn.functional.linear(part, A), B)
+            for part, A, B in zip(parts, self.lora_A.unbind(0), self.lora_B.unbind(0))
         ])
         return out + (delta * self.scale).to(out.dtype)
 
@@ -599,8 +601,7 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
         for step in range(config.steps):
             picked = [[job.examples[i] for i in next(b)] for job, b in zip(group, batches)]
             owner = torch.tensor([g for g, rows_g in enumerate(picked) for _ in rows_g], device=model.device)
-            ends = torch.tensor([len(rows_g) for rows_g in picked]).cumsum(0).tolist()
-            rows.spans = list(zip([0, *ends[:-1]], ends))
+            rows.sizes = [len(rows_g) for rows_g in picked]
             batch = _collate([ex for rows_g in picked for ex in rows_g], pad_id)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -614,7 +615,7 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
             losses.append(loss.detach().cpu())
             if bar is not None:
                 bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1].mean().item():.3f}")
-        rows.spans = None
+        rows.sizes = None
         trained = {name: (w.lora_A.detach().clone(), w.lora_B.detach().clone()) for name, w in wrappers.items()}
     _save_group(model, group, config, trained, losses)
 
