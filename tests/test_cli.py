@@ -189,3 +189,30 @@ def test_index_then_generate_with_nprobe_and_sequence_routing(world, lib, tmp_pa
     assert voted.exit_code == 0, output(voted)
     bad = invoke(*args, "--granularity", "paragraph", "x")
     assert bad.exit_code == 2 and "granularity" in output(bad)
+
+
+def test_train_one_at_a_time_and_grouped_write_the_same_adapters(world, tmp_path):
+    from safetensors.torch import load_file
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zarn.txt").write_text("the red moon has a capital called zarn . zarn is old .")
+    (docs / "quill.txt").write_text("the blue river flows past quill . quill makes glass .")
+    (docs / "pairs.jsonl").write_text(json.dumps({"prompt": "capital of the red moon ?", "answer": "zarn"}) + "\n")
+    args = ("--model", world / "model", "-t", "up_proj", "--epochs", "2", "--batch-size", "2", "--lr", "5e-3")
+    one = invoke("train", tmp_path / "one", docs, *args)
+    grouped = invoke("train", tmp_path / "grouped", docs, *args, "--group-size", "2")
+    assert one.exit_code == 0 and grouped.exit_code == 0, output(one) + output(grouped)
+    assert "3 adapter(s)" in output(grouped)
+    for name in ("zarn", "quill", "pairs"):
+        a = load_file(tmp_path / "one" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "grouped" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            gap = (a[key] - b[key]).abs().max().item()
+            assert gap < 1e-5, (name, key, gap)
+    files = sorted((tmp_path / "grouped").glob("*/adapter_model.safetensors"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = invoke("train", tmp_path / "grouped", docs, *args, "--group-size", "2")
+    assert again.exit_code == 0 and "3 adapter(s)" in output(again)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # all up to date: nothing retrained

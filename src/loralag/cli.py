@@ -237,6 +237,10 @@ def train(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Learning rate."),
     max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per training window."),
+    group_size: int = typer.Option(1, "--group-size", min=1,
+                                   help="Adapters trained together per forward/backward, each row through its own "
+                                        "LoRA (the same adapters as one at a time; not faster on CPU, see "
+                                        "benchmarks/results/train.md)."),
 ):
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
@@ -255,13 +259,19 @@ def train(
     base = TrainConfig(target_modules=targets, r=r, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
     if steps is not None:
         base.steps = steps
-    paths = []
+    by_steps: dict[int, list] = {}  # a group shares one config: bucket the items by their step count
     for item in items:
-        cfg = TrainConfig(**{**base.__dict__})
+        n_steps = base.steps
         if epochs is not None:  # steps from the item's own number of examples
-            n = len(build_examples(tokenizer, item, cfg))
-            cfg.steps = max(1, math.ceil(epochs * n / min(n, batch_size)))
-        paths += train_adapters(model_, tokenizer, [item], out, cfg, progress=True)
+            n = len(build_examples(tokenizer, item, base))
+            n_steps = max(1, math.ceil(epochs * n / min(n, batch_size)))
+        by_steps.setdefault(n_steps, []).append(item)
+    done = {}
+    for n_steps, bucket in by_steps.items():
+        cfg = TrainConfig(**{**base.__dict__, "steps": n_steps})
+        trained = train_adapters(model_, tokenizer, bucket, out, cfg, progress=True, group_size=group_size)
+        done.update({item.name: path for item, path in zip(bucket, trained)})
+    paths = [done[item.name] for item in items]
     console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
 
 
