@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common as C  # noqa: E402
 
-BENCHES = ["layer", "align", "index", "memory", "e2e"]
+BENCHES = ["layer", "align", "index", "memory", "e2e", "train"]
 
 
 def headline(name: str, d: dict) -> list[str]:
