@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -68,3 +69,27 @@ def gpt2():
 def ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 97, (3, 11), generator=g)
+
+
+# -- the command line ------------------------------------------------------------------------------------
+def invoke(*args):
+    """`loralag ARGS...` in-process; a crash (not a clean exit) is raised, not swallowed."""
+    from typer.testing import CliRunner
+
+    from loralag.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def output(result) -> str:
+    # typer's runner merges or splits stderr depending on the click version: read both
+    text = result.output
+    try:
+        text += result.stderr
+    except (ValueError, AttributeError):
+        pass
+    text = re.sub("[\u2500-\u257f]", " ", text)  # rich's table borders
+    return " ".join(text.split())  # and its line wrapping

@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
-from conftest import save_lora, tiny_llama
+from conftest import invoke, output, save_lora, tiny_llama
 from tiny_text import tiny_tokenizer
-from typer.testing import CliRunner
 
-from loralag.cli import app
-
-runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def output(result) -> str:
-    # typer's runner merges or splits stderr depending on the click version: read both
-    text = result.output
-    try:
-        text += result.stderr
-    except (ValueError, AttributeError):
-        pass
-    text = re.sub("[\u2500-\u257f]", " ", text)  # rich's table borders
-    return " ".join(text.split())  # and its line wrapping
 
 
 @pytest.fixture(scope="module")

@@ -7,39 +7,18 @@ out by hand from the KILT scorer's definitions, and Eq. 9 computed by hand.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
-from conftest import save_lora, tiny_llama
+from conftest import invoke, output, save_lora, tiny_llama
 from tiny_text import tiny_tokenizer
-from typer.testing import CliRunner
 
 from loralag import evaluate as ev
-from loralag.cli import app
 from loralag.kilt import read_kilt, read_kilt_predictions
 
-runner = CliRunner()
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def output(result) -> str:
-    text = result.output
-    try:
-        text += result.stderr
-    except (ValueError, AttributeError):
-        pass
-    text = re.sub("[\u2500-\u257f]", " ", text)  # rich's table borders
-    return " ".join(text.split())
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -53,7 +53,7 @@ class ModuleBank:
     def arrows_half(self) -> torch.Tensor:
         """A float16 copy of the arrows for decoding, made on first use: one token's arrow stage is a
         matrix-vector product bound by memory bandwidth, and this halves the bytes it reads."""
-        if getattr(self, "_arrows_half", None) is None:
+        if self._arrows_half is None:
             self._arrows_half = self.arrows.to(torch.float16)
         return self._arrows_half
 

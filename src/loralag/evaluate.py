@@ -520,12 +520,7 @@ def fixed_adapters(libraries: Mapping, adapters: Iterable[str] = (), adapter_map
 def read_adapter_map(path: str | os.PathLike) -> dict:
     """An adapter map file: a JSON object {example id: "LIB/NAME" or [names]}."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoralagError(f"{p}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoralagError(f"{p}: not valid JSON ({e})") from None
+    data = kilt.read_json(p)
     if not isinstance(data, dict):
         raise LoralagError(f"{p}: expected a JSON object {{example id: adapter name or list of names}}")
     return data

@@ -323,15 +323,21 @@ def read_lama(path: str | os.PathLike) -> list[Example]:
     return out
 
 
-def read_lama_relations(path: str | os.PathLike) -> dict[str, dict]:
-    """LAMA relations.json (a list of {relation, label, template}) -> {relation: record}."""
+def read_json(path: str | os.PathLike):
+    """A whole JSON file, with errors that name it."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoralagError(f"{p}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoralagError(f"{p}: not valid JSON ({e})") from None
+
+
+def read_lama_relations(path: str | os.PathLike) -> dict[str, dict]:
+    """LAMA relations.json (a list of {relation, label, template}) -> {relation: record}."""
+    p = Path(path)
+    data = read_json(p)
     if not isinstance(data, list):
         raise LoralagError(f"{p}: expected a JSON list of relations")
     out = {}
