@@ -1,4 +1,5 @@
 import copy
+from dataclasses import asdict
 import json
 import logging
 
@@ -357,3 +358,93 @@ def test_dropout_falls_back_to_one_at_a_time(model, tok, tmp_path, monkeypatch, 
         paths = lt.train_adapters(model, tok, group_items()[:2], tmp_path, cfg, progress=False, group_size=2)
     assert "one at a time" in caplog.text and "dropout" in caplog.text
     assert all((p / "adapter_model.safetensors").is_file() for p in paths)
+
+
+# ---------------------------------------------------------------- training under frozen adapters
+UNDER_CFG = TrainConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, steps=4, lr=1e-2,
+                        batch_size=2)
+KNOWLEDGE = ("gate_proj", "up_proj", "down_proj")
+
+
+def merged(model, folder):
+    """An independent reference: the base model with a frozen adapter merged into its weights by PEFT."""
+    return PeftModel.from_pretrained(copy.deepcopy(model), folder).merge_and_unload().eval()
+
+
+def row_loss_sum(model, tok, prompt, answer):
+    """HF's loss summed (not averaged) over one QA example's answer tokens, as training builds it."""
+    ids, labels = lt.build_examples(tok, QAPairs("x", [(prompt, answer)]), UNDER_CFG)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    return torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item(), int(keep.sum())
+
+
+def test_training_under_a_frozen_adapter_equals_training_on_it_merged(model, tok, tmp_path, one_thread):
+    from conftest import save_lora
+
+    know = save_lora(model, tmp_path / "know", seed=5, r=3, alpha=30, target_modules=KNOWLEDGE)
+    before, types = snapshot(model), module_types(model)
+    [under] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS, under=[know, know])], tmp_path / "u", UNDER_CFG,
+                                progress=False)
+    [ref] = lt.train_adapters(merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG,
+                              progress=False)
+    wu, wr = weights(under), weights(ref)
+    assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
+    for k in wr:
+        torch.testing.assert_close(wu[k], wr[k], atol=1e-5, rtol=0)
+    mu, mr = lt._read_marker(under), lt._read_marker(ref)
+    assert mu["first_loss"] == pytest.approx(mr["first_loss"], abs=1e-5)
+    # the frozen adapter really acted: without it the same training comes out otherwise
+    [plain] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS)], tmp_path / "p", UNDER_CFG, progress=False)
+    assert abs(lt._read_marker(plain)["first_loss"] - mu["first_loss"]) > 1e-3
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and module_types(model) == types
+
+
+def test_each_row_trains_under_its_own_adapter(model, tok, tmp_path, one_thread):
+    from conftest import save_lora
+
+    k1 = save_lora(model, tmp_path / "k1", seed=1, r=3, alpha=30, target_modules=KNOWLEDGE)
+    k2 = save_lora(model, tmp_path / "k2", seed=2, r=2, alpha=20, target_modules=("up_proj",))  # other rank, one module
+    pairs = [*PAIRS, ("Q: when was it signed ? A:", "in 2031")]
+    cfg = TrainConfig(**{**asdict(UNDER_CFG), "batch_size": 3})  # one batch holds every row: first_loss covers all
+    [path] = lt.train_adapters(model, tok, [QAPairs("task", pairs, under=[k1, None, k2])], tmp_path / "t", cfg,
+                               progress=False)
+    # PEFT starts B at zero, so the first loss is the frozen adapters' alone: each row's through its own merge
+    rows = [row_loss_sum(m, tok, *pair) for m, pair in zip([merged(model, k1), model, merged(model, k2)], pairs)]
+    expected = sum(s for s, _ in rows) / sum(n for _, n in rows)
+    assert lt._read_marker(path)["first_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_under_is_part_of_the_cache_key(model, tok, tmp_path, caplog, one_thread):
+    from conftest import save_lora
+
+    know = save_lora(model, tmp_path / "know", seed=5, r=3, target_modules=KNOWLEDGE)
+    item = QAPairs("task", PAIRS, under=[know, None])
+    [path] = lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)
+    assert lt.train_adapter(model, tok, item, tmp_path / "out", UNDER_CFG).skipped
+    assert not lt.train_adapter(model, tok, QAPairs("task", PAIRS), tmp_path / "out", UNDER_CFG).skipped
+    lt.train_adapter(model, tok, item, tmp_path / "out", UNDER_CFG)
+    save_lora(model, know, seed=6, r=3, target_modules=KNOWLEDGE)  # same folder, other weights: retrain
+    assert not lt.train_adapter(model, tok, item, tmp_path / "out", UNDER_CFG).skipped
+    # grouped training trains items with frozen adapters one at a time
+    with caplog.at_level(logging.WARNING, logger="loralag.train"):
+        lt.train_adapters(model, tok, [QAPairs("a", PAIRS, under=[know, know]), QAPairs("b", PAIRS)],
+                          tmp_path / "g", UNDER_CFG, progress=False, group_size=2)
+    assert "frozen adapters" in caplog.text
+
+
+def test_bad_under(model, tok, tmp_path):
+    from conftest import save_lora
+
+    know = save_lora(model, tmp_path / "know", seed=5, target_modules=KNOWLEDGE)
+    attn = save_lora(model, tmp_path / "attn", seed=5, target_modules=("q_proj",))
+    cases = [(QAPairs("t", PAIRS, under=[know]), "names 1 adapters for 2 pairs"),
+             (QAPairs("t", PAIRS, under=[attn, None]), r"target \['q_proj'\], which the adapter being trained"),
+             (QAPairs("t", PAIRS, under=[tmp_path / "missing", None]), "missing is not a folder")]
+    for item, message in cases:
+        with pytest.raises(LoralagError, match=message):
+            lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

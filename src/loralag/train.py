@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Union
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralag.errors import LoralagError
+from loralag.frozen_rows import frozen_adapters
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class QAPairs:
 
     name: str
     pairs: list[tuple[str, str]]
+    # Per pair: a trained LoRA folder applied, frozen, while this pair is learned (None: the base model alone),
+    # e.g. a document's knowledge adapter under a task adapter that must learn to read what it injects.
+    under: list[str | os.PathLike | None] | None = None
 
 
 TrainItem = Union[Document, QAPairs]
@@ -295,13 +299,12 @@ def train_adapter(
     config = config or TrainConfig()
     _check_name(item.name, "training item")
     _check_targets(model, config.target_modules)
-    job = _Job(item.name, build_examples(tokenizer, item, config), Path(out_dir) / item.name)
-    job.key = _train_key(model, job.examples, config)
+    job = _job(model, tokenizer, item, Path(out_dir), config)
     done = _finished(job)
     if done is not None:
         return done
     first, final = _write_adapter(
-        job, config, lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar)
+        job, config, lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under)
     )
     return TrainResult(job.target, False, first, final)
 
@@ -312,6 +315,35 @@ class _Job:
     examples: list[tuple[list[int], list[int]]]
     target: Path
     key: str = ""
+    under: tuple[list, list[int]] | None = None  # (frozen LoraAdapters, per example: index into them or -1)
+
+
+def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
+    job = _Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name)
+    job.under = _read_under(item, config)
+    # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
+    checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
+    job.key = _train_key(model, job.examples, config, checksums)
+    return job
+
+
+def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] | None:
+    """The frozen adapters of a QAPairs item (each folder read once) and each example's index into them."""
+    under = getattr(item, "under", None)
+    if under is None or all(u is None for u in under):
+        return None
+    from .adapters import read_adapter
+
+    if len(under) != len(item.pairs):
+        raise LoralagError(f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs")
+    folders = sorted({str(u) for u in under if u is not None})
+    adapters = [read_adapter(f) for f in folders]
+    clash = sorted({m.rsplit(".", 1)[-1] for a in adapters for m in a.modules} & set(config.target_modules))
+    if clash:
+        raise LoralagError(f"training item {item.name!r}: its frozen adapters target {clash}, which the adapter being "
+                           "trained targets too; a module can carry only one of them")
+    position = {f: i for i, f in enumerate(folders)}
+    return adapters, [position[str(u)] if u is not None else -1 for u in under]
 
 
 def _finished(job: _Job) -> TrainResult | None:
@@ -386,18 +418,23 @@ def _batches(n_examples: int, config: TrainConfig) -> Iterator[list[int]]:
         yield picked
 
 
-def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar) -> tuple[float, float]:
+def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar,
+                under: tuple[list, list[int]] | None = None) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), ExitStack() as stack:
         torch.manual_seed(config.seed)
+        rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         with _peft_attached(model, _lora_config(config)) as peft_model:
             peft_model.train()
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
             batches = _batches(len(examples), config)
             for step in range(config.steps):
-                batch = _collate([examples[i] for i in next(batches)], pad_id)
+                picked = next(batches)
+                if rows is not None:
+                    rows.index = torch.tensor([under[1][i] for i in picked], device=model.device)
+                batch = _collate([examples[i] for i in picked], pad_id)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 loss = peft_model(**batch).loss
                 loss.backward()
@@ -420,12 +457,11 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
         _check_name(item.name, "training item")
     _check_targets(model, config.target_modules)
     pad_id = _pad_id(tokenizer)
-    jobs = [_Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name) for item in items]
+    jobs = [_job(model, tokenizer, item, out_dir, config) for item in items]
     bar = tqdm(total=len(items), unit="adapter", disable=not progress)
     try:
         todo = []
         for job in jobs:
-            job.key = _train_key(model, job.examples, config)
             if _finished(job) is not None:
                 log.info("skipped %s: up-to-date adapter in %s", job.name, job.target)
                 bar.set_postfix_str("up to date")
@@ -435,6 +471,8 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
         init = None
         if len(todo) > 1:
             why_not = _grouping_blocker(model, config)
+            if why_not is None and any(job.under is not None for job in todo):
+                why_not = "some items train under frozen adapters"
             if why_not is None:
                 init, why_not = _lora_init(model, config)
             if why_not is not None:
@@ -448,7 +486,8 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
             bar.set_description(_group_label([job.name for job in group]))
             if len(group) == 1:
                 [job] = group
-                _write_adapter(job, config, lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar))
+                _write_adapter(job, config,
+                               lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar, job.under))
             else:
                 _train_group(model, group, config, pad_id, init, bar)
             bar.update(len(group))
@@ -651,9 +690,9 @@ def _check_targets(model, target_modules: Sequence[str]) -> None:
         )
 
 
-def _train_key(model, examples, config: TrainConfig) -> str:
-    # Hash the token ids (so a different tokenizer or text retrains), the config and the
-    # base model's identity.
+def _train_key(model, examples, config: TrainConfig, under: list[str | None] | None = None) -> str:
+    # Hash the token ids (so a different tokenizer or text retrains), the config, the
+    # base model's identity and the checksums of frozen adapters the examples train under.
     base = model.config
     payload = {
         "format": _MARKER_FORMAT,
@@ -662,6 +701,8 @@ def _train_key(model, examples, config: TrainConfig) -> str:
         "config": asdict(config),
         "examples": examples,
     }
+    if under is not None:  # absent otherwise, so adapters trained before `under` existed stay cached
+        payload["under"] = under
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
