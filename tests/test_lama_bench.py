@@ -17,7 +17,7 @@ from loralag.kilt import read_kilt_predictions
 from loralag.lama_bench import (BenchConfig, RoutingStats, clean_answer, credited, default_data_dir, fc_label,
                                 layer_of, method_list, size_config, subject_mask, sweep_ks, votes_from_trace)
 from loralag.lama_data import (DATASETS, FACT_CHECKING, QA, REFUTES, SLOT_FILLING, SUPPORTS, build_data,
-                               fill_template, read_facts, rewrites)
+                               fill_template, make_prompt, read_facts, rewrites)
 from loralag.library import module_shapes
 
 
@@ -271,6 +271,35 @@ def test_tiny_lag_routes_subject_tokens_to_the_gold_adapter(tiny_run):
 
 
 @pytest.mark.slow
+def test_tiny_sequence_answers_are_generated_by_the_served_adapters(tiny_run):
+    """Sequence modes share fixed-adapter generations across methods: each must equal a fresh generation of its
+    prompt alone with the adapters it reports having served."""
+    from loralag.generate import generate
+    from loralag.library import open_library
+    from loralag.models import load_model
+
+    results, out, _ = tiny_run
+    settings = results["settings"]
+    model, tok = load_model(settings["model"], dtype=torch.float32)
+    libs = {"knowledge": open_library(settings["knowledge_library"]), "task": open_library(settings["task_library"])}
+    state = attach(model, libs, router="none")
+    checked = 0
+    try:
+        for method in ("lag-k6-seq", "arrow-seq", "lag-k1-seq"):
+            for d in DATASETS:
+                rows = [json.loads(line) for line in (out / "predictions" / method / f"{d}.generations.jsonl").open()]
+                for row in rows[:2]:
+                    for lib in libs:
+                        state.fix(lib, [row["served"][lib]])
+                    [text] = generate(model, tok, [row["prompt"]], max_new_tokens=8, chat=False)
+                    assert text == row["generation"], (method, row["id"])
+                    checked += 1
+    finally:
+        detach(model)
+    assert checked == 18
+
+
+@pytest.mark.slow
 def test_tiny_writes_the_results_folder(tiny_run):
     results, out, _ = tiny_run
     for f in ("results.md", "results.json", "settings.json", "k_sweep.png", "routing_by_layer.png", "questions.jsonl"):
@@ -300,17 +329,24 @@ def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
         assert 0 < len(with_context) < len(data.task_pairs[d])
     none = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=0)
     assert not any("\n\n" in p for d in DATASETS for p, _ in none.task_pairs[d])
+    # bare claims train under a training entity's adapter (never a knowledge-set one), RAG-form ones under none
+    assert len(data.fc_under) == len(fc)
+    train_names = {e.name for e in data.train_entities} - {e.name for e in data.entities}
+    assert all((u is None) == ("\n\n" in p) for (p, _), u in zip(fc, data.fc_under))
+    assert {u for u in data.fc_under if u} <= train_names and any(data.fc_under)
 
 
-def test_bare_fact_checking_pairs_only_from_known_facts():
+def test_bare_fact_checking_pairs_train_under_their_entity():
     from loralag.lama_data import Claim, fact_checking_pairs
 
     claims = [Claim(f"T{i}.", f"F{i}.", f"Article {i}.", f"e{i}") for i in range(6)]
-    known = [False, False, True, False, True, True]
-    pairs = fact_checking_pairs(claims, known, n_pairs=100, context_every=2)
-    facts = [p for p, _ in pairs[::2]]
-    # fact 0: RAG form (context decides, known or not); 1 unknown: skipped; 2 bare; 3 RAG form; 4 bare; 5 RAG form
-    assert ["Article" in p for p in facts] == [True, False, True, False, True]
-    assert [p.split("Claim: ")[1].split("\n")[0] for p in facts] == ["T0.", "T2.", "T3.", "T4.", "T5."]
-    assert [a.strip() for _, a in pairs[:2]] == [SUPPORTS, REFUTES]
-    assert len(fact_checking_pairs(claims, None, n_pairs=4, context_every=0)) == 4
+    pairs = fact_checking_pairs(claims, n_pairs=100, context_every=2, max_bare=2)
+    # facts 0, 2, 4 in RAG form (the verdict is in the context); 1 and 3 bare, under their entity; 5 is a third
+    # bare fact, past the cap: the list ends there
+    assert [p.split("Claim: ")[1].split("\n")[0] for p, _, _ in pairs[::2]] == ["T0.", "T1.", "T2.", "T3.", "T4."]
+    assert ["Article" in p for p, _, _ in pairs[::2]] == [True, False, True, False, True]
+    assert [u for _, _, u in pairs] == [None, None, "e1", "e1", None, None, "e3", "e3", None, None]
+    assert [a.strip() for _, a, _ in pairs[:4]] == [SUPPORTS, REFUTES, SUPPORTS, REFUTES]
+    assert pairs[3][0].endswith(make_prompt(FACT_CHECKING, "F1.")) and "Article" not in pairs[3][0]
+    bare = fact_checking_pairs(claims, n_pairs=4, context_every=0)
+    assert len(bare) == 4 and [u for _, _, u in bare] == ["e0", "e0", "e1", "e1"]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from .errors import LoralagError
 from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, Question, build_data, describe,
-                        fact_checking_pairs, rag_prompt, rewrites, write_questions)
+                        rag_prompt, rewrites, write_questions)
 
 PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
              "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
@@ -62,6 +62,7 @@ class BenchConfig:
     questions_per_dataset: int | None = None  # default: one per knowledge entity
     n_train_pairs: int = 200  # task-adapter training pairs per family
     context_every: int = 3  # one task-training prompt in this many has its entity's article in front (RAG form)
+    fc_bare_facts: int = 48  # bare fact-checking training facts, each under its entity's own knowledge adapter
     seed: int = 0
     max_article_chars: int = 400
     # knowledge adapters
@@ -89,10 +90,10 @@ class BenchConfig:
 SIZES = {
     # a handful of entities: the test suite's end-to-end run
     # (its task adapters see no RAG-form prompt: cheaper, and RAG is not what the tiny run checks)
-    "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, know_steps=8, know_lr=3e-3, task_steps=12,
+    "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, fc_bare_facts=2, know_steps=8, know_lr=3e-3, task_steps=12,
                  task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=8),
     # a sanity check at the scale of the earlier 12-adapter measurement
-    "small": dict(n_entities=12, n_train_pairs=60, task_steps=40, task_batch=4, task_lr=2e-3),
+    "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
     "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=80, task_batch=4,
                  task_lr=2e-3),
@@ -379,17 +380,6 @@ def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, 
     return lib
 
 
-def torch_no_grad(fn):
-    def wrapper(*args, **kwargs):
-        import torch
-
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
-
-
 def _batches(items: list, size: int):
     for s in range(0, len(items), size):
         yield items[s : s + size]
@@ -441,7 +431,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     # -- data ------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     data = build_data(data_dir, cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
-                      cfg.max_article_chars, context_every=cfg.context_every)
+                      cfg.max_article_chars, context_every=cfg.context_every, fc_bare_facts=cfg.fc_bare_facts)
     timings["data"] = time.perf_counter() - t
     n = len(data.entities)
     say(f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
@@ -454,13 +444,6 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         model, tokenizer = load_model(model_spec, dtype=torch.float32)
     timings["load_model"] = time.perf_counter() - t
 
-    # fact checking without context trains only on facts the base model already knows (see known_claims)
-    t = time.perf_counter()
-    known = known_claims(model, tokenizer, data.claims)
-    data.task_pairs[FACT_CHECKING] = fact_checking_pairs(data.claims, known, cfg.n_train_pairs, cfg.context_every)
-    claims_known = sum(known) / len(known) if known else None
-    timings["score_claims"] = time.perf_counter() - t
-
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
     kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
@@ -470,10 +453,22 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
 
+    # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
+    t = time.perf_counter()
+    fc_entities = sorted({e for e in data.fc_under if e is not None})
+    say(f"[bold]Knowledge adapters of fact-checking training entities[/]: {len(fc_entities)} "
+        f"(cached in {cache / 'train-knowledge'})")
+    pool = {e.name: e for e in data.train_entities}
+    fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
+    under = dict(zip(fc_entities, train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg,
+                                                 progress=progress)))
+    timings["train_fc_knowledge"] = time.perf_counter() - t
+
     t = time.perf_counter()
     tcfg = TrainConfig(target_modules=list(TASK_MODULES), r=cfg.task_r, alpha=cfg.task_alpha, steps=cfg.task_steps,
                        batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed)
-    task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d]) for d in DATASETS]
+    task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d],
+                          [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None) for d in DATASETS]
     say(f"[bold]Task adapters[/]: {len(task_items)} × {cfg.task_steps} steps on "
         f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities")
     task_paths = train_adapters(model, tokenizer, task_items, cache / "task", tcfg, progress=progress)
@@ -506,6 +501,8 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     answers: dict[str, list[str | None]] = {}  # method -> raw generation per question
     method_time: dict[str, float] = {}
     libs = {"task": task_lib, "knowledge": know_lib, "prag": know_lib}
+    memo: dict = {}  # fixed-adapter generations, shared across methods (see _run_method)
+    served: dict[str, dict[int, dict]] = {}  # sequence-mode method -> question -> the adapters it served
     state = attach(model, libs, router="none", k=cfg.k)
     try:
         for m in methods:
@@ -518,6 +515,8 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                 for name in names:
                     src = name.replace(m.name, m.reuse, 1)
                     answers[name] = answers[src]
+                    if src in served:
+                        served[name] = served[src]
                     if src in stats.data:
                         stats.data[name] = stats.data[src]
                 say(f"  {m.name}: identical to {m.reuse} (k >= N), answers reused")
@@ -526,7 +525,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
             for name in names:
                 answers[name] = [None] * len(questions)
             _run_method(m, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts,
-                        order_rag if m.rag else order_plain, mentions, cfg, stats, answers, layers)
+                        order_rag if m.rag else order_plain, mentions, cfg, stats, answers, layers, memo, served)
             method_time[m.name] = time.perf_counter() - t
             say(f"  {m.name}: {method_time[m.name]:.1f} s ({', '.join(names)})")
     finally:
@@ -565,7 +564,8 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                     fh.write(json.dumps({"id": q.example.id, "prompt": rag_prompts[i] if name.startswith(("rag", "r-lag"))
                                          else q.prompt, "generation": raw[i], "answer": final[q.example.id],
                                          "gold": q.example.answers, "entity": q.entity,
-                                         "retrieved": retrieved[i]}, ensure_ascii=False) + "\n")
+                                         "retrieved": retrieved[i], **({"served": served[name][i]} if i in
+                                         served.get(name, {}) else {})}, ensure_ascii=False) + "\n")
     try:
         normalised = normalised_scores(table, oracle="oracle", families=LAMA_FAMILIES, percent=True)
     except LoralagError as e:  # e.g. an oracle scoring 0 on a dataset: report raw scores only
@@ -588,9 +588,9 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         "normalised": normalised,
         "routing": routing,
         "retrieval_top1": retrieval_top1,
-        "claims_known_by_base": claims_known,
         "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
         "timings": {**timings, "methods": method_time},
+        "sequence_answers_reused": memo.get("reused", 0),
     }
     results["findings"] = findings(results, cfg)
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -604,44 +604,12 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
 _TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
                   "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
-                  "the same fact; those without context only for facts the base model already ranks right "
-                  "(log p(true claim) > log p(false claim)), so the adapter learns to check a claim against the "
-                  "model's own knowledge.")
+                  "the same fact; those without context (at most fc_bare_facts facts) are trained under the training "
+                  "entity's own knowledge adapter (frozen), so the adapter learns to check a claim against what a "
+                  "knowledge adapter injects, as it must at test time.")
 _CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
                   "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer) must equal "
                   "the gold label. Gold answers: obj_label plus the article's surface forms that name it in full.")
-
-
-@torch_no_grad
-def sequence_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
-    """log p(text) under the model (sum over its tokens after the first), batched with left padding."""
-    import torch
-
-    out = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for batch in _batches(texts, batch_size):
-            enc = tokenizer(batch, return_tensors="pt", padding=True)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            lp = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            out += (lp * (mask[:, 1:] * mask[:, :-1])).sum(1).tolist()
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def known_claims(model, tokenizer, claims) -> list[bool]:
-    """Per claim pair: does the base model find the true claim more likely than the false one?
-
-    A claim with no context can only be checked against the model's own knowledge, so the fact-checking
-    adapter learns that skill from the facts the model knows: it learns to read "does this match what I know"
-    out of the model, which is what the knowledge adapters then change."""
-    if not claims:
-        return []
-    lp = sequence_logprobs(model, tokenizer, [t for c in claims for t in (c.true, c.false)])
-    return [lp[2 * i] > lp[2 * i + 1] for i in range(len(claims))]
 
 
 def _jsonable(x):
@@ -649,8 +617,13 @@ def _jsonable(x):
 
 
 def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, order,
-                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers) -> None:
-    """Answer every question with method m, per token and/or per sequence, recording routing statistics."""
+                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers, memo: dict, served: dict) -> None:
+    """Answer every question with method m, per token and/or per sequence, recording routing statistics.
+
+    memo: generations with fixed adapters by _fixed_key, shared across methods. Sequence modes whose votes
+    agree (with each other or with the Oracle's gold pair) serve the same adapters to the same prompt, so
+    each such generation runs once; in another batch the padding differs, which greedy decoding is
+    insensitive to up to float rounding. served: per sequence-mode method and question, the adapters it served."""
     from .generate import encode_prompts, generate
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False)
@@ -666,6 +639,9 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
             texts, trace = generate(model, tokenizer, prompts, trace=True, **kw)
             for i, text in zip(batch, texts):
                 answers[token_name][i] = text
+                key = _fixed_key(m, i, questions, retrieved)
+                if key is not None:  # base, Oracle: the sequence modes reuse these
+                    memo[key] = text
             if m.routed and trace is not None:
                 width = trace.prompt_length
                 pmask = trace.attention_mask[:, :width]
@@ -691,10 +667,40 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
         for lib in m.routed:
             gold = gold_know if lib == "knowledge" else gold_task
             stats.add_votes(seq_name, lib, votes[lib], gold, layers)
-            state.set_router(lib, "fixed", fixed=list(votes[lib]))
-        texts = generate(model, tokenizer, prompts, **kw)
-        for i, text in zip(batch, texts):
-            answers[seq_name][i] = text
+        # served whole by fixed adapters: generate only what no method has generated with the same adapters
+        keys = [_fixed_key(m, i, questions, retrieved, {lib: votes[lib][b] for lib in m.routed})
+                for b, i in enumerate(batch)]
+        todo = [b for b, key in enumerate(keys) if key not in memo]
+        if todo:
+            _configure(state, m, cfg, [gold_know[b] for b in todo], [gold_task[b] for b in todo],
+                       [retrieved[batch[b]] for b in todo])
+            for lib in m.routed:
+                state.set_router(lib, "fixed", fixed=[votes[lib][b] for b in todo])
+            for b, text in zip(todo, generate(model, tokenizer, [prompts[b] for b in todo], **kw)):
+                memo[keys[b]] = text
+        memo["reused"] = memo.get("reused", 0) + len(batch) - len(todo)
+        for b, i in enumerate(batch):
+            answers[seq_name][i] = memo[keys[b]]
+            served.setdefault(seq_name, {})[i] = {"knowledge": keys[b][2], "task": keys[b][3]}
+
+
+def _fixed_key(m: Method, i: int, questions, retrieved, votes: dict | None = None) -> tuple | None:
+    """Everything a generation of question i depends on when every library is fixed for the whole sequence
+    (prompt form, knowledge, task and P-LAG adapters), or None when a library routes per token. votes: the
+    sequence mode's adapter per routed library."""
+    chosen = {}
+    for lib, router in (("knowledge", m.knowledge), ("task", m.task)):
+        if router == "none":
+            chosen[lib] = None
+        elif router == "gold":
+            chosen[lib] = questions[i].entity if lib == "knowledge" else FAMILY_OF[questions[i].dataset]
+        elif router == "retrieved":
+            chosen[lib] = retrieved[i]
+        elif votes is not None:
+            chosen[lib] = votes[lib]
+        else:
+            return None
+    return i, m.rag, chosen["knowledge"], chosen["task"], retrieved[i] if m.plag else None
 
 
 def _configure(state, m: Method, cfg: BenchConfig, gold_know, gold_task, retrieved) -> None:

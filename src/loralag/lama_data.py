@@ -141,6 +141,8 @@ class LamaData:
     task_pairs: dict[str, list[tuple[str, str]]]  # dataset -> (prompt, answer) about the training pool
     claims: list[Claim] = field(default_factory=list)  # the fact-checking claim pool
     context_every: int = 3
+    # per fact-checking pair: the training entity whose knowledge adapter it trains under (None: in RAG form)
+    fc_under: list[str | None] = field(default_factory=list)
 
     def entity(self, name: str) -> Entity:
         for e in self.entities:
@@ -331,14 +333,15 @@ def _usable_fact(f: Fact, max_object_words: int) -> bool:
 def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
                n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
                max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3,
-               claim_pool: int = 2) -> LamaData:
+               claim_pool: int = 2, fc_bare_facts: int | None = None) -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
     questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
     pairs per family for the task adapters, about other entities; one in `context_every` of them has the
     entity's article in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
-    claim_pool × n_train_pairs claims (see fact_checking_pairs). Entities are picked round-robin over the
+    claim_pool × n_train_pairs claims, at most fc_bare_facts of them bare (see fact_checking_pairs).
+    Entities are picked round-robin over the
     relations (so every relation is represented), in a seeded order, among subjects whose label is
     unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
     whose object is not part of the subject's own name."""
@@ -437,32 +440,39 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
         rel = relations[fact.relation]
         claims.append(Claim(fill_template(rel.template, fact.subject, fact.object),
                             fill_template(rel.template, fact.subject, wrong), ent.article, ent.name))
-    task_pairs[FACT_CHECKING] = fact_checking_pairs(claims, None, n_train_pairs, context_every)
+    fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts)
+    task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     used = {c.entity for c in claims[: n_train_pairs]}
     train_entities += [e for e in pool if e.name in used and e not in train_entities]
-    return LamaData(relations, entities, train_entities, questions, task_pairs, claims, context_every)
+    return LamaData(relations, entities, train_entities, questions, task_pairs, claims, context_every,
+                    [under for _, _, under in fc])
 
 
-def fact_checking_pairs(claims: list["Claim"], known: list[bool] | None, n_pairs: int,
-                        context_every: int) -> list[tuple[str, str]]:
-    """Fact-checking training pairs: each fact's true claim (SUPPORTS) and false claim (REFUTES).
+def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int,
+                        max_bare: int | None = None) -> list[tuple[str, str, str | None]]:
+    """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
+    (REFUTES), the first in `context_every` facts in RAG form (its article in front: the verdict is in the
+    context, under = None), the others bare, under = the claim's entity.
 
-    One fact in `context_every` comes in RAG form, its article in front: the verdict is in the context.
-    The others come bare, and only if `known[i]` (None: all): a claim without context can only be checked
-    against what the model already knows, so only facts it knows teach that skill (see lama_bench)."""
-    pairs: list[tuple[str, str]] = []
-    j = 0
-    for i, c in enumerate(claims):
-        if len(pairs) >= n_pairs:
+    A bare claim about a training entity can only be checked against knowledge of that entity, so it is
+    trained under the entity's own knowledge adapter (lama_bench): the task adapter learns to check a claim
+    against what a knowledge adapter injects, which is what it does at test time. Each bare fact costs a
+    knowledge adapter, so at most `max_bare` of them (None: no cap); the list ends at the first one past it."""
+    out: list[tuple[str, str, str | None]] = []
+    bare = 0
+    for j, c in enumerate(claims):
+        if len(out) >= n_pairs:
             break
         with_context = bool(context_every) and j % context_every == 0
-        if not with_context and known is not None and not known[i]:
-            continue
+        if not with_context:
+            if max_bare is not None and bare >= max_bare:
+                break
+            bare += 1
         for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
             prompt = make_prompt(FACT_CHECKING, text)
-            pairs.append((rag_prompt(c.article, prompt) if with_context else prompt, " " + label))
-        j += 1
-    return pairs[:n_pairs]
+            out.append((rag_prompt(c.article, prompt), " " + label, None) if with_context
+                       else (prompt, " " + label, c.entity))
+    return out[:n_pairs]
 
 
 def _round_robin(groups: list[list]) -> list:
