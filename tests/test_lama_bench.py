@@ -79,7 +79,7 @@ def test_articles_fill_mask_with_surface_and_keep_disjoint_sets(lama_dir):
     assert all(q.example.input.startswith("What is the X2 of") for q in qa)  # the fallback question
     labels = {q.example.answers[0] for q in data.questions[FACT_CHECKING]}
     assert labels <= {SUPPORTS, REFUTES}
-    labels |= {a.strip() for _, a in data.task_pairs[FACT_CHECKING]}
+    labels |= {fc_label(a) for _, a in data.task_pairs[FACT_CHECKING]}
     assert labels == {SUPPORTS, REFUTES}
     for q in data.questions[FACT_CHECKING]:
         if q.example.answers == [REFUTES]:  # a wrong object of the same relation, never a true one
@@ -116,6 +116,8 @@ def test_clean_answer(raw, want):
 def test_fact_checking_label_and_prefix_credit():
     assert fc_label("supports the claim") == SUPPORTS and fc_label("REFUTES") == REFUTES
     assert fc_label("maybe") == "maybe"
+    assert fc_label("Paris, so supports") == SUPPORTS and fc_label("Lyon, so REFUTES") == REFUTES
+    assert fc_label("SUPPORTSX") == SUPPORTS and fc_label("unsupported") == "unsupported"  # start / whole words
     assert credited("Paris, France", ["Paris"]) == "Paris"
     assert credited("the Paris region", ["Paris"]) == "Paris"  # articles drop in normalisation
     assert credited("Parisian", ["Paris"]) == "Parisian"  # a word boundary is needed
@@ -323,7 +325,10 @@ def test_tiny_writes_the_results_folder(tiny_run):
 def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
     data = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=2)
     fc = data.task_pairs[FACT_CHECKING]
-    assert [a.strip() for _, a in fc[:2]] == [SUPPORTS, REFUTES]  # the same fact, true then false
+    # the same fact, true then false; the answer recalls the true object first
+    obj = fc[0][1].split(", so ")[0].strip()
+    assert [a.strip() for _, a in fc[:2]] == [f"{obj}, so {SUPPORTS}", f"{obj}, so {REFUTES}"]
+    assert obj in fc[0][0] and obj not in fc[1][0].split("Claim: ")[1]  # the true claim names it, the false not
     for d in DATASETS:
         with_context = [p for p, _ in data.task_pairs[d] if "\n\n" in p]
         assert 0 < len(with_context) < len(data.task_pairs[d])
@@ -350,3 +355,8 @@ def test_bare_fact_checking_pairs_train_under_their_entity():
     assert pairs[3][0].endswith(make_prompt(FACT_CHECKING, "F1.")) and "Article" not in pairs[3][0]
     bare = fact_checking_pairs(claims, n_pairs=4, context_every=0)
     assert len(bare) == 4 and [u for _, _, u in bare] == ["e0", "e0", "e1", "e1"]
+    # past the cap, bare facts the base model knows come without an adapter; unknown ones are skipped
+    known = [False, False, True, False, False, True]
+    mixed = fact_checking_pairs(claims, n_pairs=100, context_every=0, max_bare=1, known=known)
+    assert [(p.split("Claim: ")[1].split("\n")[0], u) for p, _, u in mixed[::2]] == [("T0.", "e0"), ("T2.", None),
+                                                                                   ("T5.", None)]

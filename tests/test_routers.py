@@ -66,8 +66,30 @@ def test_kernels_match_brute_force(router, k):
             assert int(out.winner[t]) == j
 
 
+def relaid(bank: ModuleBank, layout: str) -> ModuleBank:
+    """The same adapters stored otherwise: rows permuted in one segment, or split over two segments."""
+    A, B = bank.parts[0]
+    n = bank.n
+    if layout == "direct":
+        return bank
+    if layout == "permuted":
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        parts, seg_of, row_of = [(A[perm], B[perm])], torch.zeros(n, dtype=torch.long), perm.argsort()
+    else:
+        h = n // 2
+        parts = [(A[:h], B[:h]), (A[h:], B[h:])]
+        seg_of = (torch.arange(n) >= h).long()
+        row_of = torch.cat([torch.arange(h), torch.arange(n - h)])
+    out = ModuleBank(bank.module, bank.d_in, bank.d_out, bank.names, bank.arrows, bank.ranks, bank.r, parts, seg_of,
+                     row_of)
+    assert not out.direct
+    return out
+
+
 @pytest.mark.parametrize("router", ["lag", "arrow-mix"])
-def test_union_and_grouped_paths_agree(router, monkeypatch):
+@pytest.mark.parametrize("layout", ["direct", "permuted", "two segments"])
+@pytest.mark.parametrize("chunk_bytes", [None, 24 * 4 * 7, 1])  # default; 7 rows per chunk; one adapter per chunk
+def test_union_and_grouped_paths_agree(router, layout, chunk_bytes, monkeypatch):
     bank, _ = random_bank(n=40)
     X = torch.randn(100, 24, generator=torch.Generator().manual_seed(2))
     spec = R.RouteSpec(router=router, k=5)
@@ -75,7 +97,9 @@ def test_union_and_grouped_paths_agree(router, monkeypatch):
     union = R.ROUTERS[router](bank, X, spec, 1)
     monkeypatch.setattr(R, "STEP_COST", 0.0)  # force the per-adapter grouped GEMMs
     monkeypatch.setattr(R, "GEMM_RATE", 1.0)
-    per_token = R.ROUTERS[router](bank, X, spec, 1)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(R, "CHUNK_BYTES", chunk_bytes)
+    per_token = R.ROUTERS[router](relaid(bank, layout), X, spec, 1)
     torch.testing.assert_close(union.delta, per_token.delta, atol=1e-5, rtol=1e-5)
     assert torch.equal(union.winner, per_token.winner)
 

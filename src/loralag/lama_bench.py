@@ -44,7 +44,7 @@ from pathlib import Path
 
 from .errors import LoralagError
 from .lama_data import (DATASETS, FACT_CHECKING, FAMILY_OF, REFUTES, SUPPORTS, Question, build_data, describe,
-                        rag_prompt, rewrites, write_questions)
+                        fact_checking_pairs, rag_prompt, rewrites, write_questions)
 
 PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
              "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
@@ -63,6 +63,7 @@ class BenchConfig:
     n_train_pairs: int = 200  # task-adapter training pairs per family
     context_every: int = 3  # one task-training prompt in this many has its entity's article in front (RAG form)
     fc_bare_facts: int = 48  # bare fact-checking training facts, each under its entity's own knowledge adapter
+    fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
     seed: int = 0
     max_article_chars: int = 400
     # knowledge adapters
@@ -82,7 +83,7 @@ class BenchConfig:
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
     granularity: str = "both"
     methods: tuple | None = None  # None: every method
-    max_new_tokens: int = 10
+    max_new_tokens: int = 16  # fact checking recalls the object before its verdict
     batch_size: int = 32
     credit_prefix: bool = True
 
@@ -91,7 +92,7 @@ SIZES = {
     # a handful of entities: the test suite's end-to-end run
     # (its task adapters see no RAG-form prompt: cheaper, and RAG is not what the tiny run checks)
     "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, fc_bare_facts=2, know_steps=8, know_lr=3e-3, task_steps=12,
-                 task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=8),
+                 task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=12),
     # a sanity check at the scale of the earlier 12-adapter measurement
     "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
@@ -234,12 +235,14 @@ def clean_answer(text: str) -> str:
 
 
 def fc_label(answer: str) -> str:
-    """The fact-checking verdict: SUPPORTS / REFUTES when the answer starts with one (any case), else as is."""
+    """The fact-checking verdict: SUPPORTS / REFUTES when the answer starts with one (any case), else the last one
+    it names as a word (a verdict after a rationale: "Paris, so SUPPORTS"), else the answer as is."""
     head = answer.strip().upper()
     for label in (SUPPORTS, REFUTES):
         if head.startswith(label):
             return label
-    return answer.strip()
+    named = re.findall(rf"\b({SUPPORTS}|{REFUTES})\b", head)
+    return named[-1] if named else answer.strip()
 
 
 def credited(answer: str, golds: list[str]) -> str:
@@ -380,6 +383,17 @@ def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, 
     return lib
 
 
+def torch_no_grad(fn):
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 def _batches(items: list, size: int):
     for s in range(0, len(items), size):
         yield items[s : s + size]
@@ -444,6 +458,16 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         model, tokenizer = load_model(model_spec, dtype=torch.float32)
     timings["load_model"] = time.perf_counter() - t
 
+    # fact checking: bare claims under a knowledge adapter, then bare claims the base model knows (see
+    # fact_checking_pairs); twice the other families' pairs, since each fact gives two
+    t = time.perf_counter()
+    known = known_claims(model, tokenizer, data.claims)
+    fc = fact_checking_pairs(data.claims, 2 * cfg.n_train_pairs, cfg.context_every, cfg.fc_bare_facts, known)
+    data.task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
+    data.fc_under = [under for _, _, under in fc]
+    claims_known = sum(known) / len(known) if known else None
+    timings["score_claims"] = time.perf_counter() - t
+
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
     kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
@@ -469,9 +493,11 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                        batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed)
     task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d],
                           [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None) for d in DATASETS]
-    say(f"[bold]Task adapters[/]: {len(task_items)} × {cfg.task_steps} steps on "
+    fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
+    say(f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
         f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities")
-    task_paths = train_adapters(model, tokenizer, task_items, cache / "task", tcfg, progress=progress)
+    task_paths = [train_adapters(model, tokenizer, [item], cache / "task", fc_cfg if item.name == FAMILY_OF[FACT_CHECKING]
+                                 else tcfg, progress=progress)[0] for item in task_items]
     timings["train_task"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -546,8 +572,10 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
             examples = [questions[i].example for i in idx]
             cleaned = {}
             for i in idx:
-                a = clean_answer(raw[i] or "")
-                cleaned[questions[i].example.id] = fc_label(a) if d == FACT_CHECKING else a
+                text = raw[i] or ""
+                # a verdict may follow a recalled object that holds a period ("St. Louis, so SUPPORTS"): whole line
+                cleaned[questions[i].example.id] = (fc_label(text.strip().split("\n")[0]) if d == FACT_CHECKING
+                                                    else clean_answer(text))
             final = {k: credited(v, ex.answers) if cfg.credit_prefix and d != FACT_CHECKING else v
                      for (k, v), ex in zip(cleaned.items(), examples)}
             metric = "accuracy" if d == FACT_CHECKING else "em"
@@ -588,6 +616,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         "normalised": normalised,
         "routing": routing,
         "retrieval_top1": retrieval_top1,
+        "claims_known_by_base": claims_known,
         "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
         "timings": {**timings, "methods": method_time},
         "sequence_answers_reused": memo.get("reused", 0),
@@ -604,12 +633,42 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
 _TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
                   "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
-                  "the same fact; those without context (at most fc_bare_facts facts) are trained under the training "
-                  "entity's own knowledge adapter (frozen), so the adapter learns to check a claim against what a "
-                  "knowledge adapter injects, as it must at test time.")
+                  "the same fact (twice the other families' pairs, fc_steps steps). Of those without context, the "
+                  "first fc_bare_facts are trained under the training entity's own knowledge adapter (frozen), so the "
+                  "adapter learns to check a claim against what a knowledge adapter injects, as at test time; the "
+                  "rest only for facts the base model already ranks right (log p(true) > log p(false)), without an "
+                  "adapter.")
 _CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
                   "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer) must equal "
                   "the gold label. Gold answers: obj_label plus the article's surface forms that name it in full.")
+
+
+@torch_no_grad
+def sequence_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
+    """log p(text) under the model (sum over its tokens after the first), batched with left padding."""
+    import torch
+
+    out = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in _batches(texts, batch_size):
+            enc = tokenizer(batch, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            out += (lp * (mask[:, 1:] * mask[:, :-1])).sum(1).tolist()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def known_claims(model, tokenizer, claims) -> list[bool]:
+    """Per claim pair: does the base model find the true claim more likely than the false one?"""
+    if not claims:
+        return []
+    lp = sequence_logprobs(model, tokenizer, [t for c in claims for t in (c.true, c.false)])
+    return [lp[2 * i] > lp[2 * i + 1] for i in range(len(claims))]
 
 
 def _jsonable(x):

@@ -130,6 +130,7 @@ class Claim:
     false: str
     article: str
     entity: str
+    obj: str = ""  # the true object: the training answer recalls it before the verdict (fact_checking_pairs)
 
 
 @dataclass
@@ -439,7 +440,7 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
             continue
         rel = relations[fact.relation]
         claims.append(Claim(fill_template(rel.template, fact.subject, fact.object),
-                            fill_template(rel.template, fact.subject, wrong), ent.article, ent.name))
+                            fill_template(rel.template, fact.subject, wrong), ent.article, ent.name, fact.object))
     fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts)
     task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     used = {c.entity for c in claims[: n_train_pairs]}
@@ -448,30 +449,39 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
                     [under for _, _, under in fc])
 
 
-def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int,
-                        max_bare: int | None = None) -> list[tuple[str, str, str | None]]:
+def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int, max_bare: int | None = None,
+                        known: list[bool] | None = None) -> list[tuple[str, str, str | None]]:
     """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
     (REFUTES), the first in `context_every` facts in RAG form (its article in front: the verdict is in the
-    context, under = None), the others bare, under = the claim's entity.
+    context; under = None), the others bare. The answer recalls the true object first, then gives the verdict
+    (" French, so SUPPORTS" / " French, so REFUTES"): checking a claim against a recalled object is a copy and
+    compare that attention does easily, while reading a verdict off the model's surprise at the claim is not
+    (a verdict-only adapter stayed at chance, see the README).
 
-    A bare claim about a training entity can only be checked against knowledge of that entity, so it is
-    trained under the entity's own knowledge adapter (lama_bench): the task adapter learns to check a claim
-    against what a knowledge adapter injects, which is what it does at test time. Each bare fact costs a
-    knowledge adapter, so at most `max_bare` of them (None: no cap); the list ends at the first one past it."""
+    A bare claim about a training entity can only be checked against knowledge of that entity. The first
+    `max_bare` bare facts (None: all) are trained under the entity's own knowledge adapter (under = the
+    entity; lama_bench trains it), so the task adapter learns to check a claim against what a knowledge
+    adapter injects, as at test time. Past that cap a bare fact is used only if `known[i]` (the base model
+    already ranks the true claim above the false one), without an adapter, to check against the model's own
+    knowledge; with known=None the list ends at the cap."""
     out: list[tuple[str, str, str | None]] = []
     bare = 0
     for j, c in enumerate(claims):
         if len(out) >= n_pairs:
             break
         with_context = bool(context_every) and j % context_every == 0
+        under = None
         if not with_context:
-            if max_bare is not None and bare >= max_bare:
+            if max_bare is None or bare < max_bare:
+                under, bare = c.entity, bare + 1
+            elif known is None:
                 break
-            bare += 1
+            elif not known[j]:
+                continue
         for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
             prompt = make_prompt(FACT_CHECKING, text)
-            out.append((rag_prompt(c.article, prompt), " " + label, None) if with_context
-                       else (prompt, " " + label, c.entity))
+            answer = f" {c.obj}, so {label}" if c.obj else " " + label
+            out.append((rag_prompt(c.article, prompt) if with_context else prompt, answer, under))
     return out[:n_pairs]
 
 

@@ -24,6 +24,7 @@ from .bank import ModuleBank
 GEMM_RATE = 40e9
 SMALL_GEMM_RATE = 5e9
 STEP_COST = 10e-6
+CHUNK_BYTES = 1 << 20  # gathered token rows per chunk: about one core's L2
 DENSE_CHUNK = 256  # adapters per block in the dense routers
 # Decoding (this many tokens or fewer) scores a float16 copy of the arrows, keeps a margin of candidates and
 # re-ranks them with the float32 arrows: half the bytes read, the same top k unless float16 rounding
@@ -128,19 +129,36 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
 
 
 def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens."""
+    """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens.
+
+    The sorted pairs' token rows are gathered a cache-sized chunk at a time (whole adapters per chunk) into
+    one reused buffer: written and read again while still in cache, instead of tens of MB through memory.
+    A one-segment bank's A* are used in place, not copied."""
     T, k = cand.shape
     flat = cand.reshape(-1)
     order = flat.argsort()
     uniq, counts = flat.index_select(0, order).unique_consecutive(return_counts=True)
-    A = bank.gather_A(uniq, out=workspace("A", len(uniq) * bank.r * bank.d_in, bank.dtype))
-    Xs = workspace("X", len(flat) * bank.d_in, X.dtype)[: len(flat) * bank.d_in].view(len(flat), bank.d_in)
-    torch.index_select(X, 0, order // k, out=Xs)  # the token of each sorted pair
+    tokens = order // k  # the token of each sorted pair
+    if bank.direct:
+        A, ids = bank.parts[0][0], uniq.tolist()
+    else:
+        A = bank.gather_A(uniq, out=workspace("A", len(uniq) * bank.r * bank.d_in, bank.dtype))
+        ids = range(len(uniq))
     Zs = X.new_empty(len(flat), bank.r)
-    start = 0
-    for g, end in enumerate(counts.cumsum(0).tolist()):
-        torch.mm(Xs[start:end], A[g].T, out=Zs[start:end])
-        start = end
+    ends = counts.cumsum(0).tolist()
+    chunk = max(CHUNK_BYTES // (bank.d_in * X.element_size()), max(counts.tolist()))
+    buf = workspace("X", chunk * bank.d_in, X.dtype)
+    g, start = 0, 0
+    while g < len(ends):
+        last = g  # the adapters g..last whose rows fit in one chunk
+        while last + 1 < len(ends) and ends[last + 1] - start <= chunk:
+            last += 1
+        Xc = buf[: (ends[last] - start) * bank.d_in].view(-1, bank.d_in)
+        torch.index_select(X, 0, tokens[start : ends[last]], out=Xc)
+        for j in range(g, last + 1):
+            s = (ends[j - 1] if j > g else start)
+            torch.mm(Xc[s - start : ends[j] - start], A[ids[j]].T, out=Zs[s : ends[j]])
+        g, start = last + 1, ends[last]
     return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
 
 
@@ -165,9 +183,12 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
             ends = (counts.cumsum(0) + skip).tolist()
             for g, (s, e) in enumerate(zip([skip] + ends[:-1], ends)):
                 torch.mm(Zs[s:e], B[g].T, out=out[s:e])
-        else:  # mostly distinct adapters: one batched matrix-vector product over each pair's own B*
-            B = bank.gather_B(sorted_adapter[skip:], out=workspace("B", (P - skip) * bank.d_out * bank.r, bank.dtype))
-            torch.bmm(B, Zs[skip:].unsqueeze(-1), out=out[skip:].unsqueeze(-1))
+        else:  # mostly distinct adapters: batched matrix-vector products over each pair's own B*, gathered
+            per = max(1, CHUNK_BYTES // (bank.d_out * bank.r * Z.element_size()))  # a cache-sized chunk at a time
+            buf = workspace("B", min(per, P - skip) * bank.d_out * bank.r, bank.dtype)
+            for s in range(skip, P, per):
+                e = min(s + per, P)
+                torch.bmm(bank.gather_B(sorted_adapter[s:e], out=buf), Zs[s:e].unsqueeze(-1), out=out[s:e].unsqueeze(-1))
     return out.index_select(0, order.argsort())  # back to pair order
 
 
