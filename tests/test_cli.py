@@ -193,3 +193,23 @@ def test_train_one_at_a_time_and_grouped_write_the_same_adapters(world, tmp_path
     again = invoke("train", tmp_path / "grouped", docs, *args, "--group-size", "2")
     assert again.exit_code == 0 and "3 adapter(s)" in output(again)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # all up to date: nothing retrained
+
+
+def test_train_pairs_under_a_frozen_adapter(world, tmp_path):
+    docs, checks = tmp_path / "docs", tmp_path / "checks"
+    docs.mkdir(), checks.mkdir()
+    (docs / "zarn.txt").write_text("the red moon has a capital called zarn . zarn is old .")
+    common = ("--model", world / "model", "--epochs", "1", "--batch-size", "2")
+    assert invoke("train", tmp_path / "know", docs, *common, "-t", "up_proj").exit_code == 0
+    line = {"prompt": "capital of the red moon ?", "answer": "zarn"}
+    (checks / "check.jsonl").write_text(json.dumps({**line, "under": "../know/zarn"}) + "\n" + json.dumps(line) + "\n")
+    result = invoke("train", tmp_path / "task", checks, *common, "-t", "q_proj")
+    assert result.exit_code == 0, output(result)
+    marker = json.loads((tmp_path / "task" / "check" / "loralag_train.json").read_text())
+    (checks / "plain.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n")
+    assert invoke("train", tmp_path / "plain", checks / "plain.jsonl", *common, "-t", "q_proj").exit_code == 0
+    plain = json.loads((tmp_path / "plain" / "plain" / "loralag_train.json").read_text())
+    assert marker["first_loss"] != plain["first_loss"]  # the frozen adapter acted on the first pair
+    (checks / "check.jsonl").write_text(json.dumps({**line, "under": "../nowhere"}) + "\n")
+    bad = invoke("train", tmp_path / "task", checks / "check.jsonl", *common, "-t", "q_proj")
+    assert bad.exit_code != 0 and "nowhere is not a folder" in output(bad)

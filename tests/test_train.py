@@ -177,6 +177,10 @@ def test_read_training_inputs(tmp_path):
         QAPairs("quiz", PAIRS),
     ]
     assert lt.read_training_inputs([tmp_path / "accord.txt"]) == [Document("accord", TEXT)]
+    (tmp_path / "checks.jsonl").write_text(json.dumps({"prompt": "p1", "answer": "a1", "under": "ads/k"}) + "\n"
+                                           + json.dumps({"prompt": "p2", "answer": "a2"}) + "\n")
+    [checks] = lt.read_training_inputs([tmp_path / "checks.jsonl"])
+    assert checks == QAPairs("checks", [("p1", "a1"), ("p2", "a2")], [str(tmp_path / "ads" / "k"), None])
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,8 @@ class TrainResult:
 
 def read_training_inputs(paths: Iterable[str | os.PathLike]) -> list[TrainItem]:
     """Read .txt files (one Document each, named by stem), .jsonl files of
-    {"prompt", "answer"} lines (one QAPairs, named by stem) or of {"name", "text"} lines
+    {"prompt", "answer"} lines (one QAPairs, named by stem; optional "under": an adapter folder,
+    relative to the file, applied frozen while that pair is learned) or of {"name", "text"} lines
     (one Document per line; optional "extra_texts" list), and folders of such files."""
     items: list[TrainItem] = []
     sources: dict[str, Path] = {}
@@ -130,6 +131,7 @@ def _read_file(path: Path) -> list[TrainItem]:
         raise LoralagError(f"{path}: training inputs must be .txt or .jsonl files")
     docs: list[TrainItem] = []
     pairs: list[tuple[str, str]] = []
+    under: list[str | None] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -144,6 +146,8 @@ def _read_file(path: Path) -> list[TrainItem]:
             if docs:
                 raise LoralagError(f"{where}: prompt/answer line in a file of name/text lines")
             pairs.append((_string(row, "prompt", where), _string(row, "answer", where)))
+            # optional: a trained adapter folder (relative to this file) applied, frozen, under this pair
+            under.append(str(path.parent / _string(row, "under", where)) if "under" in row else None)
         elif "text" in row or "name" in row:
             if pairs:
                 raise LoralagError(f"{where}: name/text line in a file of prompt/answer lines")
@@ -155,7 +159,7 @@ def _read_file(path: Path) -> list[TrainItem]:
         else:
             raise LoralagError(f"{where}: expected keys 'prompt'+'answer' or 'name'+'text', got {sorted(row)}")
     if pairs:
-        return [QAPairs(_check_name(path.stem, path), pairs)]
+        return [QAPairs(_check_name(path.stem, path), pairs, under if any(under) else None)]
     if not docs:
         raise LoralagError(f"{path} holds no training lines")
     return docs
