@@ -639,8 +639,9 @@ _TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; 
                   "rest only for facts the base model already ranks right (log p(true) > log p(false)), without an "
                   "adapter.")
 _CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
-                  "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer) must equal "
-                  "the gold label. Gold answers: obj_label plus the article's surface forms that name it in full.")
+                  "fact checking: the verdict (SUPPORTS/REFUTES, any case, at the start of the answer's first line, "
+                  "else the last one it names, after the recalled object) must equal the gold label; an answer "
+                  "without one is wrong. Gold answers: obj_label plus the article's surface forms that name it in full.")
 
 
 @torch_no_grad

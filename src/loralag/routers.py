@@ -22,7 +22,7 @@ from .bank import ModuleBank
 # Cost model for choosing how `project` scores candidates (multiply-adds per second on one core, and the
 # Python cost of one per-adapter step), measured with benchmarks/bench_layer.py on this machine's CPU.
 GEMM_RATE = 40e9
-SMALL_GEMM_RATE = 5e9
+SMALL_GEMM_RATE = 10e9  # the grouped kernel with cache-sized gathers (was 5e9 with one big gather)
 STEP_COST = 10e-6
 CHUNK_BYTES = 1 << 20  # gathered token rows per chunk: about one core's L2
 DENSE_CHUNK = 256  # adapters per block in the dense routers

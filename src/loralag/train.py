@@ -334,12 +334,12 @@ def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) 
 def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] | None:
     """The frozen adapters of a QAPairs item (each folder read once) and each example's index into them."""
     under = getattr(item, "under", None)
+    if under is not None and len(under) != len(item.pairs):
+        raise LoralagError(f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs")
     if under is None or all(u is None for u in under):
         return None
     from .adapters import read_adapter
 
-    if len(under) != len(item.pairs):
-        raise LoralagError(f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs")
     folders = sorted({str(u) for u in under if u is not None})
     adapters = [read_adapter(f) for f in folders]
     clash = sorted({m.rsplit(".", 1)[-1] for a in adapters for m in a.modules} & set(config.target_modules))
