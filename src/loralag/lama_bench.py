@@ -7,7 +7,9 @@ A base LM gets two libraries, routed separately and applied together (Fleshman &
 * knowledge: one LoRA per subject entity's article (gate/up/down, rank 6, alpha 12), trained on the article
   and templated synthetic rewrites of it (lama_data.py);
 * task: one LoRA per task family (q/k/v/o, rank 8, alpha 16) — slot filling, QA, fact checking — trained on
-  prompt -> answer pairs about entities *outside* the knowledge set.
+  prompt -> answer pairs about entities *outside* the knowledge set. The fact-checking answer recalls the
+  object, then the verdict ("French, so SUPPORTS"); its bare claims train under the training entity's own
+  knowledge adapter (train.QAPairs.under), as at test time.
 
 Every method answers the same questions about the knowledge-set entities:
 
@@ -527,7 +529,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     answers: dict[str, list[str | None]] = {}  # method -> raw generation per question
     method_time: dict[str, float] = {}
     libs = {"task": task_lib, "knowledge": know_lib, "prag": know_lib}
-    memo: dict = {}  # fixed-adapter generations, shared across methods (see _run_method)
+    memo = FixedGenerations()
     served: dict[str, dict[int, dict]] = {}  # sequence-mode method -> question -> the adapters it served
     state = attach(model, libs, router="none", k=cfg.k)
     try:
@@ -619,7 +621,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         "claims_known_by_base": claims_known,
         "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
         "timings": {**timings, "methods": method_time},
-        "sequence_answers_reused": memo.get("reused", 0),
+        "sequence_answers_reused": memo.reused,
     }
     results["findings"] = findings(results, cfg)
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -677,10 +679,11 @@ def _jsonable(x):
 
 
 def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, order,
-                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers, memo: dict, served: dict) -> None:
+                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers, memo: "FixedGenerations",
+                served: dict) -> None:
     """Answer every question with method m, per token and/or per sequence, recording routing statistics.
 
-    memo: generations with fixed adapters by _fixed_key, shared across methods. Sequence modes whose votes
+    memo: generations with fixed adapters, shared across methods. Sequence modes whose votes
     agree (with each other or with the Oracle's gold pair) serve the same adapters to the same prompt, so
     each such generation runs once; in another batch the padding differs, which greedy decoding is
     insensitive to up to float rounding. served: per sequence-mode method and question, the adapters it served."""
@@ -701,7 +704,7 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
                 answers[token_name][i] = text
                 key = _fixed_key(m, i, questions, retrieved)
                 if key is not None:  # base, Oracle: the sequence modes reuse these
-                    memo[key] = text
+                    memo.texts[key] = text
             if m.routed and trace is not None:
                 width = trace.prompt_length
                 pmask = trace.attention_mask[:, :width]
@@ -730,18 +733,26 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
         # served whole by fixed adapters: generate only what no method has generated with the same adapters
         keys = [_fixed_key(m, i, questions, retrieved, {lib: votes[lib][b] for lib in m.routed})
                 for b, i in enumerate(batch)]
-        todo = [b for b, key in enumerate(keys) if key not in memo]
+        todo = [b for b, key in enumerate(keys) if key not in memo.texts]
         if todo:
             _configure(state, m, cfg, [gold_know[b] for b in todo], [gold_task[b] for b in todo],
                        [retrieved[batch[b]] for b in todo])
             for lib in m.routed:
                 state.set_router(lib, "fixed", fixed=[votes[lib][b] for b in todo])
             for b, text in zip(todo, generate(model, tokenizer, [prompts[b] for b in todo], **kw)):
-                memo[keys[b]] = text
-        memo["reused"] = memo.get("reused", 0) + len(batch) - len(todo)
+                memo.texts[keys[b]] = text
+        memo.reused += len(batch) - len(todo)
         for b, i in enumerate(batch):
-            answers[seq_name][i] = memo[keys[b]]
+            answers[seq_name][i] = memo.texts[keys[b]]
             served.setdefault(seq_name, {})[i] = {"knowledge": keys[b][2], "task": keys[b][3]}
+
+
+@dataclass
+class FixedGenerations:
+    """Generations with fixed adapters by _fixed_key, shared across methods; `reused`: answers served from it."""
+
+    texts: dict = field(default_factory=dict)
+    reused: int = 0
 
 
 def _fixed_key(m: Method, i: int, questions, retrieved, votes: dict | None = None) -> tuple | None:

@@ -11,7 +11,8 @@ with each relation's label and cloze template):
 * three **task families** in KILT's forms, one dataset each: slot filling (`subject [SEP] relation label`
   -> object, the KILT T-REx/zsRE form), question answering (a natural question per relation -> object, the
   NQ form) and fact checking (the relation's cloze template filled with the true object or with a wrong
-  object of the same relation -> SUPPORTS / REFUTES, the FEVER form).
+  object of the same relation -> SUPPORTS / REFUTES, the FEVER form; the training answer recalls the true
+  object before the verdict, see fact_checking_pairs).
 
 The knowledge set (entities that get an adapter and are asked about) and the task-training pool (entities
 whose facts train the task adapters) are disjoint, drawn deterministically from a seed, spread evenly
@@ -142,7 +143,7 @@ class LamaData:
     task_pairs: dict[str, list[tuple[str, str]]]  # dataset -> (prompt, answer) about the training pool
     claims: list[Claim] = field(default_factory=list)  # the fact-checking claim pool
     context_every: int = 3
-    # per fact-checking pair: the training entity whose knowledge adapter it trains under (None: in RAG form)
+    # per fact-checking pair: the training entity whose knowledge adapter it trains under (None: no adapter)
     fc_under: list[str | None] = field(default_factory=list)
 
     def entity(self, name: str) -> Entity:
