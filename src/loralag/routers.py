@@ -146,7 +146,7 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
         ids = range(len(uniq))
     Zs = X.new_empty(len(flat), bank.r)
     ends = counts.cumsum(0).tolist()
-    chunk = max(CHUNK_BYTES // (bank.d_in * X.element_size()), max(counts.tolist()))
+    chunk = max(CHUNK_BYTES // (bank.d_in * X.element_size()), int(counts.max()))
     buf = workspace("X", chunk * bank.d_in, X.dtype)
     g, start = 0, 0
     while g < len(ends):
@@ -155,9 +155,10 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
             last += 1
         Xc = buf[: (ends[last] - start) * bank.d_in].view(-1, bank.d_in)
         torch.index_select(X, 0, tokens[start : ends[last]], out=Xc)
+        s = start  # adapter j's rows are s..ends[j]
         for j in range(g, last + 1):
-            s = (ends[j - 1] if j > g else start)
             torch.mm(Xc[s - start : ends[j] - start], A[ids[j]].T, out=Zs[s : ends[j]])
+            s = ends[j]
         g, start = last + 1, ends[last]
     return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
 
