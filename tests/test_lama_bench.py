@@ -293,7 +293,9 @@ def test_tiny_sequence_answers_are_generated_by_the_served_adapters(tiny_run):
                 for row in rows[:2]:
                     for lib in libs:
                         state.fix(lib, [row["served"][lib]])
-                    [text] = generate(model, tok, [row["prompt"]], max_new_tokens=8, chat=False)
+                    [text] = generate(model, tok, [row["prompt"]], chat=False,
+                                      max_new_tokens=settings["generation"]["max_new_tokens"],
+                                      stop=settings["generation"]["stop"])
                     assert text == row["generation"], (method, row["id"])
                     checked += 1
     finally:

@@ -75,6 +75,12 @@ def relaid(bank: ModuleBank, layout: str) -> ModuleBank:
     if layout == "permuted":
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         parts, seg_of, row_of = [(A[perm], B[perm])], torch.zeros(n, dtype=torch.long), perm.argsort()
+    elif layout == "uneven ranks":  # the second half in a segment of a lower rank (its adapters' rank ≤ 2)
+        h = n // 2
+        assert not A[h:, 2:].any()
+        parts = [(A[:h], B[:h]), (A[h:, :2].contiguous(), B[h:, :, :2].contiguous())]
+        seg_of = (torch.arange(n) >= h).long()
+        row_of = torch.cat([torch.arange(h), torch.arange(n - h)])
     else:
         h = n // 2
         parts = [(A[:h], B[:h]), (A[h:], B[h:])]
@@ -84,6 +90,41 @@ def relaid(bank: ModuleBank, layout: str) -> ModuleBank:
                      row_of)
     assert not out.direct
     return out
+
+
+@pytest.mark.parametrize("layout", ["direct", "permuted", "two segments", "uneven ranks"])
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "repeated"])
+def test_gather_returns_each_adapters_own_factors(layout, order):
+    """Every gather path (one stack, runs of segments, scattered segments, zero-padded ranks) against
+    indexing the one-stack bank, with and without output buffers."""
+    bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
+    other = relaid(bank, layout)
+    g = torch.Generator().manual_seed(3)
+    idx = {"sorted": torch.arange(3, 37), "shuffled": torch.randperm(40, generator=g),
+           "repeated": torch.randint(0, 40, (60,), generator=g).sort().values}[order]
+    A_ref, B_ref = bank.parts[0][0][idx], bank.parts[0][1][idx]
+    A, B = other.gather(idx)
+    assert torch.equal(A, A_ref) and torch.equal(B, B_ref)
+    buf_A, buf_B = torch.full((A_ref.numel() + 5,), 7.0), torch.full((B_ref.numel() + 5,), 7.0)
+    assert torch.equal(other.gather_A(idx, out=buf_A), A_ref)
+    assert torch.equal(other.gather_B(idx, out=buf_B), B_ref)
+    assert other.gather(idx, want_a=False)[0] is None and other.gather(idx, want_b=False)[1] is None
+
+
+@pytest.mark.parametrize("layout", ["direct", "two segments", "uneven ranks"])
+@pytest.mark.parametrize("L", [1, 5])
+def test_fixed_applies_each_sequences_adapter(layout, L):
+    """`fixed` (Oracle, PRAG, sequence votes): each sequence's tokens through its own dense s·B·A, None: zero."""
+    bank, dense = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
+    bank = relaid(bank, layout)
+    names = ["a31", None, "a2", "a31"]
+    X = torch.randn(len(names) * L, 24, generator=torch.Generator().manual_seed(4))
+    out = R.ROUTERS["fixed"](bank, X, R.RouteSpec(router="fixed", fixed=names), len(names))
+    for t in range(len(X)):
+        name = names[t // L]
+        ref = torch.zeros(16) if name is None else dense[int(name[1:])] @ X[t]
+        torch.testing.assert_close(out.delta[t], ref, atol=1e-4, rtol=1e-4)
+        assert int(out.winner[t]) == (-1 if name is None else int(name[1:]))
 
 
 @pytest.mark.parametrize("router", ["lag", "arrow-mix"])

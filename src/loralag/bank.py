@@ -94,7 +94,8 @@ class ModuleBank:
         return cls(module, d_in, B.shape[1], list(names), A[:, 0].contiguous(), ranks, r, [(A, B)],
                    torch.zeros(n, dtype=torch.long), torch.arange(n))
 
-    def gather(self, idx: torch.Tensor, want_b: bool = True, out_A=None, out_B=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def gather(self, idx: torch.Tensor, want_b: bool = True, out_A=None, out_B=None,
+               want_a: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank.
 
         out_A / out_B: flat buffers of at least that size to write into (reused memory is much faster
@@ -102,26 +103,36 @@ class ModuleBank:
         if self._single:
             A, B = self.parts[0]
             rows = idx if self._direct else self.row_of.index_select(0, idx)
-            return _rows(A, rows, out_A), (_rows(B, rows, out_B) if want_b else None)
-        A_out = _fill(out_A, (len(idx), self.r, self.d_in), self.dtype, self._padded)
+            return (_rows(A, rows, out_A) if want_a else None), (_rows(B, rows, out_B) if want_b else None)
+        A_out = _fill(out_A, (len(idx), self.r, self.d_in), self.dtype, self._padded) if want_a else None
         B_out = _fill(out_B, (len(idx), self.d_out, self.r), self.dtype, self._padded) if want_b else None
+        wanted = [(t, out) for t, out in ((0, A_out), (1, B_out)) if out is not None]
         segs = self.seg_of.index_select(0, idx)
+        rows = self.row_of.index_select(0, idx)
+        runs, counts = segs.unique_consecutive(return_counts=True)
+        if not self._padded and len(runs) <= 2 * len(self.parts):
+            # Sorted requests (routers ask in bank order) come in a few runs of one segment each: each run
+            # is copied straight into its slice of the output, one index_select per tensor.
+            s = 0
+            for p, m in zip(runs.tolist(), counts.tolist()):
+                for t, out in wanted:
+                    _rows(self.parts[p][t], rows[s : s + m], out[s : s + m].reshape(-1))
+                s += m
+            return A_out, B_out
         for p in segs.unique().tolist():
             sel = (segs == p).nonzero().squeeze(1)
             A, B = self.parts[p]
-            rows = self.row_of.index_select(0, idx.index_select(0, sel))
-            A_out[sel, : A.shape[1]] = _rows(A, rows)
+            if want_a:
+                A_out[sel, : A.shape[1]] = _rows(A, rows.index_select(0, sel))
             if want_b:
-                B_out[sel, :, : B.shape[2]] = _rows(B, rows)
+                B_out[sel, :, : B.shape[2]] = _rows(B, rows.index_select(0, sel))
         return A_out, B_out
 
     def gather_A(self, idx: torch.Tensor, out=None) -> torch.Tensor:
         return self.gather(idx, want_b=False, out_A=out)[0]
 
     def gather_B(self, idx: torch.Tensor, out=None) -> torch.Tensor:
-        if self._single:
-            return _rows(self.parts[0][1], idx if self._direct else self.row_of.index_select(0, idx), out)
-        return self.gather(idx, out_B=out)[1]
+        return self.gather(idx, want_a=False, out_B=out)[1]
 
     def chunks(self, size: int = 256):
         """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers (views when possible)."""

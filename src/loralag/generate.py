@@ -81,7 +81,8 @@ def _generation_config(model, tokenizer, max_new_tokens: int, greedy: bool, gen_
 
 
 def _real_tokens(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids) -> torch.Tensor:
-    """Attention mask over prompt + generated tokens: a generated token is real up to and including the first eos."""
+    """Attention mask over prompt + generated tokens: a generated token is real up to and including the first
+    eos (any of eos_ids)."""
     batch, total = sequences.shape
     prompt_len = prompt_mask.shape[1]
     gen = sequences[:, prompt_len:]
@@ -166,7 +167,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
         return texts
     if recorded is not None:
         recorded.input_ids = sequences.cpu()
-        recorded.attention_mask = _real_tokens(sequences.cpu(), mask.cpu(), cfg.eos_token_id)
+        # a row ended by a stop string is filled with pad tokens after it: those end it too
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
+        ends = [t for t in (*eos, cfg.pad_token_id) if t is not None]
+        recorded.attention_mask = _real_tokens(sequences.cpu(), mask.cpu(), ends or None)
         recorded.prompt_length = prompt_len
         recorded.prompts = list(prompts)
         recorded.texts = texts

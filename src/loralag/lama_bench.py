@@ -102,6 +102,8 @@ SIZES = {
                  task_lr=2e-3),
 }
 
+# Answers are read from their first line only, so a sequence stops there (a batch ends when all have).
+ANSWER_STOP = ("\n",)
 BASE_METHODS = ("base", "oracle", "arrow", "lag", "spectral", "arrow-mix", "rag", "prag", "r-lag", "p-lag", "k-sweep")
 
 
@@ -609,6 +611,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                 "task_adapters": task_lib.names, "methods": list(answers), "p_lag_definition": PLAG_NOTE,
                 "task_training": _TRAINING_NOTE,
                 "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
+                "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
                 "torch_threads": torch.get_num_threads()}
     results = {
         "settings": settings,
@@ -689,7 +692,7 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
     insensitive to up to float rounding. served: per sequence-mode method and question, the adapters it served."""
     from .generate import encode_prompts, generate
 
-    kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False, stop=list(ANSWER_STOP))
     token_name = names[0] if not names[0].endswith("/seq") else None
     seq_name = f"{m.name}/seq" if f"{m.name}/seq" in names else None
     for batch in _batches(order, cfg.batch_size):

@@ -116,7 +116,8 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     # Two exact ways: one dense GEMM of every token against the batch's union of candidates, or one small
     # GEMM per candidate adapter over just the tokens that picked it (T·k·r·d work plus a Python step
     # per adapter). Estimated seconds with rates measured on one core here; the ratio is what matters.
-    union_cost = T * u * bank.r * bank.d_in / GEMM_RATE
+    # The one big GEMM uses every thread; the small grouped ones run on one.
+    union_cost = T * u * bank.r * bank.d_in / (GEMM_RATE * torch.get_num_threads())
     grouped_cost = T * k * bank.r * bank.d_in / SMALL_GEMM_RATE + u * STEP_COST
     if union_cost <= grouped_cost:
         if u == bank.n and bank.direct:  # every adapter is a candidate: the stack itself, no copy
@@ -189,7 +190,10 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
             buf = workspace("B", min(per, P - skip) * bank.d_out * bank.r, bank.dtype)
             for s in range(skip, P, per):
                 e = min(s + per, P)
-                torch.bmm(bank.gather_B(sorted_adapter[s:e], out=buf), Zs[s:e].unsqueeze(-1), out=out[s:e].unsqueeze(-1))
+                # z (1, r) times the gathered B*ᵀ (r, d_out) as a view: MKL's batched GEMM runs this form
+                # several times faster than B* (d_out, r) times z (r, 1), which it treats as matrix-vector
+                B = bank.gather_B(sorted_adapter[s:e], out=buf).transpose(1, 2)
+                torch.bmm(Zs[s:e].unsqueeze(1), B, out=out[s:e].unsqueeze(1))
     return out.index_select(0, order.argsort())  # back to pair order
 
 
@@ -274,7 +278,22 @@ def route_fixed(bank, X, spec, batch):
         raise ValueError(f"router 'fixed' was given {len(spec.fixed)} sequences but the batch holds {batch}")
     fixed = torch.tensor([bank.index.get(n, -1) if n is not None else -1 for n in spec.fixed], dtype=torch.long)
     winner = fixed.repeat_interleave(len(X) // batch)  # tokens are laid out sequence by sequence
-    return Routed(_apply_winner(bank, X, winner), winner, X.new_ones(len(X)))
+    return Routed(_apply_per_sequence(bank, X.view(batch, -1, bank.d_in), fixed).view(len(X), -1), winner,
+                  X.new_ones(len(X)))
+
+
+def _apply_per_sequence(bank, X, adapter) -> torch.Tensor:
+    """B*_s A*_s x for every token of each sequence s (X: (batch, L, d_in)): two batched GEMMs over the
+    sequences' own factors, gathered once per distinct adapter. adapter -1: that sequence's delta is 0."""
+    if not bool((adapter >= 0).any()):
+        return X.new_zeros(*X.shape[:2], bank.d_out)
+    uniq, inv = adapter.clamp(min=0).unique(return_inverse=True)  # sorted: few segment runs to gather
+    A, B = bank.gather(uniq)
+    Z = torch.bmm(X, A.index_select(0, inv).transpose(1, 2))  # (batch, L, r)
+    if bool((adapter < 0).any()):
+        Z[adapter < 0] = 0
+    # z (L, r) times B*ᵀ (r, d_out) as a view: the form MKL's batched GEMM runs fast (see apply_b)
+    return torch.bmm(Z, B.index_select(0, inv).transpose(1, 2))
 
 
 def route_none(bank, X, spec, batch):
