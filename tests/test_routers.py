@@ -111,6 +111,29 @@ def test_gather_returns_each_adapters_own_factors(layout, order):
     assert other.gather(idx, want_a=False)[0] is None and other.gather(idx, want_b=False)[1] is None
 
 
+@pytest.mark.parametrize("adapters", ["three", "few, many pairs each", "mostly distinct"])
+@pytest.mark.parametrize("block", [True, False])
+def test_apply_b_every_path_matches_per_pair_products(adapters, block, monkeypatch):
+    """apply_b's paths (block GEMM, one GEMM per adapter, batched products over gathered B*) against
+    B*_a z for each pair alone; adapter -1 gives zero."""
+    bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
+    bank = relaid(bank, "uneven ranks")
+    g = torch.Generator().manual_seed(8)
+    P = 120
+    pool = {"three": torch.tensor([3, 25, 31]), "few, many pairs each": torch.arange(0, 40, 4),
+            "mostly distinct": torch.arange(40)}[adapters]
+    adapter = pool[torch.randint(0, len(pool), (P,), generator=g)]
+    adapter[::7] = -1
+    Z = torch.randn(P, bank.r, generator=g)
+    if not block:
+        monkeypatch.setattr(R, "BLOCK_COLS", 0)
+    out = R.apply_b(bank, adapter, Z)
+    A_full, B_full = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)[0].parts[0]
+    for p in range(P):
+        ref = torch.zeros(bank.d_out) if adapter[p] < 0 else B_full[adapter[p]] @ Z[p]
+        torch.testing.assert_close(out[p], ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["direct", "two segments", "uneven ranks"])
 @pytest.mark.parametrize("L", [1, 5])
 def test_fixed_applies_each_sequences_adapter(layout, L):

@@ -24,6 +24,8 @@ from .bank import ModuleBank
 GEMM_RATE = 40e9
 SMALL_GEMM_RATE = 10e9  # the grouped kernel with cache-sized gathers (was 5e9 with one big gather)
 STEP_COST = 10e-6
+# apply_b over at most this many adapter columns (u·r) and multiply-adds: one block GEMM beats sorting
+BLOCK_COLS, BLOCK_MACS = 64, 16e6
 CHUNK_BYTES = 1 << 20  # gathered token rows per chunk: about one core's L2
 DENSE_CHUNK = 256  # adapters per block in the dense routers
 # Decoding (this many tokens or fewer) scores a float16 copy of the arrows, keeps a margin of candidates and
@@ -171,6 +173,9 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
         if adapter[0] < 0:
             return Z.new_zeros(1, bank.d_out)
         return (bank.gather_B(adapter) @ Z.unsqueeze(-1)).squeeze(-1)
+    uniq, inv = adapter.unique(return_inverse=True)
+    if len(uniq) * bank.r <= BLOCK_COLS and P * len(uniq) * bank.r * bank.d_out <= BLOCK_MACS:
+        return _apply_block(bank, uniq, inv, Z)
     order = adapter.argsort()
     sorted_adapter, Zs = adapter[order], Z.index_select(0, order)
     uniq, counts = sorted_adapter.unique_consecutive(return_counts=True)
@@ -195,6 +200,18 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
                 B = bank.gather_B(sorted_adapter[s:e], out=buf).transpose(1, 2)
                 torch.bmm(Zs[s:e].unsqueeze(1), B, out=out[s:e].unsqueeze(1))
     return out.index_select(0, order.argsort())  # back to pair order
+
+
+def _apply_block(bank, uniq, inv, Z) -> torch.Tensor:
+    """apply_b for a handful of adapters (a task library): each pair's z placed in its adapter's block of
+    a (P, u·r) matrix, times the u adapters' B*ᵀ stacked: one GEMM, no sorting (adapter -1: a zero block)."""
+    P, u = len(Z), len(uniq)
+    Zb = Z.new_zeros(P, u, bank.r)
+    Zb[torch.arange(P), inv] = Z
+    Bt = bank.gather_B(uniq.clamp(min=0)).transpose(1, 2).contiguous()  # (u, r, d_out)
+    if uniq[0] < 0:
+        Bt[0] = 0
+    return Zb.view(P, u * bank.r) @ Bt.view(u * bank.r, bank.d_out)
 
 
 def _apply_winner(bank, X, winner, Z=None) -> torch.Tensor:
