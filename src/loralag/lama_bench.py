@@ -103,6 +103,7 @@ SIZES = {
 }
 
 # Answers are read from their first line only, so a sequence stops there (a batch ends when all have).
+# A generation that opens with a newline is thus an empty answer (42 of the base model's 600 in the full run).
 ANSWER_STOP = ("\n",)
 BASE_METHODS = ("base", "oracle", "arrow", "lag", "spectral", "arrow-mix", "rag", "prag", "r-lag", "p-lag", "k-sweep")
 
