@@ -37,6 +37,8 @@ def extra(p):
     p.add_argument("--peft-create-max", type=int, default=None,
                    help="largest N built with create_arrow_model (default 100; quick 10); above it PEFT's layer is called directly")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per (shape, N, T)")
+    p.add_argument("--cells", default=None,
+                   help="only these cells, e.g. '2048x2048:100,1000:512' (shapes:N values:T values; ';' between groups)")
 
 
 def peft_bytes(T, N, r, d_in, d_out, eb=4):
@@ -118,6 +120,17 @@ def seg_bank(A, B, names, size=128):
     return ModuleBank.from_segments("m", A.shape[2], B.shape[1], names, where, parts, A.dtype)
 
 
+def parse_cells(spec: str) -> list[tuple[tuple[int, int], list[int], list[int]]]:
+    """'2048x2048:100,1000:512;576x1536:1000:1' -> [((2048, 2048), [100, 1000], [512]), ...] (repeat runs
+    of a few cells, to quote medians over runs)."""
+    out = []
+    for group in spec.split(";"):
+        shape, ns, ts = group.split(":")
+        d_in, d_out = (int(v) for v in shape.split("x"))
+        out.append(((d_in, d_out), [int(v) for v in ns.split(",")], [int(v) for v in ts.split(",")]))
+    return out
+
+
 def main():
     t0 = time.perf_counter()
     args = C.parse_args(__doc__.splitlines()[0], extra)
@@ -125,6 +138,7 @@ def main():
     shapes = [(2048, 2048), (576, 1536), (1536, 576)]
     Ns = [10, 300] if quick else [10, 100, 1000, 10000]
     Ts = [1, 64] if quick else [1, 512]
+    grid = [((d_in, d_out), Ns, Ts) for d_in, d_out in shapes] if args.cells is None else parse_cells(args.cells)
     r, k = 8, 20
     create_max = args.peft_create_max if args.peft_create_max is not None else (10 if quick else 100)
     budget = args.budget or (1.0 if quick else 12.0)
@@ -133,7 +147,7 @@ def main():
     rows, data, notes = [], [], []
     torch.manual_seed(0)
     tmp_root = Path(tempfile.mkdtemp(prefix="bench-layer-", dir=C.cache_root()))
-    for d_in, d_out in shapes:
+    for (d_in, d_out), Ns, Ts in grid:
         base = nn.Linear(d_in, d_out, bias=False).eval()
         for N in Ns:
             C.log(f"[layer] {d_in}->{d_out} N={N}: generating adapters")
@@ -234,7 +248,7 @@ def main():
     if notes:
         body += ["PEFT setup (not in the timings):", ""] + [f"- {n}" for n in notes] + [""]
     body += ["![ratios](layer.png)"]
-    plot(rows, args.out / "layer.png", Ts)
+    plot(rows, args.out / "layer.png", sorted({rec["T"] for rec in rows}))
     C.write_report(args.out, "layer", "Routed layer: time per call", "\n".join(body), info, data, elapsed, quick)
 
 

@@ -58,6 +58,14 @@ class ModuleBank:
         return self._arrows_half
 
     @property
+    def a_transposed(self) -> list[torch.Tensor]:
+        """A one-segment bank's A*ᵀ (d_in, r) per adapter, as views made once: the grouped projection
+        calls one GEMM per adapter and should pay for nothing else per adapter."""
+        if not hasattr(self, "_a_transposed"):
+            self._a_transposed = list(self.parts[0][0].transpose(1, 2).unbind(0))
+        return self._a_transposed
+
+    @property
     def index(self) -> dict[str, int]:
         if not hasattr(self, "_index"):
             self._index = {name: i for i, name in enumerate(self.names)}

@@ -11,6 +11,8 @@ only `spectral` and `uniform` (the dense baselines) touch every adapter, in boun
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -143,26 +145,27 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
     uniq, counts = flat.index_select(0, order).unique_consecutive(return_counts=True)
     tokens = order // k  # the token of each sorted pair
     if bank.direct:
-        A, ids = bank.parts[0][0], uniq.tolist()
+        views = bank.a_transposed
+        At = [views[i] for i in uniq.tolist()]
     else:
         A = bank.gather_A(uniq, out=workspace("A", len(uniq) * bank.r * bank.d_in, bank.dtype))
-        ids = range(len(uniq))
+        At = A.transpose(1, 2).unbind(0)
     Zs = X.new_empty(len(flat), bank.r)
-    ends = counts.cumsum(0).tolist()
-    chunk = max(CHUNK_BYTES // (bank.d_in * X.element_size()), int(counts.max()))
+    sizes = counts.tolist()
+    ends = list(itertools.accumulate(sizes))
+    chunk = max(CHUNK_BYTES // (bank.d_in * X.element_size()), max(sizes))
     buf = workspace("X", chunk * bank.d_in, X.dtype)
     g, start = 0, 0
     while g < len(ends):
-        last = g  # the adapters g..last whose rows fit in one chunk
-        while last + 1 < len(ends) and ends[last + 1] - start <= chunk:
-            last += 1
-        Xc = buf[: (ends[last] - start) * bank.d_in].view(-1, bank.d_in)
-        torch.index_select(X, 0, tokens[start : ends[last]], out=Xc)
-        s = start  # adapter j's rows are s..ends[j]
-        for j in range(g, last + 1):
-            torch.mm(Xc[s - start : ends[j] - start], A[ids[j]].T, out=Zs[s : ends[j]])
-            s = ends[j]
-        g, start = last + 1, ends[last]
+        last = max(g, bisect.bisect_right(ends, start + chunk, g) - 1)  # adapters g..last fit in one chunk
+        end = ends[last]
+        Xc = buf[: (end - start) * bank.d_in].view(-1, bank.d_in)
+        torch.index_select(X, 0, tokens[start:end], out=Xc)
+        # one GEMM per adapter over its rows; views made in bulk, the loop is just the calls
+        part = sizes[g : last + 1]
+        for x, a, z in zip(Xc.split(part), At[g : last + 1], Zs[start:end].split(part), strict=True):
+            torch.mm(x, a, out=z)
+        g, start = last + 1, end
     return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
 
 
