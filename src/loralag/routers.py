@@ -176,12 +176,12 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
         if adapter[0] < 0:
             return Z.new_zeros(1, bank.d_out)
         return (bank.gather_B(adapter) @ Z.unsqueeze(-1)).squeeze(-1)
-    uniq, inv = adapter.unique(return_inverse=True)
-    if len(uniq) * bank.r <= BLOCK_COLS and P * len(uniq) * bank.r * bank.d_out <= BLOCK_MACS:
-        return _apply_block(bank, uniq, inv, Z)
     order = adapter.argsort()
-    sorted_adapter, Zs = adapter[order], Z.index_select(0, order)
+    sorted_adapter = adapter[order]
     uniq, counts = sorted_adapter.unique_consecutive(return_counts=True)
+    if len(uniq) * bank.r <= BLOCK_COLS and P * len(uniq) * bank.r * bank.d_out <= BLOCK_MACS:
+        return _apply_block(bank, uniq, torch.searchsorted(uniq, adapter), Z)
+    Zs = Z.index_select(0, order)
     if uniq[0] < 0:  # pairs without an adapter sort first and stay zero
         skip, uniq, counts = int(counts[0]), uniq[1:], counts[1:]
     else:
