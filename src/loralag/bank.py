@@ -107,7 +107,7 @@ class ModuleBank:
         """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank.
 
         out_A / out_B: flat buffers of at least that size to write into (reused memory is much faster
-        than fresh pages for the tens of MB a prefill gathers)."""
+        than fresh pages for the tens of MB a prefill gathers). want_a / want_b False: that one is None."""
         if self._single:
             A, B = self.parts[0]
             rows = idx if self._direct else self.row_of.index_select(0, idx)
@@ -130,10 +130,11 @@ class ModuleBank:
         for p in segs.unique().tolist():
             sel = (segs == p).nonzero().squeeze(1)
             A, B = self.parts[p]
+            seg_rows = rows.index_select(0, sel)
             if want_a:
-                A_out[sel, : A.shape[1]] = _rows(A, rows.index_select(0, sel))
+                A_out[sel, : A.shape[1]] = _rows(A, seg_rows)
             if want_b:
-                B_out[sel, :, : B.shape[2]] = _rows(B, rows.index_select(0, sel))
+                B_out[sel, :, : B.shape[2]] = _rows(B, seg_rows)
         return A_out, B_out
 
     def gather_A(self, idx: torch.Tensor, out=None) -> torch.Tensor:

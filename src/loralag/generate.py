@@ -80,19 +80,17 @@ def _generation_config(model, tokenizer, max_new_tokens: int, greedy: bool, gen_
     return cfg
 
 
-def _real_tokens(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids) -> torch.Tensor:
+def _real_tokens(sequences: torch.Tensor, prompt_mask: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
     """Attention mask over prompt + generated tokens: a generated token is real up to and including the first
-    eos (any of eos_ids)."""
-    batch, total = sequences.shape
+    of end_ids (eos, pad); with none given, every generated token is real."""
     prompt_len = prompt_mask.shape[1]
     gen = sequences[:, prompt_len:]
-    if eos_ids is None:
+    if not end_ids:
         gen_mask = torch.ones_like(gen)
     else:
-        eos_ids = torch.tensor(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])
-        is_eos = torch.isin(gen, eos_ids).long()
-        # eos seen strictly before position j: everything after the first eos is padding
-        before = torch.cumsum(is_eos, dim=1) - is_eos
+        is_end = torch.isin(gen, torch.tensor(end_ids)).long()
+        # an end seen strictly before position j: everything after the first one is padding
+        before = torch.cumsum(is_end, dim=1) - is_end
         gen_mask = (before == 0).long()
     return torch.cat([prompt_mask.to(sequences.device).long(), gen_mask], dim=1)
 
@@ -170,7 +168,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
         # a row ended by a stop string is filled with pad tokens after it: those end it too
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
         ends = [t for t in (*eos, cfg.pad_token_id) if t is not None]
-        recorded.attention_mask = _real_tokens(sequences.cpu(), mask.cpu(), ends or None)
+        recorded.attention_mask = _real_tokens(sequences.cpu(), mask.cpu(), ends)
         recorded.prompt_length = prompt_len
         recorded.prompts = list(prompts)
         recorded.texts = texts
