@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -202,6 +203,42 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         assert len(s["prompt_by_layer"]) == 2
     finally:
         detach(model)
+
+
+
+def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
+    """answer_questions with two spawned workers (each every other batch, weights shared) gives exactly the
+    answers, routing counts, served adapters and memo reuse of one in-process pass."""
+    from tiny_text import tiny_tokenizer
+
+    from loralag.lama_bench import BASE_METHODS, AnswerJob, answer_questions
+
+    model, libs = routed
+    data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
+    questions = [q for d in DATASETS for q in data.questions[d]]
+    # every method but the Oracle (its gold task adapters are named by family; these are task0..task2)
+    cfg = size_config(dict(n_entities=4, k=2, k_sweep=(1,), batch_size=2, max_new_tokens=3,
+                           methods=tuple(m for m in BASE_METHODS if m != "oracle")))
+    names = libs["knowledge"].names
+    as_adapter = {e.name: names[i % len(names)] for i, e in enumerate(data.entities)}  # gold = an adapter here
+    questions = [replace(q, entity=as_adapter[q.entity]) for q in questions]
+    retrieved = [names[i % len(names)] for i in range(len(questions))]  # what BM25 would have picked
+    order = list(range(len(questions)))
+    job = AnswerJob(method_list(cfg, n=len(names)), ("token", "sequence"), questions, retrieved,
+                    [f"context {q.prompt}" for q in questions], order, order[::-1],
+                    {as_adapter[e.name]: e.mentions for e in data.entities}, cfg, model.config.num_hidden_layers,
+                    {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)})
+    tok = tiny_tokenizer()
+    one = answer_questions(job, model, tok, workers=1)
+    two = answer_questions(job, model, tok, workers=2)
+    assert set(one.answers) == set(two.answers) and "lag@2/seq" in one.answers
+    for name, texts in one.answers.items():
+        assert None not in texts, name
+        assert two.answers[name] == texts, name
+    assert two.stats == one.stats
+    assert two.served == one.served
+    assert two.reused == one.reused > 0
+    assert set(two.seconds) == set(one.seconds)
 
 
 def test_subject_mask_marks_the_mention_tokens():

@@ -81,6 +81,15 @@ def relaid(bank: ModuleBank, layout: str) -> ModuleBank:
         parts = [(A[:h], B[:h]), (A[h:, :2].contiguous(), B[h:, :, :2].contiguous())]
         seg_of = (torch.arange(n) >= h).long()
         row_of = torch.cat([torch.arange(h), torch.arange(n - h)])
+    elif layout == "interleaved":  # two segments, adapters alternating between them
+        odd = torch.arange(n) % 2
+        parts = [(A[odd == 0], B[odd == 0]), (A[odd == 1], B[odd == 1])]
+        seg_of, row_of = odd, torch.arange(n) // 2
+    elif layout == "spare rows":  # a segment whose every other row belongs to no adapter (removed ones)
+        g = torch.Generator().manual_seed(3)
+        A2, B2 = torch.randn(2 * n, *A.shape[1:], generator=g), torch.randn(2 * n, *B.shape[1:], generator=g)
+        A2[::2], B2[::2] = A, B
+        parts, seg_of, row_of = [(A2, B2)], torch.zeros(n, dtype=torch.long), 2 * torch.arange(n)
     else:
         h = n // 2
         parts = [(A[:h], B[:h]), (A[h:], B[h:])]
@@ -166,6 +175,37 @@ def test_union_and_grouped_paths_agree(router, layout, chunk_bytes, monkeypatch)
     per_token = R.ROUTERS[router](relaid(bank, layout), X, spec, 1)
     torch.testing.assert_close(union.delta, per_token.delta, atol=1e-5, rtol=1e-5)
     assert torch.equal(union.winner, per_token.winner)
+
+
+@pytest.mark.parametrize("layout", ["direct", "permuted", "two segments", "uneven ranks", "interleaved", "spare rows"])
+def test_lag_scoring_every_adapter_equals_the_arrow_filter(layout, monkeypatch):
+    """route_lag's two exact ways (A*x of every adapter, arrow scores read off its first coordinate; or the
+    arrow stage, then A*x of the candidates only) pick the brute-force winner and apply the same delta."""
+    bank, dense = random_bank(n=12, ranks=(4, 3) * 3 + (2, 1) * 3)  # the second half of rank ≤ 2
+    bank = relaid(bank, layout)
+    X = torch.randn(17, 24, generator=torch.Generator().manual_seed(4))
+    spec = R.RouteSpec("lag", k=4)
+    out = {}
+    for every in (True, False):
+        monkeypatch.setattr(R, "_scoring_all_pays", lambda *a, every=every: every)
+        out[every] = R.route_lag(bank, X, spec, 1)
+    assert torch.equal(out[True].winner, out[False].winner)
+    torch.testing.assert_close(out[True].score, out[False].score, atol=1e-5, rtol=1e-5)
+    for t in range(len(X)):
+        ref, j = reference_delta("lag", dense, X[t], k=4)
+        assert int(out[True].winner[t]) == j
+        torch.testing.assert_close(out[True].delta[t], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_every_adapter_is_chosen_where_it_pays():
+    """The cost model: a batch decoding against a small library scores everything; a prefill against a large
+    library, or one token, filters first."""
+    def bank(n, d):
+        return ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], torch.zeros(n, 8, d), torch.zeros(n, d, 8))
+
+    assert R._scoring_all_pays(bank(50, 64), torch.zeros(32, 64), 20)
+    assert R._scoring_all_pays(bank(200, 576), torch.zeros(32, 576), 20)
+    assert not R._scoring_all_pays(bank(1000, 1024), torch.zeros(512, 1024), 20)
 
 
 @pytest.fixture(scope="module")

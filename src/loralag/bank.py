@@ -143,6 +143,24 @@ class ModuleBank:
     def gather_B(self, idx: torch.Tensor, out=None) -> torch.Tensor:
         return self.gather(idx, want_a=False, out_B=out)[1]
 
+    def segment_rows(self) -> list[tuple[int, object, torch.Tensor | None]]:
+        """Per segment that holds adapters: (segment, where they sit in the bank (a slice when contiguous, else
+        an index tensor), the rows they use (None: all of them, in order)). For products against every adapter
+        without gathering the stacks; made once."""
+        if not hasattr(self, "_segment_rows"):
+            plan = []
+            for p, (A, _) in enumerate(self.parts):
+                idx = (self.seg_of == p).nonzero().squeeze(1)
+                if not len(idx):
+                    continue
+                rows = self.row_of.index_select(0, idx)
+                whole = len(rows) == len(A) and bool((rows == torch.arange(len(A))).all())
+                start = int(idx[0])
+                at = slice(start, start + len(idx)) if bool((idx == torch.arange(start, start + len(idx))).all()) else idx
+                plan.append((p, at, None if whole else rows))
+            self._segment_rows = plan
+        return self._segment_rows
+
     def chunks(self, size: int = 256):
         """(start, A*, B*) over every adapter in blocks of `size`, for the dense routers (views when possible)."""
         for start in range(0, self.n, size):

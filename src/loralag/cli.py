@@ -382,13 +382,18 @@ def bench(
     out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
     model: str = typer.Option("default", "--model", "-m"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes answering the questions "
+                                          "(default: 2 when torch has 2+ threads and there are 8+ batches)."),
+    eval_dtype: Optional[str] = typer.Option(None, "--eval-dtype",
+                                             help="The model's dtype while answering (default: the size's; full: bfloat16)."),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
     _quiet_warnings()
-    from .lama_bench import run_bench
+    from .lama_bench import print_summary, run_bench
 
-    run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, console=console)
-    console.print(f"results written to {out}")
+    results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, workers=workers,
+                        console=console, eval_dtype=eval_dtype)
+    print_summary(results, console)
 
 
 # -- evaluation --------------------------------------------------------------------------------------------

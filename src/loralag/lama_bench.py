@@ -35,6 +35,8 @@ and sentence end; with `credit_prefix` (default) an answer whose normalised form
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import hashlib
 import json
 import math
@@ -54,6 +56,7 @@ PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, an
 TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
 GRANULARITIES = ("token", "sequence", "both")
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -88,6 +91,8 @@ class BenchConfig:
     max_new_tokens: int = 16  # fact checking recalls the object before its verdict
     batch_size: int = 32
     credit_prefix: bool = True
+    # the model's dtype while answering (training always runs in float32); routing runs in the libraries' dtype
+    eval_dtype: str = "float32"
 
 
 SIZES = {
@@ -98,8 +103,9 @@ SIZES = {
     # a sanity check at the scale of the earlier 12-adapter measurement
     "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
+    # answering in bfloat16: 1.75x faster here (CPUs with AVX512-BF16 or AMX), as such models usually run
     "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=80, task_batch=4,
-                 task_lr=2e-3),
+                 task_lr=2e-3, eval_dtype="bfloat16"),
 }
 
 # Answers are read from their first line only, so a sequence stops there (a batch ends when all have).
@@ -123,6 +129,8 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
     if bad:
         raise LoralagError(f"unknown bench settings {sorted(bad)}; known: {sorted(known)}")
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.eval_dtype not in EVAL_DTYPES:
+        raise LoralagError(f"eval_dtype must be one of {EVAL_DTYPES}, got {cfg.eval_dtype!r}")
     if cfg.granularity not in GRANULARITIES:
         raise LoralagError(f"granularity must be one of {GRANULARITIES}, got {cfg.granularity!r}")
     if cfg.n_entities < 2:
@@ -311,8 +319,19 @@ def votes_from_trace(trace, library: str, prompt_mask) -> list[str | None]:
 class RoutingStats:
     """Per method and library: per layer, tokens routed to the gold adapter among subject tokens and prompt tokens."""
 
-    def __init__(self):
-        self.data: dict = {}
+    def __init__(self, data: dict | None = None):
+        self.data: dict = data if data is not None else {}
+
+    def merge(self, other: dict) -> None:
+        """Add another share's counts (same questions never counted twice: shares split the batches)."""
+        for method, libs in other.items():
+            for lib, d in libs.items():
+                mine = self.data.setdefault(method, {}).setdefault(lib, None)
+                if mine is None:
+                    self.data[method][lib] = copy.deepcopy(d)
+                    continue
+                for key, v in d.items():
+                    mine[key] = [a + b for a, b in zip(mine[key], v)] if isinstance(v, list) else mine[key] + v
 
     def _slot(self, method: str, lib: str, layers: int) -> dict:
         d = self.data.setdefault(method, {}).setdefault(lib, {})
@@ -407,7 +426,7 @@ def _batches(items: list, size: int):
 def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | None = None,
               out_dir: str | Path | None = None, model_spec: str = "default", cache_dir: str | Path | None = None,
               progress: bool = True, console=None, model_and_tokenizer=None, threads: int | None = None,
-              **overrides) -> dict:
+              workers: int | None = None, **overrides) -> dict:
     """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
     method, and write the results folder. Returns the results dict (also written as results.json).
 
@@ -416,25 +435,29 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
     data_dir: a folder of LAMA T-REx jsonl files (+ relations.json); default default_data_dir().
     out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
     shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
-    threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy)."""
+    threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
+    workers: processes that answer the questions, each on its share of the batches with threads // workers
+    threads (default_workers: two for 8+ batches per method); the results do not depend on it beyond float
+    rounding. With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn)."""
     import torch
 
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, overrides)
+        return _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
+                    overrides)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, overrides) -> dict:
+def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
+         overrides) -> dict:
     import torch
 
     from .kilt import LAMA_FAMILIES, normalised_scores, score_dataset, write_kilt_predictions
     from .models import load_model
     from .retrieval import BM25Index
-    from .routed_model import attach, detach
     from .train import Document, QAPairs, TrainConfig, train_adapters
 
     cfg = size_config(size, **overrides)
@@ -526,42 +549,29 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
     # -- evaluation ------------------------------------------------------------------------------------------
     methods = method_list(cfg, n)
-    grans = ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,)
     layers = model.config.num_hidden_layers
-    stats = RoutingStats()
-    answers: dict[str, list[str | None]] = {}  # method -> raw generation per question
-    method_time: dict[str, float] = {}
-    libs = {"task": task_lib, "knowledge": know_lib, "prag": know_lib}
-    memo = FixedGenerations()
-    served: dict[str, dict[int, dict]] = {}  # sequence-mode method -> question -> the adapters it served
-    state = attach(model, libs, router="none", k=cfg.k)
-    try:
-        for m in methods:
-            names = [m.name] if m.name in ("base", "oracle") or "token" in grans else []
-            if m.routed and "sequence" in grans:
-                names.append(f"{m.name}/seq")
-                if m.mixed and len(m.routed) == 2:
-                    names.append(f"{m.name}/seq-task")
-            if m.reuse is not None:
-                for name in names:
-                    src = name.replace(m.name, m.reuse, 1)
-                    answers[name] = answers[src]
-                    if src in served:
-                        served[name] = served[src]
-                    if src in stats.data:
-                        stats.data[name] = stats.data[src]
-                say(f"  {m.name}: identical to {m.reuse} (k >= N), answers reused")
-                continue
-            t = time.perf_counter()
-            for name in names:
-                answers[name] = [None] * len(questions)
-            _run_method(m, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts,
-                        order_rag if m.rag else order_plain, mentions, cfg, stats, answers, layers, memo, served)
-            method_time[m.name] = time.perf_counter() - t
-            say(f"  {m.name}: {method_time[m.name]:.1f} s ({', '.join(names)})")
-    finally:
-        detach(model)
-    timings["evaluate"] = sum(method_time.values())
+    job = AnswerJob(methods, ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,), questions,
+                    retrieved, rag_prompts, order_plain, order_rag, mentions, cfg, layers,
+                    {"task": str(task_lib.path), "knowledge": str(know_lib.path)})
+    dtype = getattr(torch, cfg.eval_dtype)
+    eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
+    workers = default_workers(math.ceil(len(questions) / cfg.batch_size)) if workers is None else workers
+    t = time.perf_counter()
+    share = answer_questions(job, eval_model, tokenizer, workers)
+    timings["evaluate"] = time.perf_counter() - t
+    answers, served, stats, method_time = share.answers, share.served, RoutingStats(share.stats), share.seconds
+    for m in methods:
+        if m.reuse is None:
+            say(f"  {m.name}: {method_time[m.name]:.1f} s ({', '.join(_answer_names(m, job.grans))})")
+            continue
+        for name in _answer_names(m, job.grans):
+            src = name.replace(m.name, m.reuse, 1)
+            answers[name] = answers[src]
+            if src in served:
+                served[name] = served[src]
+            if src in stats.data:
+                stats.data[name] = stats.data[src]
+        say(f"  {m.name}: identical to {m.reuse} (k >= N), answers reused")
 
     # -- scores ------------------------------------------------------------------------------------------------
     scores: dict[str, dict] = {}
@@ -613,7 +623,8 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
                 "task_training": _TRAINING_NOTE,
                 "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
                 "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "eval_workers": workers,
+                "eval_dtype": cfg.eval_dtype}
     results = {
         "settings": settings,
         "data": describe(data),
@@ -625,7 +636,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
         "claims_known_by_base": claims_known,
         "k_sweep": _k_sweep(methods, normalised, routing, cfg, n),
         "timings": {**timings, "methods": method_time},
-        "sequence_answers_reused": memo.reused,
+        "sequence_answers_reused": share.reused,
     }
     results["findings"] = findings(results, cfg)
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -682,10 +693,136 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, order,
+# -- answering, in one process or several ------------------------------------------------------------------------
+@dataclass
+class AnswerJob:
+    """Everything answering the questions needs besides the model (picklable: it travels to worker processes)."""
+
+    methods: list  # Method, in table order
+    grans: tuple  # "token" and/or "sequence"
+    questions: list
+    retrieved: list  # BM25 top-1 entity per question
+    rag_prompts: list
+    order_plain: list  # question indices sorted by prompt length: batches of similar length pad little
+    order_rag: list
+    mentions: dict
+    cfg: BenchConfig
+    layers: int
+    library_paths: dict  # "task", "knowledge" -> library folder
+
+
+@dataclass
+class AnswerShare:
+    """Answers of some batches of every method (None elsewhere), their routing counts, and seconds per method."""
+
+    answers: dict
+    stats: dict
+    served: dict
+    reused: int
+    seconds: dict
+
+
+def default_workers(batches: int) -> int:
+    """Two processes of half the threads each when torch has two threads or more and each gets a few of the
+    `batches` per method: on 2 cores two single-threaded workers answer 1.33x faster than one process with two
+    threads (generation is many small ops). Starting one costs seconds (imports), so small runs keep one."""
+    import torch
+
+    return 2 if torch.get_num_threads() >= 2 and batches >= 8 else 1
+
+
+def _answer_names(m: Method, grans) -> list[str]:
+    """The answer columns of method m: per token (m.name), per sequence ("/seq"), task by vote ("/seq-task")."""
+    names = [m.name] if m.name in ("base", "oracle") or "token" in grans else []
+    if m.routed and "sequence" in grans:
+        names.append(f"{m.name}/seq")
+        if m.mixed and len(m.routed) == 2:
+            names.append(f"{m.name}/seq-task")
+    return names
+
+
+def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1) -> AnswerShare:
+    """Every method's answers (methods that reuse another's are left to the caller). With workers > 1, each of
+    that many spawned processes takes every workers-th batch of every method, so a question's sequence-mode
+    generations stay in one process's memo; the model's weights are shared with them, not copied."""
+    import torch
+
+    if workers <= 1:
+        return _answer_share(job, model, tokenizer, _open_libraries(job), 0, 1)
+    threads = max(1, torch.get_num_threads() // workers)
+    model.share_memory()
+    # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
+    ctx = torch.multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        shares = list(pool.map(_share_worker, *zip(*[(job, model, tokenizer, w, workers, threads)
+                                                     for w in range(workers)])))
+    return _merge_shares(shares, len(job.questions))
+
+
+def _open_libraries(job: AnswerJob) -> dict:
+    from .library import open_library
+
+    know = open_library(job.library_paths["knowledge"])
+    return {"task": open_library(job.library_paths["task"]), "knowledge": know, "prag": know}
+
+
+def _share_worker(job: AnswerJob, model, tokenizer, share: int, shares: int, threads: int) -> AnswerShare:
+    import torch
+
+    torch.set_num_threads(threads)
+    return _answer_share(job, model, tokenizer, _open_libraries(job), share, shares)
+
+
+@torch_no_grad
+def _answer_share(job: AnswerJob, model, tokenizer, libs: dict, share: int, shares: int) -> AnswerShare:
+    from .routed_model import attach, detach
+
+    stats, memo = RoutingStats(), FixedGenerations()
+    answers: dict[str, list] = {}
+    served: dict[str, dict[int, dict]] = {}  # sequence-mode method -> question -> the adapters it served
+    seconds: dict[str, float] = {}
+    state = attach(model, libs, router="none", k=job.cfg.k)
+    try:
+        for m in job.methods:
+            if m.reuse is not None:
+                continue
+            t = time.perf_counter()
+            names = _answer_names(m, job.grans)
+            for name in names:
+                answers[name] = [None] * len(job.questions)
+            batches = list(_batches(job.order_rag if m.rag else job.order_plain, job.cfg.batch_size))[share::shares]
+            _run_method(m, names, job.grans, state, model, tokenizer, job.questions, job.retrieved, job.rag_prompts,
+                        batches, job.mentions, job.cfg, stats, answers, job.layers, memo, served)
+            seconds[m.name] = time.perf_counter() - t
+    finally:
+        detach(model)
+    return AnswerShare(answers, stats.data, served, memo.reused, seconds)
+
+
+def _merge_shares(shares: list[AnswerShare], n: int) -> AnswerShare:
+    """One share from several: answers and served adapters by question, counts summed, a method's seconds the
+    slowest worker's (they run side by side)."""
+    answers: dict[str, list] = {}
+    served: dict[str, dict] = {}
+    stats = RoutingStats()
+    for sh in shares:
+        for name, texts in sh.answers.items():
+            out = answers.setdefault(name, [None] * n)
+            for i, text in enumerate(texts):
+                if text is not None:
+                    out[i] = text
+        for name, by_question in sh.served.items():
+            served.setdefault(name, {}).update(by_question)
+        stats.merge(sh.stats)
+    seconds = {m: max(sh.seconds[m] for sh in shares) for m in shares[0].seconds}
+    return AnswerShare(answers, stats.data, served, sum(sh.reused for sh in shares), seconds)
+
+
+def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, batches,
                 mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers, memo: "FixedGenerations",
                 served: dict) -> None:
-    """Answer every question with method m, per token and/or per sequence, recording routing statistics.
+    """Answer the questions of `batches` (lists of question indices) with method m, per token and/or per sequence,
+    recording routing statistics.
 
     memo: generations with fixed adapters, shared across methods. Sequence modes whose votes
     agree (with each other or with the Oracle's gold pair) serve the same adapters to the same prompt, so
@@ -696,7 +833,7 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
     kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False, stop=list(ANSWER_STOP))
     token_name = names[0] if not names[0].endswith("/seq") else None
     seq_name = f"{m.name}/seq" if f"{m.name}/seq" in names else None
-    for batch in _batches(order, cfg.batch_size):
+    for batch in batches:
         prompts = [rag_prompts[i] if m.rag else questions[i].prompt for i in batch]
         gold_know = [questions[i].entity for i in batch]
         gold_task = [FAMILY_OF[questions[i].dataset] for i in batch]
@@ -1024,18 +1161,3 @@ def print_summary(results: dict, console) -> None:
         if line.startswith("-"):
             console.print(line, highlight=False)
     console.print(f"results: {results['settings']['out_dir']}")
-
-
-def bench_command(size: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
-                  model: str = "default", granularity: str = "both", cache: str | Path | None = None,
-                  methods: list[str] | None = None, n_entities: int | None = None,
-                  questions_per_dataset: int | None = None, threads: int | None = None, progress: bool = True,
-                  console=None) -> dict:
-    """What `loralag bench` runs: run_bench with the command's options, then a summary on the console."""
-    results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, cache_dir=cache, progress=progress,
-                        console=console, threads=threads, granularity=granularity,
-                        methods=tuple(methods) if methods else None, n_entities=n_entities,
-                        questions_per_dataset=questions_per_dataset)
-    if console is not None:
-        print_summary(results, console)
-    return results

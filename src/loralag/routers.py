@@ -26,6 +26,7 @@ from .bank import ModuleBank
 GEMM_RATE = 40e9
 SMALL_GEMM_RATE = 10e9  # the grouped kernel with cache-sized gathers (was 5e9 with one big gather)
 STEP_COST = 10e-6
+GATHER_RATE = 5e9  # bytes per second copied by a gather of adapter rows
 # apply_b over at most this many adapter columns (u·r) and multiply-adds: one block GEMM beats sorting
 BLOCK_COLS, BLOCK_MACS = 64, 16e6
 CHUNK_BYTES = 1 << 20  # gathered token rows per chunk: about one core's L2
@@ -133,6 +134,20 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
     return _project_grouped(bank, X, cand)
 
 
+def project_all(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
+    """Z[t, i] = A*_i x_t for every adapter of the bank: (T, n, r), one GEMM per segment, no gathering."""
+    T = len(X)
+    if bank.direct:
+        return (X @ bank.parts[0][0].reshape(-1, bank.d_in).T).view(T, bank.n, bank.r)
+    plan = bank.segment_rows()
+    padded = any(bank.parts[p][0].shape[1] < bank.r for p, _, _ in plan)
+    Z = X.new_zeros(T, bank.n, bank.r) if padded else X.new_empty(T, bank.n, bank.r)
+    for p, at, rows in plan:
+        A = bank.parts[p][0] if rows is None else bank.parts[p][0].index_select(0, rows)
+        Z[:, at, : A.shape[1]] = (X @ A.reshape(-1, bank.d_in).T).view(T, len(A), A.shape[1])
+    return Z
+
+
 def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens.
 
@@ -229,13 +244,31 @@ def route_lag(bank, X, spec, batch):
     """Arrow top-k filter, then SpectR top-1 by ‖A*x‖ among the k, reusing A*x to apply the winner."""
     if len(X) == 1 and spec.nprobe is None:
         return _lag_one_token(bank, X, spec.k)
-    _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
-    Z = project(bank, X, cand)
+    if spec.nprobe is None and _scoring_all_pays(bank, X, spec.k):
+        Z = project_all(bank, X)  # (T, n, r): its first coordinate is the arrow score, a_i being A*_i's first row
+        cand = Z[:, :, 0].abs().topk(min(spec.k, bank.n), dim=1).indices
+        Z = Z.gather(1, cand.unsqueeze(-1).expand(-1, -1, bank.r))
+    else:
+        _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
+        Z = project(bank, X, cand)
     norms = Z.norm(dim=-1)
     score, best = norms.max(dim=1)
     winner = cand.gather(1, best.unsqueeze(1)).squeeze(1)
     z = Z.gather(1, best.view(-1, 1, 1).expand(-1, 1, bank.r)).squeeze(1)
     return Routed(_apply_winner(bank, X, winner, z), winner, score)
+
+
+def _scoring_all_pays(bank: ModuleBank, X: torch.Tensor, k: int) -> bool:
+    """Whether A*x for every adapter (the arrow stage included) costs no more than the arrow stage plus scoring
+    the candidates: so for small libraries, and for a batch of tokens whose candidates cover most of the
+    library anyway (decoding many sequences), where the filter's gathers and sorts cost more than they save."""
+    T, n, r, d = len(X), bank.n, bank.r, bank.d_in
+    rate = GEMM_RATE * torch.get_num_threads()
+    u = min(n, T * k)  # at most this many distinct candidates
+    all_cost = T * n * r * d / rate + (len(bank.parts) - 1) * STEP_COST  # a GEMM per segment
+    union = T * u * r * d / rate + (0 if u == n and bank.direct else u * r * d * 4 / GATHER_RATE)
+    grouped = T * min(k, n) * r * d / SMALL_GEMM_RATE + u * STEP_COST
+    return all_cost <= T * n * d / rate + STEP_COST + min(union, grouped)  # STEP_COST: the filter's extra ops
 
 
 def _lag_one_token(bank, X, k):
