@@ -1062,6 +1062,9 @@ def report_markdown(results: dict) -> str:
     lines += ["", "## Settings", "", f"- {s['p_lag_definition']}", f"- {s.get('task_training', '')}",
               f"- {s['answer_checking']}",
               "- lag@k with k ≥ N is SpectR over the whole library; it reuses `spectral`'s answers.",
+              f"- Answered in {s.get('eval_dtype', 'float32')} (training in float32; routing in the libraries' "
+              f"dtype) by {s.get('eval_workers', 1)} process(es) of {s.get('torch_threads', '?')} torch thread(s) "
+              "in all.",
               "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()
                                               if isinstance(v, (int, float))), ""]
     return "\n".join(lines)
