@@ -558,7 +558,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
     workers = default_workers(math.ceil(len(questions) / cfg.batch_size)) if workers is None else workers
     t = time.perf_counter()
-    share = answer_questions(job, eval_model, tokenizer, workers)
+    share = answer_questions(job, eval_model, tokenizer, workers, libs=_library_set(task_lib, know_lib))
     timings["evaluate"] = time.perf_counter() - t
     answers, served, stats, method_time = share.answers, share.served, RoutingStats(share.stats), share.seconds
     for m in methods:
@@ -743,14 +743,15 @@ def _answer_names(m: Method, grans) -> list[str]:
     return names
 
 
-def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1) -> AnswerShare:
+def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1, libs: dict | None = None) -> AnswerShare:
     """Every method's answers (methods that reuse another's are left to the caller). With workers > 1, each of
     that many spawned processes takes every workers-th batch of every method, so a question's sequence-mode
-    generations stay in one process's memo; the model's weights are shared with them, not copied."""
+    generations stay in one process's memo; the model's weights are shared with them, not copied.
+    libs: the job's libraries already open here (one process uses them; workers open their own)."""
     import torch
 
     if workers <= 1:
-        return _answer_share(job, model, tokenizer, _open_libraries(job), 0, 1)
+        return _answer_share(job, model, tokenizer, libs or _open_libraries(job), 0, 1)
     threads = max(1, torch.get_num_threads() // workers)
     model.share_memory()
     # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
@@ -764,8 +765,12 @@ def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1) -> Answ
 def _open_libraries(job: AnswerJob) -> dict:
     from .library import open_library
 
-    know = open_library(job.library_paths["knowledge"])
-    return {"task": open_library(job.library_paths["task"]), "knowledge": know, "prag": know}
+    return _library_set(open_library(job.library_paths["task"]), open_library(job.library_paths["knowledge"]))
+
+
+def _library_set(task, knowledge) -> dict:
+    """The libraries as the routing state names them: P-LAG's retrieved adapter comes from the knowledge one."""
+    return {"task": task, "knowledge": knowledge, "prag": knowledge}
 
 
 def _share_worker(job: AnswerJob, model, tokenizer, share: int, shares: int, threads: int) -> AnswerShare:
