@@ -161,8 +161,10 @@ def test_fixed_applies_each_sequences_adapter(layout, L):
 
 @pytest.mark.parametrize("router", ["lag", "arrow-mix"])
 @pytest.mark.parametrize("layout", ["direct", "permuted", "two segments"])
-@pytest.mark.parametrize("chunk_bytes", [None, 24 * 4 * 7, 1])  # default; 7 rows per chunk; one adapter per chunk
+@pytest.mark.parametrize("chunk_bytes", ["native", None, 24 * 4 * 7, 1])  # the kernel; torch path: default, 7 rows, 1 adapter per chunk
 def test_union_and_grouped_paths_agree(router, layout, chunk_bytes, monkeypatch):
+    if chunk_bytes != "native":
+        monkeypatch.setattr(R.kernels, "available", lambda: False)
     bank, _ = random_bank(n=40)
     X = torch.randn(100, 24, generator=torch.Generator().manual_seed(2))
     spec = R.RouteSpec(router=router, k=5)
@@ -170,7 +172,7 @@ def test_union_and_grouped_paths_agree(router, layout, chunk_bytes, monkeypatch)
     union = R.ROUTERS[router](bank, X, spec, 1)
     monkeypatch.setattr(R, "STEP_COST", 0.0)  # force the per-adapter grouped GEMMs
     monkeypatch.setattr(R, "GEMM_RATE", 1.0)
-    if chunk_bytes is not None:
+    if isinstance(chunk_bytes, int):
         monkeypatch.setattr(R, "CHUNK_BYTES", chunk_bytes)
     per_token = R.ROUTERS[router](relaid(bank, layout), X, spec, 1)
     torch.testing.assert_close(union.delta, per_token.delta, atol=1e-5, rtol=1e-5)
@@ -197,14 +199,21 @@ def test_lag_scoring_every_adapter_equals_the_arrow_filter(layout, monkeypatch):
         torch.testing.assert_close(out[True].delta[t], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_scoring_every_adapter_is_chosen_where_it_pays():
+@pytest.mark.parametrize("native", [True, False])
+def test_scoring_every_adapter_is_chosen_where_it_pays(native, monkeypatch):
     """The cost model: a batch decoding against a small library scores everything; a prefill against a large
-    library, or one token, filters first."""
+    library filters first. Without the native kernel the filter's grouped projection costs more, so scoring
+    everything pays for larger libraries too (32 tokens against the LAMA library's 200 adapters)."""
+    if native and not R.kernels.available():
+        pytest.skip("no C compiler")
+    if not native:
+        monkeypatch.setattr(R.kernels, "available", lambda: False)
+
     def bank(n, d):
         return ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], torch.zeros(n, 8, d), torch.zeros(n, d, 8))
 
     assert R._scoring_all_pays(bank(50, 64), torch.zeros(32, 64), 20)
-    assert R._scoring_all_pays(bank(200, 576), torch.zeros(32, 576), 20)
+    assert R._scoring_all_pays(bank(200, 576), torch.zeros(32, 576), 20) != native
     assert not R._scoring_all_pays(bank(1000, 1024), torch.zeros(512, 1024), 20)
 
 

@@ -65,6 +65,22 @@ class ModuleBank:
             self._a_transposed = list(self.parts[0][0].transpose(1, 2).unbind(0))
         return self._a_transposed
 
+    def a_addresses(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where each adapter idx's A* starts in memory, and its segment's rank: for the native kernel,
+        which reads A* in place from any segment. None when a segment is not contiguous float32."""
+        if not hasattr(self, "_a_layout"):
+            stacks = [A for A, _ in self.parts]
+            ok = stacks and all(A.dtype == torch.float32 and A.is_contiguous() and A.device.type == "cpu" for A in stacks)
+            self._a_layout = None if not ok else (  # per segment: address, bytes per adapter, rank
+                torch.tensor([A.data_ptr() for A in stacks]),
+                torch.tensor([A.shape[1] * A.shape[2] * A.element_size() for A in stacks]),
+                torch.tensor([A.shape[1] for A in stacks]))
+        if self._a_layout is None:
+            return None
+        base, stride, rank = self._a_layout
+        seg = self.seg_of.index_select(0, idx)
+        return base.index_select(0, seg) + self.row_of.index_select(0, idx) * stride.index_select(0, seg), rank.index_select(0, seg)
+
     @property
     def index(self) -> dict[str, int]:
         if not hasattr(self, "_index"):

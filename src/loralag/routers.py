@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import arrow_index
+from . import arrow_index, kernels
 from .bank import ModuleBank
 
 # Cost model for choosing how `project` scores candidates (multiply-adds per second on one core, and the
@@ -28,6 +28,7 @@ GEMM_RATE = 40e9
 SMALL_GEMM_RATE = 10e9  # the grouped kernel with cache-sized gathers (was 5e9 with one big gather)
 STEP_COST = 10e-6
 GATHER_RATE = 5e9  # bytes per second copied by a gather of adapter rows
+KERNEL_RATE = 25e9  # the grouped projection in kernels.c, per thread
 # apply_b over at most this many adapter columns (u·r) and multiply-adds: one block GEMM beats sorting
 BLOCK_COLS, BLOCK_MACS = 64, 16e6
 CHUNK_BYTES = 1 << 20  # gathered token rows per chunk: about one core's L2
@@ -119,12 +120,7 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
         return (bank.gather_A(cand[0]).reshape(k * bank.r, bank.d_in) @ X[0]).view(1, k, bank.r)
     uniq, inv = cand.unique(return_inverse=True)
     u = len(uniq)
-    # Two exact ways: one dense GEMM of every token against the batch's union of candidates, or one small
-    # GEMM per candidate adapter over just the tokens that picked it (T·k·r·d work plus a Python step
-    # per adapter). Estimated seconds with rates measured on one core here; the ratio is what matters.
-    # The one big GEMM uses every thread; the small grouped ones run on one.
-    union_cost = T * u * bank.r * bank.d_in / (GEMM_RATE * torch.get_num_threads())
-    grouped_cost = T * k * bank.r * bank.d_in / SMALL_GEMM_RATE + u * STEP_COST
+    union_cost, grouped_cost = _filter_costs(bank, X, k, u)
     if union_cost <= grouped_cost:
         if u == bank.n and bank.direct:  # every adapter is a candidate: the stack itself, no copy
             A = bank.parts[0][0]
@@ -133,6 +129,18 @@ def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tens
         Z = (X @ A.reshape(-1, bank.d_in).T).view(T, u, bank.r)
         return Z.gather(1, inv.unsqueeze(-1).expand(T, k, bank.r))
     return _project_grouped(bank, X, cand)
+
+
+def _filter_costs(bank: ModuleBank, X: torch.Tensor, k: int, u: int) -> tuple[float, float]:
+    """Estimated seconds of `project`'s two exact ways for T tokens whose candidates number u in all: one dense
+    GEMM of every token against the union (T·u·r·d, plus gathering the union's A* unless it is the whole
+    one-segment stack), or the grouped projection over just the T·k pairs (the native kernel; without it, a
+    GEMM call per adapter). Rates measured on one core here; the ratio is what matters."""
+    T, r, d, threads = len(X), bank.r, bank.d_in, torch.get_num_threads()
+    union = T * u * r * d / (GEMM_RATE * threads) + (0 if u == bank.n and bank.direct else u * r * d * 4 / GATHER_RATE)
+    if X.dtype == torch.float32 and kernels.available():
+        return union, T * k * r * d / (KERNEL_RATE * threads) + STEP_COST
+    return union, T * k * r * d / SMALL_GEMM_RATE + u * STEP_COST
 
 
 def project_all(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
@@ -159,6 +167,9 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
     flat = cand.reshape(-1)
     order = flat.argsort()
     uniq, counts = flat.index_select(0, order).unique_consecutive(return_counts=True)
+    native = _project_native(bank, X, uniq, counts, order, k)
+    if native is not None:
+        return native
     tokens = order // k  # the token of each sorted pair
     if bank.direct:
         views = bank.a_transposed
@@ -183,6 +194,20 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
             torch.mm(x, a, out=z)
         g, start = last + 1, end
     return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
+
+
+def _project_native(bank, X, uniq, counts, order, k) -> torch.Tensor | None:
+    """The grouped projection in kernels.c: A* and token rows read in place, no gathers, no GEMM calls.
+    None when the kernel is not built or the tensors are not float32 on the CPU."""
+    if X.dtype != torch.float32 or not kernels.available():
+        return None
+    where = bank.a_addresses(uniq)
+    if where is None:
+        return None
+    offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    Z = X.new_empty(len(order), bank.r)
+    kernels.project_pairs(X.contiguous(), *where, offs, order, k, Z)
+    return Z.view(-1, k, bank.r)
 
 
 def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
@@ -265,11 +290,9 @@ def _scoring_all_pays(bank: ModuleBank, X: torch.Tensor, k: int) -> bool:
     library anyway (decoding many sequences), where the filter's gathers and sorts cost more than they save."""
     T, n, r, d = len(X), bank.n, bank.r, bank.d_in
     rate = GEMM_RATE * torch.get_num_threads()
-    u = min(n, T * k)  # at most this many distinct candidates
     all_cost = T * n * r * d / rate + (len(bank.parts) - 1) * STEP_COST  # a GEMM per segment
-    union = T * u * r * d / rate + (0 if u == n and bank.direct else u * r * d * 4 / GATHER_RATE)
-    grouped = T * min(k, n) * r * d / SMALL_GEMM_RATE + u * STEP_COST
-    return all_cost <= T * n * d / rate + STEP_COST + min(union, grouped)  # STEP_COST: the filter's extra ops
+    filtered = min(_filter_costs(bank, X, min(k, n), min(n, T * k)))  # at most T·k distinct candidates
+    return all_cost <= T * n * d / rate + STEP_COST + filtered  # STEP_COST: the filter's extra ops
 
 
 def _lag_one_token(bank, X, k):

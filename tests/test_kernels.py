@@ -1,0 +1,73 @@
+"""The native grouped projection (kernels.c) against per-pair products A*_c x computed with torch."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from loralag import kernels
+from loralag import routers as R
+from loralag.bank import ModuleBank
+from test_routers import random_bank, relaid
+
+
+def test_the_kernel_is_built_where_a_compiler_is():
+    """CI has a C compiler: there the kernel must build, or the routers would quietly take their slow paths."""
+    if os.environ.get("LORALAG_KERNELS") == "0" or shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here, or the kernel is switched off")
+    assert kernels.available()
+
+
+def per_pair(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """A*_{cand[t, j]} x_t, each pair alone, zero-padded to the bank's rank."""
+    return torch.stack([bank.gather_A(cand[t]) @ X[t] for t in range(len(X))])
+
+
+@pytest.mark.parametrize("layout", ["direct", "permuted", "two segments", "uneven ranks", "interleaved", "spare rows"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_projection_equals_per_pair_products(layout, threads, monkeypatch):
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)  # d_in 24: one vector of 16 and a tail of 8
+    bank = relaid(bank, layout)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(13, 24, generator=g)
+    # distinct candidates per token; adapter 3 picked by every token (a group of 13 pairs: 4-token tiles and a tail)
+    cand = torch.stack([torch.cat([torch.tensor([3]), torch.randperm(40, generator=g)[:6]]).unique()[:5] for _ in X])
+    monkeypatch.setattr(kernels, "MIN_THREAD_MACS", 0.0)  # split even this small a job when threads > 1
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        Z = R._project_grouped(bank, X, cand)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(Z, per_pair(bank, X, cand), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r, d", [(8, 2048), (6, 100), (1, 7), (5, 16)])
+def test_native_projection_at_other_ranks_and_widths(r, d):
+    """Row tiles of 4 with a remainder (r = 5, 6), a single row, widths with and without a scalar tail."""
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(r + d)
+    n, T, k = 30, 21, 4
+    A = torch.linalg.qr(torch.randn(n, d, r, generator=g)).Q.transpose(1, 2).contiguous()  # orthonormal rows, as aligned
+    bank = ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], A, torch.randn(n, 3, r, generator=g))
+    X = torch.randn(T, d, generator=g)
+    cand = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(T)])
+    torch.testing.assert_close(R._project_grouped(bank, X, cand), per_pair(bank, X, cand), atol=1e-4, rtol=1e-5)
+
+
+def test_no_kernel_for_other_dtypes_or_layouts():
+    """float64 tokens or a non-contiguous stack take the torch path, with the same result."""
+    bank, _ = random_bank(n=12)
+    X = torch.randn(9, 24, generator=torch.Generator().manual_seed(1))
+    cand = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(t))[:3] for t in range(9)])
+    A, B = bank.parts[0]
+    strided = ModuleBank.from_tensors("m", bank.names, A.transpose(1, 2).contiguous().transpose(1, 2), B, bank.ranks)
+    assert strided.a_addresses(torch.arange(3)) is None
+    torch.testing.assert_close(R._project_grouped(strided, X, cand), per_pair(bank, X, cand), atol=1e-5, rtol=1e-5)
+    Xd = X.double()
+    bank64 = ModuleBank.from_tensors("m", bank.names, A.double(), B.double(), bank.ranks)
+    torch.testing.assert_close(R._project_grouped(bank64, Xd, cand), per_pair(bank64, Xd, cand))
