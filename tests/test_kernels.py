@@ -1,4 +1,4 @@
-"""The native grouped projection (kernels.c) against per-pair products A*_c x computed with torch."""
+"""The native kernels (kernels.c) against per-pair products computed with torch: A*_c x and B*_w z."""
 
 import os
 import shutil
@@ -45,6 +45,22 @@ def test_native_projection_equals_per_pair_products(layout, threads, monkeypatch
     torch.testing.assert_close(Z, per_pair(bank, X, cand), atol=1e-5, rtol=1e-5)
 
 
+def test_native_projection_takes_the_first_coordinate_it_is_given():
+    """lag passes the arrow scores a·x (A*x's first coordinate): the kernel copies them and computes the rest."""
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
+    bank = relaid(bank, "uneven ranks")
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(11, 24, generator=g)
+    cand = torch.stack([torch.randperm(40, generator=g)[:5] for _ in X])
+    ref = per_pair(bank, X, cand)
+    first = ref[:, :, 0] + 100.0  # not what the kernel would compute: it must be copied
+    Z = R._project_grouped(bank, X, cand, first=first)
+    assert torch.equal(Z[:, :, 0], first)
+    torch.testing.assert_close(Z[:, :, 1:], ref[:, :, 1:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("r, d", [(8, 2048), (6, 100), (1, 7), (5, 16)])
 def test_native_projection_at_other_ranks_and_widths(r, d):
     """Row tiles of 4 with a remainder (r = 5, 6), a single row, widths with and without a scalar tail."""
@@ -66,8 +82,26 @@ def test_no_kernel_for_other_dtypes_or_layouts():
     cand = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(t))[:3] for t in range(9)])
     A, B = bank.parts[0]
     strided = ModuleBank.from_tensors("m", bank.names, A.transpose(1, 2).contiguous().transpose(1, 2), B, bank.ranks)
-    assert strided.a_addresses(torch.arange(3)) is None
+    assert strided.addresses(torch.arange(3)) is None
     torch.testing.assert_close(R._project_grouped(strided, X, cand), per_pair(bank, X, cand), atol=1e-5, rtol=1e-5)
     Xd = X.double()
     bank64 = ModuleBank.from_tensors("m", bank.names, A.double(), B.double(), bank.ranks)
     torch.testing.assert_close(R._project_grouped(bank64, Xd, cand), per_pair(bank64, Xd, cand))
+
+
+@pytest.mark.parametrize("r, d_out", [(8, 2048), (6, 100), (1, 7), (40, 130)])  # r = 40: two blocks of ranks
+def test_native_apply_at_other_ranks_and_widths(r, d_out, monkeypatch):
+    """B* rows in blocks of 64 with a remainder, ranks over one block of 32; pairs without an adapter (-1) get zero."""
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(R, "BLOCK_COLS", 0)  # not the one-GEMM path for a handful of adapters
+    monkeypatch.setattr(kernels, "MIN_THREAD_MACS", 0.0)
+    g = torch.Generator().manual_seed(r + d_out)
+    n, P = 30, 50
+    B = torch.randn(n, d_out, r, generator=g)
+    bank = ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], torch.randn(n, r, 5, generator=g), B)
+    adapter = torch.randint(0, n, (P,), generator=g)
+    adapter[::9] = -1
+    Z = torch.randn(P, r, generator=g)
+    ref = torch.stack([torch.zeros(d_out) if a < 0 else B[a] @ z for a, z in zip(adapter.tolist(), Z)])
+    torch.testing.assert_close(R.apply_b(bank, adapter, Z), ref, atol=1e-4, rtol=1e-5)

@@ -121,10 +121,14 @@ def test_gather_returns_each_adapters_own_factors(layout, order):
 
 
 @pytest.mark.parametrize("adapters", ["three", "few, many pairs each", "mostly distinct"])
-@pytest.mark.parametrize("block", [True, False])
-def test_apply_b_every_path_matches_per_pair_products(adapters, block, monkeypatch):
-    """apply_b's paths (block GEMM, one GEMM per adapter, batched products over gathered B*) against
-    B*_a z for each pair alone; adapter -1 gives zero."""
+@pytest.mark.parametrize("path", ["block", "native", "torch"])
+def test_apply_b_every_path_matches_per_pair_products(adapters, path, monkeypatch):
+    """apply_b's paths (block GEMM; the native kernel; one GEMM per adapter, batched products over gathered
+    B*) against B*_a z for each pair alone; adapter -1 gives zero."""
+    if path == "native" and not R.kernels.available():
+        pytest.skip("no C compiler")
+    if path == "torch":
+        monkeypatch.setattr(R.kernels, "available", lambda: False)
     bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
     bank = relaid(bank, "uneven ranks")
     g = torch.Generator().manual_seed(8)
@@ -134,7 +138,7 @@ def test_apply_b_every_path_matches_per_pair_products(adapters, block, monkeypat
     adapter = pool[torch.randint(0, len(pool), (P,), generator=g)]
     adapter[::7] = -1
     Z = torch.randn(P, bank.r, generator=g)
-    if not block:
+    if path != "block":
         monkeypatch.setattr(R, "BLOCK_COLS", 0)
     out = R.apply_b(bank, adapter, Z)
     A_full, B_full = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)[0].parts[0]

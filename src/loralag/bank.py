@@ -65,21 +65,26 @@ class ModuleBank:
             self._a_transposed = list(self.parts[0][0].transpose(1, 2).unbind(0))
         return self._a_transposed
 
-    def a_addresses(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where each adapter idx's A* starts in memory, and its segment's rank: for the native kernel,
-        which reads A* in place from any segment. None when a segment is not contiguous float32."""
-        if not hasattr(self, "_a_layout"):
-            stacks = [A for A, _ in self.parts]
-            ok = stacks and all(A.dtype == torch.float32 and A.is_contiguous() and A.device.type == "cpu" for A in stacks)
-            self._a_layout = None if not ok else (  # per segment: address, bytes per adapter, rank
-                torch.tensor([A.data_ptr() for A in stacks]),
-                torch.tensor([A.shape[1] * A.shape[2] * A.element_size() for A in stacks]),
-                torch.tensor([A.shape[1] for A in stacks]))
-        if self._a_layout is None:
+    def addresses(self, idx: torch.Tensor, factor: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where each adapter idx's A* (factor 0) or B* (factor 1) starts in memory, and its segment's rank:
+        for the native kernels, which read the factors in place from any segment. None when a segment's
+        stack is not contiguous float32 on the CPU."""
+        if not hasattr(self, "_layout"):
+            self._layout = [self._segment_layout(t) for t in (0, 1)]
+        if self._layout[factor] is None:
             return None
-        base, stride, rank = self._a_layout
+        base, stride, rank = self._layout[factor]
         seg = self.seg_of.index_select(0, idx)
         return base.index_select(0, seg) + self.row_of.index_select(0, idx) * stride.index_select(0, seg), rank.index_select(0, seg)
+
+    def _segment_layout(self, factor: int):
+        """Per segment: address, bytes per adapter, rank; None unless every stack is contiguous float32."""
+        stacks = [part[factor] for part in self.parts]
+        if not stacks or not all(S.dtype == torch.float32 and S.is_contiguous() and S.device.type == "cpu" for S in stacks):
+            return None
+        rank_dim = 1 if factor == 0 else 2
+        return (torch.tensor([S.data_ptr() for S in stacks]), torch.tensor([S.stride(0) * S.element_size() for S in stacks]),
+                torch.tensor([S.shape[rank_dim] for S in stacks]))
 
     @property
     def index(self) -> dict[str, int]:

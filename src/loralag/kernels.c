@@ -1,4 +1,5 @@
-/* loralag's one native kernel: the SpectR stage's A*x over (token, candidate) pairs, grouped by adapter.
+/* loralag's native kernels: the SpectR stage's A*x over (token, candidate) pairs, grouped by adapter, and
+   the winners' B* applied to their tokens the same way.
 
    MKL pays microseconds of setup per small GEMM, and LAG's grouped projection is a thousand GEMMs of
    ~10 rows: most of its time was that setup plus gathering token rows into place. Here each adapter's
@@ -52,9 +53,11 @@ static void tile_any(const float *const *xs, const float *const *as, int nt, int
 
 /* For groups g in [g0, g1): adapter A*_g (rank[g] rows of d floats at address a[g]) and the pairs
    s in [offs[g], offs[g + 1]), pair[s] = token * k + candidate slot. Writes Z[pair[s], :] (rows of r
-   floats): A*_g x_token, zero beyond rank[g]. */
-void lag_project_pairs(const float *X, int64_t d, const int64_t *a, const int64_t *rank, const int64_t *offs,
-                       const int64_t *pair, int64_t k, float *Z, int64_t r, int64_t g0, int64_t g1) {
+   floats): A*_g x_token, zero beyond rank[g]. first (or NULL): each pair's first coordinate, already
+   known (the arrow score a·x, a being A*'s first row), copied instead of computed again. */
+static void project_groups(const float *X, int64_t d, const int64_t *a, const int64_t *rank, const int64_t *offs,
+                           const int64_t *pair, int64_t k, const float *first, float *Z, int64_t r, int64_t g0,
+                           int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
         const float *A = (const float *)(intptr_t)a[g];
         const int64_t ra = rank[g];
@@ -63,7 +66,9 @@ void lag_project_pairs(const float *X, int64_t d, const int64_t *a, const int64_
             const float *xs[4];
             float tmp[4 * 4];
             for (int t = 0; t < nt; t++) xs[t] = X + (pair[s + t] / k) * d;
-            for (int64_t j = 0; j < ra; j += 4) {
+            if (first)
+                for (int t = 0; t < nt; t++) Z[pair[s + t] * r] = first[pair[s + t]];
+            for (int64_t j = first ? 1 : 0; j < ra; j += 4) {
                 const int na = (int)(ra - j < 4 ? ra - j : 4);
                 const float *as[4];
                 for (int c = 0; c < na; c++) as[c] = A + (j + c) * d;
@@ -73,4 +78,55 @@ void lag_project_pairs(const float *X, int64_t d, const int64_t *a, const int64_
             for (int t = 0; t < nt; t++) memset(Z + pair[s + t] * r + ra, 0, (r - ra) * sizeof(float));
         }
     }
+}
+
+/* The groups split into `parts` runs at bounds[0..parts], one per thread. With OpenMP this is the OpenMP
+   runtime torch already loaded (the same soname), so its idle threads do the work rather than compete. */
+void lag_project_pairs(const float *X, int64_t d, const int64_t *a, const int64_t *rank, const int64_t *offs,
+                       const int64_t *pair, int64_t k, const float *first, float *Z, int64_t r, const int64_t *bounds,
+                       int64_t parts) {
+#pragma omp parallel for schedule(static, 1) num_threads(parts) if (parts > 1)
+    for (int64_t p = 0; p < parts; p++)
+        project_groups(X, d, a, rank, offs, pair, k, first, Z, r, bounds[p], bounds[p + 1]);
+}
+
+/* For groups g in [g0, g1): adapter B*_g (d_out rows of rank[g] floats at address b[g]) applied to the
+   pairs s in [offs[g], offs[g + 1]): out[pair[s], :] = B*_g Z[pair[s], :rank[g]]. B* is read a block of
+   64 output rows at a time, transposed into a small buffer, so each pair's block is 4 vectors of FMAs. */
+#define OB 64
+#define JB 32
+static void apply_groups(const float *Z, int64_t r, const int64_t *b, const int64_t *rank, const int64_t *offs,
+                         const int64_t *pair, float *out, int64_t d_out, int64_t g0, int64_t g1) {
+    float bt[JB][OB];
+    for (int64_t g = g0; g < g1; g++) {
+        const float *B = (const float *)(intptr_t)b[g];
+        const int64_t rg = rank[g];
+        for (int64_t o0 = 0; o0 < d_out; o0 += OB) {
+            const int64_t no = d_out - o0 < OB ? d_out - o0 : OB;
+            for (int64_t j0 = 0; j0 < rg; j0 += JB) {
+                const int64_t nj = rg - j0 < JB ? rg - j0 : JB;
+                memset(bt, 0, sizeof bt);
+                for (int64_t o = 0; o < no; o++)
+                    for (int64_t j = 0; j < nj; j++) bt[j][o] = B[(o0 + o) * rg + j0 + j];
+                for (int64_t s = offs[g]; s < offs[g + 1]; s++) {
+                    const float *z = Z + pair[s] * r + j0;
+                    float *y = out + pair[s] * d_out + o0;
+                    vf acc[OB / W];
+                    float tmp[OB];
+                    if (j0 == 0) memset(acc, 0, sizeof acc);
+                    else { memset(tmp, 0, sizeof tmp); memcpy(tmp, y, no * sizeof(float)); for (int v = 0; v < OB / W; v++) acc[v] = load(tmp + v * W); }
+                    for (int64_t j = 0; j < nj; j++)
+                        for (int v = 0; v < OB / W; v++) acc[v] += z[j] * load(bt[j] + v * W);
+                    if (no == OB) memcpy(y, acc, sizeof acc);
+                    else { memcpy(tmp, acc, sizeof acc); memcpy(y, tmp, no * sizeof(float)); }
+                }
+            }
+        }
+    }
+}
+
+void lag_apply_pairs(const float *Z, int64_t r, const int64_t *b, const int64_t *rank, const int64_t *offs,
+                     const int64_t *pair, float *out, int64_t d_out, const int64_t *bounds, int64_t parts) {
+#pragma omp parallel for schedule(static, 1) num_threads(parts) if (parts > 1)
+    for (int64_t p = 0; p < parts; p++) apply_groups(Z, r, b, rank, offs, pair, out, d_out, bounds[p], bounds[p + 1]);
 }

@@ -1,4 +1,4 @@
-"""The native kernel of kernels.c: compiled at first use with the machine's C compiler, loaded with ctypes.
+"""The native kernels of kernels.c: compiled at first use with the machine's C compiler, loaded with ctypes.
 
 It needs no torch headers, so a build takes about a second; the library is cached under
 ~/.cache/loralag/kernels (LORALAG_KERNEL_CACHE), keyed by the source, the compiler flags and the CPU.
@@ -16,14 +16,14 @@ import shutil
 import subprocess
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -march=native: the vector width of this CPU; the plain build is the fallback for compilers without it
-FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"])
+# -fopenmp: threads from the OpenMP runtime torch loaded; the last set runs single-threaded
+FLAG_SETS = tuple([*base, "-fopenmp", "-ffp-contract=fast"] for base in (["-O3", "-march=native"], ["-O3"])) + (["-O3"],)
 MIN_THREAD_MACS = 2e6  # below this much work a second thread costs more than it saves
 
 _lock = threading.Lock()
@@ -80,43 +80,48 @@ def _build():
         except OSError as e:
             errors.append(f"loading {so}: {e}")
             continue
-        fn = lib.lag_project_pairs
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.lag_project_pairs.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64]
+        lib.lag_apply_pairs.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64]
+        lib.lag_project_pairs.restype = lib.lag_apply_pairs.restype = None
         return lib
     warnings.warn("loralag: could not build kernels.c, so routing uses its slower torch paths:\n" + "\n".join(errors), stacklevel=3)
     return None
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or pool._max_workers < n:
-        pool = _state["pool"] = ThreadPoolExecutor(n, thread_name_prefix="loralag-kernel")
-    return pool
-
-
 def project_pairs(X: torch.Tensor, a_addr: torch.Tensor, a_rank: torch.Tensor, offs: torch.Tensor,
-                  pair: torch.Tensor, k: int, Z: torch.Tensor) -> None:
+                  pair: torch.Tensor, k: int, Z: torch.Tensor, first: torch.Tensor | None = None) -> None:
     """Z[p] = A*_g x_{p // k} (zero beyond the adapter's rank) for every pair p = pair[s] of every group g,
     s in offs[g]..offs[g + 1]; group g's A* is a_rank[g] rows of d floats at address a_addr[g].
+    X (T, d) and Z (T·k, r): float32, contiguous. first (T·k,): Z[:, 0] when already known."""
+    _check(X, Z, a_addr, a_rank, offs, pair)
+    assert first is None or (first.dtype == torch.float32 and first.is_contiguous() and len(first) == len(Z))
+    d, r = X.shape[1], Z.shape[1]
+    bounds = _split(offs, len(pair) * r * d)
+    _library().lag_project_pairs(X.data_ptr(), d, a_addr.data_ptr(), a_rank.data_ptr(), offs.data_ptr(), pair.data_ptr(),
+                                 k, None if first is None else first.data_ptr(), Z.data_ptr(), r, bounds.data_ptr(),
+                                 len(bounds) - 1)
 
-    X (T, d) and Z (T·k, r) float32, contiguous; the int64 tensors contiguous. ctypes releases the GIL,
-    so the groups are split over torch's thread count, balanced by pairs."""
-    lib = _library()
-    T, d = X.shape
-    r = Z.shape[1]
-    G = len(a_addr)
-    assert X.dtype == Z.dtype == torch.float32 and X.is_contiguous() and Z.is_contiguous()
-    assert all(t.dtype == torch.int64 and t.is_contiguous() for t in (a_addr, a_rank, offs, pair))
-    args = (X.data_ptr(), d, a_addr.data_ptr(), a_rank.data_ptr(), offs.data_ptr(), pair.data_ptr(), k, Z.data_ptr(), r)
-    P = len(pair)
-    threads = min(torch.get_num_threads(), G) if P * r * d >= MIN_THREAD_MACS else 1
-    if threads <= 1:
-        lib.lag_project_pairs(*args, 0, G)
-        return
-    cuts = torch.searchsorted(offs, torch.linspace(0, P, threads + 1)[1:-1].to(torch.int64)).tolist()
-    bounds = [0, *cuts, G]
-    jobs = [_pool(threads).submit(lib.lag_project_pairs, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    for job in jobs:
-        job.result()
+
+def apply_pairs(Z: torch.Tensor, b_addr: torch.Tensor, b_rank: torch.Tensor, offs: torch.Tensor,
+                pair: torch.Tensor, out: torch.Tensor) -> None:
+    """out[p] = B*_g Z[p, :b_rank[g]] for every pair p = pair[s] of every group g, s in offs[g]..offs[g + 1];
+    group g's B* is d_out rows of b_rank[g] floats at address b_addr[g]. Z (P, r), out (P, d_out)."""
+    _check(Z, out, b_addr, b_rank, offs, pair)
+    r, d_out = Z.shape[1], out.shape[1]
+    bounds = _split(offs, len(pair) * r * d_out)
+    _library().lag_apply_pairs(Z.data_ptr(), r, b_addr.data_ptr(), b_rank.data_ptr(), offs.data_ptr(),
+                               pair.data_ptr(), out.data_ptr(), d_out, bounds.data_ptr(), len(bounds) - 1)
+
+
+def _check(src: torch.Tensor, dst: torch.Tensor, *index: torch.Tensor) -> None:
+    assert src.dtype == dst.dtype == torch.float32 and src.is_contiguous() and dst.is_contiguous()
+    assert all(t.dtype == torch.int64 and t.is_contiguous() for t in index)
+
+
+def _split(offs: torch.Tensor, macs: float) -> torch.Tensor:
+    """Group bounds of one run per torch thread with about equal pairs each (one run for small jobs)."""
+    G = len(offs) - 1
+    parts = min(torch.get_num_threads(), G) if macs >= MIN_THREAD_MACS else 1
+    cuts = torch.searchsorted(offs, torch.linspace(0, int(offs[-1]), parts + 1)[1:-1].to(torch.int64))
+    return torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), G)])

@@ -113,22 +113,24 @@ def _half_topk(bank: ModuleBank, X: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return val, margin.gather(1, pos)
 
 
-def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Z[t, j] = A*_{cand[t, j]} x_t for each token's own candidates: (T, k, r)."""
+def project(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Z[t, j] = A*_{cand[t, j]} x_t for each token's own candidates: (T, k, r). first (T, k): the signed
+    arrow scores a·x of those candidates, Z's first coordinate, which the native kernel then need not compute."""
     T, k = cand.shape
     if T == 1:  # decoding: the candidates are the union
         return (bank.gather_A(cand[0]).reshape(k * bank.r, bank.d_in) @ X[0]).view(1, k, bank.r)
-    uniq, inv = cand.unique(return_inverse=True)
-    u = len(uniq)
-    union_cost, grouped_cost = _filter_costs(bank, X, k, u)
+    counts = torch.bincount(cand.reshape(-1), minlength=bank.n)  # pairs per adapter: cheaper than a sort
+    union_cost, grouped_cost = _filter_costs(bank, X, k, int(counts.count_nonzero()))
     if union_cost <= grouped_cost:
+        uniq, inv = cand.unique(return_inverse=True)
+        u = len(uniq)
         if u == bank.n and bank.direct:  # every adapter is a candidate: the stack itself, no copy
             A = bank.parts[0][0]
         else:
             A = bank.gather_A(uniq, out=workspace("A", u * bank.r * bank.d_in, bank.dtype))  # (u, r, d_in)
         Z = (X @ A.reshape(-1, bank.d_in).T).view(T, u, bank.r)
         return Z.gather(1, inv.unsqueeze(-1).expand(T, k, bank.r))
-    return _project_grouped(bank, X, cand)
+    return _project_grouped(bank, X, cand, counts, first)
 
 
 def _filter_costs(bank: ModuleBank, X: torch.Tensor, k: int, u: int) -> tuple[float, float]:
@@ -157,7 +159,8 @@ def project_all(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
     return Z
 
 
-def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor | None = None,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
     """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens.
 
     The sorted pairs' token rows are gathered a cache-sized chunk at a time (whole adapters per chunk) into
@@ -166,8 +169,11 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
     T, k = cand.shape
     flat = cand.reshape(-1)
     order = flat.argsort()
-    uniq, counts = flat.index_select(0, order).unique_consecutive(return_counts=True)
-    native = _project_native(bank, X, uniq, counts, order, k)
+    if counts is None:
+        counts = torch.bincount(flat, minlength=bank.n)
+    uniq = counts.nonzero().squeeze(1)  # the adapters in sorted order, and their pairs
+    counts = counts.index_select(0, uniq)
+    native = _project_native(bank, X, uniq, counts, order, k, first)
     if native is not None:
         return native
     tokens = order // k  # the token of each sorted pair
@@ -196,17 +202,26 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor) -> t
     return Zs.index_select(0, order.argsort()).view(T, k, bank.r)
 
 
-def _project_native(bank, X, uniq, counts, order, k) -> torch.Tensor | None:
-    """The grouped projection in kernels.c: A* and token rows read in place, no gathers, no GEMM calls.
-    None when the kernel is not built or the tensors are not float32 on the CPU."""
-    if X.dtype != torch.float32 or not kernels.available():
+def _native_where(bank, uniq, t: torch.Tensor, factor: int):
+    """Addresses and ranks of adapters uniq's A* (factor 0) or B* (1) for the kernels of kernels.c, or None
+    where those do not apply (not built, or not float32 on the CPU): the caller takes its torch path."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not kernels.available():
         return None
-    where = bank.a_addresses(uniq)
+    return bank.addresses(uniq, factor)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _project_native(bank, X, uniq, counts, order, k, first=None) -> torch.Tensor | None:
+    """The grouped projection in kernels.c: A* and token rows read in place, no gathers, no GEMM calls."""
+    where = _native_where(bank, uniq, X, 0)
     if where is None:
         return None
-    offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     Z = X.new_empty(len(order), bank.r)
-    kernels.project_pairs(X.contiguous(), *where, offs, order, k, Z)
+    first = None if first is None else first.reshape(-1).contiguous()
+    kernels.project_pairs(X.contiguous(), *where, _offsets(counts), order, k, Z, first)
     return Z.view(-1, k, bank.r)
 
 
@@ -222,12 +237,16 @@ def apply_b(bank: ModuleBank, adapter: torch.Tensor, Z: torch.Tensor) -> torch.T
     uniq, counts = sorted_adapter.unique_consecutive(return_counts=True)
     if len(uniq) * bank.r <= BLOCK_COLS and P * len(uniq) * bank.r * bank.d_out <= BLOCK_MACS:
         return _apply_block(bank, uniq, torch.searchsorted(uniq, adapter), Z)
-    Zs = Z.index_select(0, order)
     if uniq[0] < 0:  # pairs without an adapter sort first and stay zero
         skip, uniq, counts = int(counts[0]), uniq[1:], counts[1:]
     else:
         skip = 0
     out = Z.new_zeros(P, bank.d_out) if skip else Z.new_empty(P, bank.d_out)  # every row gets written
+    where = _native_where(bank, uniq, Z, 1) if len(uniq) else None
+    if where is not None:  # kernels.c: each B* read in place, rows written straight to pair order
+        kernels.apply_pairs(Z.contiguous(), *where, _offsets(counts), order[skip:], out)
+        return out
+    Zs = Z.index_select(0, order)
     if len(uniq):
         if len(uniq) * 4 <= P - skip:  # few adapters, many tokens each: one GEMM per adapter
             B = bank.gather_B(uniq, out=workspace("B", len(uniq) * bank.d_out * bank.r, bank.dtype))
@@ -274,6 +293,10 @@ def route_lag(bank, X, spec, batch):
         Z = project_all(bank, X)  # (T, n, r): its first coordinate is the arrow score, a_i being A*_i's first row
         cand = Z[:, :, 0].abs().topk(min(spec.k, bank.n), dim=1).indices
         Z = Z.gather(1, cand.unsqueeze(-1).expand(-1, -1, bank.r))
+    elif spec.nprobe is None and len(X) > HALF_TOKENS:
+        S = X @ bank.arrows.T  # signed a·x: A*x's first coordinate, which the projection then reuses
+        cand = S.abs().topk(min(spec.k, bank.n), dim=1).indices
+        Z = project(bank, X, cand, first=S.gather(1, cand))
     else:
         _, cand = arrow_topk(bank, X, spec.k, spec.nprobe)
         Z = project(bank, X, cand)
