@@ -22,13 +22,15 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 import common as C
 from loralag.bank import ModuleBank
-from loralag.routers import ROUTERS, RouteSpec
+from loralag.routed_layer import RoutedLinear
+from loralag.routers import RouteSpec
 
 METHODS = ["floor", "lag", "lag-seg128", "arrow", "spectral", "dense-spectr", "peft-arrow"]
 
@@ -164,11 +166,13 @@ def main():
                              f"{t_create:.1f} s, first forward (prototypes) {t_proto:.1f} s")
             for T in Ts:
                 X = torch.randn(T, d_in)
-                seq = torch.zeros(T, dtype=torch.long)
-                spec = {m: RouteSpec(router=m, k=k) for m in ("lag", "arrow", "spectral")}
+                # the layers a routed model runs: base(x) + the library's delta, added in place
+                layers = {m: RoutedLinear(base, "m", {"lib": b}, SimpleNamespace(specs={"lib": RouteSpec(router=router, k=k)}, trace=None))
+                          for m, router, b in [("lag", "lag", bank), ("lag-seg128", "lag", sbank), ("arrow", "arrow", bank),
+                                           ("spectral", "spectral", bank)] if b is not None}
 
-                def routed(m, b=bank, X=X, seq=seq):
-                    return base(X) + ROUTERS[m](b, X, spec[m], seq).delta
+                def routed(m, X=X):
+                    return layers[m](X)
 
                 def floor(X=X):
                     return base(X), X @ bank.arrows.T
@@ -182,7 +186,7 @@ def main():
 
                 fns = {"floor": floor, "lag": lambda: routed("lag")}
                 if sbank is not None:
-                    fns["lag-seg128"] = lambda: routed("lag", sbank)
+                    fns["lag-seg128"] = lambda: routed("lag-seg128")
                 fns.update({"arrow": lambda: routed("arrow"), "spectral": lambda: routed("spectral"), "dense-spectr": dense})
                 need = peft_bytes(T, N, r, d_in, d_out)
                 resident = 2 * A.numel() * 4
@@ -199,7 +203,7 @@ def main():
                     ref = dense()
                     assert torch.allclose(routed("spectral"), ref, atol=1e-4), "spectral != dense SpectR"
                     if sbank is not None:
-                        assert torch.equal(routed("lag", sbank), routed("lag")), "segmented bank changed lag"
+                        assert torch.equal(routed("lag-seg128"), routed("lag")), "segmented bank changed lag"
                     C.log(f"[layer] {d_in}->{d_out} N={N} T={T}: timing {list(fns)}")
                     res = C.side_by_side(fns, reps=reps, budget_s=budget)
                 med = {m: res[m]["median"] for m in res}

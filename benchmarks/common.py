@@ -76,6 +76,8 @@ def machine_info() -> dict:
     import torch
     import transformers
 
+    from loralag import kernels
+
     return {
         "cpu": cpu,
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -88,12 +90,13 @@ def machine_info() -> dict:
         "peft": peft.__version__,
         "platform": platform.platform(),
         "git_commit": commit,
+        "native_kernels": kernels.available(),  # routing's kernels.c built (else the torch fallback)
     }
 
 
 def machine_md(info: dict) -> str:
     keys = ["cpu", "cpus_visible", "torch_threads", "ram_gib", "loadavg_1m_at_start", "torch", "transformers", "peft",
-            "python", "git_commit"]
+            "python", "git_commit", "native_kernels"]
     return "Machine: " + ", ".join(f"{k}={info[k]}" for k in keys if k in info) + f", loadavg_1m_at_end={os.getloadavg()[0]:.2f}"
 
 

@@ -35,7 +35,7 @@ class RoutedLinear(nn.Module):
                 self.state.trace.record(self.name, lib, routed.winner.view(batch, -1), routed.score.view(batch, -1))
         if delta is None:
             return h
-        return h + delta.view(h.shape).to(h.dtype)
+        return h.add_(delta.view(h.shape).to(h.dtype))  # h is base's fresh output: no second (T, d_out) tensor
 
     def extra_repr(self) -> str:
         return f"{self.name}: " + ", ".join(f"{lib}[{b.n}]" for lib, b in self.banks.items())

@@ -5,7 +5,8 @@ equal length laid out one after the other (only `fixed` needs to know which toke
 
 All routers share three kernels: `arrow_topk` (one matmul against the stacked arrows),
 `project` (A*x for each token's candidates only) and `apply_b` (B* of the chosen adapters, tokens
-grouped by adapter). Nothing of size tokens × n × d_out is ever formed; beyond the arrow scores,
+grouped by adapter). The last two run in kernels.c where it is built, reading A* and B* in place; their
+torch paths are the fallback. Nothing of size tokens × n × d_out is ever formed; beyond the arrow scores,
 only `spectral` and `uniform` (the dense baselines) touch every adapter, in bounded chunks, and `lag`
 when its cost model finds A*x of every adapter (tokens × n × r, `project_all`) cheaper than filtering.
 """
