@@ -105,3 +105,42 @@ def test_native_apply_at_other_ranks_and_widths(r, d_out, monkeypatch):
     Z = torch.randn(P, r, generator=g)
     ref = torch.stack([torch.zeros(d_out) if a < 0 else B[a] @ z for a, z in zip(adapter.tolist(), Z)])
     torch.testing.assert_close(R.apply_b(bank, adapter, Z), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["direct", "permuted", "two segments", "uneven ranks", "interleaved", "spare rows"])
+@pytest.mark.parametrize("k", [5, 20, 50])  # 40 adapters: float16 arrows with a re-ranked margin (k=5), float32, k > n
+def test_native_decode_equals_brute_force(layout, k, monkeypatch):
+    """One token through lag in one native call: the brute-force winner, its delta and ‖A*x‖."""
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    from test_routers import reference_delta
+
+    calls = []
+    decode = kernels.decode
+    monkeypatch.setattr(kernels, "decode", lambda *a, **kw: calls.append(a[2] is not None) or decode(*a, **kw))
+    bank, dense = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
+    bank = relaid(bank, layout)
+    g = torch.Generator().manual_seed(k)
+    for _ in range(8):
+        x = torch.randn(1, 24, generator=g)
+        out = R.route_lag(bank, x, R.RouteSpec("lag", k=k), 1)
+        ref, j = reference_delta("lag", dense, x[0], k=k)
+        assert int(out.winner[0]) == j
+        torch.testing.assert_close(out.delta[0], ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.score[0], per_pair(bank, x, out.winner.view(1, 1))[0, 0].norm(), atol=1e-5, rtol=1e-5)
+    assert calls == [k == 5 and kernels.half_arrows()] * 8  # the native call ran, with float16 arrows where they pay
+
+
+def test_without_a_compiler_routing_warns_and_takes_the_torch_paths(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_state", {})  # forget the loaded library for this test only
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("LORALAG_KERNEL_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert not kernels.available()
+    bank, dense = random_bank(n=12)
+    X = torch.randn(7, 24, generator=torch.Generator().manual_seed(3))
+    out = R.route_lag(bank, X, R.RouteSpec("lag", k=3), 1)
+    from test_routers import reference_delta
+
+    for t in range(len(X)):
+        assert int(out.winner[t]) == reference_delta("lag", dense, X[t], k=3)[1]

@@ -77,6 +77,14 @@ class ModuleBank:
         seg = self.seg_of.index_select(0, idx)
         return base.index_select(0, seg) + self.row_of.index_select(0, idx) * stride.index_select(0, seg), rank.index_select(0, seg)
 
+    def all_addresses(self):
+        """addresses() of every adapter's A* and B*, made once: decoding asks for them at every token."""
+        if not hasattr(self, "_all_addresses"):
+            idx = torch.arange(self.n)
+            a, b = self.addresses(idx, 0), self.addresses(idx, 1)
+            self._all_addresses = None if a is None or b is None else (a, b)
+        return self._all_addresses
+
     def _segment_layout(self, factor: int):
         """Per segment: address, bytes per adapter, rank; None unless every stack is contiguous float32."""
         stacks = [part[factor] for part in self.parts]

@@ -6,6 +6,7 @@
    A* (r x d, read in place from the bank, any segment) meets its tokens' rows (read in place from X)
    in 4x4 register tiles of dot products. Built at first use by kernels.py with the machine's own
    vector width (GCC vector extensions: AVX-512, AVX2 or NEON as the compiler targets). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -105,9 +106,10 @@ static void apply_groups(const float *Z, int64_t r, const int64_t *b, const int6
             const int64_t no = d_out - o0 < OB ? d_out - o0 : OB;
             for (int64_t j0 = 0; j0 < rg; j0 += JB) {
                 const int64_t nj = rg - j0 < JB ? rg - j0 : JB;
-                memset(bt, 0, sizeof bt);
                 for (int64_t o = 0; o < no; o++)
                     for (int64_t j = 0; j < nj; j++) bt[j][o] = B[(o0 + o) * rg + j0 + j];
+                if (no < OB) /* the last block's spare columns: computed on, never stored */
+                    for (int64_t j = 0; j < nj; j++) memset(bt[j] + no, 0, (OB - no) * sizeof(float));
                 for (int64_t s = offs[g]; s < offs[g + 1]; s++) {
                     const float *z = Z + pair[s] * r + j0;
                     float *y = out + pair[s] * d_out + o0;
@@ -129,4 +131,107 @@ void lag_apply_pairs(const float *Z, int64_t r, const int64_t *b, const int64_t 
                      const int64_t *pair, float *out, int64_t d_out, const int64_t *bounds, int64_t parts) {
 #pragma omp parallel for schedule(static, 1) num_threads(parts) if (parts > 1)
     for (int64_t p = 0; p < parts; p++) apply_groups(Z, r, b, rank, offs, pair, out, d_out, bounds[p], bounds[p + 1]);
+}
+
+/* ---- decoding: one token through lag in one call ------------------------------------------------------ */
+
+/* a . x over d floats, four accumulators deep (one would wait on each FMA's latency). */
+static float dot32(const float *a, const float *x, int64_t d) {
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 4 * W <= d; i += 4 * W)
+        for (int u = 0; u < 4; u++) acc[u] += load(a + i + u * W) * load(x + i + u * W);
+    for (; i + W <= d; i += W) acc[0] += load(a + i) * load(x + i);
+    vf v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float s = 0;
+    for (int l = 0; l < W; l++) s += v[l];
+    for (; i < d; i++) s += a[i] * x[i];
+    return s;
+}
+
+/* The same against float16 values (the arrows' half-size copy), converted by F16C instructions: the
+   compiler's own _Float16 conversions go one element at a time on CPUs without AVX512-FP16. */
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+static inline vf load_half(const uint16_t *p) {
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    vf v;
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+}
+static float dot16(const uint16_t *a, const float *x, int64_t d) {
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 4 * W <= d; i += 4 * W)
+        for (int u = 0; u < 4; u++) acc[u] += load_half(a + i + u * W) * load(x + i + u * W);
+    for (; i + W <= d; i += W) acc[0] += load_half(a + i) * load(x + i);
+    vf v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float s = 0;
+    for (int l = 0; l < W; l++) s += v[l];
+    for (; i < d; i++) s += _cvtsh_ss(a[i]) * x[i];
+    return s;
+}
+#define HAVE_HALF 1
+int lag_has_half(void) { return 1; }
+#else
+int lag_has_half(void) { return 0; }
+#endif
+
+/* Keep the m largest of (value, id) in best[0..m) sorted descending: insertion into a short sorted list. */
+static void keep(float *val, int64_t *id, int64_t *have, int64_t m, float v, int64_t i) {
+    if (*have == m && !(v > val[m - 1])) return;
+    int64_t p = *have < m ? (*have)++ : m - 1;
+    while (p > 0 && v > val[p - 1]) { val[p] = val[p - 1]; id[p] = id[p - 1]; p--; }
+    val[p] = v;
+    id[p] = i;
+}
+
+/* One token x through lag over n adapters: the top k of |a.x| (with arrows16: the best `margin` by the
+   float16 arrows, re-ranked with the float32 ones), then the largest ||A* x|| among those k (A* of
+   adapter i: rank[i] <= 256 rows at a[i]), then delta = B*_w (A*_w x) (B* of adapter i: d_out rows of
+   brank[i] floats at b[i]). Returns the winner; its score goes to *score. sval, sid: scratch of
+   margin + k entries each. */
+int64_t lag_decode(const float *x, int64_t d, int64_t n, const float *arrows, const void *arrows16, int64_t k,
+                   int64_t margin, const int64_t *a, const int64_t *rank, const int64_t *b, const int64_t *brank,
+                   int64_t d_out, float *delta, float *score, float *sval, int64_t *sid) {
+    int64_t have = 0;
+    if (arrows16) {
+#ifdef HAVE_HALF
+        const uint16_t *h = (const uint16_t *)arrows16;
+        for (int64_t i = 0; i < n; i++) keep(sval, sid, &have, margin, fabsf(dot16(h + i * d, x, d)), i);
+        const int64_t m = have;
+        float *val2 = sval + margin;
+        int64_t *id2 = sid + margin, have2 = 0;
+        for (int64_t j = 0; j < m; j++) keep(val2, id2, &have2, k, fabsf(dot32(arrows + sid[j] * d, x, d)), sid[j]);
+        memcpy(sval, val2, have2 * sizeof(float));
+        memcpy(sid, id2, have2 * sizeof(int64_t));
+        have = have2;
+#endif
+    } else {
+        for (int64_t i = 0; i < n; i++) keep(sval, sid, &have, k, fabsf(dot32(arrows + i * d, x, d)), i);
+    }
+    /* SpectR among the k, in arrow order; the first largest wins (as torch's max) */
+    int64_t best = -1;
+    float best_sq = -1, zbest[256];
+    for (int64_t c = 0; c < have; c++) {
+        const float *A = (const float *)(intptr_t)a[sid[c]];
+        const int64_t ra = rank[sid[c]] < 256 ? rank[sid[c]] : 256;
+        float z[256], sq = 0;
+        for (int64_t j = 0; j < ra; j++) { z[j] = dot32(A + j * d, x, d); sq += z[j] * z[j]; }
+        if (sq > best_sq) { best_sq = sq; best = c; memcpy(zbest, z, ra * sizeof(float)); }
+    }
+    if (have == 0) return -1;
+    if (best < 0) best = 0; /* NaN scores: the arrow's first pick, as a delta of NaN */
+    const int64_t w = sid[best];
+    const float *B = (const float *)(intptr_t)b[w];
+    const int64_t rb = brank[w] < 256 ? brank[w] : 256;
+    for (int64_t o = 0; o < d_out; o++) {
+        float s = 0;
+        for (int64_t j = 0; j < rb; j++) s += B[o * brank[w] + j] * zbest[j];
+        delta[o] = s;
+    }
+    *score = sqrtf(best_sq);
+    return w;
 }

@@ -31,7 +31,7 @@ _state: dict = {}
 
 
 def available() -> bool:
-    """Whether the kernel is built and loaded (builds it on the first call)."""
+    """Whether the kernels are built and loaded (builds them on the first call)."""
     return _library() is not None
 
 
@@ -68,13 +68,18 @@ def _build():
         key = hashlib.sha256(b"\0".join([source, " ".join([cc, *flags]).encode(), _cpu_key().encode()])).hexdigest()[:16]
         so = _cache_dir() / f"kernels-{key}.so"
         if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
             tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-            run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-            if run.returncode != 0:
-                errors.append(f"{cc} {' '.join(flags)}: {run.stderr.strip()[-500:]}")
+            try:
+                so.parent.mkdir(parents=True, exist_ok=True)
+                run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-lm"],
+                                     capture_output=True, text=True)
+                if run.returncode != 0:
+                    errors.append(f"{cc} {' '.join(flags)}: {run.stderr.strip()[-500:]}")
+                    continue
+                os.replace(tmp, so)  # atomic: a concurrent process sees the whole library or none
+            except OSError as e:  # an unwritable cache folder, a compiler that cannot run
+                errors.append(f"{cc} {' '.join(flags)} into {so.parent}: {e}")
                 continue
-            os.replace(tmp, so)  # atomic: a concurrent process sees the whole library or none
         try:
             lib = ctypes.CDLL(str(so))
         except OSError as e:
@@ -84,6 +89,9 @@ def _build():
         lib.lag_project_pairs.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64]
         lib.lag_apply_pairs.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64]
         lib.lag_project_pairs.restype = lib.lag_apply_pairs.restype = None
+        lib.lag_decode.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+        lib.lag_decode.restype = i64
+        lib.lag_has_half.restype = ctypes.c_int
         return lib
     warnings.warn("loralag: could not build kernels.c, so routing uses its slower torch paths:\n" + "\n".join(errors), stacklevel=3)
     return None
@@ -125,3 +133,30 @@ def _split(offs: torch.Tensor, macs: float) -> torch.Tensor:
     parts = min(torch.get_num_threads(), G) if macs >= MIN_THREAD_MACS else 1
     cuts = torch.searchsorted(offs, torch.linspace(0, int(offs[-1]), parts + 1)[1:-1].to(torch.int64))
     return torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), G)])
+
+
+MAX_RANK = 256  # lag_decode keeps one adapter's A*x on the stack
+
+
+def half_arrows() -> bool:
+    """Whether the build reads float16 arrows (the compiler has _Float16)."""
+    return bool(_library().lag_has_half())
+
+
+def decode(x: torch.Tensor, arrows: torch.Tensor, arrows16: torch.Tensor | None, k: int, margin: int,
+           a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d_out: int):
+    """One token x (d,) through lag in one call: (winner, its ‖A*x‖, delta (d_out,)). a, b: every adapter's
+    A* and B* (address, rank), as ModuleBank.addresses gives them; arrows16: score these first and re-rank
+    the best `margin` with `arrows` (None: score `arrows` alone)."""
+    n, d = arrows.shape
+    assert x.dtype == arrows.dtype == torch.float32 and x.is_contiguous() and arrows.is_contiguous()
+    assert arrows16 is None or (arrows16.dtype == torch.float16 and arrows16.is_contiguous())
+    assert all(t.dtype == torch.int64 and t.is_contiguous() and len(t) == n for t in (*a, *b))
+    delta = x.new_empty(d_out)
+    score = x.new_empty(1)
+    sval = x.new_empty(margin + k)
+    sid = torch.empty(margin + k, dtype=torch.int64)
+    w = _library().lag_decode(x.data_ptr(), d, n, arrows.data_ptr(), None if arrows16 is None else arrows16.data_ptr(),
+                              k, margin, a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), d_out,
+                              delta.data_ptr(), score.data_ptr(), sval.data_ptr(), sid.data_ptr())
+    return w, score, delta

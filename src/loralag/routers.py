@@ -321,6 +321,9 @@ def _scoring_all_pays(bank: ModuleBank, X: torch.Tensor, k: int) -> bool:
 
 def _lag_one_token(bank, X, k):
     """Decoding: the same steps as route_lag on matrix-vector products, with as few ops as possible."""
+    native = _lag_one_native(bank, X, k)
+    if native is not None:
+        return native
     x = X[0]
     cand = arrow_topk(bank, X, k)[1][0]
     Z = (bank.gather_A(cand).view(-1, bank.d_in) @ x).view(len(cand), bank.r)
@@ -328,6 +331,24 @@ def _lag_one_token(bank, X, k):
     winner = cand[j].view(1)
     delta = bank.gather_B(winner)[0] @ Z[j]
     return Routed(delta.unsqueeze(0), winner, score.view(1))
+
+
+def _lag_one_native(bank, X, k) -> Routed | None:
+    """kernels.c's lag_decode: one token's whole routing in one call (a few dozen torch ops otherwise, which
+    cost more than the arithmetic at one token), A* and B* read in place. The arrows are scored as
+    `arrow_topk` scores them: the float16 copy with a re-ranked margin where that pays."""
+    if X.dtype != torch.float32 or not 0 < bank.r <= kernels.MAX_RANK or not bank.n or not kernels.available():
+        return None
+    where = bank.all_addresses()
+    if where is None:
+        return None
+    k = min(k, bank.n)
+    half = _half_filter_pays(bank, X, k)
+    if half and not kernels.half_arrows():  # this CPU's build cannot read float16: torch's path reads half the bytes
+        return None
+    w, score, delta = kernels.decode(X[0].contiguous(), bank.arrows.contiguous(), bank.arrows_half if half else None, k,
+                                     2 * k + 8 if half else 0, *where, bank.d_out)
+    return Routed(delta.unsqueeze(0), torch.tensor([w]), score)
 
 
 def route_arrow(bank, X, spec, batch):
