@@ -1,5 +1,5 @@
-/* loralag's native kernels: the SpectR stage's A*x over (token, candidate) pairs, grouped by adapter, and
-   the winners' B* applied to their tokens the same way.
+/* loralag's native kernels: the SpectR stage's A*x over (token, candidate) pairs, grouped by adapter; the
+   winners' B* applied to their tokens the same way; and one decoding token's whole routing in one call.
 
    MKL pays microseconds of setup per small GEMM, and LAG's grouped projection is a thousand GEMMs of
    ~10 rows: most of its time was that setup plus gathering token rows into place. Here each adapter's

@@ -25,6 +25,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # -fopenmp: threads from the OpenMP runtime torch loaded; the last set runs single-threaded
 FLAG_SETS = tuple([*base, "-fopenmp", "-ffp-contract=fast"] for base in (["-O3", "-march=native"], ["-O3"])) + (["-O3"],)
 MIN_THREAD_MACS = 2e6  # below this much work a second thread costs more than it saves
+MAX_RANK = 256  # lag_decode keeps one adapter's A*x on the stack
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -135,11 +136,8 @@ def _split(offs: torch.Tensor, macs: float) -> torch.Tensor:
     return torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), G)])
 
 
-MAX_RANK = 256  # lag_decode keeps one adapter's A*x on the stack
-
-
 def half_arrows() -> bool:
-    """Whether the build reads float16 arrows (the compiler has _Float16)."""
+    """Whether the build reads float16 arrows (x86 with F16C, the -march=native build)."""
     return bool(_library().lag_has_half())
 
 
