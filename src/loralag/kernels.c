@@ -135,24 +135,12 @@ void lag_apply_pairs(const float *Z, int64_t r, const int64_t *b, const int64_t 
 
 /* ---- decoding: one token through lag in one call ------------------------------------------------------ */
 
-/* a . x over d floats, four accumulators deep (one would wait on each FMA's latency). */
-static float dot32(const float *a, const float *x, int64_t d) {
-    vf acc[4] = {{0}, {0}, {0}, {0}};
-    int64_t i = 0;
-    for (; i + 4 * W <= d; i += 4 * W)
-        for (int u = 0; u < 4; u++) acc[u] += load(a + i + u * W) * load(x + i + u * W);
-    for (; i + W <= d; i += W) acc[0] += load(a + i) * load(x + i);
-    vf v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float s = 0;
-    for (int l = 0; l < W; l++) s += v[l];
-    for (; i < d; i++) s += a[i] * x[i];
-    return s;
-}
-
-/* The same against float16 values (the arrows' half-size copy), converted by F16C instructions: the
-   compiler's own _Float16 conversions go one element at a time on CPUs without AVX512-FP16. */
+/* float16 values (the arrows' half-size copy) converted by F16C instructions: the compiler's own _Float16
+   conversions go one element at a time on CPUs without AVX512-FP16. */
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
+#define HAVE_HALF 1
+int lag_has_half(void) { return 1; }
 static inline vf load_half(const uint16_t *p) {
     __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
@@ -161,22 +149,42 @@ static inline vf load_half(const uint16_t *p) {
     memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
     return v;
 }
-static float dot16(const uint16_t *a, const float *x, int64_t d) {
+#else
+int lag_has_half(void) { return 0; }
+#endif
+
+/* W values of a row from i on, float32 or (half) float16; `half` is a constant at every call site. */
+static inline __attribute__((always_inline)) vf load_row(const void *a, int64_t i, int half) {
+#ifdef HAVE_HALF
+    if (half) return load_half((const uint16_t *)a + i);
+#endif
+    return load((const float *)a + i);
+}
+
+static inline __attribute__((always_inline)) float row_at(const void *a, int64_t i, int half) {
+#ifdef HAVE_HALF
+    if (half) return _cvtsh_ss(((const uint16_t *)a)[i]);
+#endif
+    return ((const float *)a)[i];
+}
+
+/* a . x over d values, four accumulators deep (one would wait on each FMA's latency). */
+static inline __attribute__((always_inline)) float dot(const void *a, const float *x, int64_t d, int half) {
     vf acc[4] = {{0}, {0}, {0}, {0}};
     int64_t i = 0;
     for (; i + 4 * W <= d; i += 4 * W)
-        for (int u = 0; u < 4; u++) acc[u] += load_half(a + i + u * W) * load(x + i + u * W);
-    for (; i + W <= d; i += W) acc[0] += load_half(a + i) * load(x + i);
+        for (int u = 0; u < 4; u++) acc[u] += load_row(a, i + u * W, half) * load(x + i + u * W);
+    for (; i + W <= d; i += W) acc[0] += load_row(a, i, half) * load(x + i);
     vf v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     float s = 0;
     for (int l = 0; l < W; l++) s += v[l];
-    for (; i < d; i++) s += _cvtsh_ss(a[i]) * x[i];
+    for (; i < d; i++) s += row_at(a, i, half) * x[i];
     return s;
 }
-#define HAVE_HALF 1
-int lag_has_half(void) { return 1; }
-#else
-int lag_has_half(void) { return 0; }
+
+static float dot32(const float *a, const float *x, int64_t d) { return dot(a, x, d, 0); }
+#ifdef HAVE_HALF
+static float dot16(const uint16_t *a, const float *x, int64_t d) { return dot(a, x, d, 1); }
 #endif
 
 /* Keep the m largest of (value, id) in best[0..m) sorted descending: insertion into a short sorted list. */

@@ -36,6 +36,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def applies_to(t: torch.Tensor) -> bool:
+    """Whether the kernels can take this tensor's data (float32 on the CPU) and are built."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and available()
+
+
 def _library():
     if "lib" not in _state:
         with _lock:

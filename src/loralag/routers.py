@@ -101,14 +101,19 @@ def arrow_topk(bank: ModuleBank, X: torch.Tensor, k: int, nprobe: int | None = N
 
 
 def _half_filter_pays(bank: ModuleBank, X: torch.Tensor, k: int) -> bool:
-    return X.dtype == torch.float32 and X.device.type == "cpu" and bank.n > 2 * (2 * k + 8)
+    return X.dtype == torch.float32 and X.device.type == "cpu" and bank.n > 2 * _half_margin(k)
+
+
+def _half_margin(k: int) -> int:
+    """Candidates kept by the float16 arrows for the float32 re-rank (see HALF_TOKENS)."""
+    return 2 * k + 8
 
 
 def _half_topk(bank: ModuleBank, X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top k of |a·x| for a few tokens, found through the float16 arrows (see HALF_TOKENS)."""
     # Scale each token into float16's range; the ranking of |a·x| does not change with a positive scale.
     x = (X / X.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)).to(torch.float16)
-    margin = (x @ bank.arrows_half.T).abs_().topk(2 * k + 8, dim=1).indices  # (T, 2k + 8)
+    margin = (x @ bank.arrows_half.T).abs_().topk(_half_margin(k), dim=1).indices  # (T, 2k + 8)
     exact = (bank.arrows.index_select(0, margin.reshape(-1)).view(*margin.shape, -1) @ X.unsqueeze(-1)).squeeze(-1)
     val, pos = exact.abs_().topk(k, dim=1)
     return val, margin.gather(1, pos)
@@ -141,7 +146,7 @@ def _filter_costs(bank: ModuleBank, X: torch.Tensor, k: int, u: int) -> tuple[fl
     GEMM call per adapter). Rates measured on one core here; the ratio is what matters."""
     T, r, d, threads = len(X), bank.r, bank.d_in, torch.get_num_threads()
     union = T * u * r * d / (GEMM_RATE * threads) + (0 if u == bank.n and bank.direct else u * r * d * 4 / GATHER_RATE)
-    if X.dtype == torch.float32 and kernels.available():
+    if kernels.applies_to(X):
         return union, T * k * r * d / (KERNEL_RATE * threads) + STEP_COST
     return union, T * k * r * d / SMALL_GEMM_RATE + u * STEP_COST
 
@@ -206,9 +211,7 @@ def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor, coun
 def _native_where(bank, uniq, t: torch.Tensor, factor: int):
     """Addresses and ranks of adapters uniq's A* (factor 0) or B* (1) for the kernels of kernels.c, or None
     where those do not apply (not built, or not float32 on the CPU): the caller takes its torch path."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not kernels.available():
-        return None
-    return bank.addresses(uniq, factor)
+    return bank.addresses(uniq, factor) if kernels.applies_to(t) else None
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -337,7 +340,7 @@ def _lag_one_native(bank, X, k) -> Routed | None:
     """kernels.c's lag_decode: one token's whole routing in one call (a few dozen torch ops otherwise, which
     cost more than the arithmetic at one token), A* and B* read in place. The arrows are scored as
     `arrow_topk` scores them: the float16 copy with a re-ranked margin where that pays."""
-    if X.dtype != torch.float32 or not 0 < bank.r <= kernels.MAX_RANK or not bank.n or not kernels.available():
+    if not (kernels.applies_to(X) and 0 < bank.r <= kernels.MAX_RANK and bank.n):
         return None
     where = bank.all_addresses()
     if where is None:
@@ -347,7 +350,7 @@ def _lag_one_native(bank, X, k) -> Routed | None:
     if half and not kernels.half_arrows():  # this CPU's build cannot read float16: torch's path reads half the bytes
         return None
     w, score, delta = kernels.decode(X[0].contiguous(), bank.arrows.contiguous(), bank.arrows_half if half else None, k,
-                                     2 * k + 8 if half else 0, *where, bank.d_out)
+                                     _half_margin(k) if half else 0, *where, bank.d_out)
     return Routed(delta.unsqueeze(0), torch.tensor([w]), score)
 
 
