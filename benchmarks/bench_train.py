@@ -103,14 +103,15 @@ def make_docs(n: int, seed: int = 0) -> list[lt.Document]:
     return docs
 
 
-def slots(jobs_examples: list[list], config: lt.TrainConfig, group_size: int) -> tuple[int, int]:
+def slots(jobs_examples: list[list], names: list[str], config: lt.TrainConfig, group_size: int) -> tuple[int, int]:
     """(token slots computed, real tokens) over the whole training: replays each adapter's batches and the
     grouping (sorted by longest example, as train_adapters does)."""
     order = sorted(range(len(jobs_examples)), key=lambda j: max(len(ids) for ids, _ in jobs_examples[j]))
     computed = real = 0
     for start in range(0, len(order), group_size):
         group = [jobs_examples[j] for j in order[start : start + group_size]]
-        batches = [lt._batches(len(ex), config) for ex in group]
+        batches = [lt._batches(len(jobs_examples[j]), config, lt.adapter_seed(config.seed, names[j]))
+                   for j in order[start : start + group_size]]
         for _ in range(config.steps):
             picked = [[ex[i] for i in next(b)] for ex, b in zip(group, batches)]
             if len(group) == 1:  # a lone leftover trains one at a time
@@ -191,7 +192,7 @@ def main():
     med = {m: C.median(s) for m, s in samples.items()}
     rows, data_rows = [], []
     for m, g in methods.items():
-        computed, real = slots(examples, config, g)
+        computed, real = slots(examples, [d.name for d in docs], config, g)
         ratio = med[m] / med["one-at-a-time"]
         rows.append([m, C.fmt_time(med[m]), f"{ratio:.2f}", ", ".join(f"{s:.2f}" for s in samples[m]),
                      f"{computed / real:.2f}", f"{agree[m]['max_abs_weight_diff']:.1e}",

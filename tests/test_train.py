@@ -274,15 +274,35 @@ def test_grouped_training_equals_one_at_a_time(model, tok, tmp_path, one_thread)
 
 def test_grouped_init_is_peft_init(model, tok, one_thread):
     cfg = TrainConfig(seed=3)
-    init, why_not = lt._lora_init(model, cfg)
-    assert why_not is None and len(init) == 6
+    seed = lt.adapter_seed(3, "accord")
+    init = lt._lora_init(model, cfg, seed)
+    assert lt._grouping_blocker_peft(model, cfg) is None and len(init) == 6
     with torch.random.fork_rng():
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         peft_model = get_peft_model(copy.deepcopy(model), lt._lora_config(cfg))
     for name, (A, B, scale) in init.items():
         layer = peft_model.base_model.model.get_submodule(name)
         assert torch.equal(A, layer.lora_A["default"].weight) and not B.any()
         assert scale == layer.scaling["default"] == 12 / 6
+
+
+def test_each_adapter_starts_from_its_own_init(model, tok, tmp_path):
+    """Distinct inits: the seed comes from the base seed and the adapter's name, so two documents start from
+    different A (0 steps: the saved adapter is PEFT's init), the same name from the same A whatever the base
+    seed's other adapters, and the marker records the seed."""
+    cfg = TrainConfig(steps=0)
+    a, b = lt.train_adapters(model, tok, [Document("accord", TEXT), Document("council", TEXT)], tmp_path / "x", cfg,
+                             progress=False)
+    wa, wb = weights(a), weights(b)
+    key = next(k for k in wa if "lora_A" in k)
+    assert not torch.allclose(wa[key], wb[key])  # same text, other names: other inits
+    assert lt._read_marker(a)["seed"] == lt.adapter_seed(0, "accord") != lt.adapter_seed(0, "council")
+    [again] = lt.train_adapters(model, tok, [Document("accord", "other text")], tmp_path / "y", cfg, progress=False)
+    assert all(torch.equal(wa[k], weights(again)[k]) for k in wa)  # the init depends on the name, not the text
+    [other_base] = lt.train_adapters(model, tok, [Document("accord", TEXT)], tmp_path / "z", TrainConfig(steps=0, seed=1),
+                                     progress=False)
+    assert not torch.allclose(wa[key], weights(other_base)[key])
+    assert lt.adapter_seed(0, "accord") == lt.adapter_seed(0, "accord") and 0 <= lt.adapter_seed(7, "x") < 2 ** 63
 
 
 def test_grouped_cache_skips_finished_adapters(model, tok, tmp_path, monkeypatch, caplog, capsys, one_thread):

@@ -8,7 +8,7 @@ items and left exactly as it was.
 `train_adapters(..., group_size=G)` trains G adapters in one pass: each step runs one
 forward/backward over the concatenation of every adapter's own batch, each row going
 through its own adapter (stacked LoRA factors, applied per adapter block of rows). Per adapter it is the same
-training as one at a time (PEFT's init for the seed, the same batches, loss over its own
+training as one at a time (PEFT's init for the adapter's own seed, the same batches, loss over its own
 tokens, its own gradient clipping, AdamW), so the folders and cache keys are the same too.
 """
 
@@ -79,7 +79,16 @@ class TrainConfig:
     lr: float = 2e-3
     max_length: int = 256  # longer documents are split into windows of this many tokens
     append_eos: bool = True  # end each answer with eos so the adapter learns to stop
-    seed: int = 0  # the same for every item, so an adapter does not depend on training order
+    seed: int = 0  # the base seed: each adapter's own seed is adapter_seed(seed, name), see there
+
+
+def adapter_seed(base_seed: int, name: str) -> int:
+    """The seed of adapter `name`: its LoRA init and batch order. Derived from the base seed and the name, so
+    every adapter of a library starts from its own init (one shared init leaves the adapters' A* and arrows
+    in one common subspace, which routing cannot tell apart) and still does not depend on training order or
+    grouping. Written into the adapter's marker file."""
+    digest = hashlib.sha256(f"{int(base_seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -308,7 +317,8 @@ def train_adapter(
     if done is not None:
         return done
     first, final = _write_adapter(
-        job, config, lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under)
+        job, config,
+        lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed)
     )
     return TrainResult(job.target, False, first, final)
 
@@ -320,14 +330,16 @@ class _Job:
     target: Path
     key: str = ""
     under: tuple[list, list[int]] | None = None  # (frozen LoraAdapters, per example: index into them or -1)
+    seed: int = 0  # adapter_seed(config.seed, name)
 
 
 def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
-    job = _Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name)
+    job = _Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name,
+               seed=adapter_seed(config.seed, item.name))
     job.under = _read_under(item, config)
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
-    job.key = _train_key(model, job.examples, config, checksums)
+    job.key = _train_key(model, job.examples, config, checksums, job.seed)
     return job
 
 
@@ -365,7 +377,7 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=job.target.parent))
     try:
         first, final = fill(tmp)
-        info = {"key": job.key, "name": job.name, "first_loss": first, "final_loss": final,
+        info = {"key": job.key, "name": job.name, "seed": job.seed, "first_loss": first, "final_loss": final,
                 "config": asdict(config), "examples": len(job.examples)}
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
@@ -407,13 +419,13 @@ def _peft_attached(model, lora: LoraConfig):
         raise RuntimeError("LoRA layers were left in the base model after training")  # a bug, not user error
 
 
-def _batches(n_examples: int, config: TrainConfig) -> Iterator[list[int]]:
+def _batches(n_examples: int, config: TrainConfig, seed: int) -> Iterator[list[int]]:
     """Indices of the examples of each step: all of them when they fit in a batch, else
-    batch_size at a time from a queue refilled with seeded permutations."""
+    batch_size at a time from a queue refilled with permutations seeded by the adapter's seed."""
     if n_examples <= config.batch_size:
         while True:
             yield list(range(n_examples))
-    order = torch.Generator().manual_seed(config.seed)
+    order = torch.Generator().manual_seed(seed)
     queue: list[int] = []
     while True:
         if len(queue) < config.batch_size:
@@ -423,17 +435,17 @@ def _batches(n_examples: int, config: TrainConfig) -> Iterator[list[int]]:
 
 
 def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar,
-                under: tuple[list, list[int]] | None = None) -> tuple[float, float]:
+                under: tuple[list, list[int]] | None, seed: int) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
     with torch.random.fork_rng(), ExitStack() as stack:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         with _peft_attached(model, _lora_config(config)) as peft_model:
             peft_model.train()
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-            batches = _batches(len(examples), config)
+            batches = _batches(len(examples), config, seed)
             for step in range(config.steps):
                 picked = next(batches)
                 if rows is not None:
@@ -472,13 +484,12 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
                 bar.update(1)
             else:
                 todo.append(job)
-        init = None
         if len(todo) > 1:
             why_not = _grouping_blocker(model, config)
             if why_not is None and any(job.under is not None for job in todo):
                 why_not = "some items train under frozen adapters"
             if why_not is None:
-                init, why_not = _lora_init(model, config)
+                why_not = _grouping_blocker_peft(model, config)
             if why_not is not None:
                 log.warning("training %d adapters one at a time, not in groups: %s", len(todo), why_not)
                 group_size = 1
@@ -490,10 +501,10 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
             bar.set_description(_group_label([job.name for job in group]))
             if len(group) == 1:
                 [job] = group
-                _write_adapter(job, config,
-                               lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar, job.under))
+                _write_adapter(job, config, lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar,
+                                                                    job.under, job.seed))
             else:
-                _train_group(model, group, config, pad_id, init, bar)
+                _train_group(model, group, config, pad_id, [_lora_init(model, config, job.seed) for job in group], bar)
             bar.update(len(group))
     finally:
         bar.close()
@@ -521,24 +532,26 @@ def _grouping_blocker(model, config: TrainConfig) -> str | None:
     return None
 
 
-def _lora_init(model, config: TrainConfig) -> tuple[dict | None, str | None]:
-    """PEFT's own initial LoRA factors for this seed: {module name: (A, B, scale)}, the same for
-    every adapter (the seed is), taken from get_peft_model exactly as `_train_into` seeds it.
-    Returns (None, reason) when a target is not a plain nn.Linear (grouping handles only those)."""
-    init = {}
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        with _peft_attached(model, _lora_config(config)):
-            for name, module in model.named_modules():
-                if not isinstance(module, LoraLayer):
-                    continue
+def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
+    """Why PEFT's LoRA layers on this model cannot be grouped (a target that is not a plain nn.Linear), or None."""
+    with torch.random.fork_rng(), _peft_attached(model, _lora_config(config)):
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
                 base = module.get_base_layer()
                 if type(module) is not LoraLinear or type(base) is not nn.Linear or module.fan_in_fan_out:
-                    return None, f"{name} is a {type(base).__name__}, grouped training handles nn.Linear only"
-                init[name] = (module.lora_A["default"].weight.detach().clone(),
-                              module.lora_B["default"].weight.detach().clone(),
-                              float(module.scaling["default"]))
-    return init, None
+                    return f"{name} is a {type(base).__name__}, grouped training handles nn.Linear only"
+    return None
+
+
+def _lora_init(model, config: TrainConfig, seed: int) -> dict:
+    """PEFT's own initial LoRA factors for an adapter's seed: {module name: (A, B, scale)}, taken from
+    get_peft_model exactly as `_train_into` seeds it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        with _peft_attached(model, _lora_config(config)):
+            return {name: (module.lora_A["default"].weight.detach().clone(),
+                           module.lora_B["default"].weight.detach().clone(), float(module.scaling["default"]))
+                    for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
 class _Rows:
@@ -577,8 +590,9 @@ class _GroupedLoRALinear(nn.Module):
 
 
 @contextmanager
-def _grouped_lora(model, init: dict, n_adapters: int):
-    """Wrap every target module of `init` for the block; yields (rows, {name: wrapper}).
+def _grouped_lora(model, inits: list[dict]):
+    """Wrap every target module of the inits (one per adapter, see _lora_init) for the block; yields
+    (rows, {name: wrapper}).
     Afterwards the base modules, requires_grad flags and train/eval mode are exactly as before."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -588,12 +602,12 @@ def _grouped_lora(model, init: dict, n_adapters: int):
         for p in model.parameters():
             p.requires_grad_(False)
         wrappers = {}
-        for name, (A, B, scale) in init.items():
+        for name, (_, _, scale) in inits[0].items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            wrapper = _GroupedLoRALinear(base, A.unsqueeze(0).repeat(n_adapters, 1, 1),
-                                         B.unsqueeze(0).repeat(n_adapters, 1, 1), scale, rows)
+            wrapper = _GroupedLoRALinear(base, torch.stack([init[name][0] for init in inits]),
+                                         torch.stack([init[name][1] for init in inits]), scale, rows)
             originals.append((parent, child, base))
             setattr(parent, child, wrapper)
             wrappers[name] = wrapper
@@ -632,15 +646,15 @@ def _clip_per_adapter(params: list[torch.Tensor], max_norm: float) -> torch.Tens
     return total
 
 
-def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, init: dict, bar) -> None:
+def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, inits: list[dict], bar) -> None:
     """Train len(group) adapters in one pass and write each one's folder like `train_adapter`."""
     n = len(group)
     losses = []  # per step: (G,) losses
-    with torch.random.fork_rng(), _grouped_lora(model, init, n) as (rows, wrappers):
+    with torch.random.fork_rng(), _grouped_lora(model, inits) as (rows, wrappers):
         model.train()
         params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        batches = [_batches(len(job.examples), config) for job in group]
+        batches = [_batches(len(job.examples), config, job.seed) for job in group]
         for step in range(config.steps):
             picked = [[job.examples[i] for i in next(b)] for job, b in zip(group, batches)]
             owner = torch.tensor([g for g, rows_g in enumerate(picked) for _ in rows_g], device=model.device)
@@ -694,15 +708,16 @@ def _check_targets(model, target_modules: Sequence[str]) -> None:
         )
 
 
-def _train_key(model, examples, config: TrainConfig, under: list[str | None] | None = None) -> str:
-    # Hash the token ids (so a different tokenizer or text retrains), the config, the
-    # base model's identity and the checksums of frozen adapters the examples train under.
+def _train_key(model, examples, config: TrainConfig, under: list[str | None] | None, seed: int) -> str:
+    # Hash the token ids (so a different tokenizer or text retrains), the config, the adapter's own seed,
+    # the base model's identity and the checksums of frozen adapters the examples train under.
     base = model.config
     payload = {
         "format": _MARKER_FORMAT,
         "base": [getattr(base, "_name_or_path", ""), base.model_type, base.hidden_size,
                  base.num_hidden_layers, base.vocab_size],
         "config": asdict(config),
+        "adapter_seed": seed,
         "examples": examples,
     }
     if under is not None:  # absent otherwise, so adapters trained before `under` existed stay cached
