@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .bank import ModuleBank
-from .routers import ROUTERS
+from .routers import ROUTERS, STATEFUL
 
 
 class RoutedLinear(nn.Module):
@@ -17,7 +17,9 @@ class RoutedLinear(nn.Module):
         self.base = base
         self.name = name
         self.banks = banks  # library name -> this module's bank
-        self.state = state  # the model-wide RoutingState: specs per library, trace
+        self.state = state  # the model-wide RoutingState: specs per library, trace, prefix evidence
+        # per library: this bank's adapters as library indices, for stateful routers (None: the library's own order)
+        self.members = {lib: state.members(lib, bank) for lib, bank in banks.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
@@ -28,7 +30,11 @@ class RoutedLinear(nn.Module):
             spec = self.state.specs[lib]
             if spec.router == "none":
                 continue
-            routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch)
+            if spec.router in STATEFUL:
+                routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch, self.state.evidence[lib],
+                                              self.members[lib])
+            else:
+                routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch)
             if routed.delta is not None:
                 delta = routed.delta if delta is None else delta + routed.delta
             if self.state.trace is not None:

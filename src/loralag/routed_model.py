@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import LibraryError
 from .library import Library, module_shapes
+from .prefix_evidence import PrefixEvidence
 from .routed_layer import RoutedLinear
 from .routers import RouteSpec
 from .trace import RoutingTrace
@@ -26,6 +27,38 @@ class RoutingState:
         self.trace: RoutingTrace | None = None
         self.originals: dict[str, nn.Module] = {}
         self.layers: dict[str, RoutedLinear] = {}
+        # lag-prefix: each sequence's LAG picks so far, per library (reset when a forward starts a fresh cache)
+        self.evidence = {lib: PrefixEvidence(len(library.names)) for lib, library in libraries.items()}
+        self.hooks: list = []
+
+    def members(self, library: str, bank) -> torch.Tensor | None:
+        """The library indices of a bank's adapters, or None when the bank holds the library in its own order."""
+        names = self.libraries[library].names
+        if list(bank.names) == list(names):
+            return None
+        index = {n: i for i, n in enumerate(names)}
+        return torch.tensor([index[n] for n in bank.names], dtype=torch.long)
+
+    def _forward_starts(self, module, args, kwargs) -> None:
+        """Model pre-hook: a forward without a cache, or with an empty one, starts fresh sequences; padding (the
+        attention mask's columns of this call's tokens) does not count as evidence."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        fresh = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        mask = kwargs.get("attention_mask")
+        token_mask = None
+        if ids is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            token_mask = mask[:, -ids.shape[1]:]
+        for ev in self.evidence.values():
+            if fresh:
+                ev.reset()
+            ev.begin(token_mask)
+
+    def _forward_ends(self, module, args, kwargs, output) -> None:
+        for ev in self.evidence.values():
+            ev.end()
 
     def set_router(self, library: str | None = None, router: str | None = None, **params) -> None:
         """Change the router or its parameters (k, temperature, ...) of one library, or of all."""
@@ -139,6 +172,8 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
         setattr(parent, child, layer)
         state.originals[module] = original
         state.layers[module] = layer
+    state.hooks = [model.register_forward_pre_hook(state._forward_starts, with_kwargs=True),
+                   model.register_forward_hook(state._forward_ends, with_kwargs=True)]
     object.__setattr__(model, STATE_ATTR, state)  # not a submodule: keeps state_dict() unchanged
     return state
 
@@ -151,6 +186,8 @@ def detach(model: nn.Module) -> nn.Module:
     for module, original in state.originals.items():
         parent_name, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent_name), child, original)
+    for hook in state.hooks:
+        hook.remove()
     object.__delattr__(model, STATE_ATTR)
     return model
 

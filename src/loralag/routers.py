@@ -354,6 +354,23 @@ def _lag_one_native(bank, X, k) -> Routed | None:
     return Routed(delta.unsqueeze(0), torch.tensor([w]), score)
 
 
+def route_lag_prefix(bank, X, spec, batch, evidence=None, members=None):
+    """LAG per token, then the adapter LAG picked most over the sequence so far (prefix_evidence.py): LAG's own
+    pick is the token's vote, and its delta is reused where the two agree. evidence: the library's
+    PrefixEvidence (None: plain LAG); members: this bank's adapters as library indices (None: the same)."""
+    own = route_lag(bank, X, spec, batch)
+    if evidence is None:
+        return own
+    own_lib = own.winner if members is None else members[own.winner]
+    winner, count = evidence.pick(own_lib, batch, members)
+    moved = (winner != own.winner).nonzero().squeeze(1)
+    delta = own.delta
+    if len(moved):
+        rows = X.index_select(0, moved)
+        delta.index_copy_(0, moved, _apply_winner(bank, rows, winner.index_select(0, moved)))
+    return Routed(delta, winner, count)
+
+
 def route_arrow(bank, X, spec, batch):
     score, cand = arrow_topk(bank, X, 1, spec.nprobe)
     winner = cand.squeeze(1)
@@ -427,6 +444,7 @@ def route_none(bank, X, spec, batch):
 
 ROUTERS = {
     "lag": route_lag,
+    "lag-prefix": route_lag_prefix,
     "arrow": route_arrow,
     "arrow-mix": route_arrow_mix,
     "spectral": route_spectral,
@@ -434,3 +452,4 @@ ROUTERS = {
     "fixed": route_fixed,
     "none": route_none,
 }
+STATEFUL = {"lag-prefix"}  # routers that take the library's PrefixEvidence (the sequence so far)
