@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -93,3 +96,16 @@ def output(result) -> str:
         pass
     text = re.sub("[\u2500-\u257f]", " ", text)  # rich's table borders
     return " ".join(text.split())  # and its line wrapping
+
+
+# -- real data ---------------------------------------------------------------------------------------------
+def shared_data() -> Path:
+    """The real data some tests read: $LORALAG_TEST_DATA, else ../shared/data next to this checkout (the README's
+    "Test data" says where it comes from). Tests that need it skip when it is not there."""
+    env = os.environ.get("LORALAG_TEST_DATA")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+DATA = shared_data()
+if os.environ.get("LORALAG_TEST_DATA"):  # the LAMA benchmark's default data folder (lama_bench.default_data_dir)
+    os.environ.setdefault("LORALAG_LAMA_DATA", str(DATA / "lama-trex"))

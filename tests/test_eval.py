@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import invoke, output, save_lora, tiny_llama
+from conftest import DATA, invoke, output, save_lora, tiny_llama  # DATA: $LORALAG_TEST_DATA, else ../shared/data
 from tiny_text import tiny_tokenizer
 
 from loralag import evaluate as ev
 from loralag.kilt import read_kilt, read_kilt_predictions
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -393,7 +392,7 @@ def test_generation_with_fixed_adapters(world, tmp_path):
 KILT_DIR = DATA / "kilt"
 
 
-@pytest.mark.skipif(not KILT_DIR.is_dir(), reason=f"no KILT data at {KILT_DIR} (see ../shared/data/README.md)")
+@pytest.mark.skipif(not KILT_DIR.is_dir(), reason=f"no KILT data at {KILT_DIR} (set LORALAG_TEST_DATA: see the README's Test data)")
 @pytest.mark.parametrize("folder", [KILT_DIR, KILT_DIR / "samples"], ids=["dev", "samples"])
 def test_gold_scores_100_on_every_shared_kilt_file(folder, tmp_path):
     files = sorted(folder.glob("*.jsonl"))

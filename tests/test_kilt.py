@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import DATA  # $LORALAG_TEST_DATA, else ../shared/data
 
 from loralag.errors import LoralagError
 from loralag.kilt import (
@@ -13,13 +14,12 @@ from loralag.kilt import (
     read_lama_relations, read_nq_open, rougel_score, score_dataset, strict_accuracy, write_kilt_predictions,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KILT_FILES = sorted((DATA / "kilt").glob("*.jsonl")) + sorted((DATA / "kilt" / "samples").glob("*.jsonl"))
 
 
 def need(path: Path):
     if not path.exists():
-        pytest.skip(f"real data not found at {path} (see ../shared/data/README.md)")
+        pytest.skip(f"real data not found at {path} (set LORALAG_TEST_DATA: see the README's Test data)")
     return path
 
 

@@ -3,9 +3,9 @@
 import math
 import random
 import re
-from pathlib import Path
 
 import pytest
+from conftest import DATA  # $LORALAG_TEST_DATA, else ../shared/data
 
 from loralag.errors import LoralagError
 from loralag.retrieval import BM25Index
@@ -96,7 +96,7 @@ def brute_force_bm25(docs, query, k1=1.5, b=0.75):
 
 
 def _corpus():
-    lama = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lama-trex" / "P19.jsonl"
+    lama = DATA / "lama-trex" / "P19.jsonl"
     if lama.exists():  # real Wikipedia sentences when the shared data is there
         import json
         with open(lama, encoding="utf-8") as fh:

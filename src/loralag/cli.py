@@ -14,18 +14,65 @@ import os
 # is changed (a library must not touch its host's environment), and only if the user has not chosen.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import ast  # noqa: E402
 import functools  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
 
 from .errors import LoralagError
 
-app = typer.Typer(
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n"}
+
+
+class _Command(TyperCommand):
+    """Help and parsing a newcomer can read: `OUT ADAPTERS...` in the usage line (not `{out} {adapters}...`),
+    flags without a `<bool>` value column, and `--flag true` refused (it would make `true` the next argument)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.+)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        flags = {opt for p in self.params if getattr(p, "is_flag", False) for opt in (*p.opts, *p.secondary_opts)}
+        for flag, value in zip(args, args[1:]):
+            if flag == "--":
+                break
+            if flag in flags and value.lower() in _BOOL_WORDS:
+                raise typer.BadParameter(f"a flag takes no value: write '{flag}' alone, not '{flag} {value}'",
+                                         ctx=ctx, param_hint=flag)
+        return super().parse_args(ctx, args)
+
+
+class _App(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="loralag",
     help="LoRA-Augmented Generation: route every token and layer to the right adapter of a large LoRA library.",
     no_args_is_help=True,
@@ -33,16 +80,17 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
-
-EXIT_USER_ERROR = 2
 
 
 class Dtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+class Granularity(str, Enum):
+    token = "token"
+    sequence = "sequence"
 
 
 def fail(message: str) -> None:
@@ -66,6 +114,82 @@ def user_errors(fn):
     return wrapper
 
 
+# -- checks made before anything heavy is imported or loaded ------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def router_names() -> tuple[str, ...]:
+    """The keys of loralag.routers.ROUTERS, read from routers.py's source: checking a router name then costs no
+    torch import (1-2 s). Falls back to importing the module if ROUTERS is not a plain dict literal there."""
+    try:
+        tree = ast.parse((Path(__file__).with_name("routers.py")).read_text(encoding="utf-8"))
+        for node in tree.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+                getattr(node, "target", None)
+            if isinstance(target, ast.Name) and target.id == "ROUTERS" and isinstance(node.value, ast.Dict):
+                names = tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+                if len(names) == len(node.value.keys):
+                    return names
+    except (OSError, SyntaxError):
+        pass
+    from .routers import ROUTERS
+
+    return tuple(ROUTERS)
+
+
+# Routers a command cannot use, and why (every other name of ROUTERS is offered).
+NO_FIXED_CLI = ("it needs the adapter of every sequence, which this command cannot be given (use "
+                "`loralag eval --adapter/--adapter-map`, or RoutingState.fix in Python)")
+NO_FIXED_SERVE = "it is chosen per request: send router 'fixed' with 'adapters' in the request body"
+NO_FIXED_DEMO = "the demo's Oracle column is what 'fixed' does; its LAG column needs a routing router"
+
+
+def _router_help(what: str, refused: str | None = None) -> str:
+    names = [n for n in router_names() if refused is None or n != "fixed"]
+    return f"{what}: {', '.join(names)}." + (f" Not 'fixed': {refused}." if refused else "")
+
+
+def _check_router(router: str, refused: str | None = None) -> None:
+    """An unknown router name, or 'fixed' where the command cannot use it (`refused` says why), fails at once."""
+    names = router_names()
+    if router not in names:
+        fail(f"unknown router '{router}'; choose one of {', '.join(n for n in names if refused is None or n != 'fixed')}")
+    if router == "fixed" and refused is not None:
+        fail(f"--router fixed cannot be used here: {refused}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_model(spec: str) -> None:
+    """A model that is clearly missing fails before torch and transformers load: a folder without config.json,
+    or a path (absolute, ./, ../, ~) that does not exist. Anything else may be a hub id."""
+    if spec == "default":
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            fail(f"model {spec} is a file; give a model folder (with config.json), a hub id or 'default'")
+        if not (path / "config.json").is_file():
+            fail(f"model folder {spec} has no config.json; is it a saved Hugging Face model?")
+    elif not _HUB_ID.match(spec) or spec.startswith((".", "~")):
+        fail(f"model {spec}: no such folder (give a model folder, a hub id or 'default')")
+
+
+def _check_library(path: Path) -> None:
+    """A missing library (or a folder that is not one) fails at once; library.MANIFEST names the same file."""
+    if not path.is_dir():
+        fail(f"no library at {path}: the folder does not exist (make one with `loralag build`)")
+    if not (path / "manifest.json").is_file():
+        fail(f"{path} is not a loralag library: no manifest.json")
+
+
+@contextmanager
+def waiting(message: str):
+    """A spinner with a message on stderr while something slow runs (nothing is drawn when stderr is no terminal).
+    Yields the rich Status, whose message `.update(...)` changes."""
+    with err_console.status(message, spinner="dots") as status:
+        yield status
+
+
 def _quiet_warnings() -> None:
     import logging
     import warnings
@@ -85,6 +209,33 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _prepare_model(spec: str, status) -> None:
+    """Import torch and transformers and, for the default model on first use, convert its GGUF (about half a
+    minute), saying so on the spinner."""
+    status.update(f"Loading torch and transformers for model '{spec}' …")
+    _quiet_warnings()
+    from . import models
+
+    if spec == "default":
+        target = models.cache_dir() / "models" / models.DEFAULT_MODEL_NAME
+        if not all((target / name).is_file() for name in models._CONVERTED_FILES):
+            status.update(f"First use of the default model: converting the bundled {models.DEFAULT_GGUF_FILE} "
+                          f"into {target} (once, about half a minute) …")
+            models.default_model_dir()
+
+
+def load_model_waiting(spec: str, dtype: str = "float32"):
+    """loralag.models.load_model behind a spinner (the first load of the default model converts it)."""
+    with waiting(f"Loading model '{spec}' …") as status:
+        _prepare_model(spec, status)
+        import torch
+
+        from .models import load_model
+
+        status.update(f"Loading model '{spec}' …")
+        return load_model(spec, dtype=getattr(torch, dtype))
+
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -95,38 +246,49 @@ def _human_bytes(n: int) -> str:
 
 
 def _open(path: Path):
+    _check_library(path)
     from .library import open_library
 
     return open_library(path)
 
 
 def _model_shapes(model: str) -> dict:
-    from .library import shapes_for_model
+    with waiting(f"Reading the configuration of model '{model}' …") as status:
+        _prepare_model(model, status)
+        from .library import shapes_for_model
 
-    try:
-        return shapes_for_model(model)
-    except LoralagError:
-        raise
-    except (OSError, ValueError) as e:
-        raise LoralagError(f"cannot read the configuration of model '{model}': {e}") from e
+        try:
+            return shapes_for_model(model)
+        except LoralagError:
+            raise
+        except (OSError, ValueError) as e:
+            raise LoralagError(f"cannot read the configuration of model '{model}': {e}") from e
 
 
 # -- library commands -------------------------------------------------------------------------------------
+MODEL_HELP = "Base model: 'default' (SmolLM2-135M-Instruct), a local Hugging Face folder or a hub id."
+LIBRARY_HELP = "Library folder (made by `loralag build`)."
+ADAPTERS_HELP = "PEFT LoRA folders, or folders holding them."
+REPLACE_HELP = "Replace adapters of the same name whose weights differ (default: refuse them)."
+CHUNK_HELP = "Adapters aligned and stored per segment file."
+
+
 @app.command()
 @user_errors
 def build(
-    out: Path = typer.Argument(..., help="Library folder to create (or resume, or extend)."),
-    adapters: List[Path] = typer.Argument(..., help="PEFT LoRA folders, or folders holding them."),
-    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    out: Path = typer.Argument(..., metavar="LIB", help="Library folder to create (or resume, or extend)."),
+    adapters: List[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Storage dtype of the aligned factors."),
-    replace: bool = typer.Option(False, "--replace", help="Replace adapters of the same name that differ."),
-    chunk_size: int = typer.Option(128, "--chunk-size", min=1, help="Adapters aligned per segment file."),
+    replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
+    chunk_size: int = typer.Option(128, "--chunk-size", min=1, help=CHUNK_HELP),
 ):
-    """Align PEFT LoRA adapters and store them as a library for MODEL."""
+    """Align PEFT LoRA adapters and store them as a library for the base model (--model)."""
+    _check_model(model)
+    shapes = _model_shapes(model)
     from .library import build_library
 
-    _quiet_warnings()
-    lib = build_library(out, adapters, base_model=model, shapes=_model_shapes(model), dtype=dtype.value,
+    lib = build_library(out, adapters, base_model=model, shapes=shapes, dtype=dtype.value,
                         replace=replace, chunk_size=chunk_size, progress=True)
     console.print(f"[green]library[/] {lib.path}: {len(lib)} adapters for base model '{lib.base_model}'")
 
@@ -134,10 +296,10 @@ def build(
 @app.command()
 @user_errors
 def add(
-    library: Path = typer.Argument(..., help="Library folder."),
-    adapters: List[Path] = typer.Argument(..., help="PEFT LoRA folders, or folders holding them."),
-    replace: bool = typer.Option(False, "--replace", help="Replace adapters of the same name that differ."),
-    chunk_size: int = typer.Option(128, "--chunk-size", min=1),
+    library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
+    adapters: List[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
+    replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
+    chunk_size: int = typer.Option(128, "--chunk-size", min=1, help=CHUNK_HELP),
 ):
     """Add adapters to a library (identical ones already there are skipped)."""
     lib = _open(library)
@@ -148,8 +310,8 @@ def add(
 @app.command()
 @user_errors
 def remove(
-    library: Path = typer.Argument(..., help="Library folder."),
-    names: List[str] = typer.Argument(..., help="Adapter names to remove."),
+    library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
+    names: List[str] = typer.Argument(..., metavar="NAMES", help="Adapter names to remove."),
 ):
     """Remove adapters from a library (run `compact` to reclaim their space)."""
     lib = _open(library)
@@ -159,7 +321,7 @@ def remove(
 
 @app.command()
 @user_errors
-def compact(library: Path = typer.Argument(..., help="Library folder.")):
+def compact(library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP)):
     """Rewrite a library's segments without the space held by removed adapters."""
     lib = _open(library)
     before = lib.summary()["bytes_on_disk"]
@@ -171,7 +333,7 @@ def compact(library: Path = typer.Argument(..., help="Library folder.")):
 @app.command()
 @user_errors
 def info(
-    library: Path = typer.Argument(..., help="Library folder."),
+    library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
     adapters: bool = typer.Option(False, "--adapters", "-a", help="Also list every adapter."),
 ):
     """What a library holds: base model, adapters, modules, ranks, size on disk."""
@@ -208,8 +370,8 @@ def info(
 @app.command()
 @user_errors
 def export(
-    library: Path = typer.Argument(..., help="Library folder."),
-    out: Path = typer.Argument(..., help="Folder to write PEFT adapter folders into."),
+    library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to write PEFT adapter folders into."),
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-n", help="Adapter to export (repeatable; default all)."),
 ):
     """Write adapters back out as PEFT LoRA folders."""
@@ -224,17 +386,18 @@ def export(
 @app.command()
 @user_errors
 def train(
-    out: Path = typer.Argument(..., help="Folder to write one PEFT adapter folder per input into."),
-    inputs: List[Path] = typer.Argument(..., help=".txt documents, .jsonl files (prompt/answer or name/text lines), or folders of them."),
-    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to write one PEFT adapter folder per input into."),
+    inputs: List[Path] = typer.Argument(..., metavar="INPUTS", exists=True,
+                                        help=".txt documents, .jsonl files (prompt/answer or name/text lines), or folders of them."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     target_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--target-modules", "-t",
                                        help="Comma-separated module names to adapt."),
-    r: int = typer.Option(6, "--r", "-r", min=1, help="LoRA rank."),
-    alpha: int = typer.Option(12, "--alpha", min=1, help="LoRA alpha."),
+    rank: int = typer.Option(6, "--rank", "--r", "-r", min=1, help="LoRA rank r of each adapter."),
+    alpha: int = typer.Option(12, "--alpha", min=1, help="LoRA alpha (the update is scaled by alpha / rank)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per adapter (default 30)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", min=0.0,
                                            help="Instead of --steps: passes over each input's examples."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Training examples per optimizer step."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Learning rate."),
     max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per training window."),
     group_size: int = typer.Option(1, "--group-size", min=1,
@@ -245,18 +408,21 @@ def train(
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
         raise LoralagError("give --steps or --epochs, not both")
-    _quiet_warnings()
-    import math
-
-    from .models import load_model
-    from .train import TrainConfig, build_examples, read_training_inputs, train_adapters
-
-    items = read_training_inputs(inputs)
     targets = [t.strip() for t in target_modules.split(",") if t.strip()]
     if not targets:
         raise LoralagError("--target-modules names no module")
-    model_, tokenizer = load_model(model)
-    base = TrainConfig(target_modules=targets, r=r, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
+    _check_model(model)
+    with waiting("Reading the training inputs …") as status:
+        _prepare_model(model, status)
+        from .train import read_training_inputs
+
+        items = read_training_inputs(inputs)
+    import math
+
+    from .train import TrainConfig, build_examples, train_adapters
+
+    model_, tokenizer = load_model_waiting(model)
+    base = TrainConfig(target_modules=targets, r=rank, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
     if steps is not None:
         base.steps = steps
     by_steps: dict[int, list] = {}  # a group shares one config: bucket the items by their step count
@@ -276,47 +442,53 @@ def train(
 
 
 # -- generation --------------------------------------------------------------------------------------------
+LIBRARIES_HELP = "Library to route over (repeatable; each is routed by its own router)."
+K_HELP = "Arrow candidates per token for lag / arrow-mix."
+NPROBE_HELP = "Use the library's arrow index (`loralag index`), scanning this many clusters per token."
+GRANULARITY_HELP = "token: every token routed on its own (the paper); sequence: each library's majority adapter over the prompt serves the whole answer."
+CHAT_HELP = "Wrap each prompt in the tokenizer's chat template (--no-chat: plain completion)."
+THREADS_HELP = "CPU threads for torch (default torch's; on a busy machine 1 is often fastest)."
+
+
 @app.command()
 @user_errors
 def generate(
-    prompt: List[str] = typer.Argument(..., help="Prompt(s); several are generated as one batch."),
-    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
-    router: str = typer.Option("lag", "--router", help="lag, arrow, arrow-mix, spectral, uniform, none."),
-    k: int = typer.Option(20, "--k", help="Arrow candidates per token for LAG / arrow-mix."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", help="Use the library's arrow index (`loralag index`), scanning this many clusters per token."),
-    granularity: str = typer.Option("token", "--granularity", help="token (the paper) or sequence (majority vote)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    prompt: List[str] = typer.Argument(..., metavar="PROMPTS", help="Prompt(s); several are generated as one batch."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    router: str = typer.Option("lag", "--router", help=_router_help("Router", refused=NO_FIXED_CLI)),
+    k: int = typer.Option(20, "--k", min=1, help=K_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", min=1, help=NPROBE_HELP),
+    granularity: Granularity = typer.Option(Granularity.token, "--granularity", help=GRANULARITY_HELP),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens generated per prompt."),
     show_routing: bool = typer.Option(False, "--show-routing", help="Print the adapter chosen per prompt token."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write a routing heatmap PNG here (first prompt)."),
-    chat: bool = typer.Option(True, "--chat/--no-chat", help="Use the tokenizer's chat template."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (on a busy machine 1 is often fastest)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Generate with LAG over one or more libraries (or with the plain base model when none is given)."""
-    _quiet_warnings()
-    import torch
+    _check_router(router, refused=NO_FIXED_CLI)
+    if (show_routing or heatmap) and not library:
+        raise LoralagError("--show-routing and --heatmap need at least one --library")
+    for path in library or []:
+        _check_library(path)
+    _check_model(model)
 
+    model_, tokenizer = load_model_waiting(model, dtype.value)
     from . import generate as gen
-    from .models import load_model
     from .routed_model import attach, detach
-    from .routers import RouteSpec
 
     _set_threads(threads)
-    if router == "fixed":
-        raise LoralagError("router 'fixed' needs adapters per sequence; use the Python API (RoutingState.fix)")
-    RouteSpec(router=router, k=k, nprobe=nprobe)  # bad router settings fail before the model loads
     libs = [_open(p) for p in library or []]
-    if (show_routing or heatmap) and not libs:
-        raise LoralagError("--show-routing and --heatmap need at least one --library")
-    model_, tokenizer = load_model(model, dtype=getattr(torch, dtype.value))
     if libs:
         attach(model_, {_unique_name(lib, libs): lib for lib in libs}, router=router, k=k, nprobe=nprobe)
     try:
         want_trace = bool(libs) and (show_routing or heatmap is not None)
-        result = gen.generate(model_, tokenizer, list(prompt), max_new_tokens=max_new_tokens, chat=chat,
-                              greedy=not sample, trace=want_trace, granularity=granularity)
+        with waiting(f"Generating up to {max_new_tokens} tokens for {len(prompt)} prompt(s) …"):
+            result = gen.generate(model_, tokenizer, list(prompt), max_new_tokens=max_new_tokens, chat=chat,
+                                  greedy=not sample, trace=want_trace, granularity=granularity.value)
         texts, trace = result if want_trace else (result, None)
     finally:
         detach(model_)
@@ -342,34 +514,43 @@ def _unique_name(lib, libs) -> str:
 @app.command()
 @user_errors
 def index(
-    library: Path = typer.Argument(..., help="Library folder."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", help="Clusters per module (default about 2·sqrt(N))."),
+    library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="Clusters per module (default about 2·sqrt(N))."),
     iters: int = typer.Option(12, "--iters", min=1, help="k-means iterations."),
 ):
     """Build the sub-linear arrow index (sign-invariant clusters of the arrows); use it with --nprobe."""
-    info = _open(library).build_index(nlist=nlist, iters=iters)
+    lib = _open(library)
+    with waiting(f"Clustering the arrows of {len(lib)} adapters …"):
+        info = lib.build_index(nlist=nlist, iters=iters)
     console.print(f"arrow index {info['file']}: up to {info['nlist']} clusters per module")
 
 
 @app.command()
 @user_errors
 def serve(
-    model: str = typer.Option("default", "--model", "-m", help="Base model: 'default', a local folder or a hub id."),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
-    router: str = typer.Option("lag", "--router"),
-    k: int = typer.Option(20, "--k"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    router: str = typer.Option("lag", "--router", help=_router_help("Default router of every request (a request "
+                                                                    "may name its own)", refused=NO_FIXED_SERVE)),
+    k: int = typer.Option(20, "--k", min=1, help=K_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before answering 429."),
-    request_timeout: float = typer.Option(120.0, "--request-timeout", help="Seconds before a request is ended."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", min=0.0, help="Seconds before a request is ended."),
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions) routing every request."""
-    _quiet_warnings()
-    from .routers import RouteSpec
-    from .serve import serve as run_server
+    _check_router(router, refused=NO_FIXED_SERVE)
+    for path in library or []:
+        _check_library(path)
+    _check_model(model)
+    with waiting(f"Loading the server and model '{model}' …") as status:
+        _prepare_model(model, status)
+        import uvicorn  # noqa: F401  (imported here, behind the spinner)
 
-    RouteSpec(router=router, k=k)
+        from .serve import serve as run_server
+    console.print(f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port}",
+                  highlight=False)
     run_server(model, [str(p) for p in library or []], router=router, k=k, host=host, port=port,
                max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
 
@@ -377,22 +558,31 @@ def serve(
 @app.command()
 @user_errors
 def bench(
-    size: str = typer.Option("tiny", "--size", help="tiny (minutes, in the test suite) or full (200+ knowledge adapters)."),
-    data: Path = typer.Option(Path("../shared/data/lama-trex"), "--data", help="Folder of LAMA T-REx relation files."),
+    size: str = typer.Option("tiny", "--size", help="tiny (minutes, in the test suite), small (12 entities) or full "
+                                                    "(200 knowledge adapters, the README's run)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of LAMA T-REx relation files (default "
+                                        "$LORALAG_LAMA_DATA, else ../shared/data/lama-trex)."),
     out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
-    model: str = typer.Option("default", "--model", "-m"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes answering the questions "
                                           "(default: 2 when torch has 2+ threads and there are 8+ batches)."),
-    eval_dtype: Optional[str] = typer.Option(None, "--eval-dtype",
-                                             help="The model's dtype while answering (default: the size's; full: bfloat16)."),
+    eval_dtype: Optional[Dtype] = typer.Option(None, "--eval-dtype",
+                                               help="The model's dtype while answering (default: the size's; full: bfloat16)."),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
-    _quiet_warnings()
-    from .lama_bench import print_summary, run_bench
+    from .lama_bench import default_data_dir, print_summary, run_bench, size_config
 
+    size_config(size)  # an unknown size fails here
+    data = data if data is not None else default_data_dir()
+    if not data.is_dir():
+        raise LoralagError(f"no LAMA data folder at {data} (give --data DIR or set LORALAG_LAMA_DATA; see the "
+                           "README's 'Test data')")
+    _check_model(model)
+    with waiting(f"Loading torch and model '{model}' …") as status:
+        _prepare_model(model, status)
     results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, workers=workers,
-                        console=console, eval_dtype=eval_dtype)
+                        console=console, eval_dtype=eval_dtype.value if eval_dtype else None)
     print_summary(results, console)
 
 
@@ -400,7 +590,8 @@ def bench(
 @app.command("eval")
 @user_errors
 def eval_command(
-    data: List[Path] = typer.Argument(..., help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."),
+    data: List[Path] = typer.Argument(..., metavar="DATA", exists=True,
+                                      help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."),
     predictions: Optional[List[str]] = typer.Option(
         None, "--predictions", "-p",
         help="KILT-format predictions: a file (one data file) or a folder of <data-file-stem>.jsonl; "
@@ -414,33 +605,45 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples of each data file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Generate predictions with this model ('default', a folder or a hub id)."),
     name: Optional[str] = typer.Option(None, "--name", help="Method name of the generated predictions (default: the router, or 'base')."),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help="Library to route over (repeatable)."),
-    router: str = typer.Option("lag", "--router", help="lag, arrow, arrow-mix, spectral, uniform, none, fixed."),
-    k: int = typer.Option(20, "--k", help="Arrow candidates per token for LAG / arrow-mix."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", help="Use the library's arrow index (`loralag index`), scanning this many clusters per token."),
-    granularity: str = typer.Option("token", "--granularity", help="token (the paper) or sequence (majority vote)."),
+    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    router: str = typer.Option("lag", "--router", help=_router_help("Router of the generated predictions ('fixed' with "
+                                                                    "--adapter or --adapter-map)")),
+    k: int = typer.Option(20, "--k", min=1, help=K_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", min=1, help=NPROBE_HELP),
+    granularity: Granularity = typer.Option(Granularity.token, "--granularity", help=GRANULARITY_HELP),
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-a",
                                                 help="Fix a library to this adapter (LIB/NAME or NAME) for every example."),
-    adapter_map: Optional[Path] = typer.Option(None, "--adapter-map",
+    adapter_map: Optional[Path] = typer.Option(None, "--adapter-map", exists=True,
                                                help="JSON {example id: LIB/NAME or [..]}: fixed adapters per example (an Oracle)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens generated per answer."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples generated together."),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt for every example, with {input}."),
     max_input_chars: int = typer.Option(2000, "--max-input-chars", min=1, help="Cut longer inputs (around the mention for entity linking)."),
-    chat: bool = typer.Option(True, "--chat/--no-chat", help="Use the tokenizer's chat template."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Score KILT-format predictions with the official KILT metrics (and the paper's normalised score), or
     generate them first with --model."""
-    from . import evaluate as ev
-
     if not predictions and model is None:
         raise LoralagError("give --predictions PATH (or NAME=PATH, repeatable), or --model to generate predictions")
     if model is not None and out is None:
         raise LoralagError("--model needs --out DIR, where the predictions are written as DIR/<data-file-stem>.jsonl")
     if model is None and (library or adapter or adapter_map):
         raise LoralagError("--library, --adapter and --adapter-map need --model")
+    if model is not None:  # everything generation needs is checked before the data or the model is read
+        _check_router(router)
+        if router == "fixed" and not library:
+            raise LoralagError("--router fixed needs --library and --adapter or --adapter-map")
+        if router == "fixed" and not adapter and adapter_map is None:
+            raise LoralagError("--router fixed needs --adapter LIB/NAME or --adapter-map FILE")
+        if prompt_template is not None and "{input}" not in prompt_template:
+            raise LoralagError("--prompt-template must contain {input}")
+        for path in library or []:
+            _check_library(path)
+        _check_model(model)
+    from . import evaluate as ev
+
     tasks: dict[str, str] | str | None = None
     for spec in task or []:
         stem, sep, value = spec.rpartition("=")
@@ -465,7 +668,7 @@ def eval_command(
         gen_name = name or (router if library else "base")
         if gen_name in preds:
             raise LoralagError(f"the generated predictions and a --predictions are both named {gen_name!r}; use --name")
-        preds = {gen_name: _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter,
+        preds = {gen_name: _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity.value, adapter,
                                           adapter_map, max_new_tokens, batch_size, prompt_template, max_input_chars,
                                           chat, dtype, threads, out), **preds}
     if oracle is not None and oracle not in preds:
@@ -489,30 +692,20 @@ def eval_command(
 def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter, adapter_map,
                    max_new_tokens, batch_size, prompt_template, max_input_chars, chat, dtype, threads, out):
     """`eval --model`: generate every dataset's predictions, write them to OUT/<stem>.jsonl, return them."""
-    _quiet_warnings()
-    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .kilt import write_kilt_predictions
-    from .models import load_model
     from .routed_model import attach, detach
     from .routers import RouteSpec
 
-    _set_threads(threads)
-    RouteSpec(router=router, k=k, nprobe=nprobe)  # bad router settings fail before the model loads
-    if granularity not in ("token", "sequence"):
-        raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
-    if prompt_template is not None and "{input}" not in prompt_template:
-        raise LoralagError("--prompt-template must contain {input}")
+    RouteSpec(router=router, k=k, nprobe=nprobe)
     libs = [_open(p) for p in library or []]
     named = {_unique_name(lib, libs): lib for lib in libs}
-    if router == "fixed" and not libs:
-        raise LoralagError("--router fixed needs --library and --adapter or --adapter-map")
     fixed, per_example = ev.fixed_adapters(named, adapter or [],
                                            ev.read_adapter_map(adapter_map) if adapter_map is not None else None)
-    if router == "fixed" and not fixed and not per_example:
-        raise LoralagError("--router fixed needs --adapter LIB/NAME or --adapter-map FILE")
     fixed_libs = set(fixed) | {lib for m in per_example.values() for lib in m}
-    model_, tokenizer = load_model(model, dtype=getattr(torch, dtype.value))
+    model_, tokenizer = load_model_waiting(model, dtype.value)
+    _set_threads(threads)
     if libs:
         routers = {lib: ("fixed" if lib in fixed_libs or router == "fixed" else router) for lib in named}
         attach(model_, named, router=routers, k=k, nprobe=nprobe)
@@ -520,10 +713,14 @@ def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity,
     try:
         for ds in datasets:
             start = time.perf_counter()
-            answers = ev.generate_predictions(model_, tokenizer, ds, batch_size=batch_size,
-                                              max_new_tokens=max_new_tokens, template=prompt_template, chat=chat,
-                                              granularity=granularity, max_input_chars=max_input_chars,
-                                              fixed=fixed, fixed_per_example=per_example)
+            with Progress(TextColumn(f"answering {ds.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err_console, transient=True) as bar:
+                task_id = bar.add_task(ds.name, total=len(ds.examples))
+                answers = ev.generate_predictions(model_, tokenizer, ds, batch_size=batch_size,
+                                                  max_new_tokens=max_new_tokens, template=prompt_template, chat=chat,
+                                                  granularity=granularity, max_input_chars=max_input_chars,
+                                                  fixed=fixed, fixed_per_example=per_example,
+                                                  progress=lambda n: bar.update(task_id, completed=n))
             path = write_kilt_predictions(Path(out) / f"{ds.name}.jsonl", answers)
             out_preds[ds.name] = answers
             console.print(f"{ds.name}: {len(answers)} predictions in {time.perf_counter() - start:.1f} s -> {path}",
@@ -538,25 +735,22 @@ def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity,
 @user_errors
 def demo(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where adapters and library are cached (default: under the loralag cache)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per adapter."),
-    router: str = typer.Option("lag", "--router", help="Router for the LAG column."),
-    k: int = typer.Option(20, "--k", help="Arrow candidates per token."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per adapter (default 20)."),
+    router: str = typer.Option("lag", "--router", help=_router_help("Router of the LAG column", refused=NO_FIXED_DEMO)),
+    k: int = typer.Option(20, "--k", min=1, help="Arrow candidates per token."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Also write LAG's routing heatmap of the first question."),
     model: str = typer.Option("default", "--model", "-m", help="Base model (the demo is tuned for the default one)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (on a busy machine 1 is often fastest)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Train knowledge adapters on invented entities, then compare base model, LAG and Oracle on questions."""
-    _quiet_warnings()
-    from .routers import RouteSpec
-
-    RouteSpec(router=router, k=k)
-    if router == "fixed":
-        raise LoralagError("the demo's LAG column needs a routing router; 'fixed' is what the Oracle column does")
+    _check_router(router, refused=NO_FIXED_DEMO)
+    _check_model(model)
+    start = time.perf_counter()
+    with waiting(f"Loading torch and model '{model}' …") as status:
+        _prepare_model(model, status)
     from .demo import print_results, run_demo
 
     _set_threads(threads)
-
-    start = time.perf_counter()
     results = run_demo(workdir, steps=steps, router=router, k=k, model_spec=model, console=console)
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:

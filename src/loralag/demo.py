@@ -16,6 +16,7 @@ and library are cached under the workdir, so a second run only evaluates.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,10 +206,15 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
             workdir = workdir / "models" / hashlib.sha256(model_spec.encode()).hexdigest()[:12]
     workdir = Path(workdir)
     say = console.print if console is not None else (lambda *a, **kw: None)
+
+    def waiting(message: str):  # a spinner with a message while something slow runs
+        return console.status(message, spinner="dots") if console is not None and progress else nullcontext()
+
     timings = {}
 
     t = time.perf_counter()
-    model, tokenizer = load_model(model_spec, dtype=torch.float32)
+    with waiting(f"Loading model '{model_spec}' …"):
+        model, tokenizer = load_model(model_spec, dtype=torch.float32)
     timings["load"] = time.perf_counter() - t
 
     # -- training (skipped per adapter when an identical one is on disk) ---------------------------
@@ -242,17 +248,22 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     if not config.chat:
         kw["stop"] = ["\n"]
 
-    base = generate(model, tokenizer, prompts, **kw)
+    answering = f"Answering {len(prompts)} questions, {len(SYSTEMS)} ways:"
+    with waiting(f"{answering} base model (1/{len(SYSTEMS)}) …"):
+        base = generate(model, tokenizer, prompts, **kw)
     state = attach(model, [lib], router=config.router, k=config.k)
     try:
-        lag, trace = generate(model, tokenizer, prompts, trace=True, **kw)
+        with waiting(f"{answering} LAG, every token routed on its own (2/{len(SYSTEMS)}) …"):
+            lag, trace = generate(model, tokenizer, prompts, trace=True, **kw)
         chosen = [majority_adapter(trace, lib.name, seq=i) if trace is not None else (None, 0.0)
                   for i in range(len(prompts))]
         # sequence-level LAG: the adapter LAG chose most over the prompt, fixed for the whole answer
         state.fix(lib.name, [c for c, _ in chosen])
-        voted = generate(model, tokenizer, prompts, **kw)
+        with waiting(f"{answering} LAG's choice, fixed (3/{len(SYSTEMS)}) …"):
+            voted = generate(model, tokenizer, prompts, **kw)
         state.fix(lib.name, [e["name"] for e in ENTITIES])  # Oracle: the entity's own adapter
-        oracle = generate(model, tokenizer, prompts, **kw)
+        with waiting(f"{answering} Oracle (4/{len(SYSTEMS)}) …"):
+            oracle = generate(model, tokenizer, prompts, **kw)
     finally:
         detach(model)
     timings["evaluate"] = time.perf_counter() - t
@@ -276,11 +287,13 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
 
 def print_results(results: dict, console) -> None:
     from rich.markup import escape
+    from rich.measure import Measurement
     from rich.table import Table
 
     cfg = results["config"]
-    table = Table(title=f"LoRA-Augmented Generation on {len(results['rows'])} fictional entities "
-                        f"(router {cfg['router']}, k={cfg['k']})", show_lines=True, header_style="bold")
+    title = (f"LoRA-Augmented Generation on {len(results['rows'])} fictional entities "
+             f"(router {cfg['router']}, k={cfg['k']})")
+    table = Table(title=title, show_lines=True, header_style="bold")
     table.add_column("question")
     table.add_column("gold", style="bold")
     table.add_column("base model")
@@ -293,15 +306,27 @@ def print_results(results: dict, console) -> None:
         mark = "[green]✓[/]" if right else "[red]✗[/]"
         return f"{mark} {escape(text)}" if text else f"{mark} [dim](empty)[/]"
 
+    rows = []
     for r in results["rows"]:
         chose = r["lag_adapter"] or "—"
         if r["lag_adapter"] is not None:
             ok = "[green]✓[/]" if r["lag_adapter"] == r["adapter"] else "[red]✗[/]"
             chose = f"{ok} {chose} ({r['lag_adapter_share']:.0%})"
-        table.add_row(f"{r['question']}\n[dim]adapter: {r['adapter']}[/]", r["gold"],
-                      cell(r["base"], r["right"]["base"]), cell(r["lag"], r["right"]["lag"]), chose,
-                      cell(r["lag_voted"], r["right"]["lag_voted"]), cell(r["oracle"], r["right"]["oracle"]))
-    console.print(table)
+        rows.append((f"{r['question']}\n[dim]adapter: {r['adapter']}[/]", r["gold"],
+                     cell(r["base"], r["right"]["base"]), cell(r["lag"], r["right"]["lag"]), chose,
+                     cell(r["lag_voted"], r["right"]["lag_voted"]), cell(r["oracle"], r["right"]["oracle"])))
+        table.add_row(*rows[-1])
+    if Measurement.get(console, console.options.update_width(10_000), table).minimum <= console.width:
+        console.print(table)
+    else:  # too narrow for one row per question without cutting words ("Glasswo…"): one small table per question
+        console.print(f"[bold]{title}[/]")
+        for row in rows:
+            block = Table(show_header=False, show_lines=False, title=row[0], title_justify="left")
+            block.add_column(style="bold", no_wrap=True)
+            block.add_column(overflow="fold")
+            for column, value in zip(table.columns[1:], row[1:]):
+                block.add_row(str(column.header), value)
+            console.print(block)
     acc, n = results["accuracy"], len(results["rows"])
     console.print(
         f"[bold]Answered right[/] (gold answer in the answer) of {n}: base {acc['base']:.0%} · LAG {acc['lag']:.0%} · "

@@ -38,8 +38,11 @@ def format_prompts(tokenizer, prompts: list[str], chat: bool = True) -> tuple[li
     return list(prompts), True
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask of the prompts, left padded (so every prompt ends where generation starts)."""
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, content_mask: bool = False) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of the prompts, left padded (so every prompt ends where generation starts).
+
+    `content_mask=True` adds "content_mask": the tokens of each prompt's own text, without the chat template's
+    tokens around it (system prompt, role markers, assistant header); the attention mask without a template."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -49,15 +52,57 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> dict[str
         if tokenizer.eos_token is None:
             raise LoralagError("the tokenizer has neither a pad nor an eos token: cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
+    offsets = content_mask and not add_special and getattr(tokenizer, "is_fast", False)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=add_special)
+        enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=add_special,
+                        return_offsets_mapping=offsets)
     finally:
         tokenizer.padding_side = side
     if enc["input_ids"].shape[1] == 0:
         raise LoralagError("the prompt is empty after tokenization")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if content_mask:
+        out["content_mask"] = out["attention_mask"].bool()
+        if offsets:
+            out["content_mask"] = _content_tokens(tokenizer, prompts, texts, enc["offset_mapping"], out["attention_mask"])
+    return out
+
+
+_MARK = "\u2063loralag-user-content\u2063"
+
+
+def _content_span(tokenizer, prompt: str, text: str) -> tuple[int, int] | None:
+    """Where `prompt` sits in its chat-templated `text` (character offsets), or None if it cannot be found.
+
+    The template is rendered around a marker to learn what it puts before and after the user's content; a
+    template that changes the content (e.g. strips it) falls back to the last occurrence of the content."""
+    marked = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
+                                           add_generation_prompt=True)
+    at = marked.find(_MARK)
+    if at >= 0:
+        before, after = marked[:at], marked[at + len(_MARK):]
+        if text == before + prompt + after:
+            return len(before), len(before) + len(prompt)
+    stripped = prompt.strip()
+    at = text.rfind(stripped) if stripped else -1
+    return (at, at + len(stripped)) if at >= 0 else None
+
+
+def _content_tokens(tokenizer, prompts, texts, offset_mapping, attention_mask) -> torch.Tensor:
+    """(batch, tokens) bool: real tokens whose characters overlap the user's content in the templated text.
+    A prompt whose content cannot be located (or holds no token) counts all its tokens."""
+    mask = attention_mask.bool().clone()
+    for row, (prompt, text) in enumerate(zip(prompts, texts)):
+        span = _content_span(tokenizer, prompt, text)
+        if span is None:
+            continue
+        start, end = offset_mapping[row, :, 0], offset_mapping[row, :, 1]
+        inside = attention_mask[row].bool() & (start < span[1]) & (end > span[0])
+        if inside.any():
+            mask[row] = inside
+    return mask
 
 
 def _generation_config(model, tokenizer, max_new_tokens: int, greedy: bool, gen_kwargs: dict):
@@ -124,7 +169,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
     `stop`: strings that end a sequence (e.g. `["\\n"]`); each text is cut before the first of them.
     Extra keyword arguments go to the generation config (e.g. `repetition_penalty=1.2`).
     `granularity="sequence"`: route the prompts per token first, then serve each whole sequence with
-    every library's most-voted adapter (`RoutingState.fix_by_vote`); the routers are restored after.
+    every library's most-voted adapter (`RoutingState.fix_by_vote`), counting only the tokens of the prompt's
+    own text (not the chat template's); the routers are restored after.
 
     Returns the generated texts; with `trace=True`, `(texts, trace)` where trace is the
     RoutingTrace of the whole generation, or None when no library is attached to the model.
@@ -133,17 +179,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
         prompts = [prompts]
     if max_new_tokens < 1:
         raise LoralagError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    enc = encode_prompts(tokenizer, prompts, chat)
+    if granularity not in ("token", "sequence"):
+        raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
+    state = getattr(model, STATE_ATTR, None)
+    vote = granularity == "sequence" and state is not None
+    enc = encode_prompts(tokenizer, prompts, chat, content_mask=vote)
     device = next(model.parameters()).device
     input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     cfg = _generation_config(model, tokenizer, max_new_tokens, greedy, gen_kwargs)
-    state = getattr(model, STATE_ATTR, None)
     recorded = None
-    if granularity not in ("token", "sequence"):
-        raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
-    if granularity == "sequence" and state is not None:
+    if vote:
         saved = dict(state.specs)
-        state.fix_by_vote(input_ids, mask)
+        # only the user's own words vote: the chat template's tokens (a system prompt, role markers) would
+        # otherwise outnumber a short question's and pick whichever adapter they happen to prefer
+        state.fix_by_vote(input_ids, mask, count_mask=enc["content_mask"])
         try:
             return generate(model, tokenizer, prompts, max_new_tokens, chat, greedy, trace, stop, "token", **gen_kwargs)
         finally:
@@ -277,22 +326,7 @@ def _count_mask(trace, library, seq, input_ids, attention_mask, prompt_only) -> 
 
 def summary_lines(trace, seq: int = 0, mask: torch.Tensor | None = None, library: str | None = None, top: int = 5) -> list[str]:
     """Per library: adapters used, routed token×module decisions and entropy; then the top adapters' shares."""
-    summary = trace.summary(seq, mask)
-    lines = []
-    for lib in _libraries(trace, library):
-        s = summary[lib]
-        if not s["routed"]:
-            lines.append(f"{lib}: no single adapter chosen ({len(trace.modules(lib))} modules)")
-            continue
-        shares = list(s["shares"].items())
-        best = " · ".join(f"{n} {v:.0%}" for n, v in shares[:top])
-        more = f" · +{len(shares) - top} more" if len(shares) > top else ""
-        lines.append(
-            f"{lib}: {s['adapters']} adapter{'s' if s['adapters'] != 1 else ''} used, {s['routed']} token×module "
-            f"decisions, entropy {s['entropy']:.2f} nats"
-        )
-        lines.append(f"  {best}{more}")
-    return lines
+    return trace.summary_lines(seq, mask, _libraries(trace, library), top)
 
 
 # -- views ----------------------------------------------------------------------------------------------

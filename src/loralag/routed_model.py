@@ -69,12 +69,25 @@ class RoutingState:
             self.specs[lib] = RouteSpec(**fields)
 
     def fix(self, library: str, adapters: list[str | None]) -> None:
-        """Route each sequence of the batch to a named adapter of `library` (None: the base model)."""
+        """Route each sequence of the batch to a named adapter of `library` (None: the base model).
+
+        A name the library does not hold is refused, with the closest names and some of those it holds."""
+        import difflib
+
         lib = self.libraries[self._libs(library)[0]]
-        known = set(lib.names)
-        for name in adapters:
-            if name is not None and name not in known:
-                raise LibraryError(f"library '{library}' ({lib.path}) holds no adapter named '{name}'")
+        if isinstance(adapters, str):
+            raise LibraryError(f"fix('{library}', ...) takes a list with one adapter name per sequence, "
+                               f"e.g. ['{adapters}']; got the string '{adapters}'")
+        names = list(lib.names)
+        known = set(names)
+        unknown = [n for n in adapters if n is not None and n not in known]
+        if unknown:
+            close = sorted({c for n in unknown for c in difflib.get_close_matches(n, names, n=3)})
+            shown = ", ".join(sorted(names)[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+            raise LibraryError(
+                f"library '{library}' ({lib.path}) holds no adapter named {', '.join(repr(n) for n in unknown)}"
+                + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
+                + f"; it holds: {shown}")
         self.set_router(library, "fixed", fixed=list(adapters))
 
     def _libs(self, library):
@@ -85,23 +98,30 @@ class RoutingState:
         return [library]
 
     @torch.no_grad()
-    def vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, list[str | None]]:
+    def vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             count_mask: torch.Tensor | None = None) -> dict[str, list[str | None]]:
         """Sequence-level routing: route the prompts per token and module as usual, and return for each
-        library the adapter that won the most (token, module) decisions in each sequence (padding excluded)."""
+        library the adapter that won the most (token, module) decisions in each sequence (padding excluded).
+
+        `count_mask` (batch, tokens): only these positions vote (e.g. the user's own words, not a chat
+        template's tokens, `encode_prompts(content_mask=True)`); default: the attention mask."""
         with self.tracing() as trace:
             self.model(input_ids=input_ids, attention_mask=attention_mask)
+        counted = count_mask if count_mask is not None else attention_mask
         votes = {}
         for lib in trace.libraries():
             votes[lib] = []
             for seq in range(len(input_ids)):
-                counts = trace.counts(lib, seq, None if attention_mask is None else attention_mask[seq])
+                counts = trace.counts(lib, seq, None if counted is None else counted[seq])
                 # most votes; a tie goes to the name that sorts first, so the result never depends on order
                 votes[lib].append(min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None)
         return votes
 
-    def fix_by_vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, list]:
-        """Serve each whole sequence (prompt and decoding) with its libraries' most-voted adapters."""
-        votes = self.vote(input_ids, attention_mask)
+    def fix_by_vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    count_mask: torch.Tensor | None = None) -> dict[str, list]:
+        """Serve each whole sequence (prompt and decoding) with its libraries' most-voted adapters
+        (`count_mask`: the positions that vote, as in `vote`)."""
+        votes = self.vote(input_ids, attention_mask, count_mask)
         for lib, names in votes.items():
             self.set_router(lib, "fixed", fixed=names)
         return votes

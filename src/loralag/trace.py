@@ -63,6 +63,36 @@ class RoutingTrace:
             c = self.counts(lib, seq, mask)
             total = sum(c.values())
             shares = {n: v / total for n, v in c.most_common()} if total else {}
-            entropy = -sum(p * math.log(p) for p in shares.values())
+            entropy = max(0.0, -sum(p * math.log(p) for p in shares.values()))  # one adapter: 0, not -0
             out[lib] = {"adapters": len(shares), "shares": shares, "entropy": entropy, "routed": total}
         return out
+
+    def summary_lines(self, seq: int = 0, mask: torch.Tensor | None = None, libraries: list[str] | None = None,
+                      top: int = 5) -> list[str]:
+        """Per library: adapters used, routed token×module decisions and entropy; then the top adapters' shares."""
+        summary = self.summary(seq, mask)
+        lines = []
+        for lib in libraries if libraries is not None else self.libraries():
+            s = summary[lib]
+            if not s["routed"]:
+                lines.append(f"{lib}: no single adapter chosen ({len(self.modules(lib))} modules)")
+                continue
+            shares = list(s["shares"].items())
+            best = " · ".join(f"{n} {v:.0%}" for n, v in shares[:top])
+            more = f" · +{len(shares) - top} more" if len(shares) > top else ""
+            lines.append(
+                f"{lib}: {s['adapters']} adapter{'s' if s['adapters'] != 1 else ''} used, {s['routed']} token×module "
+                f"decisions, entropy {s['entropy']:.2f} nats"
+            )
+            lines.append(f"  {best}{more}")
+        return lines
+
+    def describe(self, seq: int = 0, top: int = 5) -> str:
+        """A readable summary of sequence `seq`'s routing, one block per library (what `summary` holds, formatted):
+
+            knowledge: 2 adapters used, 1080 token×module decisions, entropy 0.35 nats
+              velmora 88% · zarnovia 12%
+
+        A trace made by `loralag.generate.generate(trace=True)` counts only real tokens (no padding)."""
+        mask = getattr(self, "attention_mask", None)
+        return "\n".join(self.summary_lines(seq, None if mask is None else mask[seq], top=top))
