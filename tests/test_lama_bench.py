@@ -17,8 +17,9 @@ from loralag.errors import LoralagError
 from loralag.kilt import read_kilt_predictions
 from loralag.lama_bench import (BenchConfig, RoutingStats, clean_answer, credited, default_data_dir, fc_label,
                                 layer_of, method_list, size_config, subject_mask, sweep_ks, votes_from_trace)
-from loralag.lama_data import (DATASETS, FACT_CHECKING, QA, REFUTES, SLOT_FILLING, SUPPORTS, build_data,
-                               fill_template, make_prompt, read_facts, rewrites)
+from loralag.lama_data import (DATASETS, END_ENT, ENTITY_LINKING, FACT_CHECKING, QA, REFUTES, SLOT_FILLING, START_ENT,
+                               SUPPORTS, Relation, build_data, fill_template, make_prompt, question_text, read_facts,
+                               rewrites)
 from loralag.library import module_shapes
 
 
@@ -76,8 +77,15 @@ def test_articles_fill_mask_with_surface_and_keep_disjoint_sets(lama_dir):
     sf = data.questions[SLOT_FILLING][0]
     assert " [SEP] " in sf.example.input and sf.prompt.endswith("Value:")
     assert data.questions[QA][0].prompt.endswith("Answer:")
-    qa = [q for q in data.questions[QA] if q.fact.relation == "X2"]
-    assert all(q.example.input.startswith("What is the X2 of") for q in qa)  # the fallback question
+    for q in data.questions[QA]:  # each relation's own template as a question: described (X1) or generic (X2)
+        want = "was born in what?" if q.fact.relation == "X1" else "has X2 what?"
+        assert q.example.input == f"{q.subject} {want}"
+    for q in data.questions[ENTITY_LINKING]:  # one of the entity's sentences, a mention of it marked -> its title
+        assert q.example.answers == [q.subject] and q.prompt.endswith("Title:")
+        assert q.example.input.count(START_ENT) == 1 and END_ENT in q.example.input
+        marked = q.example.input.split(START_ENT)[1].split(END_ENT)[0].strip()
+        assert marked in data.entity(q.entity).mentions
+        assert q.example.input.replace(f"{START_ENT} ", "").replace(f" {END_ENT}", "") in data.entity(q.entity).article
     labels = {q.example.answers[0] for q in data.questions[FACT_CHECKING]}
     assert labels <= {SUPPORTS, REFUTES}
     labels |= {fc_label(a) for _, a in data.task_pairs[FACT_CHECKING]}
@@ -103,6 +111,42 @@ def test_data_is_deterministic_and_checks_inputs(lama_dir, tmp_path):
 
 def test_fill_template():
     assert fill_template("[X] is a [Y] by profession .", "Ann", "poet") == "Ann is a poet by profession."
+
+
+def test_questions_come_from_the_relations_own_template():
+    assert question_text(Relation("Q1", "birthplace", "[X] was born in [Y] ."), "Ann") == "Ann was born in what?"
+    assert question_text(Relation("Q2", "capital", "[Y] is the capital of [X] ."), "Gaul") == "What is the capital of Gaul?"
+    assert question_text(Relation("Q3", "x", "The native language of [X] is [Y] ."), "Bo") == \
+        "The native language of Bo is what?"
+
+
+def test_gain_fraction_reproduces_the_papers_figures():
+    """The paper's Table 4: floor 59.5% of the Oracle; LAG 92.1 -> 80.5% of the distance, Arrow 84.8 -> 62.5%,
+    RAG 72.0 -> 30.9% (the figures issue 14 quotes)."""
+    from loralag.lama_bench import gain_fraction, gain_fractions, paper_gain
+
+    assert round(paper_gain("lag"), 1) == 80.5 and round(paper_gain("arrow"), 1) == 62.5
+    assert round(paper_gain("rag"), 1) == 30.9
+    assert gain_fraction(50.0, 100.0) is None and gain_fraction(75.0, 50.0) == 50.0
+    g = gain_fractions({"base": {"qa": 20.0, "AVG": 20.0}, "oracle": {"qa": 100.0, "AVG": 100.0},
+                        "lag": {"qa": 60.0, "AVG": 60.0}})
+    assert g["lag"] == {"qa": 50.0, "AVG": 50.0} and g["oracle"]["AVG"] == 100.0 and g["base"]["AVG"] == 0.0
+
+
+def test_answer_mask_marks_the_decisions_that_produced_answer_tokens():
+    from loralag.lama_bench import answer_mask
+    from loralag.trace import RoutingTrace
+
+    trace = RoutingTrace({("m", "lib"): ["a"]})
+    trace.record("m", "lib", torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))  # prefill: 4 prompt columns
+    for _ in range(3):  # 3 decoding steps: generated tokens 0..2 fed back; token 3 was the last generated
+        trace.record("m", "lib", torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))
+    trace.prompt_length = 4
+    # row 0 generated 4 real tokens; row 1 ended after 2 (its tokens 2 and 3 are padding)
+    trace.attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0, 0]])
+    m = answer_mask(trace)
+    assert m.tolist() == [[False, False, False, True, True, True, True],
+                          [False, False, False, True, True, False, False]]
 
 
 # -- answers --------------------------------------------------------------------------------------------------
@@ -337,7 +381,7 @@ def test_tiny_sequence_answers_are_generated_by_the_served_adapters(tiny_run):
                     checked += 1
     finally:
         detach(model)
-    assert checked == 18
+    assert checked == 6 * len(DATASETS)
 
 
 @pytest.mark.slow
@@ -357,17 +401,24 @@ def test_tiny_writes_the_results_folder(tiny_run):
             assert len(preds) == n[d]
     assert results["normalised"]["oracle"]["AVG"] == pytest.approx(100.0)
     for required in ("base", "oracle", "arrow", "arrow/seq", "spectral", "arrow-mix", "rag", "prag", "r-lag",
-                     "p-lag", "p-lag/seq", "lag@1", "lag@1/seq", "lag@6", "lag@6/seq", "lag@6/seq-task"):
+                     "p-lag", "p-lag/seq", "lag@1", "lag@1/seq", "lag@6", "lag@6/seq", "lag@6/seq-task",
+                     "lag-prefix@6"):
         assert required in results["scores"], required
 
 
 def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
     data = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=2)
     fc = data.task_pairs[FACT_CHECKING]
-    # the same fact, true then false; the answer recalls the true object first
-    obj = fc[0][1].split(", so ")[0].strip()
-    assert [a.strip() for _, a in fc[:2]] == [f"{obj}, so {SUPPORTS}", f"{obj}, so {REFUTES}"]
-    assert obj in fc[0][0] and obj not in fc[1][0].split("Claim: ")[1]  # the true claim names it, the false not
+    assert [a for _, a in fc[:2]] == [f" {SUPPORTS}", f" {REFUTES}"]  # the bare label, as KILT's FEVER scores it
+    recall = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=2, fc_form="recall")
+    fc_r = recall.task_pairs[FACT_CHECKING]
+    # the same fact, true then false; the recall form's answer recalls the true object first
+    obj = fc_r[0][1].split(", so ")[0].strip()
+    assert [a.strip() for _, a in fc_r[:2]] == [f"{obj}, so {SUPPORTS}", f"{obj}, so {REFUTES}"]
+    assert obj in fc_r[0][0] and obj not in fc_r[1][0].split("Claim: ")[1]  # the true claim names it, the false not
+    assert [p for p, _ in fc_r] == [p for p, _ in fc]  # the same claims either way
+    with pytest.raises(LoralagError, match="fact-checking form"):
+        build_data(lama_dir, n_entities=4, n_train_pairs=8, fc_form="verdict")
     for d in DATASETS:
         with_context = [p for p, _ in data.task_pairs[d] if "\n\n" in p]
         assert 0 < len(with_context) < len(data.task_pairs[d])

@@ -103,11 +103,12 @@ KILT_FAMILIES: dict[str, tuple[str, ...]] = {
     "dialogue": ("wow",),
 }
 
-# The LAMA benchmark's three families; the dataset names are the keys a results table must use for them
+# The LAMA benchmark's four families; the dataset names are the keys a results table must use for them
 LAMA_FAMILIES: dict[str, tuple[str, ...]] = {
     "slot_filling": ("lama_slot_filling",),
     "qa": ("lama_qa",),
     "fact_checking": ("lama_fact_checking",),
+    "entity_linking": ("lama_entity_linking",),
 }
 
 FEVER_LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")

@@ -8,11 +8,16 @@ with each relation's label and cloze template):
 * **synthetic rewrites** of each article (templated synthetic continued pretraining): every fact restated
   around the subject and around the object, and the article's sentences restated around each entity they
   name — what each knowledge adapter learns besides the article itself;
-* three **task families** in KILT's forms, one dataset each: slot filling (`subject [SEP] relation label`
-  -> object, the KILT T-REx/zsRE form), question answering (a natural question per relation -> object, the
-  NQ form) and fact checking (the relation's cloze template filled with the true object or with a wrong
-  object of the same relation -> SUPPORTS / REFUTES, the FEVER form; the training answer recalls the true
-  object before the verdict, see fact_checking_pairs).
+* four **task families** in KILT's forms, one dataset each: slot filling (`subject [SEP] relation label`
+  -> object, the KILT T-REx/zsRE form), question answering (the relation's cloze template turned into a
+  question -> object, the NQ form), fact checking (the template filled with the true object or with a wrong
+  object of the same relation -> SUPPORTS / REFUTES, the FEVER form, answered with the bare label; the
+  `recall` form, a harder named variant, recalls the true object before the verdict, see
+  fact_checking_pairs) and entity linking (an evidence sentence with one mention of the subject marked
+  `[START_ENT] ... [END_ENT]` -> the subject's title, the AIDA / WNED form).
+
+Nothing depends on which relations a folder holds: questions and claims come from each relation's own cloze
+template and label (relations.json, or a generic one).
 
 The knowledge set (entities that get an adapter and are asked about) and the task-training pool (entities
 whose facts train the task adapters) are disjoint, drawn deterministically from a seed, spread evenly
@@ -31,55 +36,15 @@ from pathlib import Path
 from .errors import LoralagError
 from .kilt import Example, normalize_answer, read_lama, read_lama_relations
 
-# -- the three families: dataset names as kilt.LAMA_FAMILIES spells them ---------------------------------------
+# -- the families: dataset names as kilt.LAMA_FAMILIES spells them ---------------------------------------------
 SLOT_FILLING, QA, FACT_CHECKING = "lama_slot_filling", "lama_qa", "lama_fact_checking"
-DATASETS = (SLOT_FILLING, QA, FACT_CHECKING)
-FAMILY_OF = {SLOT_FILLING: "slot_filling", QA: "qa", FACT_CHECKING: "fact_checking"}
+ENTITY_LINKING = "lama_entity_linking"
+DATASETS = (SLOT_FILLING, QA, FACT_CHECKING, ENTITY_LINKING)
+FAMILY_OF = {SLOT_FILLING: "slot_filling", QA: "qa", FACT_CHECKING: "fact_checking", ENTITY_LINKING: "entity_linking"}
 SUPPORTS, REFUTES = "SUPPORTS", "REFUTES"
+START_ENT, END_ENT = "[START_ENT]", "[END_ENT]"  # KILT's mention markers (AIDA, WNED)
+FC_FORMS = ("label", "recall")  # fact checking's answer: the bare label (FEVER's), or object then verdict
 
-# One natural question per LAMA T-REx relation (the NQ form); other relations get QUESTION_FALLBACK.
-QUESTION_TEMPLATES = {
-    "P19": "Where was {subject} born?",
-    "P20": "Where did {subject} die?",
-    "P27": "Which country is {subject} a citizen of?",
-    "P31": "What kind of thing is {subject}?",
-    "P36": "What is the capital of {subject}?",
-    "P37": "What is the official language of {subject}?",
-    "P39": "What position did {subject} hold?",
-    "P47": "What does {subject} share a border with?",
-    "P101": "What field does {subject} work in?",
-    "P103": "What is the native language of {subject}?",
-    "P106": "What is the occupation of {subject}?",
-    "P108": "Who is the employer of {subject}?",
-    "P127": "Who owns {subject}?",
-    "P131": "Where is {subject} located?",
-    "P136": "What genre is {subject}?",
-    "P138": "What is {subject} named after?",
-    "P140": "What is the religion of {subject}?",
-    "P159": "Where is the headquarters of {subject}?",
-    "P176": "Which company produces {subject}?",
-    "P178": "Who developed {subject}?",
-    "P190": "What is a twin city of {subject}?",
-    "P264": "What record label is {subject} signed to?",
-    "P276": "Where is {subject} located?",
-    "P279": "What is {subject} a subclass of?",
-    "P361": "What is {subject} part of?",
-    "P364": "What is the original language of {subject}?",
-    "P407": "In which language is {subject} written?",
-    "P413": "What position does {subject} play?",
-    "P449": "On which network was {subject} originally aired?",
-    "P463": "What organization is {subject} a member of?",
-    "P495": "In which country was {subject} created?",
-    "P527": "What is one part of {subject}?",
-    "P530": "Which country has diplomatic relations with {subject}?",
-    "P740": "Where was {subject} founded?",
-    "P937": "Where did {subject} work?",
-    "P1001": "Where does {subject} apply?",
-    "P1303": "What instrument does {subject} play?",
-    "P1376": "What is {subject} the capital of?",
-    "P1412": "What language does {subject} speak?",
-}
-QUESTION_FALLBACK = "What is the {label} of {subject}?"
 
 
 @dataclass
@@ -266,8 +231,11 @@ def rewrites(entity: Entity, relations: dict[str, Relation]) -> list[str]:
 
 # -- task families ---------------------------------------------------------------------------------------------
 def question_text(relation: Relation, subject: str) -> str:
-    template = QUESTION_TEMPLATES.get(relation.id, QUESTION_FALLBACK)
-    return template.format(subject=subject, label=relation.label)
+    """The relation's cloze template as a question: [X] the subject, [Y] asked for ("[X] was born in [Y] ." ->
+    "Ada Lovelace was born in what?", "[Y] is the capital of [X] ." -> "What is the capital of France?")."""
+    text = fill_template(relation.template, subject, "\0").rstrip(" .!;")
+    head, _, tail = text.partition("\0")
+    return (f"{head}what{tail}" if head else f"What{tail}") + "?"
 
 
 def slot_filling_input(relation: Relation, subject: str) -> str:
@@ -276,14 +244,36 @@ def slot_filling_input(relation: Relation, subject: str) -> str:
 
 def make_prompt(dataset: str, text: str) -> str:
     """The model's prompt for a KILT-form input (plain completion; no chat template). Each family ends in its
-    own cue ("Value:", "Answer:", "Verdict ...:"), so the tokens where the answer starts differ per task."""
+    own cue ("Value:", "Answer:", "Verdict ...:", "Title:"), so the tokens where the answer starts differ per
+    task."""
     if dataset == SLOT_FILLING:
         return f"Fill the slot: {text}\nValue:"
     if dataset == QA:
         return f"Question: {text}\nAnswer:"
     if dataset == FACT_CHECKING:
         return f"Claim: {text}\nVerdict ({SUPPORTS} or {REFUTES}):"
+    if dataset == ENTITY_LINKING:
+        return f"Link the marked entity: {text}\nTitle:"
     raise LoralagError(f"unknown LAMA dataset {dataset!r}")
+
+
+def linking_item(entity: "Entity", i: int) -> tuple[str, list[str]] | None:
+    """(KILT-form input, gold titles) of an entity-linking question about `entity`: one of its evidence sentences
+    with a mention of it marked. Mentions other than the title come first ("Messmer" for Pierre Messmer: the
+    link needs knowledge, not a copy); i picks among the candidates. None when no sentence names it."""
+    sentences = list(dict.fromkeys(x for f in entity.facts for x in f.sentences))
+    mentions = sorted(dict.fromkeys(entity.mentions), key=lambda m: (m == entity.label, -len(m)))
+    found = []
+    for m in mentions:
+        for sent in sentences:
+            hit = re.search(rf"(?<!\w){re.escape(m)}(?!\w)", sent)
+            if hit:
+                found.append(sent[: hit.start()] + f"{START_ENT} {m} {END_ENT}" + sent[hit.end():])
+        if found:
+            break
+    if not found:
+        return None
+    return found[i % len(found)], [entity.label]
 
 
 def rag_prompt(article: str, prompt: str) -> str:
@@ -335,14 +325,15 @@ def _usable_fact(f: Fact, max_object_words: int) -> bool:
 def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
                n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
                max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3,
-               claim_pool: int = 2, fc_bare_facts: int | None = None) -> LamaData:
+               claim_pool: int = 2, fc_bare_facts: int | None = None, fc_form: str = "label") -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
     questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
     pairs per family for the task adapters, about other entities; one in `context_every` of them has the
     entity's article in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
-    claim_pool × n_train_pairs claims, at most fc_bare_facts of them bare (see fact_checking_pairs).
+    claim_pool × n_train_pairs claims, at most fc_bare_facts of them bare, answered in fc_form (see
+    fact_checking_pairs).
     Entities are picked round-robin over the
     relations (so every relation is represented), in a seeded order, among subjects whose label is
     unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
@@ -403,7 +394,12 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
                 break
             fact = ent.facts[(i + d_i) % len(ent.facts)]
             true = {f.object for f in ent.facts if f.relation == fact.relation}
-            item = family_item(dataset, fact, relations, objects_by_relation, true, qrng)
+            if dataset == ENTITY_LINKING:
+                item = linking_item(ent, i)
+                if item is None:
+                    continue
+            else:
+                item = family_item(dataset, fact, relations, objects_by_relation, true, qrng)
             text, answers = item
             ex = Example(f"{dataset}-{fact.id}", text, answers, [ent.label], dataset,
                          {"entity": ent.name, "relation": fact.relation})
@@ -412,14 +408,20 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
 
     task_pairs: dict[str, list[tuple[str, str]]] = {}
     train_entities: list[Entity] = []
-    for dataset in (SLOT_FILLING, QA):
+    for dataset in (SLOT_FILLING, QA, ENTITY_LINKING):
         prng = random.Random(f"{seed}-train-{dataset}")
         pairs: list[tuple[str, str]] = []
         for j, ent in enumerate(pool):
             if len(pairs) >= n_train_pairs:
                 break
             fact = ent.facts[j % len(ent.facts)]
-            text, answers = family_item(dataset, fact, relations, objects_by_relation, set(), prng)
+            if dataset == ENTITY_LINKING:
+                item = linking_item(ent, j)
+                if item is None:
+                    continue
+                text, answers = item
+            else:
+                text, answers = family_item(dataset, fact, relations, objects_by_relation, set(), prng)
             prompt = make_prompt(dataset, text)
             # one fact in `context_every` in RAG form (its article in front), so one task adapter serves both
             with_context = context_every and j % context_every == 0
@@ -442,7 +444,7 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
         rel = relations[fact.relation]
         claims.append(Claim(fill_template(rel.template, fact.subject, fact.object),
                             fill_template(rel.template, fact.subject, wrong), ent.article, ent.name, fact.object))
-    fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts)
+    fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts, form=fc_form)
     task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     used = {c.entity for c in claims[: n_train_pairs]}
     train_entities += [e for e in pool if e.name in used and e not in train_entities]
@@ -451,13 +453,13 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
 
 
 def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int, max_bare: int | None = None,
-                        known: list[bool] | None = None) -> list[tuple[str, str, str | None]]:
+                        known: list[bool] | None = None, form: str = "label") -> list[tuple[str, str, str | None]]:
     """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
     (REFUTES), the first in `context_every` facts in RAG form (its article in front: the verdict is in the
-    context; under = None), the others bare. The answer recalls the true object first, then gives the verdict
-    (" French, so SUPPORTS" / " French, so REFUTES"): checking a claim against a recalled object is a copy and
-    compare that attention does easily, while reading a verdict off the model's surprise at the claim is not
-    (a verdict-only adapter stayed at chance, see the README).
+    context; under = None), the others bare. form "label" answers the bare label (" SUPPORTS"), as KILT's FEVER
+    is scored; form "recall", the harder named variant, recalls the true object first, then gives the verdict
+    (" French, so SUPPORTS" / " French, so REFUTES"): a copy and compare that attention does easily, but one
+    whose second half a per-token router must keep on the same task adapter.
 
     A bare claim about a training entity can only be checked against knowledge of that entity. The first
     `max_bare` bare facts (None: all) are trained under the entity's own knowledge adapter (under = the
@@ -465,6 +467,8 @@ def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int,
     adapter injects, as at test time. Past that cap a bare fact is used only if `known[i]` (the base model
     already ranks the true claim above the false one), without an adapter, to check against the model's own
     knowledge; with known=None the list ends at the cap."""
+    if form not in FC_FORMS:
+        raise LoralagError(f"fact-checking form must be one of {FC_FORMS}, got {form!r}")
     out: list[tuple[str, str, str | None]] = []
     bare = 0
     for j, c in enumerate(claims):
@@ -481,7 +485,7 @@ def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int,
                 continue
         for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
             prompt = make_prompt(FACT_CHECKING, text)
-            answer = f" {c.obj}, so {label}" if c.obj else " " + label
+            answer = f" {c.obj}, so {label}" if form == "recall" and c.obj else " " + label
             out.append((rag_prompt(c.article, prompt) if with_context else prompt, answer, under))
     return out[:n_pairs]
 
