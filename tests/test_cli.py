@@ -86,11 +86,13 @@ def test_errors_exit_2_with_one_line(world, lib, tmp_path):
     result = invoke("remove", lib, "nonexistent")
     assert result.exit_code == 2 and "nonexistent" in output(result)
     result = invoke("info", tmp_path / "nolib")
+    assert result.exit_code == 2 and f"no library at {tmp_path / 'nolib'}" in output(result)
+    result = invoke("info", tmp_path)
     assert result.exit_code == 2 and "not a loralag library" in output(result)
     result = invoke("generate", "--model", world / "model", "--library", lib, "--router", "bogus", "what")
     assert result.exit_code == 2 and "unknown router 'bogus'" in output(result)
     result = invoke("generate", "--model", world / "model", "--library", lib, "--k", "0", "what")
-    assert result.exit_code == 2 and "k must be a positive integer" in output(result)
+    assert result.exit_code == 2 and "--k" in output(result)
     result = invoke("build", tmp_path / "lib3", world / "adapters", "--model", tmp_path / "nomodel")
     assert result.exit_code == 2
 
@@ -121,12 +123,15 @@ def test_help_is_fast_and_lists_commands():
     assert out.strip() == "[]"
 
 
-def test_demo_pipeline_on_tiny_model(world, tmp_path):
+def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     # The real demo trains on the default model for minutes; here only its plumbing runs, on the tiny model.
     args = ("demo", "--model", world / "model", "--workdir", tmp_path / "demo", "--steps", "2", "--k", "3",
             "--heatmap", tmp_path / "demo.png")
+    spinners = _Spinners(monkeypatch)
     result = invoke(*args)
     assert result.exit_code == 0, output(result)
+    assert sum("Answering 6 questions" in m for m in spinners.messages) == 4, spinners.messages
+    assert any("Loading model" in m for m in spinners.messages), spinners.messages
     text = output(result)
     for col in ("question", "gold", "Oracle", "Answered right", "Timings", "train"):
         assert col in text
@@ -213,3 +218,165 @@ def test_train_pairs_under_a_frozen_adapter(world, tmp_path):
     (checks / "check.jsonl").write_text(json.dumps({**line, "under": "../nowhere"}) + "\n")
     bad = invoke("train", tmp_path / "task", checks / "check.jsonl", *common, "-t", "q_proj")
     assert bad.exit_code != 0 and "nowhere is not a folder" in output(bad)
+
+
+# -- a newcomer's first hour (issue 15) ----------------------------------------------------------------------
+# Bad arguments, each with the value the error must name. Run in a fresh interpreter, so that what the CLI
+# imported before refusing them can be read off sys.modules.
+BAD_ARGS = [
+    (["generate", "--router", "lagg", "hi"], "lagg"),
+    (["generate", "--router", "fixed", "hi"], "fixed"),
+    (["generate", "--library", "{tmp}/nolib", "hi"], "nolib"),
+    (["generate", "--library", "{tmp}", "hi"], "not a loralag library"),
+    (["generate", "--model", "{tmp}/nomodel", "hi"], "nomodel"),
+    (["generate", "--model", "{tmp}", "hi"], "config.json"),
+    (["generate", "--granularity", "sentence", "hi"], "sentence"),
+    (["generate", "--k", "0", "hi"], "--k"),
+    (["serve", "--router", "lagg"], "lagg"),
+    (["serve", "--router", "fixed"], "fixed"),
+    (["demo", "--router", "fixed"], "fixed"),
+    (["eval", "{tmp}/missing.jsonl", "-p", "x"], "missing.jsonl"),
+    (["eval", "{tmp}/data.jsonl", "--model", "default", "--out", "{tmp}/o", "--router", "lagg"], "lagg"),
+    (["train", "{tmp}/out", "{tmp}/nodocs"], "nodocs"),
+    (["build", "{tmp}/lib", "{tmp}/noadapters"], "noadapters"),
+    (["index", "{tmp}/nolib"], "nolib"),
+    (["bench", "--size", "huge"], "huge"),
+    (["bench", "--data", "{tmp}/nolama"], "nolama"),
+]
+
+CHECK_SCRIPT = """
+import json, sys
+from typer.testing import CliRunner
+from loralag.cli import app
+out = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args)
+    text = r.output + (getattr(r, "stderr", "") if r.stderr_bytes is not None else "")
+    out.append([r.exit_code, text, sorted(m for m in ("torch", "transformers") if m in sys.modules)])
+print(json.dumps(out))
+"""
+
+
+def test_bad_arguments_are_refused_before_torch_or_a_model_loads(tmp_path):
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    cases = [[a.replace("{tmp}", str(tmp_path)) for a in args] for args, _ in BAD_ARGS]
+    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for (args, bad), (code, text, heavy) in zip(BAD_ARGS, json.loads(proc.stdout)):
+        assert code == 2, (args, text)
+        assert bad in " ".join(text.split()), (args, text)
+        assert "Traceback" not in text, (args, text)
+        assert heavy == [], f"{args}: {heavy} imported before the error: {text}"
+
+
+def _commands():
+    import typer
+
+    from loralag.cli import app
+
+    group = typer.main.get_command(app)
+    return {name: group.get_command(None, name) for name in group.list_commands(None)}
+
+
+def test_every_option_and_argument_is_described():
+    missing = [f"{name} {p.name}" for name, cmd in _commands().items() for p in cmd.params if not (p.help or "").strip()]
+    assert missing == []
+
+
+def test_help_shows_flags_as_flags_and_readable_usage():
+    for name, cmd in _commands().items():
+        text = invoke(name, "--help").output
+        assert "<bool>" not in text, name
+        usage = next(line for line in text.splitlines() if "Usage:" in line)
+        assert "{" not in usage, usage  # OUT ADAPTERS..., not {out} {adapters}...
+    text = output(invoke("build", "--help"))
+    assert "Usage: loralag build [OPTIONS] LIB ADAPTERS..." in text
+    assert "--rank" in output(invoke("train", "--help"))
+
+
+def test_a_flag_given_a_value_is_refused_and_creates_nothing(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("build", "--replace", "true", "mylib", world / "adapters", "--model", world / "model")
+    assert result.exit_code == 2 and "--replace" in output(result)
+    assert not (tmp_path / "true").exists() and not (tmp_path / "mylib").exists()
+    result = invoke("info", "--adapters", "yes", "x")
+    assert result.exit_code == 2 and "--adapters" in output(result)
+
+
+def test_train_rank_has_a_name_and_keeps_its_alias(world, tmp_path):
+    for flag in ("--rank", "--r", "-r"):  # parsed; the missing input is what fails
+        result = invoke("train", tmp_path / "out", tmp_path / "nodocs", flag, "3")
+        assert result.exit_code == 2 and "nodocs" in output(result), output(result)
+        assert "No such option" not in output(result)
+
+
+def test_router_choices_come_from_ROUTERS():
+    from loralag.cli import router_names
+    from loralag.routers import ROUTERS
+
+    assert router_names() == tuple(ROUTERS)
+    text = output(invoke("generate", "--help"))
+    for name in ROUTERS:
+        assert name in text
+    assert "Not 'fixed'" in text
+
+
+class _Spinners:
+    """Records the messages of every rich status (spinner) started while it is installed."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        from rich.console import Console
+
+        self.messages = []
+        spinners = self
+
+        class Status:
+            def update(self, message, **kw):
+                spinners.messages.append(str(message))
+
+        @contextlib.contextmanager
+        def status(console, message, **kw):
+            spinners.messages.append(str(message))
+            yield Status()
+
+        monkeypatch.setattr(Console, "status", status)
+
+
+def test_slow_steps_show_a_spinner_with_a_message(world, lib, monkeypatch):
+    spinners = _Spinners(monkeypatch)
+    result = invoke("generate", "--model", world / "model", "--library", lib, "--max-new-tokens", "2", "--no-chat", "who")
+    assert result.exit_code == 0, output(result)
+    assert any("Loading model" in m for m in spinners.messages), spinners.messages
+    assert any("Generating" in m for m in spinners.messages), spinners.messages
+
+
+def test_demo_table_keeps_whole_answers_at_80_columns():
+    from rich.console import Console
+
+    from loralag.demo import ENTITIES, print_results
+
+    rows = []
+    for e in ENTITIES:
+        q, gold, statement = e["facts"][0]
+        rows.append({"question": q, "gold": gold, "adapter": e["name"], "base": "I do not know.", "lag": statement,
+                     "lag_voted": statement, "oracle": statement, "lag_adapter": e["name"], "lag_adapter_share": 0.61,
+                     "right": {"base": False, "lag": True, "lag_voted": True, "oracle": True}})
+    results = {"rows": rows, "config": {"router": "lag", "k": 20}, "timings": {"load": 1.0}, "workdir": "w",
+               "accuracy": {"base": 0.0, "lag": 1.0, "lag_voted": 1.0, "oracle": 1.0, "lag_adapter": 1.0}}
+    for width in (80, 200):
+        console = Console(width=width, record=True, file=open("/dev/null", "w"))
+        print_results(results, console)
+        text = console.export_text()
+        assert "…" not in text, width
+        words = set(output_words(text))
+        for r in rows:
+            assert set(output_words(r["lag"])) <= words, (width, r["lag"])
+
+
+def output_words(text: str) -> list[str]:
+    import re
+
+    return re.sub(r"[\u2500-\u257f.?,]", " ", text).split()

@@ -165,3 +165,51 @@ def test_stop_strings(setup):
     assert cut[0] == words[0]  # cut before the stop string
     # the other sequence of the batch is unaffected up to where it would have stopped
     assert full[1].startswith(cut[1])
+
+
+def test_fixed_routing_describes_as_one_adapter_with_zero_entropy(setup):
+    import math
+
+    model, lib, _ = setup
+    tok = tiny_tokenizer()
+    state = attach(model, [lib])
+    try:
+        state.fix("lib", ["a1", "a1"])
+        _, trace = generate(model, tok, PROMPTS, max_new_tokens=3, trace=True)
+    finally:
+        detach(model)
+    entropy = trace.summary(1)["lib"]["entropy"]
+    assert entropy == 0 and math.copysign(1.0, entropy) == 1.0  # 0.00, not -0.00
+    text = trace.describe(1)
+    assert "entropy 0.00 nats" in text and "-0.00" not in text
+    assert "a1 100%" in text and "{" not in text  # a formatted line, not a dict of floats
+    # only real tokens count: the short prompt's padding is left out
+    real = int(trace.attention_mask[1, : trace.winner_matrix(trace.modules("lib")[0], "lib").shape[1]].sum())
+    assert f"{real * 6} token×module decisions" in text
+
+
+def test_fix_refuses_a_name_the_library_does_not_hold(setup):
+    model, lib, _ = setup
+    state = attach(model, [lib])
+    try:
+        with pytest.raises(LoralagError, match=r"no adapter named 'a7'; it holds: a0, a1, a2"):
+            state.fix("lib", ["a0", "a7"])
+        with pytest.raises(LoralagError, match=r"no adapter named 'a00' \(did you mean 'a0'\?\); it holds: a0, a1"):
+            state.fix("lib", ["a00", None])
+        with pytest.raises(LoralagError, match="one adapter name per sequence"):
+            state.fix("lib", "a0")
+        assert state.specs["lib"].router == "lag"  # unchanged
+    finally:
+        detach(model)
+
+
+def test_content_mask_marks_the_users_words_only():
+    tok = tiny_tokenizer(chat=True)
+    enc = encode_prompts(tok, PROMPTS, chat=True, content_mask=True)
+    for row, prompt in enumerate(PROMPTS):
+        ids = enc["input_ids"][row][enc["content_mask"][row]]
+        assert tok.decode(ids).replace(" ", "") == prompt.replace(" ", "")  # the tiny decoder drops a space
+        assert enc["content_mask"][row].sum() < enc["attention_mask"][row].sum()  # the template's tokens are out
+    plain = encode_prompts(tok, PROMPTS, chat=False, content_mask=True)
+    assert torch.equal(plain["content_mask"], plain["attention_mask"].bool())
+    assert "content_mask" not in encode_prompts(tok, PROMPTS, chat=True)  # model(**enc) keeps working
