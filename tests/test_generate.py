@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from conftest import save_lora, tiny_llama
 from rich.console import Console
@@ -120,6 +122,14 @@ def test_fixed_router_table_is_unanimous(setup):
         detach(model)
     assert majority_adapter(trace, seq=0) == ("a2", 1.0)
     assert majority_adapter(trace, seq=1) == ("a0", 1.0)
+    entropy = trace.summary(1)["lib"]["entropy"]
+    assert entropy == 0 and math.copysign(1.0, entropy) == 1.0  # 0.00, not -0.00
+    text = trace.describe(1)
+    assert "entropy 0.00 nats" in text and "-0.00" not in text
+    assert "a0 100%" in text and "{" not in text  # a formatted line, not a dict of floats
+    # only real tokens count: the short prompt's padding is left out
+    real = int(trace.attention_mask[1, : trace.winner_matrix(trace.modules("lib")[0], "lib").shape[1]].sum())
+    assert f"{real * 6} token×module decisions" in text
     out = render(routing_table(trace, tok, seq=1))  # input_ids default to the trace's
     assert "a0" in out and "100%" in out and "a2" not in out.split("lib:")[0]
 
@@ -165,27 +175,6 @@ def test_stop_strings(setup):
     assert cut[0] == words[0]  # cut before the stop string
     # the other sequence of the batch is unaffected up to where it would have stopped
     assert full[1].startswith(cut[1])
-
-
-def test_fixed_routing_describes_as_one_adapter_with_zero_entropy(setup):
-    import math
-
-    model, lib, _ = setup
-    tok = tiny_tokenizer()
-    state = attach(model, [lib])
-    try:
-        state.fix("lib", ["a1", "a1"])
-        _, trace = generate(model, tok, PROMPTS, max_new_tokens=3, trace=True)
-    finally:
-        detach(model)
-    entropy = trace.summary(1)["lib"]["entropy"]
-    assert entropy == 0 and math.copysign(1.0, entropy) == 1.0  # 0.00, not -0.00
-    text = trace.describe(1)
-    assert "entropy 0.00 nats" in text and "-0.00" not in text
-    assert "a1 100%" in text and "{" not in text  # a formatted line, not a dict of floats
-    # only real tokens count: the short prompt's padding is left out
-    real = int(trace.attention_mask[1, : trace.winner_matrix(trace.modules("lib")[0], "lib").shape[1]].sum())
-    assert f"{real * 6} token×module decisions" in text
 
 
 def test_fix_refuses_a_name_the_library_does_not_hold(setup):

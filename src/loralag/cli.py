@@ -414,6 +414,7 @@ def train(
     _check_model(model)
     with waiting("Reading the training inputs …") as status:
         _prepare_model(model, status)
+        status.update("Reading the training inputs …")
         from .train import read_training_inputs
 
         items = read_training_inputs(inputs)
