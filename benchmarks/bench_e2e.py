@@ -9,6 +9,7 @@ instance, measured side by side in one run (interleaved, warm-up first, median o
   lag N=…         loralag.attach(model, library, router="lag", k=20): per token and module, Arrow top-20 then
                   SpectR; libraries as `loralag build` writes them (segments of 128 adapters) and, at the largest
                   N, compacted into one segment
+  lag-prefix N=…  the same with router="lag-prefix" (per token, LAG's most-picked adapter over the sequence so far)
   peft-arrow N=…  PEFT's Arrow (create_arrow_model over N PEFT folders exported from the library, ArrowConfig(top_k=3))
 
 Prefill: one forward over the prompt (KV cache on). Decoding: model.generate(greedy, KV cache) for a fixed number of
@@ -38,6 +39,7 @@ def extra(p):
     p.add_argument("--no-compact", action="store_true", help="skip the one-segment variant of the largest library")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 256; quick 32)")
     p.add_argument("--new", type=int, default=None, help="new tokens (default 64; quick 4)")
+    p.add_argument("--routers", default="lag,lag-prefix", help="loralag routers to time (default lag,lag-prefix)")
 
 
 def mlp_modules(shapes):
@@ -102,17 +104,19 @@ def main():
     folders = export(min(pa_ns) if pa_ns else min(ns))
     m, _ = load_model("default")
     models["peft-lora"] = PeftModel.from_pretrained(m, str(folders[0])).eval()
-    for N in ns:
-        for layout in ("built", "compact"):
-            if (N, layout) not in libs:
-                continue
-            m, _ = load_model("default")
-            t = time.perf_counter()
-            attach(m, libs[(N, layout)], router="lag", k=20)
-            segs = libs[(N, layout)].summary()["segments"]
-            name = f"lag N={N}" + (f" ({segs} segment{'s' if segs > 1 else ''})" if segs > 1 or layout == "compact" else "")
-            setup[name] = time.perf_counter() - t
-            models[name] = m
+    for router in args.routers.split(","):
+        for N in ns:
+            for layout in ("built", "compact"):
+                if (N, layout) not in libs:
+                    continue
+                m, _ = load_model("default")
+                t = time.perf_counter()
+                attach(m, libs[(N, layout)], router=router, k=20)
+                segs = libs[(N, layout)].summary()["segments"]
+                name = f"{router} N={N}" + (f" ({segs} segment{'s' if segs > 1 else ''})"
+                                            if segs > 1 or layout == "compact" else "")
+                setup[name] = time.perf_counter() - t
+                models[name] = m
     t_create = {}
     for N in pa_ns:
         fs = export(N)

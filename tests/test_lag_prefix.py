@@ -9,7 +9,6 @@ from transformers import DynamicCache
 from conftest import save_lora, tiny_llama
 from loralag import attach, build_library, detach, read_adapter
 from loralag.library import module_shapes
-from test_routers import reference_delta
 
 KNOW = ("gate_proj", "up_proj", "down_proj")
 
@@ -67,6 +66,16 @@ class _Module(torch.nn.Module):
     def __init__(self, ref, base, dense):
         super().__init__()
         self.ref, self.base, self.dense = ref, base, dense
+        # the dense SVD of each s·B·A, once: its first right singular vector is the arrow, its top rows A*
+        svds = [torch.linalg.svd(W.double())[2] for W in dense]
+        ranks = [int(torch.linalg.matrix_rank(W.double(), rtol=1e-5)) for W in dense]
+        self.vh = [Vh[:r] for Vh, r in zip(svds, ranks)]
+
+    def lag_pick(self, x):
+        xd = x.double()
+        arrow = torch.stack([abs(Vh[0] @ xd) for Vh in self.vh])
+        cand = arrow.topk(min(self.ref.k, len(self.vh))).indices.tolist()
+        return max(cand, key=lambda i: float((self.vh[i] @ xd).norm()))
 
     def forward(self, x):
         ref = self.ref
@@ -74,7 +83,7 @@ class _Module(torch.nn.Module):
         out = self.base(x)
         for b in range(B):
             for t in range(T):
-                _, own = reference_delta("lag", self.dense, x[b, t], ref.k)
+                own = self.lag_pick(x[b, t])
                 if ref.mask[b, t]:
                     ref.call[b][t][own] += 1
                 seen = Counter(ref.counts[b])
@@ -86,14 +95,15 @@ class _Module(torch.nn.Module):
         return out
 
 
-def test_prefill_and_decoding_equal_the_reference(setup):
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence decodes through the one-token path
+def test_prefill_and_decoding_equal_the_reference(setup, batch):
     model, lib, adapters = setup
     g = torch.Generator().manual_seed(11)
-    ids = torch.randint(1, 97, (2, 9), generator=g)
+    ids = torch.randint(1, 97, (2, 9), generator=g)[:batch]
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding: its tokens must not vote
-    nxt = torch.randint(1, 97, (2, 1), generator=g)
-    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    mask[1:, :3] = 0  # left padding: its tokens must not vote
+    nxt = torch.randint(1, 97, (2, 1), generator=g)[:batch]
+    mask2 = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], 1)
 
     ref = Reference(model, lib, adapters, k=2)
     try:
@@ -114,7 +124,47 @@ def test_prefill_and_decoding_equal_the_reference(setup):
     real = mask.bool()
     torch.testing.assert_close(got1.logits[real], want1.logits[real], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got2.logits, want2.logits, atol=1e-4, rtol=1e-4)
+    assert (want2.logits - model(input_ids=nxt, attention_mask=mask2,
+                                 past_key_values=_plain_cache(model, ids, mask)).logits).abs().max() > 1e-3
     torch.testing.assert_close(plain[real], want1.logits[real], atol=1e-4, rtol=1e-4)  # the state was reset
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_many_decoding_steps_after_a_short_prompt_equal_the_reference(setup, batch):
+    """With a 2-token prompt the decoded tokens' own votes decide: every step must count them."""
+    model, lib, adapters = setup
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(1, 97, (batch, 2), generator=g)
+    steps = torch.randint(1, 97, (batch, 5), generator=g)
+    mask = torch.ones_like(ids)
+
+    def run(forward):
+        outs, cache, m = [], DynamicCache(), mask
+        out = forward(ids, m, cache)
+        outs.append(out.logits[:, -1])
+        for s in range(steps.shape[1]):
+            m = torch.cat([m, torch.ones(batch, 1, dtype=torch.long)], 1)
+            out = forward(steps[:, s : s + 1], m, out.past_key_values)
+            outs.append(out.logits[:, -1])
+        return torch.stack(outs)
+
+    ref = Reference(model, lib, adapters, k=2)
+    try:
+        want = run(ref.run)
+    finally:
+        ref.close()
+    attach(model, lib, router="lag-prefix", k=2)
+    try:
+        with torch.no_grad():
+            got = run(lambda i, m, c: model(input_ids=i, attention_mask=m, past_key_values=c, use_cache=True))
+    finally:
+        detach(model)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _plain_cache(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True).past_key_values
 
 
 def test_differs_from_lag_and_counts_lag_picks(setup):

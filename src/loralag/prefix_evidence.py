@@ -18,6 +18,7 @@ Counts are of LAG's own picks, not of the adapters applied, so one early pick ca
 
 from __future__ import annotations
 
+
 import torch
 
 TIE = 0.5  # added to the token's own LAG pick: counts are integers, so this only breaks ties in its favour
@@ -56,6 +57,8 @@ class PrefixEvidence:
         members: the library indices of the module's bank, when it holds only some adapters (or another order):
         the pick is then among those, returned as an index into them."""
         T = len(own) // batch
+        if batch * T == 1:
+            return self._pick_one(int(own[0]), members)
         own = own.view(batch, T)
         if self.call is None or self.call.shape[:2] != (batch, T):
             self.call = torch.zeros(batch, T, self.n)
@@ -75,6 +78,25 @@ class PrefixEvidence:
             score = score.index_select(2, members)
         count, best = score.max(-1)
         return torch.where(own >= 0, best, own).view(-1), count.view(-1)
+
+    def _pick_one(self, own: int, members: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pick() for one decoding token of one sequence, in numpy: a handful of torch ops per module cost more
+        than the arithmetic here (about 20 µs of a decoding step's ~100 µs per module at N=1,000)."""
+        if self.call is None or self.call.shape[:2] != (1, 1):
+            self.call = torch.zeros(1, 1, self.n)
+        row = self.call.numpy()[0, 0]
+        masked = self.token_mask is not None and self.token_mask.shape == (1, 1) and not bool(self.token_mask[0, 0])
+        if own < 0:
+            return torch.tensor([own]), torch.zeros(1)
+        if not masked:
+            row[own] += 1
+        score = row + self.counts.numpy()[0] if self.counts is not None else row.copy()
+        if not masked:
+            score[own] += TIE
+        if members is not None:
+            score = score[members.numpy()]
+        best = int(score.argmax())
+        return torch.tensor([best]), torch.tensor([float(score[best])])
 
     def _mask(self, batch: int, T: int) -> torch.Tensor | None:
         m = self.token_mask

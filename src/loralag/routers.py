@@ -363,6 +363,13 @@ def route_lag_prefix(bank, X, spec, batch, evidence=None, members=None):
         return own
     own_lib = own.winner if members is None else members[own.winner]
     winner, count = evidence.pick(own_lib, batch, members)
+    if len(X) == 1:  # decoding: one adapter's two matrix-vector products when the vote moves the token
+        j = int(winner[0])
+        if j != int(own.winner[0]):
+            A, B = bank.parts[int(bank.seg_of[j])]
+            row = int(bank.row_of[j])
+            own.delta[0] = B[row] @ (A[row] @ X[0])
+        return Routed(own.delta, winner, count)
     moved = (winner != own.winner).nonzero().squeeze(1)
     delta = own.delta
     if len(moved):

@@ -141,6 +141,7 @@ class _Seq:
     length: int  # positions in the KV cache
     kv: list | None  # own cache [(K, V)] per layer while not yet in a group's batched cache
     counts: dict = field(default_factory=dict)  # library -> LongTensor (n_adapters,)
+    evidence: dict = field(default_factory=dict)  # library -> lag-prefix's counts for this sequence, like its KV cache
     generator: torch.Generator | None = None
     tokens: list = field(default_factory=list)  # generated ids, eos included
     text_ids: list = field(default_factory=list)  # generated ids that make text
@@ -369,6 +370,19 @@ class Engine:
         self.metrics.forward_seconds.observe(time.perf_counter() - t0, kind=kind)
         return logits, counts
 
+    def _set_evidence(self, seqs: list[_Seq]) -> None:
+        """lag-prefix's per-sequence counts for a decoding step, in the batch's row order (prefill starts them
+        fresh: its cache is empty)."""
+        if self.state is not None:
+            for lib, ev in self.state.evidence.items():
+                ev.set_rows([s.evidence.get(lib) for s in seqs])
+
+    def _evidence_rows(self, row: int) -> dict:
+        """Row `row`'s lag-prefix counts after a forward pass, per library (none where no lag-prefix ran)."""
+        if self.state is None:
+            return {}
+        return {lib: ev.counts[row].clone() for lib, ev in self.state.evidence.items() if ev.counts is not None}
+
     def _routed_counts(self, trace, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{library: (B, n_adapters)} tokens of each row routed to each adapter, summed over modules."""
         B = token_mask.shape[0]
@@ -449,7 +463,8 @@ class Engine:
                 if req.sampling.temperature > 0:
                     seed = req.sampling.seed + index if req.sampling.seed is not None else secrets.randbits(63)
                     gen = torch.Generator().manual_seed(seed)
-                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()}, gen)
+                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()}, gen,
+                           evidence=self._evidence_rows(r))
                 self._running += 1
                 group.seqs.append(seq)
                 self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
@@ -501,6 +516,7 @@ class Engine:
             mask = (torch.arange(L + 1).unsqueeze(0) >= (L - lengths).unsqueeze(1)).long()
             position_ids = lengths.unsqueeze(1)
             try:
+                self._set_evidence(live)
                 logits, counts = self._forward("decode", key, [s.req.routing for s in live], input_ids, mask,
                                                position_ids, group.cache, torch.ones(B, 1, dtype=torch.long))
             except Exception:
@@ -513,6 +529,7 @@ class Engine:
             group.cache_len += 1
             tokens = self._sample(logits, live)
             for i, s in enumerate(live):
+                s.evidence = self._evidence_rows(i)
                 s.length += 1
                 for lib, c in counts.items():
                     s.counts[lib] = s.counts[lib] + c[i] if lib in s.counts else c[i].clone()
@@ -520,28 +537,43 @@ class Engine:
                     self._accept(s, tokens[i])
 
     # -- sampling and text ---------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """One token per row of `logits` (B, V), which this may change in place: greedy rows by one argmax."""
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int | None]:
+        """One token per row of `logits` (B, V), which this may change in place: greedy rows by one argmax.
+
+        A row whose logits hold NaN or +Inf (or nothing but -Inf), or whose sampling fails, fails its own
+        request alone (None in its place); the other rows are sampled exactly as if it were not there."""
         eos = [i for i in self.eos_ids if i < logits.shape[1]]
         ignore = [i for i, s in enumerate(seqs) if s.req.sampling.ignore_eos]
         if eos and ignore:
             logits[torch.tensor(ignore).unsqueeze(1), torch.tensor(eos).unsqueeze(0)] = float("-inf")
-        tokens = logits.argmax(dim=-1).tolist()
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(1) | torch.isneginf(logits).all(1)
+        tokens: list[int | None] = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             sp = s.req.sampling
-            if sp.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[i] / sp.temperature, dim=-1)
-            if sp.top_p < 1.0:
-                p, idx = probs.sort(descending=True)
-                drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
-                p = p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(0, idx, p)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+            if broken[i]:
+                tokens[i] = None
+                self._fail_alone(s.req, "numerical_error", "the model's output for this request holds NaN or infinite "
+                                 "values, so it was stopped (the server's other requests are not affected)")
+            elif sp.temperature > 0:
+                try:
+                    tokens[i] = _draw(logits[i], sp, s.generator)
+                except (RuntimeError, ValueError) as e:
+                    tokens[i] = None
+                    self._fail_alone(s.req, "sampling_error", f"sampling failed for this request ({e}), so it was "
+                                     "stopped (the server's other requests are not affected)")
         return tokens
 
-    def _accept(self, seq: _Seq, token: int) -> None:
+    def _fail_alone(self, req: EngineRequest, code: str, message: str) -> None:
+        """A numerical failure of one request: answer it 500 and count it; nothing else is touched."""
+        if not req.failed and not req.cancelled:
+            log.warning("request %d failed: %s", req.id, code)
+            self.metrics.request_errors.inc(code=code)
+        self._fail(req, 500, "server_error", code, message)
+
+    def _accept(self, seq: _Seq, token: int | None) -> None:
         req, sp = seq.req, seq.req.sampling
+        if token is None or req.failed:  # its request failed (maybe a sibling sequence's sampling): end it too
+            return self._end(seq)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         seq.tokens.append(token)
@@ -607,6 +639,23 @@ class Engine:
                 if not s.finished:
                     reqs[id(s.req)] = s.req
         return list(reqs.values())
+
+
+def _draw(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator | None) -> int:
+    """Sample one token from one row of logits (V,) at sp.temperature, within nucleus sp.top_p.
+
+    In float64 and shifted by the row's maximum: a tiny temperature (1e-300) divides differences of
+    logits, never the logits themselves, so the distribution tends to the argmax instead of turning NaN."""
+    x = logits.double()
+    probs = torch.softmax((x - x.max()) / sp.temperature, dim=-1)
+    if sp.top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, idx, p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise ValueError("the token probabilities are not finite")
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _holdback(text: str, stops) -> int:
