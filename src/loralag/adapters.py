@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from .errors import AdapterError
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
+
+log = logging.getLogger("loralag")
+MAX_NAME = 255  # a file name's limit on common file systems: export writes a folder of each adapter's name
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -55,6 +59,32 @@ class LoraAdapter:
     @property
     def rank(self) -> int:
         return max(m.rank for m in self.modules.values())
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot name an adapter (None if it can): adapter names become folder names (export) and
+    manifest keys, so they must be non-empty printable text without path separators, and not '.' or '..'."""
+    if not isinstance(name, str) or not name:
+        return "an adapter name must be a non-empty string"
+    if len(name) > MAX_NAME:
+        return f"an adapter name holds at most {MAX_NAME} characters"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return "an adapter name must not be '.' or '..' or hold a path separator"
+    if not name.isprintable() or name != name.strip():
+        return "an adapter name must be printable, without surrounding spaces"
+    return None
+
+
+def check_name(name, where: str) -> str:
+    """`name` if it can name an adapter, else AdapterError naming `where` it came from."""
+    problem = name_problem(name)
+    if problem:
+        raise AdapterError(f"{where}: {problem}, got {name!r}")
+    return name
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -101,8 +131,13 @@ def _read_config(folder: Path, name: str) -> dict:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not _positive_number(value):
             raise AdapterError(f"adapter '{name}': {path} field '{key}' must be a positive number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(_positive_number(v) for v in patterns.values()):
+            raise AdapterError(f"adapter '{name}': {path} field '{key}' must map module patterns to positive numbers, "
+                               f"got {patterns!r}")
     return config
 
 
@@ -126,6 +161,7 @@ def read_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
     """Read one PEFT LoRA folder into per-module factors with PEFT's scaling rules applied."""
     folder = Path(folder)
     name = name or folder.name
+    check_name(name, f"adapter folder {folder}")
     if not folder.is_dir():
         raise AdapterError(f"adapter '{name}': {folder} is not a folder")
     config = _read_config(folder, name)
@@ -159,6 +195,10 @@ def read_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
             raise AdapterError(f"adapter '{name}': module '{module}' in {wfile} holds NaN or Inf weights")
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        # check the factors as applied (alpha 1e308 makes scale·B Inf); library.py checks the aligned ones too
+        if not math.isfinite(scale) or not torch.isfinite(B * scale).all():
+            raise AdapterError(f"adapter '{name}': module '{module}' in {wfile}: lora_alpha {alpha:g} and rank {r} give "
+                               f"scale {scale:g}, which makes its update non-finite")
         modules[module] = LoraModule(A=A, B=B, scale=scale, alpha=alpha)
     return LoraAdapter(name=name, source=str(folder.resolve()), modules=modules, config=config, checksum=adapter_checksum(folder))
 
@@ -169,17 +209,30 @@ def find_adapter_folders(paths) -> list[Path]:
         paths = [paths]
     found = []
     for p in map(Path, paths):
+        if p.name in ("", ".", ".."):  # `build LIB .`: the adapter is named after the folder itself
+            p = p.resolve()
         if (p / CONFIG_FILE).is_file():
             found.append(p)
         elif p.is_dir():
-            children = sorted(c for c in p.iterdir() if (c / CONFIG_FILE).is_file())
+            children, skipped = [], []
+            for c in sorted(p.iterdir()):
+                if (c / CONFIG_FILE).is_file():
+                    children.append(c)
+                elif c.is_dir() and not c.name.startswith("."):  # hidden: e.g. a training run's temporary folder
+                    if (c / SAFETENSORS_FILE).is_file() or (c / BIN_FILE).is_file():
+                        raise AdapterError(f"adapter '{c.name}': {c} holds adapter weights but no {CONFIG_FILE}")
+                    skipped.append(c.name)
             if not children:
                 raise AdapterError(f"{p} holds no {CONFIG_FILE}, neither itself nor in a subfolder")
+            if skipped:
+                log.warning("skipping %d folder(s) of %s without %s: %s", len(skipped), p, CONFIG_FILE,
+                            ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""))
             found.extend(children)
         else:
             raise AdapterError(f"adapter path {p} does not exist")
     names: dict[str, Path] = {}
     for p in found:
+        check_name(p.name, f"adapter folder {p}")
         if p.name in names:
             raise AdapterError(f"two adapters are named '{p.name}': {names[p.name]} and {p}")
         names[p.name] = p

@@ -30,11 +30,33 @@ class ModuleBank:
     _arrows_half: torch.Tensor | None = None  # float16 copy for decoding, see arrows_half
 
     def __post_init__(self):
+        self._check_rows()
         # The common case, one segment at full rank, gathers with a single index_select per tensor;
         # when its rows are also the bank's order (nothing removed) even the row lookup goes.
         self._single = len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r
         self._direct = self._single and len(self.parts[0][0]) == self.n and bool((self.row_of == torch.arange(self.n)).all())
         self._padded = any(A.shape[1] < self.r for A, _ in self.parts)
+
+    def _check_rows(self) -> None:
+        """Every adapter's (segment, row) lies inside its stack, and the stacks have this bank's shapes: the native
+        kernels read rows in place by address, so a bad row table must never reach them."""
+        for p, (A, B) in enumerate(self.parts):
+            if A.ndim != 3 or B.ndim != 3 or len(A) != len(B) or A.shape[2] != self.d_in or B.shape[1] != self.d_out \
+                    or A.shape[1] != B.shape[2]:
+                raise ValueError(f"module {self.module}: segment {p} holds A {tuple(A.shape)} and B {tuple(B.shape)}, "
+                                 f"not stacks of {self.d_in}->{self.d_out} factors")
+        n = len(self.names)
+        if len(self.seg_of) != n or len(self.row_of) != n or len(self.ranks) != n or self.arrows.shape != (n, self.d_in):
+            raise ValueError(f"module {self.module}: {n} adapters but tables of other lengths")
+        if n:
+            sizes = torch.tensor([len(A) for A, _ in self.parts])
+            ranks = torch.tensor([A.shape[1] for A, _ in self.parts])
+            seg = self.seg_of
+            if bool((seg < 0).any() or (seg >= len(self.parts)).any()):
+                raise ValueError(f"module {self.module}: an adapter points to a segment that does not exist")
+            if bool((self.row_of < 0).any() or (self.row_of >= sizes[seg]).any() or (self.ranks < 1).any()
+                    or (self.ranks > ranks[seg]).any()):
+                raise ValueError(f"module {self.module}: an adapter's row or rank lies outside its segment's stack")
 
     @property
     def direct(self) -> bool:

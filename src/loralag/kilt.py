@@ -588,5 +588,9 @@ def read_kilt_predictions(path: str | os.PathLike) -> dict[str, str]:
         ex_id = str(obj["id"]).strip()
         if ex_id in out:
             raise _bad(path, lineno, f"id {ex_id!r} appears more than once")
-        out[ex_id] = str(outputs[0]["answer"])
+        answer = outputs[0]["answer"]
+        if not isinstance(answer, str):  # null or 1990 would be scored as the strings "None" and "1990"
+            got = "null" if answer is None else type(answer).__name__
+            raise _bad(path, lineno, f"'answer' must be a string, got {got} (write \"\" for no answer)")
+        out[ex_id] = answer
     return out

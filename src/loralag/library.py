@@ -17,6 +17,8 @@ import fcntl
 import functools
 import hashlib
 import json
+import re
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,18 +26,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import CONFIG_FILE, LoraAdapter, adapter_checksum, check_fits, find_adapter_folders, read_adapter
+from .adapters import (CONFIG_FILE, LoraAdapter, adapter_checksum, check_fits, find_adapter_folders, name_problem,
+                       read_adapter)
 from .alignment import align
 from .arrow_index import ArrowIndex, build_index
 from .bank import ModuleBank
 from .errors import AdapterError, LibraryError
-from .storage import atomic_save_safetensors, atomic_write_json, mmap_safetensors, read_tensor
+from .storage import TMP_PREFIX, atomic_save_safetensors, atomic_write_json, mmap_safetensors, read_tensor
 
 FORMAT = "loralag-library"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOCK = ".lock"
+_SEGMENT_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_INDEX_FILE = re.compile(r"arrow-index-[0-9A-Za-z_-]{1,64}\.safetensors")
+MODULE_KINDS = ("linear", "conv1d")
 
 
 def module_shapes(model: torch.nn.Module) -> dict[str, list]:
@@ -72,20 +79,99 @@ class Library:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._load()
+        self._sweep_if_idle()
+
+    def _load(self) -> None:
+        """Read and check the manifest: its structure, adapter names, and that every file it names is inside the
+        library. One-line LibraryError naming the manifest when anything is off."""
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise LibraryError(f"{self.path} is not a loralag library: no {MANIFEST}")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise LibraryError(f"{manifest_path} is not valid JSON: {e}") from e
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise LibraryError(
-                f"{manifest_path}: format {self.manifest.get('format')!r} version {self.manifest.get('format_version')!r}, "
-                f"expected {FORMAT!r} version {FORMAT_VERSION}"
-            )
+            self.manifest = json.loads(manifest_path.read_bytes())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise LibraryError(f"{manifest_path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise LibraryError(f"cannot read {manifest_path}: {e.strerror or e}") from None
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+            got = (m.get("format"), m.get("format_version")) if isinstance(m, dict) else (type(m).__name__, None)
+            raise LibraryError(f"{manifest_path}: format {got[0]!r} version {got[1]!r}, "
+                               f"expected {FORMAT!r} version {FORMAT_VERSION}")
+        problem = self._manifest_problem(m)
+        if problem:
+            raise LibraryError(f"{manifest_path} is corrupt: {problem}")
         self._banks: dict[str, ModuleBank] = {}
         self._segments: dict[str, tuple[dict, dict]] = {}
+
+    def _manifest_problem(self, m: dict) -> str | None:
+        base = m.get("base_model")
+        if not isinstance(base, dict) or not isinstance(base.get("name"), str) or not isinstance(base.get("modules"), dict):
+            return "'base_model' must hold a 'name' and a map of 'modules'"
+        for module, shape in base["modules"].items():
+            if not (isinstance(shape, list) and len(shape) == 3 and all(_count(d) for d in shape[:2])
+                    and shape[2] in MODULE_KINDS):
+                return f"module '{module}' must have a shape [d_in, d_out, kind], got {shape!r}"
+        if m.get("dtype") not in DTYPES:
+            return f"dtype {m.get('dtype')!r} is not one of {sorted(DTYPES)}"
+        adapters = m.get("adapters")
+        if not isinstance(adapters, list):
+            return "'adapters' must be a list"
+        seen, segments = set(), set()
+        for i, a in enumerate(adapters):
+            if not isinstance(a, dict):
+                return f"adapter {i} is not an object"
+            problem = name_problem(a.get("name"))
+            if problem:
+                return f"adapter {i}: {problem}, got {a.get('name')!r}"
+            name = a["name"]
+            if name in seen:
+                return f"adapter '{name}' appears twice"
+            seen.add(name)
+            seg = a.get("segment")
+            if not isinstance(seg, str) or not _SEGMENT_ID.fullmatch(seg):
+                return f"adapter '{name}' names segment {seg!r}, which is not a segment id"
+            segments.add(seg)
+            targets = a.get("target_modules")
+            if not isinstance(targets, list) or not targets or \
+                    not all(isinstance(t, str) and t in base["modules"] for t in targets):
+                return f"adapter '{name}' must target a non-empty list of the base model's modules, got {targets!r}"
+            if not _count(a.get("rank")):
+                return f"adapter '{name}' has rank {a.get('rank')!r}, not a positive integer"
+        for seg in segments:  # a segment id is a plain name; a link may still lead out of the library
+            if not self._inside(self._segment_path(seg)):
+                return f"segment {seg!r} lies outside the library"
+        index = m.get("arrow_index")
+        if index is not None:
+            if not isinstance(index, dict) or not isinstance(index.get("file"), str) \
+                    or not _INDEX_FILE.fullmatch(index["file"]) or not self._inside(self.path / index["file"]):
+                return f"'arrow_index' must name an arrow-index-*.safetensors file inside the library, got {index!r}"
+        return None
+
+    def _inside(self, path: Path) -> bool:
+        """Whether `path`, links followed, is within the library's folder."""
+        return path.resolve().is_relative_to(self.path.resolve())
+
+    def _segment_path(self, seg: str) -> Path:
+        return self.path / SEGMENTS / f"{seg}.safetensors"
+
+    def _sweep_if_idle(self) -> None:
+        """Remove what killed writes left behind (temporary files, segments no manifest names), unless a writer
+        holds the library (it sweeps when done) or it cannot be written (a read-only copy)."""
+        try:
+            lock = open(self.path / LOCK, "a")
+        except OSError:
+            return
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return
+            try:
+                self._sweep()
+            except OSError:
+                pass
 
     # -- what it holds -------------------------------------------------------------------------
     @property
@@ -128,12 +214,48 @@ class Library:
     # -- reading tensors -----------------------------------------------------------------------
     def _segment(self, seg: str) -> tuple[Path, dict, dict]:
         if seg not in self._segments:
-            path = self.path / SEGMENTS / f"{seg}.safetensors"
+            path = self._segment_path(seg)
             if not path.is_file():
                 raise LibraryError(f"library {self.path}: segment file {path} is missing")
             tensors, meta = mmap_safetensors(path)
-            self._segments[seg] = (path, tensors, json.loads(meta["rows"]))
+            try:
+                rows = json.loads(meta["rows"])
+            except (KeyError, ValueError, RecursionError):
+                raise LibraryError(f"{path} is corrupt: its metadata holds no valid 'rows' table") from None
+            problem = self._rows_problem(tensors, rows)
+            if problem:
+                raise LibraryError(f"{path} is corrupt: {problem}")
+            self._segments[seg] = (path, tensors, rows)
         return self._segments[seg]
+
+    def _rows_problem(self, tensors: dict, rows) -> str | None:
+        """Check a segment's row table against its tensors' shapes: every row a router may address (and the
+        native kernels read in place) lies inside its stack."""
+        if not isinstance(rows, dict):
+            return "its 'rows' table is not a map of modules"
+        dtype = self.dtype
+        for module, table in rows.items():
+            if module not in self.shapes:
+                return f"module '{module}' is not a module of the base model"
+            d_in, d_out, _ = self.shapes[module]
+            A, B, arrow = (tensors.get(f"{module}.{t}") for t in ("A", "B", "arrow"))
+            if A is None or B is None or arrow is None:
+                return f"module '{module}' lacks one of its A, B and arrow tensors"
+            if not isinstance(table, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                                      and _count(r[1]) for r in table):
+                return f"module '{module}': rows must be [name, rank] pairs"
+            n = len(table)
+            if A.dtype != dtype or B.dtype != dtype or arrow.dtype != dtype:
+                return f"module '{module}' is stored as {A.dtype}/{B.dtype}/{arrow.dtype}, the library as {dtype}"
+            if A.ndim != 3 or B.ndim != 3 or arrow.ndim != 2 or A.shape[0] != n or B.shape[0] != n or \
+                    arrow.shape[0] != n or A.shape[2] != d_in or B.shape[1] != d_out or arrow.shape[1] != d_in or \
+                    A.shape[1] != B.shape[2]:
+                return (f"module '{module}' lists {n} rows of {d_in}->{d_out} but holds A {tuple(A.shape)}, "
+                        f"B {tuple(B.shape)}, arrow {tuple(arrow.shape)}")
+            rank = max((r for _, r in table), default=0)
+            if rank > A.shape[1]:
+                return f"module '{module}' lists a rank of {rank} in a stack of rank {A.shape[1]}"
+        return None
 
     def bank(self, module: str) -> ModuleBank:
         """The stacked aligned weights of every adapter that targets `module`, in manifest order."""
@@ -167,9 +289,26 @@ class Library:
         if not path.is_file():
             raise LibraryError(f"library {self.path}: arrow index file {path} is missing")
         tensors, meta = mmap_safetensors(path)
-        if json.loads(meta["fingerprints"]).get(module) != _fingerprint(names):
+        try:
+            prints = json.loads(meta["fingerprints"])
+            if not isinstance(prints, dict):
+                raise ValueError
+        except (KeyError, ValueError, RecursionError):
+            raise LibraryError(f"{path} is corrupt: its metadata holds no valid 'fingerprints'") from None
+        if prints.get(module) != _fingerprint(names):
             return None  # written for other adapters; `add`/`remove` drop the index, so only a foreign file gets here
-        return ArrowIndex.from_tensors(tensors, module)
+        try:
+            index = ArrowIndex.from_tensors(tensors, module)
+        except KeyError:
+            raise LibraryError(f"{path} is corrupt: no index for module '{module}'") from None
+        n, d_in = len(names), self.shapes[module][0]
+        c, order, offsets = index.centroids, index.order, index.offsets
+        if c.ndim != 2 or c.shape[1] != d_in or order.dtype != torch.long or offsets.dtype != torch.long or \
+                order.shape != (n,) or offsets.shape != (len(c) + 1,) or \
+                not torch.equal(order.sort().values, torch.arange(n)) or int(offsets[0]) != 0 or \
+                int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+            raise LibraryError(f"{path} is corrupt: the index of module '{module}' does not fit its {n} adapters")
+        return index
 
     def adapter_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(A*, B*) of one adapter per module, cut to its own rank."""
@@ -187,23 +326,26 @@ class Library:
     @contextmanager
     def _writing(self):
         """One writer at a time; orphans of killed writes are swept first."""
-        with open(self.path / ".lock", "w") as lock:
+        with open(self.path / LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.__init__(self.path)  # re-read: another writer may have committed
+            self._load()  # re-read: another writer may have committed
             self._sweep()
             yield
             self._sweep()  # files the new manifest no longer names
-            self.__init__(self.path)
+            self._load()
 
     def _sweep(self) -> None:
+        """Delete temporary files and the segments and index files the manifest does not name. Holds the lock."""
         live = {a["segment"] for a in self.adapters}
-        for f in (self.path / SEGMENTS).iterdir():
-            if f.name.startswith(".tmp-") or (f.suffix == ".safetensors" and f.stem not in live):
-                f.unlink()
+        segments = self.path / SEGMENTS
+        for f in segments.iterdir() if segments.is_dir() else ():
+            if f.name.startswith(TMP_PREFIX) or (f.suffix == ".safetensors" and f.stem not in live):
+                f.unlink(missing_ok=True)
         index = (self.manifest.get("arrow_index") or {}).get("file")
-        for f in self.path.glob("arrow-index-*.safetensors"):
-            if f.name != index:
-                f.unlink()
+        for f in self.path.iterdir():
+            if f.name.startswith(TMP_PREFIX) and f.is_file() or \
+                    f.name.startswith("arrow-index-") and f.suffix == ".safetensors" and f.name != index:
+                f.unlink(missing_ok=True)
 
     def build_index(self, nlist: int | None = None, iters: int = 12, progress: bool = True) -> dict:
         """Cluster every module's arrows (arrow_index.py) and store the index in the library."""
@@ -268,6 +410,10 @@ class Library:
                 aligned.setdefault(module, []).append((adapter.name, *align(lm.A, lm.B, lm.scale)))
         tensors, rows = {}, {}
         for module, items in aligned.items():
+            for name, a, b in items:  # e.g. a huge alpha: finite factors whose product overflows float32 / float16
+                if not (torch.isfinite(a.to(self.dtype)).all() and torch.isfinite(b.to(self.dtype)).all()):
+                    raise AdapterError(f"adapter '{name}': module '{module}' aligns to non-finite {self.manifest['dtype']} "
+                                       "factors (its lora_alpha / rank scaling is too large)")
             A, B = _stack_padded([a for _, a, _ in items], [b for _, _, b in items])
             tensors[f"{module}.A"] = A.to(self.dtype)
             tensors[f"{module}.B"] = B.to(self.dtype)
@@ -311,10 +457,14 @@ class Library:
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise LibraryError(f"cannot export into {out_dir}: it is a file, not a folder")
         paths = []
         for name in names or self.names:
             factors = self.adapter_factors(name)
             folder = out_dir / name
+            if name_problem(name) or not folder.resolve().is_relative_to(out_dir.resolve()):
+                raise LibraryError(f"library {self.path}: adapter {name!r} cannot name a folder inside {out_dir}")
             folder.mkdir(parents=True, exist_ok=True)
             ranks = {m: A.shape[0] for m, (A, _) in factors.items()}
             r = max(ranks.values())
@@ -360,6 +510,11 @@ class Library:
         }
 
 
+def _count(value) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
@@ -392,15 +547,20 @@ def _stack_padded(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch
 def create_library(path: str | Path, base_model: str, shapes: dict[str, list], dtype: str = "float32") -> Library:
     """Create an empty library; an existing one for the same base model is opened instead (resume)."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
-        lib = Library(path)
-        if lib.shapes and any(lib.shapes.get(m, s) != s for m, s in shapes.items() if m in lib.shapes):
-            raise LibraryError(f"library {path} was built for base model '{lib.base_model}' with other module shapes")
-        return lib
-    if path.exists() and any(path.iterdir()):
-        raise LibraryError(f"{path} exists, is not empty and holds no {MANIFEST}: refusing to write a library there")
+    if path.exists() and not path.is_dir():
+        raise LibraryError(f"{path} is a file, not a folder: cannot make a library there")
     if dtype not in DTYPES:
         raise LibraryError(f"unknown library dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    if (path / MANIFEST).is_file():
+        lib = Library(path)
+        if len(lib) == 0 and (lib.base_model != base_model or lib.shapes != shapes or lib.manifest["dtype"] != dtype):
+            pass  # an empty library (a first build that failed) is not bound to its model: made again below
+        elif lib.shapes and any(lib.shapes.get(m, s) != s for m, s in shapes.items() if m in lib.shapes):
+            raise LibraryError(f"library {path} was built for base model '{lib.base_model}' with other module shapes")
+        else:
+            return lib
+    elif path.exists() and any(not _leftover(f) for f in path.iterdir()):
+        raise LibraryError(f"{path} exists, is not empty and holds no {MANIFEST}: refusing to write a library there")
     (path / SEGMENTS).mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": FORMAT,
@@ -413,13 +573,43 @@ def create_library(path: str | Path, base_model: str, shapes: dict[str, list], d
     return Library(path)
 
 
+def _leftover(f: Path) -> bool:
+    """What a first build killed before its first manifest leaves: the lock, temporary files, an empty segments/."""
+    if f.name == LOCK or f.name.startswith(TMP_PREFIX):
+        return True
+    return f.name == SEGMENTS and f.is_dir() and all(g.name.startswith(TMP_PREFIX) for g in f.iterdir())
+
+
 def build_library(out, adapters, base_model: str = "default", shapes: dict | None = None, dtype: str = "float32",
                   replace: bool = False, chunk_size: int = 128, progress: bool = True) -> Library:
-    """Build (or resume, or extend) the library at `out` from adapter folders for one base model."""
+    """Build (or resume, or extend) the library at `out` from adapter folders for one base model.
+
+    A build that fails before storing any adapter leaves nothing behind: no library bound to the model."""
     shapes = shapes if shapes is not None else shapes_for_model(base_model)
+    out = Path(out)
+    existed = out.exists()
+    fresh = not (out / MANIFEST).is_file()
     lib = create_library(out, base_model, shapes, dtype)
-    lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=progress)
+    try:
+        lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=progress)
+    except BaseException:
+        try:
+            if fresh and len(Library(out)) == 0:
+                _unmake(out, existed)
+        except LibraryError:
+            pass
+        raise
     return lib
+
+
+def _unmake(path: Path, keep_folder: bool) -> None:
+    """Remove an empty library made by this build (the folder too unless it was there before)."""
+    if not keep_folder:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in (MANIFEST, LOCK):
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / SEGMENTS, ignore_errors=True)
 
 
 def open_library(path: str | Path) -> Library:

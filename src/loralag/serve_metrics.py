@@ -170,6 +170,10 @@ class ServerMetrics:
                               "Tokens routed to each adapter, counted once per adapted module that chose it",
                               ("library", "adapter"))
         self.engine_errors = Counter("loralag_engine_errors_total", "Forward passes that failed (their requests got 500)")
+        self.request_errors = Counter("loralag_request_errors_total", "Requests ended alone by a failure of their own "
+                                      "(NaN/Inf logits, a failed sampling), by code", ("code",))
+        self.rejected = Counter("loralag_rejected_requests_total", "Requests refused before they were read whole or "
+                                "run (body too large or too slow, missing API key, ...), by code", ("code",))
 
     def all(self) -> list[_Metric]:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]
