@@ -303,6 +303,9 @@ def test_each_adapter_starts_from_its_own_init(model, tok, tmp_path):
                                      progress=False)
     assert not torch.allclose(wa[key], weights(other_base)[key])
     assert lt.adapter_seed(0, "accord") == lt.adapter_seed(0, "accord") and 0 <= lt.adapter_seed(7, "x") < 2 ** 63
+    shared = lt.train_adapters(model, tok, [Document("accord", TEXT), Document("council", TEXT)], tmp_path / "s",
+                               TrainConfig(steps=0, shared_init=True), progress=False)
+    assert torch.equal(weights(shared[0])[key], weights(shared[1])[key])  # the old way: one init for all
 
 
 def test_grouped_cache_skips_finished_adapters(model, tok, tmp_path, monkeypatch, caplog, capsys, one_thread):

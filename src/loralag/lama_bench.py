@@ -74,6 +74,7 @@ class BenchConfig:
     fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
     fc_form: str = "label"  # fact checking answers the bare label (FEVER's); "recall": object, then verdict
     seed: int = 0
+    shared_init: bool = False  # every adapter from one LoRA init (loralag 0.1's way), to measure what distinct ones do
     max_article_chars: int = 400
     # knowledge adapters
     know_r: int = 6
@@ -538,7 +539,8 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
     kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
-                       steps=cfg.know_steps, batch_size=cfg.know_batch, lr=cfg.know_lr, seed=cfg.seed)
+                       steps=cfg.know_steps, batch_size=cfg.know_batch, lr=cfg.know_lr, seed=cfg.seed,
+                       shared_init=cfg.shared_init)
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
     know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
@@ -557,7 +559,7 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
     t = time.perf_counter()
     tcfg = TrainConfig(target_modules=list(TASK_MODULES), r=cfg.task_r, alpha=cfg.task_alpha, steps=cfg.task_steps,
-                       batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed)
+                       batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed, shared_init=cfg.shared_init)
     task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d],
                           [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None) for d in DATASETS]
     fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)

@@ -80,6 +80,7 @@ class TrainConfig:
     max_length: int = 256  # longer documents are split into windows of this many tokens
     append_eos: bool = True  # end each answer with eos so the adapter learns to stop
     seed: int = 0  # the base seed: each adapter's own seed is adapter_seed(seed, name), see there
+    shared_init: bool = False  # every adapter from the one init of `seed` (loralag 0.1's way; for comparisons)
 
 
 def adapter_seed(base_seed: int, name: str) -> int:
@@ -335,7 +336,7 @@ class _Job:
 
 def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
     job = _Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name,
-               seed=adapter_seed(config.seed, item.name))
+               seed=config.seed if config.shared_init else adapter_seed(config.seed, item.name))
     job.under = _read_under(item, config)
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
@@ -716,13 +717,22 @@ def _train_key(model, examples, config: TrainConfig, under: list[str | None] | N
         "format": _MARKER_FORMAT,
         "base": [getattr(base, "_name_or_path", ""), base.model_type, base.hidden_size,
                  base.num_hidden_layers, base.vocab_size],
-        "config": asdict(config),
+        "config": _key_config(config),
         "adapter_seed": seed,
         "examples": examples,
     }
     if under is not None:  # absent otherwise, so adapters trained before `under` existed stay cached
         payload["under"] = under
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _key_config(config: TrainConfig) -> dict:
+    """The config as the cache key holds it: shared_init only when set, so adapters trained before it existed
+    (each from its own seed already) stay cached."""
+    out = asdict(config)
+    if not out["shared_init"]:
+        del out["shared_init"]
+    return out
 
 
 def _read_marker(folder: Path) -> dict:
