@@ -143,7 +143,7 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     from loralag.demo import run_demo
 
     again = run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
-    assert set(again["accuracy"]) >= {"base", "lag", "lag_voted", "oracle", "lag_adapter"}
+    assert set(again["accuracy"]) >= {"base", "lag", "lag_prefix", "lag_voted", "oracle", "lag_adapter"}
     assert len(again["rows"]) == 6 and all(r["lag_adapter"] in adapters for r in again["rows"])
     # cached: nothing is trained again
     mtimes = {p.name: (p / "adapter_model.safetensors").stat().st_mtime for p in (tmp_path / "demo" / "adapters").iterdir()}
@@ -362,10 +362,12 @@ def test_demo_table_keeps_whole_answers_at_80_columns():
     for e in ENTITIES:
         q, gold, statement = e["facts"][0]
         rows.append({"question": q, "gold": gold, "adapter": e["name"], "base": "I do not know.", "lag": statement,
-                     "lag_voted": statement, "oracle": statement, "lag_adapter": e["name"], "lag_adapter_share": 0.61,
-                     "right": {"base": False, "lag": True, "lag_voted": True, "oracle": True}})
+                     "lag_prefix": statement, "lag_voted": statement, "oracle": statement, "lag_adapter": e["name"],
+                     "lag_adapter_share": 0.61,
+                     "right": {"base": False, "lag": True, "lag_prefix": True, "lag_voted": True, "oracle": True}})
     results = {"rows": rows, "config": {"router": "lag", "k": 20}, "timings": {"load": 1.0}, "workdir": "w",
-               "accuracy": {"base": 0.0, "lag": 1.0, "lag_voted": 1.0, "oracle": 1.0, "lag_adapter": 1.0}}
+               "accuracy": {"base": 0.0, "lag": 1.0, "lag_prefix": 1.0, "lag_voted": 1.0, "oracle": 1.0,
+                            "lag_adapter": 1.0}}
     for width in (80, 200):
         console = Console(width=width, record=True, file=open("/dev/null", "w"))
         print_results(results, console)

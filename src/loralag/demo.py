@@ -129,7 +129,7 @@ ENTITIES = [
 ]
 
 QA_FORMAT = "Question: {q}\nAnswer:"
-SYSTEMS = ("base", "lag", "lag_voted", "oracle")
+SYSTEMS = ("base", "lag", "lag_prefix", "lag_voted", "oracle")
 
 
 @dataclass
@@ -258,11 +258,15 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
         chosen = [majority_adapter(trace, lib.name, seq=i) if trace is not None else (None, 0.0)
                   for i in range(len(prompts))]
         # sequence-level LAG: the adapter LAG chose most over the prompt, fixed for the whole answer
+        # lag-prefix: still every token on its own, but each applies the adapter LAG picked most so far
+        state.set_router(lib.name, "lag-prefix", k=config.k)
+        with waiting(f"{answering} lag-prefix, every token by LAG's picks so far (3/{len(SYSTEMS)}) …"):
+            prefix = generate(model, tokenizer, prompts, **kw)
         state.fix(lib.name, [c for c, _ in chosen])
-        with waiting(f"{answering} LAG's choice, fixed (3/{len(SYSTEMS)}) …"):
+        with waiting(f"{answering} LAG's choice, fixed (4/{len(SYSTEMS)}) …"):
             voted = generate(model, tokenizer, prompts, **kw)
         state.fix(lib.name, [e["name"] for e in ENTITIES])  # Oracle: the entity's own adapter
-        with waiting(f"{answering} Oracle (4/{len(SYSTEMS)}) …"):
+        with waiting(f"{answering} Oracle (5/{len(SYSTEMS)}) …"):
             oracle = generate(model, tokenizer, prompts, **kw)
     finally:
         detach(model)
@@ -270,7 +274,7 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
 
     rows = []
     for i, e in enumerate(ENTITIES):
-        answers = {"base": base[i], "lag": lag[i], "lag_voted": voted[i], "oracle": oracle[i]}
+        answers = {"base": base[i], "lag": lag[i], "lag_prefix": prefix[i], "lag_voted": voted[i], "oracle": oracle[i]}
         rows.append({
             "question": questions[i], "gold": golds[i], "adapter": e["name"], **answers,
             "lag_adapter": chosen[i][0], "lag_adapter_share": chosen[i][1],
@@ -299,6 +303,7 @@ def print_results(results: dict, console) -> None:
     table.add_column("base model")
     table.add_column("LAG")
     table.add_column("LAG chose", style="cyan")
+    table.add_column("lag-prefix")
     table.add_column("LAG's choice, fixed")
     table.add_column("Oracle (gold adapter)")
 
@@ -314,7 +319,8 @@ def print_results(results: dict, console) -> None:
             chose = f"{ok} {chose} ({r['lag_adapter_share']:.0%})"
         rows.append((f"{r['question']}\n[dim]adapter: {r['adapter']}[/]", r["gold"],
                      cell(r["base"], r["right"]["base"]), cell(r["lag"], r["right"]["lag"]), chose,
-                     cell(r["lag_voted"], r["right"]["lag_voted"]), cell(r["oracle"], r["right"]["oracle"])))
+                     cell(r["lag_prefix"], r["right"]["lag_prefix"]), cell(r["lag_voted"], r["right"]["lag_voted"]),
+                     cell(r["oracle"], r["right"]["oracle"])))
         table.add_row(*rows[-1])
     if Measurement.get(console, console.options.update_width(10_000), table).minimum <= console.width:
         console.print(table)
@@ -330,12 +336,13 @@ def print_results(results: dict, console) -> None:
     acc, n = results["accuracy"], len(results["rows"])
     console.print(
         f"[bold]Answered right[/] (gold answer in the answer) of {n}: base {acc['base']:.0%} · LAG {acc['lag']:.0%} · "
-        f"LAG's choice fixed {acc['lag_voted']:.0%} · Oracle {acc['oracle']:.0%}"
+        f"lag-prefix {acc['lag_prefix']:.0%} · LAG's choice fixed {acc['lag_voted']:.0%} · Oracle {acc['oracle']:.0%}"
     )
     console.print(
         f"LAG routes every token at every adapted module on its own; 'LAG chose' is the adapter that won most of the "
         f"prompt's token×module decisions (its share in brackets): the entity's own for {acc['lag_adapter']:.0%} of the "
-        f"questions. 'LAG's choice, fixed' answers again with that one adapter for the whole sequence."
+        f"questions. 'lag-prefix' still routes every token and module, each to the adapter LAG picked most so far in its "
+        f"sequence; 'LAG's choice, fixed' answers again with the prompt's choice for the whole sequence."
     )
     tm = results["timings"]
     console.print(
