@@ -463,8 +463,8 @@ class Engine:
                 if req.sampling.temperature > 0:
                     seed = req.sampling.seed + index if req.sampling.seed is not None else secrets.randbits(63)
                     gen = torch.Generator().manual_seed(seed)
-                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()}, gen,
-                           evidence=self._evidence_rows(r))
+                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()},
+                           generator=gen, evidence=self._evidence_rows(r))
                 self._running += 1
                 group.seqs.append(seq)
                 self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
