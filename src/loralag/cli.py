@@ -591,7 +591,7 @@ def bench(
 @app.command("eval")
 @user_errors
 def eval_command(
-    data: List[Path] = typer.Argument(..., metavar="DATA", exists=True,
+    data: List[Path] = typer.Argument(..., metavar="DATA",
                                       help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."),
     predictions: Optional[List[str]] = typer.Option(
         None, "--predictions", "-p",
