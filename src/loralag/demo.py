@@ -223,7 +223,7 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     tcfg = TrainConfig(target_modules=list(config.target_modules), r=config.r, alpha=config.alpha, steps=config.steps,
                        batch_size=config.batch_size, lr=config.lr, max_length=config.max_length)
     say(f"[bold]Training[/] {len(items)} knowledge adapters ({config.steps} steps each, rank {config.r}, "
-        f"{'/'.join(config.target_modules)}) into {workdir / 'adapters'} …")
+        f"{'/'.join(config.target_modules)}) into {workdir / 'adapters'} (finished ones are reused) …")
     t = time.perf_counter()
     paths = train_adapters(model, tokenizer, items, workdir / "adapters", tcfg, progress=progress)
     timings["train"] = time.perf_counter() - t
