@@ -563,3 +563,21 @@ def test_an_engine_failure_is_a_500_without_details_and_the_server_goes_on(small
     assert srv.metric("loralag_engine_errors_total") >= 1
     assert srv.healthy()
     assert srv.client.completions.create(model=MODEL, prompt="who", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_lag_prefix_per_request_equals_generate_alone_and_batched(server, assets):
+    """lag-prefix keeps per-sequence counts across steps: the engine carries them with each sequence's KV cache,
+    so its answers equal loralag.generate's, alone and batched with other routings joining and leaving."""
+    model, tok = served_model(assets)
+    attach(model, [open_library(assets / "alpha"), open_library(assets / "beta")], router="lag-prefix", k=2)
+    prompts = [prompt_of(200 + i) for i in range(4)]
+    want = [generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
+    extra = {"router": "lag-prefix"}
+    got = [server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12,
+                                                 temperature=0, extra_body=extra).choices[0].message.content.strip()
+           for p in prompts]
+    assert got == want
+    requests = [("chat", prompts[i % 4], i % 2 == 0, extra if i % 3 else {"router": "lag"}) for i in range(12)]
+    together = asyncio.run(_concurrent(server, requests))
+    assert together == _sequential(server, requests)
+    assert [t.strip() for t, r in zip(together, requests) if r[3] is extra] == [want[i % 4] for i in range(12) if i % 3]
