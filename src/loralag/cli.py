@@ -88,6 +88,11 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class FcForm(str, Enum):  # lama_data.FC_FORMS
+    label = "label"
+    recall = "recall"
+
+
 class Granularity(str, Enum):
     token = "token"
     sequence = "sequence"
@@ -570,6 +575,11 @@ def bench(
                                           "(default: 2 when torch has 2+ threads and there are 8+ batches)."),
     eval_dtype: Optional[Dtype] = typer.Option(None, "--eval-dtype",
                                                help="The model's dtype while answering (default: the size's; full: bfloat16)."),
+    fc_form: FcForm = typer.Option(FcForm.label, "--fc-form", help="Fact checking's answer: the bare label, as KILT's "
+                                   "FEVER is scored (default), or 'recall': the object, then the verdict (harder for "
+                                   "per-token routing)."),
+    shared_init: bool = typer.Option(False, "--shared-init", help="Train every adapter from one LoRA init (loralag "
+                                     "0.1's way), to measure what distinct inits do."),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
     from .lama_bench import default_data_dir, print_summary, run_bench, size_config
@@ -583,7 +593,8 @@ def bench(
     with waiting(f"Loading torch and model '{model}' …") as status:
         _prepare_model(model, status)
     results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, workers=workers,
-                        console=console, eval_dtype=eval_dtype.value if eval_dtype else None)
+                        console=console, eval_dtype=eval_dtype.value if eval_dtype else None,
+                        fc_form=fc_form.value, shared_init=shared_init or None)
     print_summary(results, console)
 
 
