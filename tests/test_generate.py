@@ -187,6 +187,8 @@ def test_fix_refuses_a_name_the_library_does_not_hold(setup):
             state.fix("lib", ["a00", None])
         with pytest.raises(LoralagError, match="one adapter name per sequence"):
             state.fix("lib", "a0")
+        with pytest.raises(LoralagError, match=r"no adapter named 'ada_lovelace'.*it holds: a0"):
+            state.set_router("lib", "fixed", fixed=["ada_lovelace"])  # the README snippet's call, a wrong name
         assert state.specs["lib"].router == "lag"  # unchanged
     finally:
         detach(model)

@@ -61,22 +61,28 @@ class RoutingState:
             ev.end()
 
     def set_router(self, library: str | None = None, router: str | None = None, **params) -> None:
-        """Change the router or its parameters (k, temperature, ...) of one library, or of all."""
+        """Change the router or its parameters (k, temperature, ...) of one library, or of all. Adapters named in
+        `fixed` must be in the library (see `fix`)."""
         for lib in self._libs(library):
             old = self.specs[lib]
             fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed, nprobe=old.nprobe)
             fields.update({key: v for key, v in dict(router=router, **params).items() if v is not None})
+            if params.get("fixed") is not None:
+                self._check_names(lib, params["fixed"])
             self.specs[lib] = RouteSpec(**fields)
 
     def fix(self, library: str, adapters: list[str | None]) -> None:
         """Route each sequence of the batch to a named adapter of `library` (None: the base model).
 
         A name the library does not hold is refused, with the closest names and some of those it holds."""
+        self.set_router(library, "fixed", fixed=list(self._check_names(library, adapters)))
+
+    def _check_names(self, library: str, adapters) -> list:
         import difflib
 
         lib = self.libraries[self._libs(library)[0]]
         if isinstance(adapters, str):
-            raise LibraryError(f"fix('{library}', ...) takes a list with one adapter name per sequence, "
+            raise LibraryError(f"fixed adapters for '{library}' take a list with one adapter name per sequence, "
                                f"e.g. ['{adapters}']; got the string '{adapters}'")
         names = list(lib.names)
         known = set(names)
@@ -88,7 +94,7 @@ class RoutingState:
                 f"library '{library}' ({lib.path}) holds no adapter named {', '.join(repr(n) for n in unknown)}"
                 + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
                 + f"; it holds: {shown}")
-        self.set_router(library, "fixed", fixed=list(adapters))
+        return adapters
 
     def _libs(self, library):
         if library is None:
