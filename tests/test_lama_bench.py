@@ -133,6 +133,17 @@ def test_gain_fraction_reproduces_the_papers_figures():
     assert g["lag"] == {"qa": 50.0, "AVG": 50.0} and g["oracle"]["AVG"] == 100.0 and g["base"]["AVG"] == 0.0
 
 
+def test_a_dataset_the_oracle_scores_zero_on_is_left_out_of_the_normalised_table():
+    from loralag.lama_bench import normalise
+
+    table = {"oracle": {SLOT_FILLING: (50.0, 4), FACT_CHECKING: (0.0, 4)},
+             "lag": {SLOT_FILLING: (25.0, 4), FACT_CHECKING: (50.0, 4)}}
+    norm, zero = normalise(table)
+    assert zero == [FACT_CHECKING]
+    assert norm["lag"] == {"slot_filling": 50.0, "AVG": 50.0} and norm["oracle"]["AVG"] == 100.0
+    assert "error" in normalise({"lag": {SLOT_FILLING: (25.0, 4)}})[0]
+
+
 def test_answer_mask_marks_the_decisions_that_produced_answer_tokens():
     from loralag.lama_bench import answer_mask
     from loralag.trace import RoutingTrace
