@@ -25,7 +25,7 @@ from loralag import attach, build_library, open_library
 from loralag.generate import generate
 from loralag.library import module_shapes
 from loralag.models import load_model
-from loralag.serve import create_app
+from loralag.serve import create_app, server_config
 from loralag.serve_engine import _holdback
 
 MODEL = "tiny-llama"
@@ -60,15 +60,15 @@ def assets(tmp_path_factory):
 
 
 class Server:
-    """uvicorn in a thread on a free port of 127.0.0.1."""
+    """uvicorn in a thread on a free port of 127.0.0.1, configured as `loralag serve` runs it (`config`: its options)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(server_config(app, port=self.port, log_level="warning", timeout_graceful_shutdown=2,
+                                                   **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -113,7 +113,7 @@ class Library:
             if not (isinstance(shape, list) and len(shape) == 3 and all(_count(d) for d in shape[:2])
                     and shape[2] in MODULE_KINDS):
                 return f"module '{module}' must have a shape [d_in, d_out, kind], got {shape!r}"
-        if m.get("dtype") not in DTYPES:
+        if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
             return f"dtype {m.get('dtype')!r} is not one of {sorted(DTYPES)}"
         adapters = m.get("adapters")
         if not isinstance(adapters, list):

@@ -26,9 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
+import hmac
+import os
+import re
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,11 +52,17 @@ from .serve_metrics import ServerMetrics
 
 log = logging.getLogger("loralag.serve")
 
-ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
-ROUTERS_WITH_K = ("lag", "arrow-mix")
+ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/openapi.json"}
+ROUTERS_WITH_K = ("lag", "lag-prefix", "arrow-mix")
 ROUTING_TOP = 20  # adapters listed by name in a routing summary; the rest are summed as "other"
 POLL_S = 0.25  # how often a waiting handler checks that its client is still there
-MAX_BODY_BYTES = 32 * 2**20
+MAX_BODY_BYTES = 2 * 2**20  # default body limit: 16 prompts of 8,192 token ids fit; json.loads of it takes ~50 ms
+BODY_TIMEOUT_S = 30.0  # default time for a client to send its whole body
+HEADER_TIMEOUT_S = 10.0  # default time for a client to send a request's headers (uvicorn has no such limit)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
+MAX_CONNECTIONS = 512  # open connections and tasks beyond which uvicorn answers 503
+CHARS_PER_TOKEN_SLACK = 4  # a string prompt may hold this many times (longest token) characters per context token
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -75,6 +84,18 @@ class APIError(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+def _h11():
+    import h11
+
+    return h11
+
+
+def _h11_protocol():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
 
 
 def _timeout_error(message: str) -> APIError:
@@ -147,6 +168,39 @@ class ChatRequest(_Common):
     response_format: dict | None = None
 
 
+def openapi_schema() -> dict:
+    """The server's OpenAPI 3.1 description (GET /openapi.json): its paths and the request bodies it accepts."""
+    components: dict = {}
+
+    def body(model: type[BaseModel]) -> dict:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+    error = {"description": "An error, as OpenAI answers it", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"]}}}}}}
+    json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    generation = {"description": "The completion, or a text/event-stream of chunks when `stream` is true",
+                  "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}
+
+    def op(summary: str, ok: dict, **extra) -> dict:
+        return {"summary": summary, "responses": {"200": ok, "default": error}, **extra}
+
+    paths = {
+        "/health": {"get": op("Whether the engine runs, and its load", json_ok)},
+        "/metrics": {"get": op("Prometheus metrics", {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}})},
+        "/v1/models": {"get": op("The served model", json_ok)},
+        "/v1/models/{model_id}": {"get": op("One model", json_ok, parameters=[
+            {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}])},
+        "/v1/completions": {"post": op("A text completion", generation, requestBody=body(CompletionRequest))},
+        "/v1/chat/completions": {"post": op("A chat completion", generation, requestBody=body(ChatRequest))},
+    }
+    return {"openapi": "3.1.0", "info": {"title": "loralag", "version": "1"}, "paths": paths,
+            "components": {"schemas": components,
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
 def _field_names() -> set[str]:
     return {f for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions) for f in m.model_fields}
 
@@ -190,27 +244,127 @@ def _parse(model: type[BaseModel], data: dict):
                        code="invalid_type") from None
 
 
-async def _read_json(request: Request) -> dict:
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large",
+                    headers={"Connection": "close"})
+
+
+async def _read_body(request: Request, ctx: "ServerContext") -> bytes:
+    """The raw body, read as it streams in (chunked too): refused with 413 as soon as it passes the limit, 408
+    when the client takes longer than ctx.body_timeout to send it all."""
+    limit = ctx.max_body_bytes
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        ctx.metrics.rejected.inc(code="request_too_large")
+        raise _too_large(limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.body_timeout
+    chunks, size = [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            ctx.metrics.rejected.inc(code="body_timeout")
+            raise APIError(408, f"the request body did not arrive within {ctx.body_timeout:g} s", "timeout_error",
+                           code="body_timeout", headers={"Connection": "close", "x-should-retry": "false"}) from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            ctx.metrics.rejected.inc(code="request_too_large")
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _decode_json(body: bytes) -> dict:
+    """Parse a request body into a dict, or raise APIError(400): not JSON (NaN and Infinity are not JSON),
+    nested too deeply, holding a lone UTF-16 surrogate, or not an object."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "We could not parse the JSON body of your request: send a JSON object with "
                             "Content-Type: application/json.") from None
+    except ValueError as e:  # NaN, Infinity, -Infinity
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
+    except RecursionError:
+        raise APIError(400, "The JSON body of your request is nested too deeply.") from None
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.")
+    if _SURROGATE_ESCAPE.search(body):  # \ud800-\udfff escaped: a pair is one character, a lone one no text
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "The JSON body of your request holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                "which is not text.") from None
     return data
+
+
+def _check_sizes(ctx: "ServerContext", data: dict) -> None:
+    """Cheap checks of a parsed body's lengths before validating or tokenising it: prompts of more token ids or
+    characters than the context can hold and lists longer than the batch are refused here, so neither the
+    validation nor the tokenizer works through (or allocates for) a request that cannot run."""
+    limit, chars = ctx.max_model_len, ctx.max_prompt_chars
+
+    def too_long(param: str, n: int, unit: str) -> APIError:
+        what = f"{n} token ids" if unit == "ids" else f"{n} characters, more than {chars} (the most it could hold)"
+        return APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt holds {what}. "
+                             "Please shorten the prompt.", param=param, code="context_length_exceeded")
+
+    prompt = data.get("prompt")
+    if isinstance(prompt, str) and len(prompt) > chars:
+        raise too_long("prompt", len(prompt), "chars")
+    if isinstance(prompt, list):
+        if prompt and not isinstance(prompt[0], (list, str)):  # one prompt of token ids
+            if len(prompt) >= limit:
+                raise too_long("prompt", len(prompt), "ids")
+        else:
+            if len(prompt) > ctx.engine.max_batch:
+                raise APIError(400, f"the request holds {len(prompt)} prompts but this server runs at most "
+                                    f"{ctx.engine.max_batch} sequences at once", param="prompt", code="invalid_value")
+            for p in prompt:
+                if isinstance(p, list) and len(p) >= limit:
+                    raise too_long("prompt", len(p), "ids")
+                if isinstance(p, str) and len(p) > chars:
+                    raise too_long("prompt", len(p), "chars")
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the request holds "
+                                f"{len(messages)} messages.", param="messages", code="context_length_exceeded")
+        total = 0
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(len(c.get("text") or "") if isinstance(c, dict) and isinstance(c.get("text"), str) else 1
+                             for c in content)
+            if total > chars:
+                raise too_long("messages", total, "chars")
+
+
+def _read_request(ctx: "ServerContext", model: type[BaseModel], body: bytes):
+    """Body bytes -> the validated request (runs off the event loop)."""
+    data = _decode_json(body)
+    _check_sizes(ctx, data)
+    return _parse(model, data)
 
 
 # -- the server's state ------------------------------------------------------------------------------------
 class ServerContext:
     def __init__(self, model, tokenizer, engine: Engine, metrics: ServerMetrics, model_name: str, aliases: set[str],
-                 request_timeout: float, default_max_tokens: int):
+                 request_timeout: float, default_max_tokens: int, max_body_bytes: int = MAX_BODY_BYTES,
+                 body_timeout: float = BODY_TIMEOUT_S):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine
@@ -226,6 +380,9 @@ class ServerContext:
         self.default_specs = dict(engine.base_specs)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
             else len(tokenizer)
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.max_prompt_chars = self.max_model_len * CHARS_PER_TOKEN_SLACK * _longest_token(tokenizer)
 
         # Tokenizing (a long prompt, a chat template) runs here, one call at a time, off the event loop.
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loralag-tokenize")
@@ -236,6 +393,15 @@ class ServerContext:
 
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters of the tokenizer's longest vocabulary entry (at least 16): a bound on the characters one token
+    stands for (byte-level BPE writes one character per byte)."""
+    try:
+        return max(16, max((len(t) for t in tokenizer.get_vocab()), default=16))
+    except Exception:  # a tokenizer without get_vocab
+        return 64
 
 
 def _served_name(model, spec: str | None = None) -> str:
@@ -252,14 +418,22 @@ def _served_name(model, spec: str | None = None) -> str:
 
 def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: int | dict = 20, max_batch: int = 16,
                max_queue: int = 64, request_timeout: float = 120.0, model_name: str | None = None,
-               max_model_len: int | None = None, default_max_tokens: int = 512, aliases=()) -> FastAPI:
+               max_model_len: int | None = None, default_max_tokens: int = 512, aliases=(),
+               api_key: str | None = None, metrics_public: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `model` with `libraries` attached (Library objects, paths, or a dict name -> Library).
 
     With no libraries, whatever is already attached to the model is served (or the plain model).
     `request_timeout`: seconds from arrival (queueing included) after which a request is ended with 408.
-    `default_max_tokens`: chat completions' cap when the request gives none (completions default to 16)."""
+    `default_max_tokens`: chat completions' cap when the request gives none (completions default to 16).
+    `api_key`: every path but /health (and /metrics when `metrics_public`) requires `Authorization: Bearer KEY`.
+    `max_body_bytes`, `body_timeout`: a body larger (413) or slower to arrive (408) is refused as it streams in."""
     if request_timeout <= 0:
         raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+    if max_body_bytes < 1 or body_timeout <= 0:
+        raise ValueError(f"max_body_bytes and body_timeout must be positive, got {max_body_bytes} and {body_timeout}")
+    if api_key is not None and (not api_key or not api_key.isprintable() or api_key != api_key.strip()):
+        raise ValueError("the API key must be a non-empty printable string without surrounding spaces")
     if isinstance(libraries, dict):
         libs = {name: lib if isinstance(lib, Library) else open_library(lib) for name, lib in libraries.items()}
     else:
@@ -274,7 +448,8 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
                     metrics=metrics)
     name = model_name or _served_name(model)
-    ctx = ServerContext(model, tokenizer, engine, metrics, name, set(aliases), request_timeout, default_max_tokens)
+    ctx = ServerContext(model, tokenizer, engine, metrics, name, set(aliases), request_timeout, default_max_tokens,
+                        max_body_bytes, body_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -284,8 +459,13 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         finally:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
-    app = FastAPI(title="loralag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loralag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    schema = openapi_schema()
+    app.openapi = lambda: schema
     app.state.ctx = ctx
+    if api_key is not None:
+        app.add_middleware(_KeyMiddleware, key=api_key, metrics=metrics,
+                           open_paths={"/health"} | ({"/metrics"} if metrics_public else set()))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -296,13 +476,18 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     async def _http_error(request: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         message = {404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/completions, "
-                        "POST /v1/chat/completions, GET /health, GET /metrics",
+                        "POST /v1/chat/completions, GET /health, GET /metrics, GET /openapi.json",
                    405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return APIError(exc.status_code, message, type_, None, None, dict(exc.headers or {})).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return APIError(400, "invalid request").response()
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, exc: _ClientGone):
+        request.scope["loralag_outcome"] = 499
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -332,8 +517,9 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionRequest, await _read_json(request))
+        body = await ctx.off_loop(_read_request, ctx, CompletionRequest, await _read_body(request, ctx))
         _check_model(ctx, body.model)
+        _check_sampling_values(body)
         _unsupported(body, {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
                             "frequency_penalty": 0, "logit_bias": {}})
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -345,8 +531,9 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatRequest, await _read_json(request))
+        body = await ctx.off_loop(_read_request, ctx, ChatRequest, await _read_body(request, ctx))
         _check_model(ctx, body.model)
+        _check_sampling_values(body)
         _unsupported(body, {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": None,
                             "tools": None, "functions": None, "logit_bias": {}})
         if body.tool_choice not in (None, "none"):
@@ -391,6 +578,24 @@ def _unsupported(body, defaults: dict) -> None:
         value = getattr(body, name, None)
         if value is not None and value != default:
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def _check_sampling_values(body) -> None:
+    """Sampling parameters in range and finite, checked before anything is tokenised (400 otherwise)."""
+    def bad(param: str, rule: str, value) -> APIError:
+        return APIError(400, f"'{param}' must be {rule}, got {value}", param=param, code="invalid_value")
+
+    if body.temperature is not None and not 0.0 <= body.temperature <= 2.0:  # NaN fails every comparison
+        raise bad("temperature", "between 0 and 2", body.temperature)
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:
+        raise bad("top_p", "in (0, 1]", body.top_p)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise bad(name, "between -2 and 2", value)
+    for token, bias in (body.logit_bias or {}).items():
+        if not -100.0 <= bias <= 100.0:
+            raise bad("logit_bias", f"a map of token ids to numbers between -100 and 100 (token {token!r})", bias)
 
 
 def resolve_routing(ctx: ServerContext, body) -> Routing:
@@ -543,13 +748,8 @@ def _sampling(ctx: ServerContext, body, prompts: list[list[int]], max_tokens, de
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
                             f"Please reduce the prompt or '{param}'.", param=param, code="context_length_exceeded")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if not (0.0 <= temperature <= 2.0) or math.isnan(temperature):
-        raise APIError(400, f"'temperature' must be between 0 and 2, got {temperature}", param="temperature",
-                       code="invalid_value")
+    temperature = 1.0 if body.temperature is None else body.temperature  # in range: _check_sampling_values
     top_p = 1.0 if body.top_p is None else body.top_p
-    if not (0.0 < top_p <= 1.0):
-        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise APIError(400, f"'stop' holds at most 4 sequences, got {len(stop)}", param="stop", code="invalid_value")
@@ -811,20 +1011,120 @@ class _MetricsMiddleware:
                 self.metrics.latency.observe(time.monotonic() - t0, endpoint=endpoint)
 
 
+class _KeyMiddleware:
+    """`Authorization: Bearer KEY` on every path but `open_paths`, compared in constant time; 401 otherwise."""
+
+    def __init__(self, app, key: str, metrics: ServerMetrics, open_paths: set[str]):
+        self.app, self.key, self.metrics, self.open_paths = app, key.encode(), metrics, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                given = token.strip() if scheme.lower() == b"bearer" else b""
+        if given is not None and hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        if given is None:
+            message, code = ("You didn't provide an API key. You need to provide your API key in an Authorization "
+                             "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."), None
+        else:
+            message, code = "Incorrect API key provided.", "invalid_api_key"
+        self.metrics.rejected.inc(code="invalid_api_key" if code else "missing_api_key")
+        err = APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+        await err.response()(scope, receive, send)
+
+
+class _TimedH11Protocol(_h11_protocol()):
+    """uvicorn's h11 protocol, plus a limit on the time a client takes to send a request's headers: uvicorn's
+    keep-alive timer stops at the first byte, so a client sending its headers a byte at a time (or nothing at
+    all after connecting) would hold the connection forever."""
+
+    header_timeout = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self):
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+
+    def _cancel_header_timer(self):
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self):
+        self._header_timer = None
+        if self.conn.their_state is _h11().IDLE and not self.transport.is_closing():
+            self.transport.close()  # nothing was answered yet: just hang up
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not _h11().IDLE:  # the headers are in
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is _h11().IDLE:
+            self._arm_header_timer()  # the next request's headers
+
+    def connection_lost(self, exc):
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+
+def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  header_timeout: float = HEADER_TIMEOUT_S, keep_alive: int = KEEP_ALIVE_S,
+                  max_connections: int = MAX_CONNECTIONS, **kwargs):
+    """The uvicorn.Config `serve` runs `app` with: h11 with a header timeout, a keep-alive limit, at most
+    `max_connections` connections (503 beyond), request headers of at most 64 KiB."""
+    import uvicorn
+
+    protocol = type("TimedH11Protocol", (_TimedH11Protocol,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=keep_alive,
+                          limit_concurrency=max_connections, h11_max_incomplete_event_size=64 * 1024, **kwargs)
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> str | None:
+    """The warning to give when serving beyond this machine without an API key (None otherwise)."""
+    if api_key or host in LOCAL_HOSTS or host.startswith("127."):
+        return None
+    return (f"serving on {host} without an API key: anyone who reaches this port can generate and read /metrics; "
+            "set --api-key or LORALAG_API_KEY")
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 def serve(model_spec: str = "default", libraries: list[str] = (), router: str = "lag", k: int = 20,
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 64,
           request_timeout: float = 120.0, max_model_len: int | None = None, default_max_tokens: int = 512,
-          model_name: str | None = None, log_level: str = "info") -> None:
-    """Load the model (loralag.models.load_model), open and attach the libraries, and serve until interrupted."""
+          model_name: str | None = None, log_level: str = "info", api_key: str | None = None,
+          metrics_public: bool = False, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
+          header_timeout: float = HEADER_TIMEOUT_S, keep_alive: int = KEEP_ALIVE_S,
+          max_connections: int = MAX_CONNECTIONS) -> None:
+    """Load the model (loralag.models.load_model), open and attach the libraries, and serve until interrupted.
+
+    api_key: None reads LORALAG_API_KEY (unset or empty: no key)."""
     import uvicorn
 
     from .models import load_model
 
+    if api_key is None:
+        api_key = os.environ.get("LORALAG_API_KEY") or None
+    warning = warn_if_exposed(host, api_key)
+    if warning:
+        log.warning(warning)
+        warnings.warn(warning, stacklevel=2)
     model, tokenizer = load_model(model_spec)
     libs = [open_library(p) for p in libraries]
     name = model_name or _served_name(model, model_spec)
     app = create_app(model, tokenizer, libs, router=router, k=k, max_batch=max_batch, max_queue=max_queue,
                      request_timeout=request_timeout, model_name=name, max_model_len=max_model_len,
-                     default_max_tokens=default_max_tokens, aliases={model_spec})
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+                     default_max_tokens=default_max_tokens, aliases={model_spec}, api_key=api_key,
+                     metrics_public=metrics_public, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    uvicorn.Server(server_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout,
+                                 keep_alive=keep_alive, max_connections=max_connections)).run()
