@@ -18,7 +18,6 @@ Counts are of LAG's own picks, not of the adapters applied, so one early pick ca
 
 from __future__ import annotations
 
-
 import torch
 
 TIE = 0.5  # added to the token's own LAG pick: counts are integers, so this only breaks ties in its favour
