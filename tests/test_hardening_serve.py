@@ -228,6 +228,19 @@ def test_the_body_limit_applies_while_the_body_streams_in(server, chunked):
     assert server.healthy()
 
 
+def test_a_body_a_little_over_the_limit_gets_its_413(server):
+    """The rest of a refused body is read and dropped (up to 8 MiB, 2 s), so a client that sends it all and then
+    reads still finds its 413 instead of a connection reset by unread data."""
+    def chunks():
+        for _ in range(48):
+            yield b"1," * 32768  # 3 MiB, chunked
+
+    for _ in range(5):
+        for content in (chunks(), b"1" * (LIMIT + 100_000)):
+            r = server.http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+            assert _check_error(r, 413)["code"] == "request_too_large"
+
+
 def test_prompts_longer_than_the_context_are_refused_before_validation_or_tokenising(server, monkeypatch):
     ctx = server.app.state.ctx
     parsed, tokenised = [], []

@@ -58,6 +58,7 @@ ROUTING_TOP = 20  # adapters listed by name in a routing summary; the rest are s
 POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 MAX_BODY_BYTES = 2 * 2**20  # default body limit: 16 prompts of 8,192 token ids fit; json.loads of it takes ~50 ms
 BODY_TIMEOUT_S = 30.0  # default time for a client to send its whole body
+DRAIN_BYTES, DRAIN_S = 8 * 2**20, 2.0  # what is read and dropped of a body over the limit before answering 413
 HEADER_TIMEOUT_S = 10.0  # default time for a client to send a request's headers (uvicorn has no such limit)
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
 MAX_CONNECTIONS = 512  # open connections and tasks beyond which uvicorn answers 503
@@ -256,6 +257,8 @@ async def _read_body(request: Request, ctx: "ServerContext") -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         ctx.metrics.rejected.inc(code="request_too_large")
+        if int(declared) - limit <= DRAIN_BYTES and "expect" not in request.headers:  # else it may not even be sent
+            await _drain(request, DRAIN_BYTES)
         raise _too_large(limit)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.body_timeout
@@ -273,10 +276,27 @@ async def _read_body(request: Request, ctx: "ServerContext") -> bytes:
         size += len(chunk)
         if size > limit:
             ctx.metrics.rejected.inc(code="request_too_large")
+            if message.get("more_body", False):
+                await _drain(request, DRAIN_BYTES)
             raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _drain(request: Request, budget: int) -> None:
+    """Read and drop up to `budget` more bytes of a refused body (for at most DRAIN_S): a client that is a little
+    over the limit then reads its 413, where closing on unread data would reset the connection under it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
+    while budget > 0:
+        try:
+            message = await asyncio.wait_for(request.receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        budget -= len(message.get("body", b""))
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
