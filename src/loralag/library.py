@@ -7,8 +7,12 @@
 Adding adapters writes new segments and never touches the aligned tensors of the others; removing
 one only drops it from the manifest (a segment with no live row is deleted; `compact` rewrites the
 rest). Every change is a segment written beside the old ones and then one atomic rename of the
-manifest, so a write killed at any moment leaves the previous library readable, and a rerun of the
-same build skips the adapters already committed.
+manifest, so a write killed at any moment leaves the previous library readable (what it left behind is
+swept at the next open or write), and a rerun of the same build skips the adapters already committed.
+
+Nothing on disk is trusted: the manifest's structure and adapter names are checked at open, every file
+it names must lie inside the library, and a segment's header and row table are checked against its
+file size and tensor shapes before any bank (or native kernel) reads from it.
 """
 
 from __future__ import annotations
