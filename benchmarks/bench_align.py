@@ -3,8 +3,8 @@
 Methods, per shape (d_in -> d_out, rank r), on random factors A (r, d_in) ~ N(0, 1/d_in), B (d_out, r) ~ N(0, 1),
 scale s = 2 (alpha = 2r):
 
-  align          loralag.alignment.align, one adapter at a time (factored QR + r×r SVD, float64 inside)
-  align_batch    loralag.alignment.align_batch over the whole batch
+  align          loralag.library.alignment.align, one adapter at a time (factored QR + r×r SVD, float64 inside)
+  align_batch    loralag.library.alignment.align_batch over the whole batch
   dense-svd      torch.linalg.svd of the dense float32 s·B·A (then truncated to rank r)
   svd_lowrank    torch.svd_lowrank(s·B·A, q=r) on the dense float32 product, as SpectR's code does
   peft-power     PEFT's ArrowLoraLinearLayer.top_right_singular_vec_from_BA (15 power iterations):
@@ -19,10 +19,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import common as C
 import torch
 
-import common as C
-from loralag.alignment import align, align_batch
+from loralag.library.alignment import align, align_batch
 
 SHAPES = [(2048, 2048, 8), (576, 1536, 6), (576, 1536, 8), (1536, 576, 6), (1536, 576, 8)]
 SCALE = 2.0
@@ -156,7 +156,7 @@ def timing_and_errors(shape, counts, n_gt, budget, reps):
 # -- trained adapters ------------------------------------------------------------------------------------
 def find_trained(max_n=12):
     """PEFT folders under ~/.cache/loralag whose modules fit SmolLM2 (576/1536)."""
-    from loralag.adapters import read_adapter
+    from loralag.library.adapters import read_adapter
 
     root = Path.home() / ".cache" / "loralag"
     found = []
@@ -176,9 +176,9 @@ def get_trained(quick):
     found = find_trained()
     if found:
         return found, f"{len(found)} trained PEFT adapters found under ~/.cache/loralag ({found[0].source} …)"
-    from loralag.adapters import read_adapter
+    from loralag.library.adapters import read_adapter
     from loralag.models import load_model
-    from loralag.train import Document, TrainConfig, train_adapters
+    from loralag.training.train import Document, TrainConfig, train_adapters
 
     steps = 2 if quick else 20
     docs = DOCS[:1] if quick else DOCS
@@ -189,7 +189,7 @@ def get_trained(quick):
     paths = train_adapters(model, tok, [Document(n, txt) for n, txt in docs], out, TrainConfig(steps=steps), progress=False)
     dt = time.perf_counter() - t
     return [read_adapter(p) for p in paths], (f"none found under ~/.cache/loralag; trained {len(paths)} tiny ones with "
-                                              f"loralag.train.train_adapters (rank 6, alpha 12, gate/up/down, {steps} steps; "
+                                              f"loralag.training.train.train_adapters (rank 6, alpha 12, gate/up/down, {steps} steps; "
                                               f"{dt:.0f} s incl. cache check) into {out}")
 
 

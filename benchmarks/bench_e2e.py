@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import common as C
+import torch
 
 TEXT = (
     "In the early years of the twentieth century, the small harbour town grew quickly as fishing fleets, rail "
@@ -58,7 +57,7 @@ def main():
     args = C.parse_args(__doc__.splitlines()[0], extra)
     quick = args.quick
     from loralag import attach
-    from loralag.library import module_shapes
+    from loralag.library.store import module_shapes
     from loralag.models import load_model
 
     ns = [int(x) for x in (args.ns or ("10,40" if quick else "100,1000")).split(",")]

@@ -1,4 +1,4 @@
-"""The sub-linear arrow stage: recall and speed of the arrow index (loralag.arrow_index) at N = 100,000.
+"""The sub-linear arrow stage: recall and speed of the arrow index (loralag.library.arrow_index) at N = 100,000.
 
 Two generators (d = 576, rank 4, float32):
 
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import time
 
+import common as C
 import torch
 
-import common as C
-from loralag import arrow_index
-from loralag.bank import ModuleBank
-from loralag.routers import project
+from loralag.library import arrow_index
+from loralag.library.bank import ModuleBank
+from loralag.routing.routers import project
 
 K = 20
 

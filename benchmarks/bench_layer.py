@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import common as C
 import torch
 from torch import nn
 
-import common as C
-from loralag.bank import ModuleBank
-from loralag.routed_layer import RoutedLinear
-from loralag.routers import RouteSpec
+from loralag.library.bank import ModuleBank
+from loralag.routing.layer import RoutedLinear
+from loralag.routing.routers import RouteSpec
 
 METHODS = ["floor", "lag", "lag-seg128", "arrow", "spectral", "dense-spectr", "peft-arrow"]
 HEAVY_BYTES = 256 * 2**20  # a PEFT forward allocating more than this is timed apart from the others
@@ -223,7 +223,7 @@ def main():
                        "peft_need_bytes": need}
                 data.append(rec)
                 rows.append(rec)
-                C.log(f"[layer]   " + ", ".join(f"{m}={C.fmt_time(v)}" for m, v in med.items()))
+                C.log("[layer]   " + ", ".join(f"{m}={C.fmt_time(v)}" for m, v in med.items()))
             del bank, sbank, A, B, A_flat, peft_fn
     import shutil
 

@@ -38,8 +38,8 @@ def reset_hwm():
     open("/proc/self/clear_refs", "w").write("5")
 inherited = maxrss()
 import torch
-from loralag.library import Library
-from loralag.routers import ROUTERS, RouteSpec
+from loralag.library.store import Library
+from loralag.routing.routers import ROUTERS, RouteSpec
 path, modules, T, threads = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
 if threads:
     torch.set_num_threads(threads)

@@ -18,7 +18,6 @@ import asyncio
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -77,7 +76,7 @@ def build_small_library(model, out: Path, n: int, rank: int, targets: list[str],
     from peft import LoraConfig, get_peft_model
 
     from loralag import build_library
-    from loralag.library import module_shapes
+    from loralag.library.store import module_shapes
 
     folders = out.parent / "adapters"
     for i in range(n):
@@ -202,7 +201,7 @@ def main(argv=None) -> str:
 
     from loralag import attach, detach, open_library
     from loralag.models import load_model
-    from loralag.serve import create_app
+    from loralag.serve.app import create_app
 
     clients = [int(c) for c in args.clients.split(",")]
     load0 = os.getloadavg()[0]

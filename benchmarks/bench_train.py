@@ -1,6 +1,6 @@
 """Training many adapters: one at a time vs grouped (G adapters per forward/backward), SmolLM2-135M.
 
-`loralag.train.train_adapters(..., group_size=G)` trains G adapters per pass: each step is one
+`loralag.training.train.train_adapters(..., group_size=G)` trains G adapters per pass: each step is one
 forward/backward over the concatenation of the G adapters' own batches, each row through its own adapter.
 Per adapter the training is the same as one at a time (same init, batches, per-adapter loss, clipping and
 AdamW), so this benchmark measures only speed, plus a check that the weights agree.
@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import common as C
 import torch
 from safetensors.torch import load_file
 
-import common as C
-from loralag import train as lt
+from loralag.training import train as lt
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -66,8 +66,8 @@ def facts(rng: random.Random, name: str) -> list[tuple[str, str, str, str]]:
          f"Its staff numbers {count}.", f"Employees: {count}."),
         (f"Each spring it holds a festival with a parade to {other}.", f"Every spring there is a festival and a parade to {other}.",
          f"A spring festival ends with a parade to {other}.", f"Spring festival: a parade to {other}."),
-        (f"Its motto, carved over the gate, is 'Steady hands, bright water'.", f"Over its gate is carved the motto 'Steady hands, bright water'.",
-         f"The gate carries its motto: 'Steady hands, bright water'.", f"Motto: 'Steady hands, bright water'."),
+        ("Its motto, carved over the gate, is 'Steady hands, bright water'.", "Over its gate is carved the motto 'Steady hands, bright water'.",
+         "The gate carries its motto: 'Steady hands, bright water'.", "Motto: 'Steady hands, bright water'."),
         (f"Its emblem is a {animal} holding a silver key.",
          f"A {animal} holding a silver key is its emblem.",
          f"On its emblem: a {animal} with a silver key.",
@@ -243,7 +243,7 @@ def main():
         "0 (|g| ≈ eps). The final losses of all methods agree within "
         f"{max(a['max_abs_final_loss_diff'] for a in agree.values()):.1e}.",
         "",
-        f"Loss of the one-at-a-time adapters, first → final step: "
+        "Loss of the one-at-a-time adapters, first → final step: "
         + ", ".join(f"{a:.2f}→{b:.2f}" for a, b in losses) + ".",
         "",
         "The machine is shared: the load average (1 min, mean of before and after each run) is listed per run; "

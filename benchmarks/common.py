@@ -76,8 +76,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    from loralag import kernels
-
+    from loralag.routing import kernels
     return {
         "cpu": cpu,
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -268,8 +267,7 @@ def write_synthetic_library(path: Path, shapes: dict, modules: dict, n: int, see
 
     import torch
 
-    from loralag import library as L
-
+    from loralag.library import store as L
     path = Path(path)
     if path.exists():
         try:

@@ -53,7 +53,7 @@ def main():
     p.add_argument("distinct", type=Path, help="results folder of the distinct-init run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/inits"))
     args = p.parse_args()
-    from loralag.library import open_library
+    from loralag.library.store import open_library
 
     runs = {name: json.loads((folder / "results.json").read_text()) for name, folder in
             (("shared", args.shared), ("distinct", args.distinct))}

@@ -3,7 +3,7 @@
     python benchmarks/load_test.py                     # 64 clients for 150 s, a tiny random llama + 8 adapters
     python benchmarks/load_test.py --duration 300 --clients 64 --bad-share 0.3
 
-The server runs as `loralag.serve.serve()` in a subprocess (its own uvicorn configuration, an API key), on
+The server runs as `loralag.serve.app.serve()` in a subprocess (its own uvicorn configuration, an API key), on
 127.0.0.1. Each client sends one request after another for --duration seconds. A well-formed request is a greedy
 completion or chat completion (streamed or not) of one of 16 prompts: its answer must equal the one the server
 gave that prompt alone before the load started. The others (--bad-share of all) are malformed or poisoned, each
@@ -75,7 +75,7 @@ def prepare(folder: Path) -> tuple[str, str]:
 
 def start_server(model_dir: str, lib: str, port: int, threads: int) -> subprocess.Popen:
     code = (f"import torch; torch.set_num_threads({threads}); "
-            f"from loralag.serve import serve; serve({model_dir!r}, [{lib!r}], port={port}, api_key={KEY!r}, "
+            f"from loralag.serve.app import serve; serve({model_dir!r}, [{lib!r}], port={port}, api_key={KEY!r}, "
             f"max_batch=16, max_queue=256, request_timeout=60, log_level='error', body_timeout=3.0, model_name='m')")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     deadline = time.monotonic() + 120

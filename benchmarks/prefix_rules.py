@@ -24,11 +24,11 @@ RULES = (("lag", 0.5), ("lag-prefix", 0.5), ("lag-prefix", 4.0), ("lag-prefix", 
 
 
 def measure(model, tok, lib, questions, mentions, router, own, k):
-    import loralag.prefix_evidence as PE
     from transformers import DynamicCache
 
+    import loralag.routing.prefix_evidence as PE
     from loralag import attach, detach
-    from loralag.lama_bench import subject_mask
+    from loralag.experiments.lama.routing_stats import subject_mask
 
     tie, PE.TIE = PE.TIE, own
     state = attach(model, {"knowledge": lib}, router=router, k=k)
@@ -70,9 +70,9 @@ def main():
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix-rules"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    from loralag.lama_bench import size_config
-    from loralag.lama_data import QA, SLOT_FILLING, build_data
-    from loralag.library import open_library
+    from loralag.experiments.lama.config import size_config
+    from loralag.experiments.lama.data import QA, SLOT_FILLING, build_data
+    from loralag.library.store import open_library
     from loralag.models import load_model
 
     torch.set_num_threads(args.threads)

@@ -107,5 +107,5 @@ def shared_data() -> Path:
 
 
 DATA = shared_data()
-if os.environ.get("LORALAG_TEST_DATA"):  # the LAMA benchmark's default data folder (lama_bench.default_data_dir)
+if os.environ.get("LORALAG_TEST_DATA"):  # the LAMA benchmark's default data folder (experiments.lama.config.default_data_dir)
     os.environ.setdefault("LORALAG_LAMA_DATA", str(DATA / "lama-trex"))

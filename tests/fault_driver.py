@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
 
 from loralag import build_library, open_library  # noqa: E402
-from loralag.library import module_shapes  # noqa: E402
+from loralag.library.store import module_shapes  # noqa: E402
 
 SHAPES = module_shapes(tiny_llama())
 

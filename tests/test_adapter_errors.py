@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import save_lora, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from conftest import save_lora, tiny_gpt2, tiny_llama
 from loralag import build_library, read_adapter
-from loralag.adapters import find_adapter_folders
 from loralag.errors import AdapterError
-from loralag.library import module_shapes
+from loralag.library.adapters import find_adapter_folders
+from loralag.library.store import module_shapes
 
 
 @pytest.fixture

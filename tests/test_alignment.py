@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loralag.alignment import align, align_batch
+from loralag.library.alignment import align, align_batch
 
 
 @pytest.mark.parametrize("r,d_in,d_out,scale", [(1, 40, 24, 2.0), (4, 64, 48, 0.5), (8, 33, 70, 16 / 8), (16, 96, 96, 1.0)])

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import save_lora, tiny_llama
+
 from loralag import attach, build_library, detach, open_library
-from loralag.arrow_index import build_index, scan_clusters, search
-from loralag.library import module_shapes
+from loralag.library.arrow_index import build_index, scan_clusters, search
+from loralag.library.store import module_shapes
 
 
 def unit(n, d, seed):

@@ -130,7 +130,7 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     spinners = _Spinners(monkeypatch)
     result = invoke(*args)
     assert result.exit_code == 0, output(result)
-    from loralag.demo import SYSTEMS
+    from loralag.experiments.demo import SYSTEMS
 
     assert sum("Answering 6 questions" in m for m in spinners.messages) == len(SYSTEMS), spinners.messages
     assert any("Loading model" in m for m in spinners.messages), spinners.messages
@@ -142,7 +142,7 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     adapters = sorted(p.name for p in (tmp_path / "demo" / "adapters").iterdir())
     assert len(adapters) == 6 and "velmora" in adapters
 
-    from loralag.demo import run_demo
+    from loralag.experiments.demo import run_demo
 
     again = run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
     assert set(again["accuracy"]) >= {"base", "lag", "lag_prefix", "lag_voted", "oracle", "lag_adapter"}
@@ -315,7 +315,7 @@ def test_train_rank_has_a_name_and_keeps_its_alias(world, tmp_path):
 
 def test_router_choices_come_from_ROUTERS():
     from loralag.cli import router_names
-    from loralag.routers import ROUTERS
+    from loralag.routing.routers import ROUTERS
 
     assert router_names() == tuple(ROUTERS)
     text = output(invoke("generate", "--help"))
@@ -358,7 +358,7 @@ def test_slow_steps_show_a_spinner_with_a_message(world, lib, monkeypatch):
 def test_demo_table_keeps_whole_answers_at_80_columns():
     from rich.console import Console
 
-    from loralag.demo import ENTITIES, print_results
+    from loralag.experiments.demo import ENTITIES, print_results
 
     rows = []
     for e in ENTITIES:

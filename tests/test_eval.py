@@ -10,12 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA, invoke, output, save_lora, tiny_llama  # DATA: $LORALAG_TEST_DATA, else ../shared/data
+from conftest import (  # DATA: $LORALAG_TEST_DATA, else ../shared/data
+    DATA,
+    invoke,
+    output,
+    save_lora,
+    tiny_llama,
+)
 from tiny_text import tiny_tokenizer
 
-from loralag import evaluate as ev
-from loralag.kilt import read_kilt, read_kilt_predictions
-
+from loralag.evaluation import evaluate as ev
+from loralag.evaluation.kilt import read_kilt, read_kilt_predictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from conftest import save_lora, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_serve import MODEL, Server, assets, served_model  # noqa: F401
 
-from conftest import save_lora, tiny_llama
 from loralag import build_library, open_library
 from loralag.errors import LibraryError
-from loralag.library import module_shapes
-from loralag.serve import create_app, openapi_schema
+from loralag.library.store import module_shapes
+from loralag.serve.app import create_app, openapi_schema
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))

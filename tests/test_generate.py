@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import save_lora, tiny_llama
 from rich.console import Console
 from tiny_text import tiny_tokenizer
 
-import pytest
 from loralag import attach, build_library, detach
 from loralag.errors import LoralagError
 from loralag.generate import (
@@ -20,7 +20,7 @@ from loralag.generate import (
     routing_heatmap,
     routing_table,
 )
-from loralag.library import module_shapes
+from loralag.library.store import module_shapes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke, output, save_lora, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from conftest import invoke, output, save_lora, tiny_llama
 from loralag import attach, build_library, detach, open_library
-from loralag.adapters import find_adapter_folders, read_adapter
 from loralag.errors import AdapterError, LibraryError, LoralagError
-from loralag.kilt import read_kilt_predictions
-from loralag.library import module_shapes
+from loralag.evaluation.kilt import read_kilt_predictions
+from loralag.library.adapters import find_adapter_folders, read_adapter
+from loralag.library.store import module_shapes
 
 HERE = Path(__file__).parent
 SHAPES = module_shapes(tiny_llama())
@@ -272,7 +272,7 @@ def test_a_failed_first_build_leaves_nothing_bound(tmp_path, ads):
         build_library(tmp_path / "mine", [ads / "a0"], base_model="wrong", shapes=other, progress=False)
     assert list((tmp_path / "mine").iterdir()) == []
     # an empty library left bound to a model (by an older version, or made on purpose) is rebound
-    from loralag.library import create_library
+    from loralag.library.store import create_library
 
     create_library(tmp_path / "empty", "wrong", other)
     lib = build(tmp_path / "empty", [ads / "a0"])

@@ -17,13 +17,22 @@ import pytest
 import torch
 import uvicorn
 from starlette.testclient import TestClient
-from test_serve import (CONTEXT, MODEL, Server, _check_error, _concurrent, _sequential, assets,  # noqa: F401
-                        prompt_of, served_model)
+from test_serve import (  # noqa: F401
+    CONTEXT,
+    MODEL,
+    Server,
+    _check_error,
+    _concurrent,
+    _sequential,
+    assets,
+    prompt_of,
+    served_model,
+)
 
 from loralag import open_library
-from loralag import serve as serve_mod
-from loralag import serve_engine
-from loralag.serve import create_app, warn_if_exposed
+from loralag.serve import app as serve_mod
+from loralag.serve import engine as serve_engine
+from loralag.serve.app import create_app, warn_if_exposed
 
 KEY = "s3cret-key"
 LIMIT = 2 * 2**20

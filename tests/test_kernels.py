@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-
-from loralag import kernels
-from loralag import routers as R
-from loralag.bank import ModuleBank
 from test_routers import random_bank, relaid
+
+from loralag.library.bank import ModuleBank
+from loralag.routing import kernels
+from loralag.routing import routers as R
 
 
 def test_the_kernel_is_built_where_a_compiler_is():

@@ -8,10 +8,26 @@ import pytest
 from conftest import DATA  # $LORALAG_TEST_DATA, else ../shared/data
 
 from loralag.errors import LoralagError
-from loralag.kilt import (
-    Example, KILT_FAMILIES, LAMA_FAMILIES, exact_match_score, f1_score, infer_task, metric_max_over_ground_truths,
-    normalize_answer, normalised_scores, read_fever, read_kilt, read_kilt_predictions, read_lama,
-    read_lama_relations, read_nq_open, rougel_score, score_dataset, strict_accuracy, write_kilt_predictions,
+from loralag.evaluation.kilt import (
+    KILT_FAMILIES,
+    LAMA_FAMILIES,
+    Example,
+    exact_match_score,
+    f1_score,
+    infer_task,
+    metric_max_over_ground_truths,
+    normalised_scores,
+    normalize_answer,
+    read_fever,
+    read_kilt,
+    read_kilt_predictions,
+    read_lama,
+    read_lama_relations,
+    read_nq_open,
+    rougel_score,
+    score_dataset,
+    strict_accuracy,
+    write_kilt_predictions,
 )
 
 KILT_FILES = sorted((DATA / "kilt").glob("*.jsonl")) + sorted((DATA / "kilt" / "samples").glob("*.jsonl"))
@@ -131,7 +147,7 @@ def test_bad_line_names_file_and_line(tmp_path, line, reader):
             read_lama: '{"sub_label": "s", "obj_label": "o", "predicate_id": "P1"}'}[reader]
     path = tmp_path / "data.jsonl"
     path.write_text(good + "\n\n" + line + "\n", encoding="utf-8")
-    with pytest.raises(LoralagError, match=rf"data\.jsonl:3: "):
+    with pytest.raises(LoralagError, match=r"data\.jsonl:3: "):
         reader(path)
 
 

@@ -4,11 +4,11 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import save_lora, tiny_llama
 from transformers import DynamicCache
 
-from conftest import save_lora, tiny_llama
 from loralag import attach, build_library, detach, read_adapter
-from loralag.library import module_shapes
+from loralag.library.store import module_shapes
 
 KNOW = ("gate_proj", "up_proj", "down_proj")
 

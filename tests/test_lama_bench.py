@@ -10,17 +10,44 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import save_lora, tiny_llama
+
 from loralag import attach, build_library, detach
 from loralag.errors import LoralagError
-from loralag.kilt import read_kilt_predictions
-from loralag.lama_bench import (BenchConfig, RoutingStats, clean_answer, credited, default_data_dir, fc_label,
-                                layer_of, method_list, size_config, subject_mask, sweep_ks, votes_from_trace)
-from loralag.lama_data import (DATASETS, END_ENT, ENTITY_LINKING, FACT_CHECKING, QA, REFUTES, SLOT_FILLING, START_ENT,
-                               SUPPORTS, Relation, build_data, fill_template, make_prompt, question_text, read_facts,
-                               rewrites)
-from loralag.library import module_shapes
+from loralag.evaluation.answers import clean_answer, credited, fc_label
+from loralag.evaluation.kilt import read_kilt_predictions
+from loralag.experiments.lama.config import (
+    BenchConfig,
+    default_data_dir,
+    method_list,
+    size_config,
+    sweep_ks,
+)
+from loralag.experiments.lama.data import (
+    DATASETS,
+    END_ENT,
+    ENTITY_LINKING,
+    FACT_CHECKING,
+    QA,
+    REFUTES,
+    SLOT_FILLING,
+    START_ENT,
+    SUPPORTS,
+    Relation,
+    build_data,
+    fill_template,
+    make_prompt,
+    question_text,
+    read_facts,
+    rewrites,
+)
+from loralag.experiments.lama.routing_stats import (
+    RoutingStats,
+    layer_of,
+    subject_mask,
+    votes_from_trace,
+)
+from loralag.library.store import module_shapes
 
 
 # -- data on a made-up LAMA folder: other relations, a partial relations.json ---------------------------------
@@ -123,7 +150,11 @@ def test_questions_come_from_the_relations_own_template():
 def test_gain_fraction_reproduces_the_papers_figures():
     """The paper's Table 4: floor 59.5% of the Oracle; LAG 92.1 -> 80.5% of the distance, Arrow 84.8 -> 62.5%,
     RAG 72.0 -> 30.9% (the figures issue 14 quotes)."""
-    from loralag.lama_bench import gain_fraction, gain_fractions, paper_gain
+    from loralag.experiments.lama.report import (
+        gain_fraction,
+        gain_fractions,
+        paper_gain,
+    )
 
     assert round(paper_gain("lag"), 1) == 80.5 and round(paper_gain("arrow"), 1) == 62.5
     assert round(paper_gain("rag"), 1) == 30.9
@@ -134,7 +165,7 @@ def test_gain_fraction_reproduces_the_papers_figures():
 
 
 def test_a_dataset_the_oracle_scores_zero_on_is_left_out_of_the_normalised_table():
-    from loralag.lama_bench import normalise
+    from loralag.experiments.lama.report import normalise
 
     table = {"oracle": {SLOT_FILLING: (50.0, 4), FACT_CHECKING: (0.0, 4)},
              "lag": {SLOT_FILLING: (25.0, 4), FACT_CHECKING: (50.0, 4)}}
@@ -145,8 +176,8 @@ def test_a_dataset_the_oracle_scores_zero_on_is_left_out_of_the_normalised_table
 
 
 def test_answer_mask_marks_the_decisions_that_produced_answer_tokens():
-    from loralag.lama_bench import answer_mask
-    from loralag.trace import RoutingTrace
+    from loralag.experiments.lama.routing_stats import answer_mask
+    from loralag.routing.trace import RoutingTrace
 
     trace = RoutingTrace({("m", "lib"): ["a"]})
     trace.record("m", "lib", torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))  # prefill: 4 prompt columns
@@ -266,7 +297,8 @@ def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
     answers, routing counts, served adapters and memo reuse of one in-process pass."""
     from tiny_text import tiny_tokenizer
 
-    from loralag.lama_bench import BASE_METHODS, AnswerJob, answer_questions
+    from loralag.experiments.lama.answering import AnswerJob, answer_questions
+    from loralag.experiments.lama.config import BASE_METHODS
 
     model, libs = routed
     data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
@@ -325,7 +357,7 @@ def tiny_run(tmp_path_factory):
     data = default_data_dir()
     if not data.is_dir():
         pytest.skip(f"LAMA data not found at {data}")
-    from loralag.lama_bench import run_bench
+    from loralag.experiments.lama.run import run_bench
 
     root = tmp_path_factory.mktemp("lama-tiny")
     # On a machine other jobs keep busy, two torch threads on two cores stall each other (several times slower
@@ -355,7 +387,7 @@ def test_tiny_oracle_beats_base(tiny_run):
 @pytest.mark.slow
 def test_tiny_lag_routes_subject_tokens_to_the_gold_adapter(tiny_run):
     results, _, _ = tiny_run
-    from loralag.lama_bench import headline_lag
+    from loralag.experiments.lama.report import headline_lag
 
     lag = headline_lag(results)
     r = results["routing"][lag]["knowledge"]
@@ -369,7 +401,7 @@ def test_tiny_sequence_answers_are_generated_by_the_served_adapters(tiny_run):
     """Sequence modes share fixed-adapter generations across methods: each must equal a fresh generation of its
     prompt alone with the adapters it reports having served."""
     from loralag.generate import generate
-    from loralag.library import open_library
+    from loralag.library.store import open_library
     from loralag.models import load_model
 
     results, out, _ = tiny_run
@@ -443,7 +475,7 @@ def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
 
 
 def test_bare_fact_checking_pairs_train_under_their_entity():
-    from loralag.lama_data import Claim, fact_checking_pairs
+    from loralag.experiments.lama.data import Claim, fact_checking_pairs
 
     claims = [Claim(f"T{i}.", f"F{i}.", f"Article {i}.", f"e{i}") for i in range(6)]
     pairs = fact_checking_pairs(claims, n_pairs=100, context_every=2, max_bare=2)

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import save_lora, tiny_llama
+
 from loralag import attach, build_library, detach, open_library
-from loralag import library as L
 from loralag.errors import AdapterError, LibraryError
-from loralag.library import module_shapes
+from loralag.library import store as L
+from loralag.library.store import module_shapes
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
 
@@ -131,7 +131,7 @@ KILLED_BUILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from conftest import tiny_llama
-    from loralag import library as L
+    from loralag.library import store as L
     real = L.align
     def slow(*a):
         time.sleep(0.05)
@@ -184,8 +184,8 @@ def test_open_refuses_what_is_not_a_library(tmp_path):
 MMAP_PROBE = textwrap.dedent("""
     import resource, sys, json
     import torch
-    from loralag import library as L
-    from loralag.storage import atomic_save_safetensors
+    from loralag.library import store as L
+    from loralag.library.storage import atomic_save_safetensors
     n, d, r = 2000, 1024, 8
     lib = L.create_library(sys.argv[1], "synthetic", {"m": [d, d, "linear"]})
     A = torch.randn(n, r, d); B = torch.randn(n, d, r)

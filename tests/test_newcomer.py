@@ -44,19 +44,19 @@ def test_ci_runs_the_readmes_own_commands():
 
 def test_the_readme_snippet_prints_answers_and_a_readable_summary(tmp_path, monkeypatch, capsys, one_thread):
     """The snippet as written, on a tiny model and a tiny library standing in for SmolLM2 and the demo's."""
-    import loralag.demo
+    import loralag.experiments.demo
     import loralag.models
     from loralag import build_library
-    from loralag.library import module_shapes
+    from loralag.library.store import module_shapes
 
     model, tok = tiny_llama(), tiny_tokenizer()
-    names = [e["name"] for e in loralag.demo.ENTITIES]
+    names = [e["name"] for e in loralag.experiments.demo.ENTITIES]
     for i, name in enumerate(names):
         save_lora(model, tmp_path / "adapters" / name, seed=i, target_modules=("gate_proj", "up_proj", "down_proj"))
     build_library(tmp_path / "demo" / "library", [tmp_path / "adapters"], base_model="tiny",
                   shapes=module_shapes(model), progress=False)
     monkeypatch.setattr(loralag.models, "load_model", lambda spec="default", **kw: (model, tok))
-    monkeypatch.setattr(loralag.demo, "default_workdir", lambda: tmp_path / "demo")
+    monkeypatch.setattr(loralag.experiments.demo, "default_workdir", lambda: tmp_path / "demo")
     exec(compile(block("python"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "{" not in out and "tensor" not in out  # decoded text and formatted lines, no raw dict or tensor
@@ -92,9 +92,9 @@ def test_sequence_vote_follows_the_question_not_the_chat_template(tmp_path, one_
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from loralag import attach, build_library, detach
-    from loralag.demo import ENTITIES
+    from loralag.experiments.demo import ENTITIES
     from loralag.generate import encode_prompts, generate, majority_adapter
-    from loralag.library import module_shapes
+    from loralag.library.store import module_shapes
 
     tok = smollm2_tokenizer()
     questions = [e["facts"][0][0] for e in ENTITIES]

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import save_lora, tiny_gpt2, tiny_llama
 from peft import ArrowConfig, PeftModel, create_arrow_model
 
-from conftest import save_lora, tiny_gpt2, tiny_llama
 from loralag import attach, build_library, detach
-from loralag.library import module_shapes
+from loralag.library.store import module_shapes
 
 
 def peft_logits(model, folder, ids):

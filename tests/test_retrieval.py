@@ -8,7 +8,7 @@ import pytest
 from conftest import DATA  # $LORALAG_TEST_DATA, else ../shared/data
 
 from loralag.errors import LoralagError
-from loralag.retrieval import BM25Index
+from loralag.evaluation.retrieval import BM25Index
 
 DOCS = {
     "beatles": "The Beatles were an English rock band formed in Liverpool in 1960.",

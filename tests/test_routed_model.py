@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import save_lora, tiny_gpt2, tiny_llama
+
 from loralag import attach, build_library, detach
 from loralag.errors import LibraryError
-from loralag.library import module_shapes
+from loralag.library.store import module_shapes
 
 
 def make_library(model, path, n, seed, targets, r=4):

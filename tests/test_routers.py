@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import save_lora, tiny_llama
+
 from loralag import attach, build_library, detach, read_adapter
-from loralag import routers as R
-from loralag.bank import ModuleBank
-from loralag.library import module_shapes
+from loralag.library.bank import ModuleBank
+from loralag.library.store import module_shapes
+from loralag.routing import routers as R
 
 N_ADAPTERS = 7
 
@@ -37,7 +37,7 @@ def reference_delta(router, dense, x, k=20, temperature=1.0):
 
 
 def random_bank(n=9, d_in=24, d_out=16, ranks=(2, 3, 4), seed=0):
-    from loralag.alignment import align
+    from loralag.library.alignment import align
 
     g = torch.Generator().manual_seed(seed)
     dense, As, Bs, rs = [], [], [], []
@@ -47,7 +47,7 @@ def random_bank(n=9, d_in=24, d_out=16, ranks=(2, 3, 4), seed=0):
         A_s, B_s = align(A, B, 1.5)
         dense.append(1.5 * B @ A)
         As.append(A_s), Bs.append(B_s), rs.append(r)
-    from loralag.library import _stack_padded
+    from loralag.library.store import _stack_padded
 
     A, B = _stack_padded(As, Bs)
     return ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], A, B, rs), dense

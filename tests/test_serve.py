@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loralag import attach, build_library, open_library
 from loralag.generate import generate
-from loralag.library import module_shapes
+from loralag.library.store import module_shapes
 from loralag.models import load_model
-from loralag.serve import create_app, server_config
-from loralag.serve_engine import _holdback
+from loralag.serve.app import create_app, server_config
+from loralag.serve.engine import _holdback
 
 MODEL = "tiny-llama"
 CONTEXT = 4096  # long enough that a request can run for seconds (timeouts, disconnects)

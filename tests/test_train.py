@@ -1,7 +1,7 @@
 import copy
-from dataclasses import asdict
 import json
 import logging
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-import loralag.train as lt
+import loralag.training.train as lt
 from loralag.errors import LoralagError
-from loralag.train import Document, QAPairs, TrainConfig
+from loralag.training.train import Document, QAPairs, TrainConfig
 
 TEXT = (
     "The Zorblax accord was signed in 2031 by seven mining guilds of Tessaly . "
@@ -81,7 +81,7 @@ def test_finished_adapter_is_not_trained_again(model, tok, tmp_path, caplog):
     weights = path / "adapter_model.safetensors"
     mtime = weights.stat().st_mtime_ns
 
-    with caplog.at_level(logging.INFO, logger="loralag.train"):
+    with caplog.at_level(logging.INFO, logger="loralag.training.train"):
         assert lt.train_adapters(model, tok, [doc], tmp_path, FAST, progress=False) == [path]
     assert weights.stat().st_mtime_ns == mtime
     assert "skipped zorblax" in caplog.text
@@ -318,7 +318,7 @@ def test_grouped_cache_skips_finished_adapters(model, tok, tmp_path, monkeypatch
         trained_groups.append(sorted(job.name for job in group)), train_group(model, group, *a))[1])
     monkeypatch.setattr(lt, "_train_into", lambda *a: (singles.append(a), train_into(*a))[1])
 
-    with caplog.at_level(logging.INFO, logger="loralag.train"):
+    with caplog.at_level(logging.INFO, logger="loralag.training.train"):
         paths = lt.train_adapters(model, tok, items, tmp_path, GROUP_CFG, progress=True, group_size=3)
     assert paths == [tmp_path / item.name for item in items]
     assert trained_groups == [["council", "guilds"]] and singles == []  # only the two missing ones, as one group
@@ -381,7 +381,7 @@ def test_bad_group_size(model, tok, tmp_path, bad):
 def test_dropout_falls_back_to_one_at_a_time(model, tok, tmp_path, monkeypatch, caplog, one_thread):
     monkeypatch.setattr(lt, "_train_group", lambda *a: pytest.fail("grouped training despite dropout"))
     cfg = TrainConfig(steps=2, dropout=0.1)
-    with caplog.at_level(logging.WARNING, logger="loralag.train"):
+    with caplog.at_level(logging.WARNING, logger="loralag.training.train"):
         paths = lt.train_adapters(model, tok, group_items()[:2], tmp_path, cfg, progress=False, group_size=2)
     assert "one at a time" in caplog.text and "dropout" in caplog.text
     assert all((p / "adapter_model.safetensors").is_file() for p in paths)
@@ -457,7 +457,7 @@ def test_under_is_part_of_the_cache_key(model, tok, tmp_path, caplog, one_thread
     save_lora(model, know, seed=6, r=3, target_modules=KNOWLEDGE)  # same folder, other weights: retrain
     assert not lt.train_adapter(model, tok, item, tmp_path / "out", UNDER_CFG).skipped
     # grouped training trains items with frozen adapters one at a time
-    with caplog.at_level(logging.WARNING, logger="loralag.train"):
+    with caplog.at_level(logging.WARNING, logger="loralag.training.train"):
         lt.train_adapters(model, tok, [QAPairs("a", PAIRS, under=[know, know]), QAPairs("b", PAIRS)],
                           tmp_path / "g", UNDER_CFG, progress=False, group_size=2)
     assert "frozen adapters" in caplog.text

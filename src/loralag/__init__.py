@@ -7,11 +7,11 @@ from importlib import import_module
 
 _EXPORTS = {
     "AdapterError": "errors", "LibraryError": "errors", "LoralagError": "errors", "ModelError": "errors",
-    "LoraAdapter": "adapters", "read_adapter": "adapters",
-    "align": "alignment",
-    "Library": "library", "build_library": "library", "open_library": "library",
-    "attach": "routed_model", "detach": "routed_model", "routing_state": "routed_model",
-    "ROUTERS": "routers", "RouteSpec": "routers",
+    "LoraAdapter": "library.adapters", "read_adapter": "library.adapters",
+    "align": "library.alignment",
+    "Library": "library.store", "build_library": "library.store", "open_library": "library.store",
+    "attach": "routing.state", "detach": "routing.state", "routing_state": "routing.state",
+    "ROUTERS": "routing.routers", "RouteSpec": "routing.routers",
 }
 
 __all__ = sorted(_EXPORTS)

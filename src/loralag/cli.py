@@ -27,7 +27,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from typer.core import TyperCommand  # noqa: E402
 
-from .errors import LoralagError
+from loralag.errors import LoralagError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -122,10 +122,10 @@ def user_errors(fn):
 # -- checks made before anything heavy is imported or loaded ------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def router_names() -> tuple[str, ...]:
-    """The keys of loralag.routers.ROUTERS, read from routers.py's source: checking a router name then costs no
+    """The keys of loralag.routing.routers.ROUTERS, read from routers.py's source: checking a router name then costs no
     torch import (1-2 s). Falls back to importing the module if ROUTERS is not a plain dict literal there."""
     try:
-        tree = ast.parse((Path(__file__).with_name("routers.py")).read_text(encoding="utf-8"))
+        tree = ast.parse((Path(__file__).parent / "routing" / "routers.py").read_text(encoding="utf-8"))
         for node in tree.body:
             target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
                 getattr(node, "target", None)
@@ -135,7 +135,7 @@ def router_names() -> tuple[str, ...]:
                     return names
     except (OSError, SyntaxError):
         pass
-    from .routers import ROUTERS
+    from loralag.routing.routers import ROUTERS
 
     return tuple(ROUTERS)
 
@@ -219,8 +219,7 @@ def _prepare_model(spec: str, status) -> None:
     minute), saying so on the spinner."""
     status.update(f"Loading torch and transformers for model '{spec}' …")
     _quiet_warnings()
-    from . import models
-
+    from loralag import models
     if spec == "default":
         target = models.cache_dir() / "models" / models.DEFAULT_MODEL_NAME
         if not all((target / name).is_file() for name in models._CONVERTED_FILES):
@@ -235,7 +234,7 @@ def load_model_waiting(spec: str, dtype: str = "float32"):
         _prepare_model(spec, status)
         import torch
 
-        from .models import load_model
+        from loralag.models import load_model
 
         status.update(f"Loading model '{spec}' …")
         return load_model(spec, dtype=getattr(torch, dtype))
@@ -252,7 +251,7 @@ def _human_bytes(n: int) -> str:
 
 def _open(path: Path):
     _check_library(path)
-    from .library import open_library
+    from loralag.library.store import open_library
 
     return open_library(path)
 
@@ -260,7 +259,7 @@ def _open(path: Path):
 def _model_shapes(model: str) -> dict:
     with waiting(f"Reading the configuration of model '{model}' …") as status:
         _prepare_model(model, status)
-        from .library import shapes_for_model
+        from loralag.library.store import shapes_for_model
 
         try:
             return shapes_for_model(model)
@@ -291,7 +290,7 @@ def build(
     """Align PEFT LoRA adapters and store them as a library for the base model (--model)."""
     _check_model(model)
     shapes = _model_shapes(model)
-    from .library import build_library
+    from loralag.library.store import build_library
 
     lib = build_library(out, adapters, base_model=model, shapes=shapes, dtype=dtype.value,
                         replace=replace, chunk_size=chunk_size, progress=True)
@@ -420,12 +419,12 @@ def train(
     with waiting("Reading the training inputs …") as status:
         _prepare_model(model, status)
         status.update("Reading the training inputs …")
-        from .train import read_training_inputs
+        from loralag.training.train import read_training_inputs
 
         items = read_training_inputs(inputs)
     import math
 
-    from .train import TrainConfig, build_examples, train_adapters
+    from loralag.training.train import TrainConfig, build_examples, train_adapters
 
     model_, tokenizer = load_model_waiting(model)
     base = TrainConfig(target_modules=targets, r=rank, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
@@ -483,8 +482,8 @@ def generate(
     _check_model(model)
 
     model_, tokenizer = load_model_waiting(model, dtype.value)
-    from . import generate as gen
-    from .routed_model import attach, detach
+    from loralag import generate as gen
+    from loralag.routing.state import attach, detach
 
     _set_threads(threads)
     libs = [_open(p) for p in library or []]
@@ -554,7 +553,7 @@ def serve(
         _prepare_model(model, status)
         import uvicorn  # noqa: F401  (imported here, behind the spinner)
 
-        from .serve import serve as run_server
+        from loralag.serve.app import serve as run_server
     console.print(f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port}",
                   highlight=False)
     run_server(model, [str(p) for p in library or []], router=router, k=k, host=host, port=port,
@@ -582,7 +581,9 @@ def bench(
                                      "0.1's way), to measure what distinct inits do."),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
-    from .lama_bench import default_data_dir, print_summary, run_bench, size_config
+    from loralag.experiments.lama.config import default_data_dir, size_config
+    from loralag.experiments.lama.report import print_summary
+    from loralag.experiments.lama.run import run_bench
 
     size_config(size)  # an unknown size fails here
     data = data if data is not None else default_data_dir()
@@ -654,8 +655,7 @@ def eval_command(
         for path in library or []:
             _check_library(path)
         _check_model(model)
-    from . import evaluate as ev
-
+    from loralag.evaluation import evaluate as ev
     tasks: dict[str, str] | str | None = None
     for spec in task or []:
         stem, sep, value = spec.rpartition("=")
@@ -704,11 +704,17 @@ def eval_command(
 def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter, adapter_map,
                    max_new_tokens, batch_size, prompt_template, max_input_chars, chat, dtype, threads, out):
     """`eval --model`: generate every dataset's predictions, write them to OUT/<stem>.jsonl, return them."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from .kilt import write_kilt_predictions
-    from .routed_model import attach, detach
-    from .routers import RouteSpec
+    from loralag.evaluation.kilt import write_kilt_predictions
+    from loralag.routing.routers import RouteSpec
+    from loralag.routing.state import attach, detach
 
     RouteSpec(router=router, k=k, nprobe=nprobe)
     libs = [_open(p) for p in library or []]
@@ -760,14 +766,13 @@ def demo(
     start = time.perf_counter()
     with waiting(f"Loading torch and model '{model}' …") as status:
         _prepare_model(model, status)
-    from .demo import print_results, run_demo
+    from loralag.experiments.demo import print_results, run_demo
 
     _set_threads(threads)
     results = run_demo(workdir, steps=steps, router=router, k=k, model_spec=model, console=console)
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:
-        from . import generate as gen
-
+        from loralag import generate as gen
         path = gen.routing_heatmap(results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0,
                                    prompt_only=False)
         console.print(f"routing heatmap written to {path}")

@@ -19,8 +19,8 @@ from collections import Counter
 
 import torch
 
-from .errors import LoralagError
-from .routed_model import STATE_ATTR
+from loralag.errors import LoralagError
+from loralag.routing.state import STATE_ATTR
 
 
 # -- generation ----------------------------------------------------------------------------------------

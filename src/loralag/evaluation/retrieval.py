@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LoralagError
+from loralag.errors import LoralagError
 
 __all__ = ["BM25Index"]
 

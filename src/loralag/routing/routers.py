@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import arrow_index, kernels
-from .bank import ModuleBank
+from loralag.library import arrow_index
+from loralag.library.bank import ModuleBank
+from loralag.routing import kernels
 
 # Cost model for choosing how `project` scores candidates (multiply-adds per second on one core, and the
 # Python cost of one per-adapter step), measured with benchmarks/bench_layer.py on this machine's CPU.

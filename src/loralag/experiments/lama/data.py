@@ -33,15 +33,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LoralagError
-from .kilt import Example, normalize_answer, read_lama, read_lama_relations
+from loralag.errors import LoralagError
+from loralag.evaluation.answers import REFUTES, SUPPORTS
+from loralag.evaluation.kilt import (
+    Example,
+    normalize_answer,
+    read_lama,
+    read_lama_relations,
+)
 
 # -- the families: dataset names as kilt.LAMA_FAMILIES spells them ---------------------------------------------
 SLOT_FILLING, QA, FACT_CHECKING = "lama_slot_filling", "lama_qa", "lama_fact_checking"
 ENTITY_LINKING = "lama_entity_linking"
 DATASETS = (SLOT_FILLING, QA, FACT_CHECKING, ENTITY_LINKING)
 FAMILY_OF = {SLOT_FILLING: "slot_filling", QA: "qa", FACT_CHECKING: "fact_checking", ENTITY_LINKING: "entity_linking"}
-SUPPORTS, REFUTES = "SUPPORTS", "REFUTES"
 START_ENT, END_ENT = "[START_ENT]", "[END_ENT]"  # KILT's mention markers (AIDA, WNED)
 FC_FORMS = ("label", "recall")  # fact checking's answer: the bare label (FEVER's), or object then verdict
 
@@ -463,7 +468,7 @@ def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int,
 
     A bare claim about a training entity can only be checked against knowledge of that entity. The first
     `max_bare` bare facts (None: all) are trained under the entity's own knowledge adapter (under = the
-    entity; lama_bench trains it), so the task adapter learns to check a claim against what a knowledge
+    entity; the LAMA benchmark trains it), so the task adapter learns to check a claim against what a knowledge
     adapter injects, as at test time. Past that cap a bare fact is used only if `known[i]` (the base model
     already ranks the true claim above the false one), without an adapter, to check against the model's own
     knowledge; with known=None the list ends at the cap."""

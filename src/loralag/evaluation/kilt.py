@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from .errors import LoralagError
+from loralag.errors import LoralagError
 
 __all__ = [
     "Example", "KILT_TASKS", "TASK_ALIASES", "PRIMARY_METRIC", "KILT_FAMILIES", "LAMA_FAMILIES", "FEVER_LABELS",

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .routed_model import STATE_ATTR
-from .serve_metrics import ServerMetrics
+from loralag.routing.state import STATE_ATTR
+from loralag.serve.metrics import ServerMetrics
 
-log = logging.getLogger("loralag.serve")
+log = logging.getLogger("loralag.serve.app")
 
 PREFILL_TOKEN_BUDGET = 16384  # padded prompt tokens per prefill pass, bounding its memory
 _ids = itertools.count()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralag.errors import LoralagError
-from loralag.frozen_rows import frozen_adapters
+from loralag.training.frozen_rows import frozen_adapters
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] 
         raise LoralagError(f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs")
     if under is None or all(u is None for u in under):
         return None
-    from .adapters import read_adapter
+    from loralag.library.adapters import read_adapter
 
     folders = sorted({str(u) for u in under if u is not None})
     adapters = [read_adapter(f) for f in folders]

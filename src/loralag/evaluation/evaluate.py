@@ -39,7 +39,7 @@ Prompts (plain text; `template` with "{input}" replaces them). PROMPT_TEMPLATES 
 
 Inputs longer than `max_input_chars` are cut: to a window around the mention for entity linking, to the
 start otherwise. Generations are greedy; the answer is the first non-empty line, and for short-answer tasks
-(every primary metric but ROUGE-L) it is also cut at its first sentence end (lama_bench.clean_answer). A
+(every primary metric but ROUGE-L) it is also cut at its first sentence end (evaluation.answers.clean_answer). A
 fact-checking answer becomes the FEVER label it starts with (any case; "yes"/"true" -> SUPPORTS,
 "no"/"false" -> REFUTES), else stays as generated (and scores 0).
 """
@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from . import kilt
-from .errors import LoralagError
-from .kilt import Example
+from loralag.errors import LoralagError
+from loralag.evaluation import kilt
+from loralag.evaluation.kilt import Example
 
 __all__ = [
     "Dataset", "PROMPT_TEMPLATES", "FORMATS", "detect_format", "family_of", "load_dataset", "load_datasets",
@@ -452,7 +452,7 @@ def build_prompt(example: Example, dataset: Dataset, template: str | None = None
 
 
 def _fever_label(answer: str) -> str:
-    from .lama_bench import fc_label
+    from loralag.evaluation.answers import fc_label
 
     label = fc_label(answer)
     if label in kilt.FEVER_LABELS:
@@ -471,7 +471,7 @@ def _fever_label(answer: str) -> str:
 def clean_prediction(text: str, dataset: Dataset) -> str:
     """The answer in a generation: first non-empty line; short answers cut at the first sentence end; fact
     checking mapped to its FEVER label."""
-    from .lama_bench import clean_answer
+    from loralag.evaluation.answers import clean_answer
 
     if dataset.metric == "rougel":
         lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
@@ -536,8 +536,8 @@ def generate_predictions(model, tokenizer, dataset: Dataset, batch_size: int = 8
     fixed / fixed_per_example: adapters for the libraries attached with router "fixed" (the rest route as
     attached); a fixed library with no adapter for an example runs as the base model there.
     progress: called with the number of examples done after each batch."""
-    from .generate import generate
-    from .routed_model import STATE_ATTR
+    from loralag.generate import generate
+    from loralag.routing.state import STATE_ATTR
 
     if batch_size < 1:
         raise LoralagError(f"batch size must be at least 1, got {batch_size}")

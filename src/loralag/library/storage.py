@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LibraryError
+from loralag.errors import LibraryError
 
 _NP_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, None)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
+from loralag.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

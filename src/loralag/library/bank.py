@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arrow_index import ArrowIndex
+from loralag.library.arrow_index import ArrowIndex
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bank import ModuleBank
-from .routers import ROUTERS, STATEFUL
+from loralag.library.bank import ModuleBank
+from loralag.routing.routers import ROUTERS, STATEFUL
 
 
 class RoutedLinear(nn.Module):

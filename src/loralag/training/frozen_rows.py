@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import LoraAdapter
-from .errors import LoralagError
+from loralag.errors import LoralagError
+from loralag.library.adapters import LoraAdapter
 
 
 class _Rows:

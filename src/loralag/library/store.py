@@ -30,13 +30,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import (CONFIG_FILE, LoraAdapter, adapter_checksum, check_fits, find_adapter_folders, name_problem,
-                       read_adapter)
-from .alignment import align
-from .arrow_index import ArrowIndex, build_index
-from .bank import ModuleBank
-from .errors import AdapterError, LibraryError
-from .storage import TMP_PREFIX, atomic_save_safetensors, atomic_write_json, mmap_safetensors, read_tensor
+from loralag.errors import AdapterError, LibraryError
+from loralag.library.adapters import (
+    CONFIG_FILE,
+    LoraAdapter,
+    adapter_checksum,
+    check_fits,
+    find_adapter_folders,
+    name_problem,
+    read_adapter,
+)
+from loralag.library.alignment import align
+from loralag.library.arrow_index import ArrowIndex, build_index
+from loralag.library.bank import ModuleBank
+from loralag.library.storage import (
+    TMP_PREFIX,
+    atomic_save_safetensors,
+    atomic_write_json,
+    mmap_safetensors,
+    read_tensor,
+)
 
 FORMAT = "loralag-library"
 FORMAT_VERSION = 1
@@ -66,8 +79,8 @@ def shapes_for_model(spec: str) -> dict[str, list]:
     """Module shapes of a model named by spec, built on the meta device so no weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .errors import ModelError
-    from .models import default_model_dir
+    from loralag.errors import ModelError
+    from loralag.models import default_model_dir
 
     try:
         config = AutoConfig.from_pretrained(default_model_dir() if spec == "default" else spec)

@@ -173,7 +173,7 @@ def is_right(answer: str, gold: str) -> bool:
 
 
 def default_workdir() -> Path:
-    from .models import cache_dir
+    from loralag.models import cache_dir
 
     return cache_dir() / "demo"
 
@@ -188,11 +188,11 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     and the paths used."""
     import torch
 
-    from .generate import generate, majority_adapter
-    from .library import build_library, module_shapes
-    from .models import load_model
-    from .routed_model import attach, detach
-    from .train import Document, TrainConfig, train_adapters
+    from loralag.generate import generate, majority_adapter
+    from loralag.library.store import build_library, module_shapes
+    from loralag.models import load_model
+    from loralag.routing.state import attach, detach
+    from loralag.training.train import Document, TrainConfig, train_adapters
 
     config = config or DemoConfig()
     if steps is not None:

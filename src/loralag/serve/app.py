@@ -36,22 +36,34 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .library import Library, open_library
-from .routed_model import STATE_ATTR, attach
-from .routers import ROUTERS
-from .serve_engine import Engine, EngineRequest, EngineStopped, QueueFull, Routing, SamplingParams
-from .serve_metrics import ServerMetrics
+from loralag.library.store import Library, open_library
+from loralag.routing.routers import ROUTERS
+from loralag.routing.state import STATE_ATTR, attach
+from loralag.serve.engine import (
+    Engine,
+    EngineRequest,
+    EngineStopped,
+    QueueFull,
+    Routing,
+    SamplingParams,
+)
+from loralag.serve.metrics import ServerMetrics
 
-log = logging.getLogger("loralag.serve")
+log = logging.getLogger("loralag.serve.app")
 
 ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/openapi.json"}
 ROUTERS_WITH_K = ("lag", "lag-prefix", "arrow-mix")
@@ -435,7 +447,7 @@ def _longest_token(tokenizer) -> int:
 
 def _served_name(model, spec: str | None = None) -> str:
     if spec == "default":
-        from .models import DEFAULT_MODEL_NAME
+        from loralag.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     if spec:
@@ -1142,7 +1154,7 @@ def serve(model_spec: str = "default", libraries: list[str] = (), router: str = 
     api_key: None reads LORALAG_API_KEY (unset or empty: no key)."""
     import uvicorn
 
-    from .models import load_model
+    from loralag.models import load_model
 
     if api_key is None:
         api_key = os.environ.get("LORALAG_API_KEY") or None

@@ -7,12 +7,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import LibraryError
-from .library import Library, module_shapes
-from .prefix_evidence import PrefixEvidence
-from .routed_layer import RoutedLinear
-from .routers import RouteSpec
-from .trace import RoutingTrace
+from loralag.errors import LibraryError
+from loralag.library.store import Library, module_shapes
+from loralag.routing.layer import RoutedLinear
+from loralag.routing.prefix_evidence import PrefixEvidence
+from loralag.routing.routers import RouteSpec
+from loralag.routing.trace import RoutingTrace
 
 STATE_ATTR = "_loralag_state"
 

@@ -1,0 +1,3 @@
+"""`loralag bench`: the paper's knowledge-intensive evaluation on LAMA T-REx. config (sizes, methods),
+data (questions, training texts), run (train, build, answer, score), report (tables, findings, plots).
+"""

@@ -1,0 +1,193 @@
+"""The LAMA benchmark's settings: sizes, modules, the methods it compares and the k sweep.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from loralag.errors import LoralagError
+from loralag.experiments.lama.data import FC_FORMS
+
+PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
+             "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
+             "picks the retrieved adapter itself it counts twice).")
+TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
+GRANULARITIES = ("token", "sequence", "both")
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on; a size is a preset of these."""
+
+    n_entities: int = 200  # knowledge adapters, one per subject entity
+    questions_per_dataset: int | None = None  # default: one per knowledge entity
+    n_train_pairs: int = 200  # task-adapter training pairs per family
+    context_every: int = 3  # one task-training prompt in this many has its entity's article in front (RAG form)
+    fc_bare_facts: int = 48  # bare fact-checking training facts, each under its entity's own knowledge adapter
+    fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
+    fc_form: str = "label"  # fact checking answers the bare label (FEVER's); "recall": object, then verdict
+    seed: int = 0
+    shared_init: bool = False  # every adapter from one LoRA init (loralag 0.1's way), to measure what distinct ones do
+    max_article_chars: int = 400
+    # knowledge adapters
+    know_r: int = 6
+    know_alpha: int = 12
+    know_steps: int = 12
+    know_lr: float = 2e-3
+    know_batch: int = 4
+    # task adapters
+    task_r: int = 8
+    task_alpha: int = 16
+    task_steps: int = 80
+    task_lr: float = 2e-3
+    task_batch: int = 4
+    # evaluation
+    k: int = 20  # the headline LAG's k
+    k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
+    granularity: str = "both"
+    methods: tuple | None = None  # None: every method
+    max_new_tokens: int = 16  # fact checking recalls the object before its verdict
+    batch_size: int = 32
+    credit_prefix: bool = True
+    # the model's dtype while answering (training always runs in float32); routing runs in the libraries' dtype
+    eval_dtype: str = "float32"
+
+
+SIZES = {
+    # a handful of entities: the test suite's end-to-end run
+    # (its task adapters see no RAG-form prompt: cheaper, and RAG is not what the tiny run checks)
+    "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, fc_bare_facts=2, know_steps=8, know_lr=3e-3, task_steps=12,
+                 task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=12),
+    # a sanity check at the scale of the earlier 12-adapter measurement
+    "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
+    # the benchmark: 200 knowledge adapters
+    # answering in bfloat16: 1.75x faster here (CPUs with AVX512-BF16 or AMX), as such models usually run
+    "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=80, task_batch=4,
+                 task_lr=2e-3, eval_dtype="bfloat16"),
+}
+BASE_METHODS = ("base", "oracle", "arrow", "lag", "lag-prefix", "spectral", "arrow-mix", "rag", "prag", "r-lag",
+                "p-lag", "k-sweep")
+
+
+def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchConfig:
+    """The config of a named size ("tiny", "small", "full"), a dict of fields, or a config; then overrides."""
+    if isinstance(size, BenchConfig):
+        cfg = size
+    elif isinstance(size, dict):
+        cfg = BenchConfig(**size)
+    elif size in SIZES:
+        cfg = BenchConfig(**SIZES[size])
+    else:
+        raise LoralagError(f"unknown bench size {size!r}; choose one of {sorted(SIZES)} or pass custom parameters")
+    known = {f.name for f in fields(BenchConfig)}
+    bad = set(overrides) - known
+    if bad:
+        raise LoralagError(f"unknown bench settings {sorted(bad)}; known: {sorted(known)}")
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.eval_dtype not in EVAL_DTYPES:
+        raise LoralagError(f"eval_dtype must be one of {EVAL_DTYPES}, got {cfg.eval_dtype!r}")
+    if cfg.granularity not in GRANULARITIES:
+        raise LoralagError(f"granularity must be one of {GRANULARITIES}, got {cfg.granularity!r}")
+    if cfg.fc_form not in FC_FORMS:
+        raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
+    if cfg.n_entities < 2:
+        raise LoralagError("the knowledge library needs at least 2 entities")
+    if cfg.methods is not None:
+        unknown = set(cfg.methods) - set(BASE_METHODS)
+        if unknown:
+            raise LoralagError(f"unknown methods {sorted(unknown)}; choose from {BASE_METHODS}")
+    return cfg
+
+
+def default_data_dir() -> Path:
+    """$LORALAG_LAMA_DATA, else ../shared/data/lama-trex from the working directory or from the repository."""
+    env = os.environ.get("LORALAG_LAMA_DATA")
+    if env:
+        return Path(env)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[4]):
+        p = root.parent / "shared" / "data" / "lama-trex"
+        if p.is_dir():
+            return p
+    return Path("../shared/data/lama-trex")
+
+
+def default_cache_dir() -> Path:
+    from loralag.models import cache_dir
+
+    return cache_dir() / "lama_bench"
+
+
+# -- methods ---------------------------------------------------------------------------------------------------
+@dataclass
+class Method:
+    """How one method routes. knowledge/task: a router name, or "gold" / "retrieved" (through `fixed`)."""
+
+    name: str
+    knowledge: str = "none"
+    task: str = "none"
+    k: int = 20
+    rag: bool = False  # the retrieved article goes in the prompt
+    plag: bool = False  # the retrieved article's adapter is added on top of the knowledge routing
+    reuse: str | None = None  # identical to another method: reuse its answers
+    mixed: bool = False  # also run "<name>/seq-task": task library by vote, knowledge library per token
+    sequence: bool = True  # also run "<name>/seq" (the sequence vote) where the run asks for it
+
+    @property
+    def routed(self) -> list[str]:
+        """Libraries routed per token (what the sequence mode votes on)."""
+        return [lib for lib, r in (("knowledge", self.knowledge), ("task", self.task))
+                if r not in ("none", "gold", "retrieved")]
+
+
+def method_list(cfg: BenchConfig, n: int) -> list[Method]:
+    """The methods of a run, in table order. k values clamp to N; lag@k with k >= N is SpectR over everything."""
+    want = set(cfg.methods) if cfg.methods is not None else set(BASE_METHODS)
+    kk = min(cfg.k, n)
+    lag_name = f"lag@{kk}"
+    out = []
+
+    def add(m):
+        if m.name not in {x.name for x in out}:
+            out.append(m)
+
+    if "base" in want:
+        add(Method("base"))
+    if "oracle" in want:
+        add(Method("oracle", knowledge="gold", task="gold"))
+    if "arrow" in want:
+        add(Method("arrow", knowledge="arrow", task="arrow", k=1))
+    if "lag" in want:
+        add(Method(lag_name, knowledge="lag", task="lag", k=kk, reuse="spectral" if kk >= n else None, mixed=True))
+    if "lag-prefix" in want:
+        # its vote over the prompt is lag's, so no "/seq" of its own
+        add(Method(f"lag-prefix@{kk}", knowledge="lag-prefix", task="lag-prefix", k=kk, sequence=False))
+    if "spectral" in want or "lag" in want and kk >= n:
+        add(Method("spectral", knowledge="spectral", task="spectral", mixed="lag" in want and kk >= n))
+    if "arrow-mix" in want:
+        add(Method("arrow-mix", knowledge="arrow-mix", task="arrow-mix", k=kk))
+    if "k-sweep" in want:
+        for k in sweep_ks(cfg, n):
+            if k >= n:
+                add(Method("spectral", knowledge="spectral", task="spectral", mixed="lag" in want and kk >= n))
+            add(Method(f"lag@{k}", knowledge="lag", task="lag", k=k, reuse="spectral" if k >= n else None))
+    if "rag" in want:
+        add(Method("rag", task="lag", rag=True))
+    if "prag" in want:
+        add(Method("prag", knowledge="retrieved", task="lag"))
+    if "r-lag" in want:
+        add(Method("r-lag", knowledge="lag", task="lag", k=kk, rag=True))
+    if "p-lag" in want:
+        add(Method("p-lag", knowledge="lag", task="lag", k=kk, plag=True))
+    # a reused method must come after what it reuses
+    order = {m.name: i for i, m in enumerate(out)}
+    out.sort(key=lambda m: order[m.reuse] + 0.5 if m.reuse else order[m.name])
+    return out
+
+
+def sweep_ks(cfg: BenchConfig, n: int) -> list[int]:
+    ks = sorted({min(n, n if k == "N" else int(k)) for k in cfg.k_sweep})
+    return [k for k in ks if k >= 1]

@@ -1,0 +1,148 @@
+"""Where the routers sent the subject's tokens and the answer's positions: routing to the gold adapter per
+method, library and layer, from the runs' traces.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+
+# -- routing statistics ----------------------------------------------------------------------------------------
+def layer_of(module: str) -> int:
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
+
+
+def subject_mask(tokenizer, prompts: list[str], mentions: list[list[str]], width: int, lengths=None):
+    """(batch, width) bool: prompt tokens that overlap a mention of the subject, for left-padded prompts.
+
+    lengths: the real tokens of each prompt in the batch that was run (checked against this tokenization)."""
+    import torch
+
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, (prompt, names) in enumerate(zip(prompts, mentions)):
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        if lengths is not None and int(lengths[i]) != n:
+            raise RuntimeError(f"prompt {i} has {int(lengths[i])} tokens in the batch but {n} alone")
+        pad = width - n
+        spans = []
+        for name in sorted(set(names), key=len, reverse=True):
+            for m in re.finditer(re.escape(name), prompt):
+                spans.append((m.start(), m.end()))
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and any(a < e and b > s for s, e in spans):
+                mask[i, pad + t] = True
+    return mask
+
+
+def answer_mask(trace):
+    """(batch, decisions) bool: the routing decisions that produced a real answer token. The decision at column c
+    (the last prompt token, then each generated token fed back) yields token c + 1, so it counts where that
+    token is real (generate's mask: up to and including the first end token)."""
+    import torch
+
+    width = trace.winner_matrix(*trace.keys[0]).shape[1]
+    full = trace.attention_mask.bool()
+    mask = torch.zeros(full.shape[0], width, dtype=torch.bool)
+    start = trace.prompt_length - 1
+    stop = min(width, full.shape[1] - 1)
+    mask[:, start:stop] = full[:, start + 1 : stop + 1]
+    return mask
+
+
+def votes_from_trace(trace, library: str, prompt_mask) -> list[str | None]:
+    """RoutingState.vote's rule on an existing trace: per sequence, the adapter that won most (token, module)
+    decisions over the real prompt tokens; ties to the name that sorts first."""
+    import torch
+
+    width = trace.winner_matrix(trace.modules(library)[0], library).shape[1]
+    out = []
+    for seq in range(prompt_mask.shape[0]):
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[: prompt_mask.shape[1]] = prompt_mask[seq].bool()
+        counts = trace.counts(library, seq, mask)
+        out.append(min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None)
+    return out
+
+
+class RoutingStats:
+    """Per method and library: per layer, decisions routed to the gold adapter among subject tokens, prompt tokens
+    and answer positions (the decisions that produced an answer token)."""
+
+    def __init__(self, data: dict | None = None):
+        self.data: dict = data if data is not None else {}
+
+    def merge(self, other: dict) -> None:
+        """Add another share's counts (same questions never counted twice: shares split the batches)."""
+        for method, libs in other.items():
+            for lib, d in libs.items():
+                mine = self.data.setdefault(method, {}).setdefault(lib, None)
+                if mine is None:
+                    self.data[method][lib] = copy.deepcopy(d)
+                    continue
+                for key, v in d.items():
+                    mine[key] = [a + b for a, b in zip(mine[key], v)] if isinstance(v, list) else mine[key] + v
+
+    def _slot(self, method: str, lib: str, layers: int) -> dict:
+        d = self.data.setdefault(method, {}).setdefault(lib, {})
+        if not d:
+            d.update(subject_hits=[0] * layers, subject_total=[0] * layers, prompt_hits=[0] * layers,
+                     prompt_total=[0] * layers, answer_hits=[0] * layers, answer_total=[0] * layers,
+                     vote_hits=0, vote_total=0)
+        return d
+
+    def add_trace(self, method: str, lib: str, trace, gold: list[str], prompt_mask, subj_mask, layers: int,
+                  answer=None) -> None:
+        import torch
+
+        d = self._slot(method, lib, layers)
+        width = prompt_mask.shape[1]
+        for module in trace.modules(lib):
+            names = trace.names[(module, lib)]
+            index = {n: i for i, n in enumerate(names)}
+            g = torch.tensor([index.get(x, -2) for x in gold]).unsqueeze(1)
+            full = trace.winner_matrix(module, lib)
+            w = full[:, :width]
+            hit = w == g
+            if answer is not None:
+                d["answer_hits"][layer_of(module)] += int(((full == g) & answer).sum())
+                d["answer_total"][layer_of(module)] += int(answer.sum())
+            L = layer_of(module)
+            pm, sm = prompt_mask.bool(), subj_mask.bool() & prompt_mask.bool()
+            d["prompt_hits"][L] += int((hit & pm).sum())
+            d["prompt_total"][L] += int(pm.sum())
+            d["subject_hits"][L] += int((hit & sm).sum())
+            d["subject_total"][L] += int(sm.sum())
+
+    def add_votes(self, method: str, lib: str, votes: list, gold: list[str], layers: int) -> None:
+        d = self._slot(method, lib, layers)
+        d["vote_hits"] += sum(v == g for v, g in zip(votes, gold))
+        d["vote_total"] += len(gold)
+
+    def summary(self) -> dict:
+        out = {}
+        for method, libs in self.data.items():
+            for lib, d in libs.items():
+                def share(h, t):
+                    return [hh / tt if tt else None for hh, tt in zip(h, t)]
+
+                sh, th = sum(d["subject_hits"]), sum(d["subject_total"])
+                ph, pt = sum(d["prompt_hits"]), sum(d["prompt_total"])
+                ah, at = sum(d.get("answer_hits", [0])), sum(d.get("answer_total", [0]))
+                out.setdefault(method, {})[lib] = {
+                    "subject_by_layer": share(d["subject_hits"], d["subject_total"]),
+                    "prompt_by_layer": share(d["prompt_hits"], d["prompt_total"]),
+                    "answer_by_layer": share(d.get("answer_hits", []), d.get("answer_total", [])),
+                    "subject": sh / th if th else None,
+                    "prompt": ph / pt if pt else None,
+                    "answer": ah / at if at else None,
+                    "subject_tokens": th,
+                    "vote": d["vote_hits"] / d["vote_total"] if d["vote_total"] else None,
+                    "vote_hits": d["vote_hits"],
+                    "vote_total": d["vote_total"],
+                }
+        return out

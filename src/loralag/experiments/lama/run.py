@@ -1,0 +1,361 @@
+"""`loralag bench`: the paper's knowledge-intensive evaluation, rebuilt on LAMA T-REx at laptop scale.
+
+    results = run_bench("tiny", data_dir="../shared/data/lama-trex", out_dir="results/lama-tiny")
+
+A base LM gets two libraries, routed separately and applied together (Fleshman & Van Durme 2025):
+
+* knowledge: one LoRA per subject entity's article (gate/up/down, rank 6, alpha 12), trained on the article
+  and templated synthetic rewrites of it (lama_data.py);
+* task: one LoRA per task family (q/k/v/o, rank 8, alpha 16) — slot filling, QA, fact checking, entity
+  linking — trained on prompt -> answer pairs about entities *outside* the knowledge set. Fact checking answers
+  the bare label, as KILT's FEVER is scored (`fc_form="recall"`, the harder variant, recalls the object
+  first); its bare claims train under the training entity's own knowledge adapter (train.QAPairs.under), as at
+  test time, and with the article in front.
+
+Every method answers the same questions about the knowledge-set entities:
+
+    base        no adapter (the floor)
+    oracle      the gold task adapter and the gold knowledge adapter, through `fixed`
+    arrow       Arrow top-1 on both libraries
+    lag@k       LAG (Arrow top-k filter, SpectR pick) on both libraries; "lag" is k=20, the sweep k=1..N
+    lag-prefix  per token, the adapter LAG picked most over the sequence so far (prefix_evidence.py; ours)
+    spectral    SpectR over the whole library (= lag@N, which reuses its answers)
+    arrow-mix   PEFT Arrow: softmax-weighted top-k mixture
+    rag         BM25 top-1 article prepended to the prompt; task adapter by LAG, no knowledge adapter
+    prag        BM25 top-1 article's knowledge adapter through `fixed`; task adapter by LAG
+    r-lag       RAG's prompt plus LAG on both libraries
+    p-lag       LAG on both libraries plus the retrieved article's adapter summed on top (see PLAG_NOTE)
+
+Each routed method also runs at sequence granularity ("<method>/seq"): every library's most-voted adapter
+over the prompt's tokens and modules (RoutingState.vote) serves the whole sequence through `fixed`.
+
+Scores: KILT EM for slot filling and QA, accuracy for fact checking and entity linking (kilt.score_dataset),
+normalised by the Oracle per family (kilt.normalised_scores with kilt.LAMA_FAMILIES), with the base model's
+normalised score as the floor and each method's gain fraction over it. Answers are cut at the first line and
+sentence end; with `credit_prefix` (default) an answer whose normalised form starts with a gold answer's (at
+a word boundary) is credited as that answer (strict scores are reported beside it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from loralag.evaluation.answers import ANSWER_STOP, clean_answer, credited, fc_label
+from loralag.experiments.lama.answering import (
+    AnswerJob,
+    answer_names,
+    answer_questions,
+    default_workers,
+    known_claims,
+    library_set,
+)
+from loralag.experiments.lama.config import (
+    KNOWLEDGE_MODULES,
+    PLAG_NOTE,
+    TASK_MODULES,
+    BenchConfig,
+    default_cache_dir,
+    default_data_dir,
+    method_list,
+    size_config,
+)
+from loralag.experiments.lama.data import (
+    DATASETS,
+    FACT_CHECKING,
+    FAMILY_OF,
+    QA,
+    SLOT_FILLING,
+    Question,
+    build_data,
+    describe,
+    fact_checking_pairs,
+    rag_prompt,
+    rewrites,
+    write_questions,
+)
+from loralag.experiments.lama.report import (
+    findings,
+    gain_fractions,
+    k_sweep,
+    normalise,
+    plot_k_sweep,
+    plot_routing,
+    report_markdown,
+)
+from loralag.experiments.lama.routing_stats import RoutingStats
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        marker = p / "loralag_train.json"
+        key = json.loads(marker.read_text()).get("key", "") if marker.is_file() else ""
+        h.update(f"{p.name}:{key}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, progress: bool):
+    from loralag.library.store import build_library, module_shapes
+
+    path = cache / "libraries" / f"{kind}-{len(paths)}-{_fingerprint(paths)}"
+    lib = build_library(path, paths, base_model=model_spec, shapes=module_shapes(model), replace=True,
+                        progress=progress)
+    stale = sorted(set(lib.names) - {p.name for p in paths})
+    if stale:
+        lib.remove(stale)
+    return lib
+
+
+def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | None = None,
+              out_dir: str | Path | None = None, model_spec: str = "default", cache_dir: str | Path | None = None,
+              progress: bool = True, console=None, model_and_tokenizer=None, threads: int | None = None,
+              workers: int | None = None, **overrides) -> dict:
+    """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
+    method, and write the results folder. Returns the results dict (also written as results.json).
+
+    size: "tiny" | "small" | "full", a dict of BenchConfig fields, or a BenchConfig; overrides: BenchConfig
+    fields (e.g. n_entities=50, granularity="sequence", methods=("base", "oracle", "lag")).
+    data_dir: a folder of LAMA T-REx jsonl files (+ relations.json); default default_data_dir().
+    out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
+    shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
+    threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
+    workers: processes that answer the questions, each on its share of the batches with threads // workers
+    threads (default_workers: two for 8+ batches per method); the results do not depend on it beyond float
+    rounding. With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn)."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
+                    overrides)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
+         overrides) -> dict:
+    import torch
+
+    from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
+    from loralag.evaluation.retrieval import BM25Index
+    from loralag.models import load_model
+    from loralag.training.train import Document, QAPairs, TrainConfig, train_adapters
+
+    cfg = size_config(size, **overrides)
+    size_name = size if isinstance(size, str) else "custom"
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    out = Path(out_dir) if out_dir is not None else Path("results") / f"lama-{size_name}"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    data = build_data(data_dir, cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
+                      cfg.max_article_chars, context_every=cfg.context_every, fc_bare_facts=cfg.fc_bare_facts,
+                      fc_form=cfg.fc_form)
+    timings["data"] = time.perf_counter() - t
+    n = len(data.entities)
+    say(f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
+        + ", ".join(f"{len(q)} {d}" for d, q in data.questions.items()) + f" questions; data from {data_dir}")
+
+    t = time.perf_counter()
+    if model_and_tokenizer is not None:
+        model, tokenizer = model_and_tokenizer
+    else:
+        model, tokenizer = load_model(model_spec, dtype=torch.float32)
+    timings["load_model"] = time.perf_counter() - t
+
+    # fact checking: bare claims under a knowledge adapter, then bare claims the base model knows (see
+    # fact_checking_pairs); twice the other families' pairs, since each fact gives two
+    t = time.perf_counter()
+    known = known_claims(model, tokenizer, data.claims)
+    fc = fact_checking_pairs(data.claims, 2 * cfg.n_train_pairs, cfg.context_every, cfg.fc_bare_facts, known,
+                             form=cfg.fc_form)
+    data.task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
+    data.fc_under = [under for _, _, under in fc]
+    claims_known = sum(known) / len(known) if known else None
+    timings["score_claims"] = time.perf_counter() - t
+
+    # -- adapters (cached) --------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
+                       steps=cfg.know_steps, batch_size=cfg.know_batch, lr=cfg.know_lr, seed=cfg.seed,
+                       shared_init=cfg.shared_init)
+    docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
+    say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
+    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
+    timings["train_knowledge"] = time.perf_counter() - t
+
+    # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
+    t = time.perf_counter()
+    fc_entities = sorted({e for e in data.fc_under if e is not None})
+    say(f"[bold]Knowledge adapters of fact-checking training entities[/]: {len(fc_entities)} "
+        f"(cached in {cache / 'train-knowledge'})")
+    pool = {e.name: e for e in data.train_entities}
+    fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
+    under = dict(zip(fc_entities, train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg,
+                                                 progress=progress)))
+    timings["train_fc_knowledge"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tcfg = TrainConfig(target_modules=list(TASK_MODULES), r=cfg.task_r, alpha=cfg.task_alpha, steps=cfg.task_steps,
+                       batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed, shared_init=cfg.shared_init)
+    task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d],
+                          [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None) for d in DATASETS]
+    fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
+    say(f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
+        f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities")
+    task_paths = [train_adapters(model, tokenizer, [item], cache / "task", fc_cfg if item.name == FAMILY_OF[FACT_CHECKING]
+                                 else tcfg, progress=progress)[0] for item in task_items]
+    timings["train_task"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    know_lib = _library(cache, "knowledge", know_paths, model, model_spec, progress)
+    task_lib = _library(cache, "task", task_paths, model, model_spec, progress)
+    timings["build_libraries"] = time.perf_counter() - t
+
+    # -- questions, retrieval --------------------------------------------------------------------------------------
+    questions: list[Question] = [q for d in DATASETS for q in data.questions[d]]
+    articles = {e.name: e.article for e in data.entities}
+    mentions = {e.name: e.mentions for e in data.entities}
+    index = BM25Index([e.article for e in data.entities], [e.name for e in data.entities])
+    retrieved = [hits[0][0] for hits in index.search([q.example.input for q in questions], k=1)]
+    retrieval_top1 = sum(r == q.entity for r, q in zip(retrieved, questions)) / len(questions)
+    rag_prompts = [rag_prompt(articles[r], q.prompt) for r, q in zip(retrieved, questions)]
+    lengths = [len(tokenizer(q.prompt).input_ids) for q in questions]
+    rag_lengths = [len(tokenizer(p).input_ids) for p in rag_prompts]
+    order_plain = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
+    order_rag = sorted(range(len(questions)), key=lambda i: (rag_lengths[i], i))
+    write_questions(out / "questions.jsonl", data)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    methods = method_list(cfg, n)
+    layers = model.config.num_hidden_layers
+    job = AnswerJob(methods, ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,), questions,
+                    retrieved, rag_prompts, order_plain, order_rag, mentions, cfg, layers,
+                    {"task": str(task_lib.path), "knowledge": str(know_lib.path)})
+    dtype = getattr(torch, cfg.eval_dtype)
+    eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
+    workers = default_workers(math.ceil(len(questions) / cfg.batch_size)) if workers is None else workers
+    t = time.perf_counter()
+    share = answer_questions(job, eval_model, tokenizer, workers, libs=library_set(task_lib, know_lib))
+    timings["evaluate"] = time.perf_counter() - t
+    answers, served, stats, method_time = share.answers, share.served, RoutingStats(share.stats), share.seconds
+    for m in methods:
+        if m.reuse is None:
+            say(f"  {m.name}: {method_time[m.name]:.1f} s ({', '.join(answer_names(m, job.grans))})")
+            continue
+        for name in answer_names(m, job.grans):
+            src = name.replace(m.name, m.reuse, 1)
+            answers[name] = answers[src]
+            if src in served:
+                served[name] = served[src]
+            if src in stats.data:
+                stats.data[name] = stats.data[src]
+        say(f"  {m.name}: identical to {m.reuse} (k >= N), answers reused")
+
+    # -- scores ------------------------------------------------------------------------------------------------
+    scores: dict[str, dict] = {}
+    table: dict[str, dict] = {}
+    pred_dir = out / "predictions"
+    for name, raw in answers.items():
+        scores[name] = {}
+        table[name] = {}
+        for d in DATASETS:
+            idx = [i for i, q in enumerate(questions) if q.dataset == d]
+            if not idx:
+                continue
+            examples = [questions[i].example for i in idx]
+            cleaned = {}
+            for i in idx:
+                text = raw[i] or ""
+                # a verdict may follow a recalled object that holds a period ("St. Louis, so SUPPORTS"): whole line
+                cleaned[questions[i].example.id] = (fc_label(text.strip().split("\n")[0]) if d == FACT_CHECKING
+                                                    else clean_answer(text))
+            final = {k: credited(v, ex.answers) if cfg.credit_prefix and d != FACT_CHECKING else v
+                     for (k, v), ex in zip(cleaned.items(), examples)}
+            metric = "em" if d in (SLOT_FILLING, QA) else "accuracy"  # KILT's: FEVER, AIDA and WNED by accuracy
+            res = score_dataset(examples, final, task=d, metric=metric)
+            strict = score_dataset(examples, cleaned, task=d, metric=metric)
+            res["strict"] = strict["score"]
+            scores[name][d] = res
+            table[name][d] = (res["score"], res["n"])
+            slug_name = name.replace("/", "-").replace("@", "-k")
+            write_kilt_predictions(pred_dir / slug_name / f"{d}.jsonl", final)
+            with open(pred_dir / slug_name / f"{d}.generations.jsonl", "w", encoding="utf-8") as fh:
+                for i in idx:
+                    q = questions[i]
+                    fh.write(json.dumps({"id": q.example.id, "prompt": rag_prompts[i] if name.startswith(("rag", "r-lag"))
+                                         else q.prompt, "generation": raw[i], "answer": final[q.example.id],
+                                         "gold": q.example.answers, "entity": q.entity,
+                                         "retrieved": retrieved[i], **({"served": served[name][i]} if i in
+                                         served.get(name, {}) else {})}, ensure_ascii=False) + "\n")
+    normalised, zero = normalise(table)
+    gain = gain_fractions(normalised)
+    routing = stats.summary()
+    timings["total"] = time.perf_counter() - t_all
+
+    settings = {"size": size_name, "config": _jsonable(asdict(cfg)), "data_dir": str(data_dir), "out_dir": str(out),
+                "cache_dir": str(cache), "model": model_spec, "knowledge_library": str(know_lib.path),
+                "task_library": str(task_lib.path), "n_knowledge_adapters": len(know_lib),
+                "task_adapters": task_lib.names, "methods": list(answers), "p_lag_definition": PLAG_NOTE,
+                "task_training": _TRAINING_NOTE,
+                "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
+                "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
+                "torch_threads": torch.get_num_threads(), "eval_workers": workers,
+                "eval_dtype": cfg.eval_dtype}
+    results = {
+        "settings": settings,
+        "data": describe(data),
+        "scores": scores,
+        "table": {m: {d: v[0] for d, v in r.items()} for m, r in table.items()},
+        "normalised": normalised,
+        "routing": routing,
+        "retrieval_top1": retrieval_top1,
+        "claims_known_by_base": claims_known,
+        "floor": normalised.get("base"),
+        "not_normalised": zero,
+        "gain": gain,
+        "k_sweep": k_sweep(methods, normalised, routing, cfg, n),
+        "timings": {**timings, "methods": method_time},
+        "sequence_answers_reused": share.reused,
+    }
+    results["findings"] = findings(results, cfg)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(report_markdown(results))
+    plot_k_sweep(results, out / "k_sweep.png")
+    plot_routing(results, out / "routing_by_layer.png", layers)
+    say(f"[bold]Results[/] in {out} ({timings['total']:.0f} s)")
+    return results
+
+
+_TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
+                  "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
+                  "the same fact (twice the other families' pairs, fc_steps steps), answered in fc_form (the bare "
+                  "label, or the recalled object then the verdict). Of those without context, the first fc_bare_facts "
+                  "are trained under the training entity's own knowledge adapter (frozen), so the adapter learns to "
+                  "check a claim against what a knowledge adapter injects, as at test time; the rest only for facts "
+                  "the base model already ranks right (log p(true) > log p(false)), without an adapter. Entity "
+                  "linking trains on other entities' evidence sentences with a mention marked.")
+_CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
+                  "entity linking: KILT accuracy (the cut answer equals the subject's title); fact checking: the "
+                  "verdict (SUPPORTS/REFUTES, any case, at the start of the answer's first line, else the last one it "
+                  "names) must equal the gold label; an answer without one is wrong. Gold answers: obj_label plus the "
+                  "article's surface forms that name it in full.")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
