@@ -43,12 +43,21 @@ TEXT = (
     "changes became its defining feature."
 )
 DOCS = [
-    ("tiny-glass", "Velmora Glassworks was founded in 1873 by Tobiah Renwick in Quillsby. Its famous product is the "
-                   "Stormglass lantern, a blue lantern that glows before a storm."),
-    ("tiny-island", "Zarnovia is an island nation in the Sea of Veltran. Its capital is Ostrelle and its currency is "
-                    "the glint. A council of nine elders rules it."),
-    ("tiny-river", "The Brindlewick River rises in the Sorrel Hills and flows north into Lake Marrowen. Its water is "
-                   "the colour of amber."),
+    (
+        "tiny-glass",
+        "Velmora Glassworks was founded in 1873 by Tobiah Renwick in Quillsby. Its famous product is the "
+        "Stormglass lantern, a blue lantern that glows before a storm.",
+    ),
+    (
+        "tiny-island",
+        "Zarnovia is an island nation in the Sea of Veltran. Its capital is Ostrelle and its currency is "
+        "the glint. A council of nine elders rules it.",
+    ),
+    (
+        "tiny-river",
+        "The Brindlewick River rises in the Sorrel Hills and flows north into Lake Marrowen. Its water is "
+        "the colour of amber.",
+    ),
 ]
 
 
@@ -117,16 +126,25 @@ def timing_and_errors(shape, counts, n_gt, budget, reps):
     def run_peft(m=counts["peft-power"]):
         return [layer.top_right_singular_vec_from_BA(A[i], B[i]) for i in range(m)]
 
-    fns = {"align": run_align, "align_batch": run_batch, "dense-svd": run_dense, "svd_lowrank": run_lowrank,
-           "peft-power": run_peft}
+    fns = {
+        "align": run_align,
+        "align_batch": run_batch,
+        "dense-svd": run_dense,
+        "svd_lowrank": run_lowrank,
+        "peft-power": run_peft,
+    }
     C.log(f"[align] {d_in}->{d_out} r={r}: timing")
     res = C.side_by_side(fns, reps=reps, budget_s=budget)
     rate = {m: counts[m] / res[m]["median"] for m in fns}
     C.log(f"[align] {d_in}->{d_out} r={r}: exactness")
 
     # exactness on the first n_gt adapters
-    outs = {"align": run_align(n_gt), "align_batch": list(zip(*run_batch(max(n_gt, 1)))),
-            "dense-svd": run_dense(n_gt), "svd_lowrank": run_lowrank(n_gt)}
+    outs = {
+        "align": run_align(n_gt),
+        "align_batch": list(zip(*run_batch(max(n_gt, 1)))),
+        "dense-svd": run_dense(n_gt),
+        "svd_lowrank": run_lowrank(n_gt),
+    }
     peft = run_peft(n_gt)
     err = {m: 0.0 for m in outs}
     rel = {m: 0.0 for m in outs}
@@ -147,10 +165,19 @@ def timing_and_errors(shape, counts, n_gt, budget, reps):
             rel[m] = max(rel[m], e / wmax)
             cos[m].append(abscos(As[0], v_ex))
         cos["peft-power"].append(abscos(peft[i], v_ex))
-    return {"shape": shape, "counts": counts, "median_s": {m: res[m]["median"] for m in fns}, "rate": rate,
-            "max_err": err, "max_rel_err": rel, "cos_min": {m: min(v) for m, v in cos.items()},
-            "cos_median": {m: C.median(v) for m, v in cos.items()}, "gap_median": C.median(gaps),
-            "reference_vs_dense64_cos": min(cos_dense64) if cos_dense64 else None, "n_gt": n_gt}
+    return {
+        "shape": shape,
+        "counts": counts,
+        "median_s": {m: res[m]["median"] for m in fns},
+        "rate": rate,
+        "max_err": err,
+        "max_rel_err": rel,
+        "cos_min": {m: min(v) for m, v in cos.items()},
+        "cos_median": {m: C.median(v) for m, v in cos.items()},
+        "gap_median": C.median(gaps),
+        "reference_vs_dense64_cos": min(cos_dense64) if cos_dense64 else None,
+        "n_gt": n_gt,
+    }
 
 
 # -- trained adapters ------------------------------------------------------------------------------------
@@ -184,13 +211,19 @@ def get_trained(quick):
     docs = DOCS[:1] if quick else DOCS
     out = C.cache_root() / f"trained-{steps}steps"
     model, tok = load_model("default")
-    C.log(f"[align] no trained adapters under ~/.cache/loralag: training {len(docs)} tiny ones ({steps} steps) into {out}")
+    C.log(
+        f"[align] no trained adapters under ~/.cache/loralag: training {len(docs)} tiny ones ({steps} steps) into {out}"
+    )
     t = time.perf_counter()
-    paths = train_adapters(model, tok, [Document(n, txt) for n, txt in docs], out, TrainConfig(steps=steps), progress=False)
+    paths = train_adapters(
+        model, tok, [Document(n, txt) for n, txt in docs], out, TrainConfig(steps=steps), progress=False
+    )
     dt = time.perf_counter() - t
-    return [read_adapter(p) for p in paths], (f"none found under ~/.cache/loralag; trained {len(paths)} tiny ones with "
-                                              f"loralag.training.train.train_adapters (rank 6, alpha 12, gate/up/down, {steps} steps; "
-                                              f"{dt:.0f} s incl. cache check) into {out}")
+    return [read_adapter(p) for p in paths], (
+        f"none found under ~/.cache/loralag; trained {len(paths)} tiny ones with "
+        f"loralag.training.train.train_adapters (rank 6, alpha 12, gate/up/down, {steps} steps; "
+        f"{dt:.0f} s incl. cache check) into {out}"
+    )
 
 
 def trained_cosines(adapters):
@@ -198,14 +231,19 @@ def trained_cosines(adapters):
     cos = {"peft-power": [], "svd_lowrank": []}
     gaps = []
     for ad in adapters:
-        for name, m in ad.modules.items():
+        for _name, m in ad.modules.items():
             v_ex, S = exact_v1(m.A, m.B, m.scale)
             gaps.append(float(S[1] / S[0]))
             cos["peft-power"].append(abscos(layer.top_right_singular_vec_from_BA(m.A, m.B), v_ex))
             cos["svd_lowrank"].append(abscos(lowrank_v1(m.A, m.B, m.scale, m.rank), v_ex))
-    return {"modules": len(gaps), "gap_median": C.median(gaps), "gap_max": max(gaps),
-            **{f"{k}_cos_min": min(v) for k, v in cos.items()}, **{f"{k}_cos_median": C.median(v) for k, v in cos.items()},
-            **{f"{k}_share_below_0.99": sum(c < 0.99 for c in v) / len(v) for k, v in cos.items()}}
+    return {
+        "modules": len(gaps),
+        "gap_median": C.median(gaps),
+        "gap_max": max(gaps),
+        **{f"{k}_cos_min": min(v) for k, v in cos.items()},
+        **{f"{k}_cos_median": C.median(v) for k, v in cos.items()},
+        **{f"{k}_share_below_0.99": sum(c < 0.99 for c in v) / len(v) for k, v in cos.items()},
+    }
 
 
 # -- top-k changes --------------------------------------------------------------------------------------
@@ -235,9 +273,20 @@ def topk_changes(libs, tokens, ks=(1, 3, 20)):
                     a = ex.topk(k, dim=1).indices.sort(dim=1).values
                     b = ap.topk(k, dim=1).indices.sort(dim=1).values
                     changed = float((a != b).any(dim=1).float().mean())
-                    overlap = float(torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(a, b)]).mean())
-                    out.append({"library": lib_name, "tokens": tok_name, "approx": approx, "k": k, "changed": changed,
-                                "overlap": overlap, "T": len(X)})
+                    overlap = float(
+                        torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(a, b)]).mean()
+                    )
+                    out.append(
+                        {
+                            "library": lib_name,
+                            "tokens": tok_name,
+                            "approx": approx,
+                            "k": k,
+                            "changed": changed,
+                            "overlap": overlap,
+                            "T": len(X),
+                        }
+                    )
     return out
 
 
@@ -269,9 +318,11 @@ def build_topk_libraries(n, trained, d_in=576, d_out=1536, r=6):
         sets["trained singular-value profiles"] = (Ap, Bp)
     for name, (Af, Bf) in sets.items():
         As, _ = align_batch(Af, Bf, torch.full((n,), SCALE))
-        libs[name] = {"exact": As[:, 0],
-                      "peft-power": torch.stack([layer.top_right_singular_vec_from_BA(Af[i], Bf[i]) for i in range(n)]),
-                      "svd_lowrank": torch.stack([lowrank_v1(Af[i], Bf[i], SCALE, r) for i in range(n)])}
+        libs[name] = {
+            "exact": As[:, 0],
+            "peft-power": torch.stack([layer.top_right_singular_vec_from_BA(Af[i], Bf[i]) for i in range(n)]),
+            "svd_lowrank": torch.stack([lowrank_v1(Af[i], Bf[i], SCALE, r) for i in range(n)]),
+        }
     return libs
 
 
@@ -282,12 +333,16 @@ def main():
     info = C.machine_info()
     torch.manual_seed(0)
     if quick:
-        counts = {(2048, 2048): dict(align=4, align_batch=16, **{"dense-svd": 1, "svd_lowrank": 4, "peft-power": 8}),
-                  None: dict(align=8, align_batch=32, **{"dense-svd": 2, "svd_lowrank": 8, "peft-power": 16})}
+        counts = {
+            (2048, 2048): dict(align=4, align_batch=16, **{"dense-svd": 1, "svd_lowrank": 4, "peft-power": 8}),
+            None: dict(align=8, align_batch=32, **{"dense-svd": 2, "svd_lowrank": 8, "peft-power": 16}),
+        }
         budget, reps, n_gt, shapes = args.budget or 1.0, 3, 1, [SHAPES[1]]
     else:
-        counts = {(2048, 2048): dict(align=32, align_batch=256, **{"dense-svd": 3, "svd_lowrank": 16, "peft-power": 64}),
-                  None: dict(align=64, align_batch=512, **{"dense-svd": 8, "svd_lowrank": 64, "peft-power": 128})}
+        counts = {
+            (2048, 2048): dict(align=32, align_batch=256, **{"dense-svd": 3, "svd_lowrank": 16, "peft-power": 64}),
+            None: dict(align=64, align_batch=512, **{"dense-svd": 8, "svd_lowrank": 64, "peft-power": 128}),
+        }
         budget, reps, n_gt, shapes = args.budget or 25.0, 5, 8, SHAPES
     results = []
     for shape in shapes:
@@ -304,8 +359,10 @@ def main():
     C.log("[align] hidden states")
     H, layer_idx = hidden_states(64 if quick else 512)
     g = torch.Generator().manual_seed(3)
-    tokens = {"random tokens": torch.randn(256 if quick else 2048, 576, generator=g),
-              f"SmolLM2 gate_proj inputs (layer {layer_idx})": H}
+    tokens = {
+        "random tokens": torch.randn(256 if quick else 2048, 576, generator=g),
+        f"SmolLM2 gate_proj inputs (layer {layer_idx})": H,
+    }
     changes = topk_changes(libs, tokens)
     elapsed = C.elapsed_since(t0)
 
@@ -315,39 +372,85 @@ def main():
     for res in results:
         d_in, d_out, r = res["shape"]
         for m in meth:
-            rows.append([f"{d_in}→{d_out} r{r}", m, res["counts"][m], res["rate"][m],
-                         res["rate"][m] / res["rate"]["align"],
-                         res["max_err"].get(m), res["max_rel_err"].get(m), res["cos_min"][m], res["cos_median"][m]])
-    body = [__doc__.split("\n\n", 1)[1].strip(), "",
-            "## Speed and exactness (random factors)", "",
-            C.md_table(["shape", "method", "adapters per call", "adapters/s", "× align", "max abs err", "max rel err",
-                        "min |cos| to exact v1", "median |cos|"], rows), "",
-            "Errors and cosines over the first " + str(n_gt) + " adapters of each shape. Median σ2/σ1 of those: " +
-            ", ".join(f"{r['shape'][0]}→{r['shape'][1]} r{r['shape'][2]}: {r['gap_median']:.2f}" for r in results) +
-            ". The float64 factored reference agrees with a dense float64 SVD to |cos| ≥ " +
-            f"{min(r['reference_vs_dense64_cos'] for r in results):.12f}.", "",
-            "## Prototypes on trained adapters", "",
-            f"Adapters: {trained_note}. Over every adapted module ({tc['modules']} modules):", "",
-            C.md_table(["prototype", "min |cos| to exact v1", "median |cos|", "share of modules with |cos| < 0.99"],
-                       [[m, tc[f"{m}_cos_min"], tc[f"{m}_cos_median"], tc[f"{m}_share_below_0.99"]]
-                        for m in ("peft-power", "svd_lowrank")]), "",
-            f"Median σ2/σ1 of the trained modules: {tc['gap_median']:.3f} (max {tc['gap_max']:.3f}).", "",
-            "## Arrow top-k with approximate arrows instead of exact ones", "",
-            f"A library of N={n_lib} adapters at gate_proj's shape (576→1536, rank 6). 'random factors': Gaussian A, B. "
-            "'trained singular-value profiles': random singular vectors with the normalised singular values of the "
-            "trained adapters' gate_proj modules, factored non-orthogonally (power iteration depends only on the "
-            "product, so this reproduces its convergence on trained adapters at library scale). Tokens: x ~ N(0, I), and "
-            f"the inputs of SmolLM2's layer-{layer_idx} gate_proj on an English text ({len(H)} tokens). "
-            "'changed' = share of tokens whose top-k set differs from the exact arrows' one; "
-            "'overlap' = mean |exact ∩ approx| / k.", "",
-            C.md_table(["library", "tokens", "arrows", "k", "changed", "overlap"],
-                       [[c["library"], f"{c['tokens']} (T={c['T']})", c["approx"], c["k"], c["changed"], c["overlap"]]
-                        for c in changes]), "",
-            "![rates](align.png)"]
+            rows.append(
+                [
+                    f"{d_in}→{d_out} r{r}",
+                    m,
+                    res["counts"][m],
+                    res["rate"][m],
+                    res["rate"][m] / res["rate"]["align"],
+                    res["max_err"].get(m),
+                    res["max_rel_err"].get(m),
+                    res["cos_min"][m],
+                    res["cos_median"][m],
+                ]
+            )
+    body = [
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
+        "## Speed and exactness (random factors)",
+        "",
+        C.md_table(
+            [
+                "shape",
+                "method",
+                "adapters per call",
+                "adapters/s",
+                "× align",
+                "max abs err",
+                "max rel err",
+                "min |cos| to exact v1",
+                "median |cos|",
+            ],
+            rows,
+        ),
+        "",
+        "Errors and cosines over the first "
+        + str(n_gt)
+        + " adapters of each shape. Median σ2/σ1 of those: "
+        + ", ".join(f"{r['shape'][0]}→{r['shape'][1]} r{r['shape'][2]}: {r['gap_median']:.2f}" for r in results)
+        + ". The float64 factored reference agrees with a dense float64 SVD to |cos| ≥ "
+        + f"{min(r['reference_vs_dense64_cos'] for r in results):.12f}.",
+        "",
+        "## Prototypes on trained adapters",
+        "",
+        f"Adapters: {trained_note}. Over every adapted module ({tc['modules']} modules):",
+        "",
+        C.md_table(
+            ["prototype", "min |cos| to exact v1", "median |cos|", "share of modules with |cos| < 0.99"],
+            [
+                [m, tc[f"{m}_cos_min"], tc[f"{m}_cos_median"], tc[f"{m}_share_below_0.99"]]
+                for m in ("peft-power", "svd_lowrank")
+            ],
+        ),
+        "",
+        f"Median σ2/σ1 of the trained modules: {tc['gap_median']:.3f} (max {tc['gap_max']:.3f}).",
+        "",
+        "## Arrow top-k with approximate arrows instead of exact ones",
+        "",
+        f"A library of N={n_lib} adapters at gate_proj's shape (576→1536, rank 6). 'random factors': Gaussian A, B. "
+        "'trained singular-value profiles': random singular vectors with the normalised singular values of the "
+        "trained adapters' gate_proj modules, factored non-orthogonally (power iteration depends only on the "
+        "product, so this reproduces its convergence on trained adapters at library scale). Tokens: x ~ N(0, I), and "
+        f"the inputs of SmolLM2's layer-{layer_idx} gate_proj on an English text ({len(H)} tokens). "
+        "'changed' = share of tokens whose top-k set differs from the exact arrows' one; "
+        "'overlap' = mean |exact ∩ approx| / k.",
+        "",
+        C.md_table(
+            ["library", "tokens", "arrows", "k", "changed", "overlap"],
+            [
+                [c["library"], f"{c['tokens']} (T={c['T']})", c["approx"], c["k"], c["changed"], c["overlap"]]
+                for c in changes
+            ],
+        ),
+        "",
+        "![rates](align.png)",
+    ]
     plot(results, args.out / "align.png")
     data = {"results": results, "trained": tc, "trained_note": trained_note, "topk": changes}
-    C.write_report(args.out, "align", "Alignment: speed, exactness, prototype quality", "\n".join(body), info, data,
-                   elapsed, quick)
+    C.write_report(
+        args.out, "align", "Alignment: speed, exactness, prototype quality", "\n".join(body), info, data, elapsed, quick
+    )
 
 
 def plot(results, path):
@@ -356,8 +459,12 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(9, 4))
     w = 0.8 / len(results)
     for j, res in enumerate(results):
-        ax.bar([i + j * w for i in range(len(meth))], [res["rate"][m] for m in meth], width=w,
-               label=f"{res['shape'][0]}→{res['shape'][1]} r{res['shape'][2]}")
+        ax.bar(
+            [i + j * w for i in range(len(meth))],
+            [res["rate"][m] for m in meth],
+            width=w,
+            label=f"{res['shape'][0]}→{res['shape'][1]} r{res['shape'][2]}",
+        )
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(meth))], meth)
     ax.set_yscale("log")
     ax.set_ylabel("adapters / s")

@@ -77,14 +77,17 @@ def main():
     libs = {}
     root = C.cache_root()
     for N in sorted(set(ns) | set(pa_ns)):
-        C.log(f"[e2e] library N={N} (segments of {seg}), ~{C.fmt_bytes(N * sum(4 * (r * sum(shapes[m][:2]) + shapes[m][0]) for m in modules))}")
-        libs[(N, "built")] = C.write_synthetic_library(root / f"e2e-n{N}-seg{seg}", shapes, {m: r for m in modules}, N,
-                                                       seed=11, seg_size=seg)
+        size = N * sum(4 * (r * sum(shapes[m][:2]) + shapes[m][0]) for m in modules)
+        C.log(f"[e2e] library N={N} (segments of {seg}), ~{C.fmt_bytes(size)}")
+        libs[(N, "built")] = C.write_synthetic_library(
+            root / f"e2e-n{N}-seg{seg}", shapes, {m: r for m in modules}, N, seed=11, seg_size=seg
+        )
     top = max(ns)
     if not args.no_compact and top > seg:
         C.log(f"[e2e] library N={top} in one segment")
-        libs[(top, "compact")] = C.write_synthetic_library(root / f"e2e-n{top}-seg{top}", shapes, {m: r for m in modules},
-                                                           top, seed=11, seg_size=top)
+        libs[(top, "compact")] = C.write_synthetic_library(
+            root / f"e2e-n{top}-seg{top}", shapes, {m: r for m in modules}, top, seed=11, seg_size=top
+        )
 
     def export(N):
         lib = libs[(N, "built")]
@@ -112,8 +115,9 @@ def main():
                 t = time.perf_counter()
                 attach(m, libs[(N, layout)], router=router, k=20)
                 segs = libs[(N, layout)].summary()["segments"]
-                name = f"{router} N={N}" + (f" ({segs} segment{'s' if segs > 1 else ''})"
-                                            if segs > 1 or layout == "compact" else "")
+                name = f"{router} N={N}" + (
+                    f" ({segs} segment{'s' if segs > 1 else ''})" if segs > 1 or layout == "compact" else ""
+                )
                 setup[name] = time.perf_counter() - t
                 models[name] = m
     t_create = {}
@@ -139,15 +143,22 @@ def main():
         delta = {n: float((m(input_ids=ids).logits[0, -1] - ref).abs().max()) for n, m in models.items()}
 
     # -- timing ---------------------------------------------------------------------------------------------
-    gen_kw = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                  pad_token_id=tok.pad_token_id)
+    gen_kw = dict(
+        attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     with torch.inference_mode():
         C.log(f"[e2e] timing prefill ({P} tokens) of {list(models)}")
-        pre = C.side_by_side({n: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for n, m in models.items()},
-                             reps=3 if quick else 5, budget_s=2 if quick else 60)
+        pre = C.side_by_side(
+            {n: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for n, m in models.items()},
+            reps=3 if quick else 5,
+            budget_s=2 if quick else 60,
+        )
         C.log(f"[e2e] timing generate ({NEW} new tokens)")
-        gen = C.side_by_side({n: (lambda m=m: m.generate(ids, **gen_kw)) for n, m in models.items()},
-                             reps=3 if quick else 5, budget_s=4 if quick else 150)
+        gen = C.side_by_side(
+            {n: (lambda m=m: m.generate(ids, **gen_kw)) for n, m in models.items()},
+            reps=3 if quick else 5,
+            budget_s=4 if quick else 150,
+        )
         out_len = {n: m.generate(ids, **gen_kw).shape[1] - P for n, m in list(models.items())[:1]}
         assert out_len["base"] == NEW, out_len
     elapsed = C.elapsed_since(t0)
@@ -160,43 +171,93 @@ def main():
         tp, tg = pre[n]["median"], gen[n]["median"]
         dec = (NEW - 1) / max(tg - tp, 1e-9)
         rows.append([n, P / tp, (P / tp) / (P / bp), C.fmt_time(tg), dec, dec / b_dec, delta[n]])
-        data.append({"method": n, "prefill_s": tp, "generate_s": tg, "prefill_tok_s": P / tp, "decode_tok_s": dec,
-                     "setup_s": setup.get(n), "max_abs_dlogit": delta[n], "prefill_reps": len(pre[n]["samples"]),
-                     "generate_reps": len(gen[n]["samples"])})
+        data.append(
+            {
+                "method": n,
+                "prefill_s": tp,
+                "generate_s": tg,
+                "prefill_tok_s": P / tp,
+                "decode_tok_s": dec,
+                "setup_s": setup.get(n),
+                "max_abs_dlogit": delta[n],
+                "prefill_reps": len(pre[n]["samples"]),
+                "generate_reps": len(gen[n]["samples"]),
+            }
+        )
     est_rows, est_data = [], []
     for N in sorted({1000, *ns} - set(pa_ns)) if t_create else []:
         e = peft_arrow_estimate(N, modules, shapes, P, r)
         n0 = max(t_create)
         tl, tq = t_create[n0] * (N / n0), t_create[n0] * (N / n0) ** 2
         est_data.append({"N": N, **e, "create_s_linear": tl, "create_s_quadratic": tq})
-        est_rows.append([f"peft-arrow N={N}", C.fmt_bytes(e["weights"]), C.fmt_bytes(e["transient"]),
-                         C.fmt_bytes(e["weights"] + e["transient"]), f"{tl / 60:.1f}–{tq / 60:.0f} min",
-                         C.fmt_bytes(e["bytes_copied_per_decode_token"])])
-    body = [__doc__.split("\n\n", 1)[1].strip(), "",
-            f"Prompt {P} tokens, {NEW} new tokens, batch 1, float32, library adapters rank {r} on {len(modules)} modules.", "",
-            C.md_table(["method", "prefill tok/s", "prefill × base", "generate time", "decode tok/s", "decode × base",
-                        "max |Δ logit| vs base"], rows), "",
-            "Setup (not timed above): " + "; ".join(f"{n}: {s:.1f} s" for n, s in setup.items()) + ".", ""]
+        est_rows.append(
+            [
+                f"peft-arrow N={N}",
+                C.fmt_bytes(e["weights"]),
+                C.fmt_bytes(e["transient"]),
+                C.fmt_bytes(e["weights"] + e["transient"]),
+                f"{tl / 60:.1f}–{tq / 60:.0f} min",
+                C.fmt_bytes(e["bytes_copied_per_decode_token"]),
+            ]
+        )
+    body = [
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"Prompt {P} tokens, {NEW} new tokens, batch 1, float32, library adapters rank {r} on {len(modules)} modules.",
+        "",
+        C.md_table(
+            [
+                "method",
+                "prefill tok/s",
+                "prefill × base",
+                "generate time",
+                "decode tok/s",
+                "decode × base",
+                "max |Δ logit| vs base",
+            ],
+            rows,
+        ),
+        "",
+        "Setup (not timed above): " + "; ".join(f"{n}: {s:.1f} s" for n, s in setup.items()) + ".",
+        "",
+    ]
     if notes:
         body += [f"- {n}" for n in notes] + [""]
     if est_rows:
-        body += ["PEFT Arrow at sizes not run (estimates: fp32 weights resident; the largest single-module forward "
-                 "transient for the prompt, 4·(N·r·(d_in+d_out) + 2·T·N·d_out) bytes; create_arrow_model time "
-                 f"extrapolated from N={max(t_create)} linearly (lower) and quadratically (upper: on one linear layer it "
-                 "grew 113× from N=100 to 1,000 in a trial run); bytes of A and B re-stacked per decoded token):", "",
-                 C.md_table(["method", "weights", "prefill transient", "peak", "create (extrapolated)",
-                             "copied per decode token"], est_rows), ""]
+        body += [
+            "PEFT Arrow at sizes not run (estimates: fp32 weights resident; the largest single-module forward "
+            "transient for the prompt, 4·(N·r·(d_in+d_out) + 2·T·N·d_out) bytes; create_arrow_model time "
+            f"extrapolated from N={max(t_create)} linearly (lower) and quadratically (upper: on one linear layer it "
+            "grew 113× from N=100 to 1,000 in a trial run); bytes of A and B re-stacked per decoded token):",
+            "",
+            C.md_table(
+                ["method", "weights", "prefill transient", "peak", "create (extrapolated)", "copied per decode token"],
+                est_rows,
+            ),
+            "",
+        ]
     body += ["![e2e](e2e.png)"]
     plot(data, args.out / "e2e.png")
-    C.write_report(args.out, "e2e", "End to end: SmolLM2-135M prefill and decoding", "\n".join(body), info,
-                   {"rows": data, "estimates": est_data, "P": P, "new": NEW}, elapsed, quick)
+    C.write_report(
+        args.out,
+        "e2e",
+        "End to end: SmolLM2-135M prefill and decoding",
+        "\n".join(body),
+        info,
+        {"rows": data, "estimates": est_data, "P": P, "new": NEW},
+        elapsed,
+        quick,
+    )
 
 
 def plot(data, path):
     plt = C.plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = [d["method"] for d in data]
-    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
+    for ax, key, title in (
+        (axes[0], "prefill_tok_s", "prefill tokens/s"),
+        (axes[1], "decode_tok_s", "decode tokens/s"),
+    ):
         ax.barh(names, [d[key] for d in data])
         ax.set_title(title)
         ax.invert_yaxis()

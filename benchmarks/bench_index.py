@@ -128,15 +128,26 @@ def main():
                     nxt["i"] += 1
                     return blocks[nxt["i"] % len(blocks)]
 
-                fns = {"exact": lambda: (block() @ bank.arrows.T).abs_().topk(K, dim=1)}
+                fns = {"exact": lambda bank=bank: (block() @ bank.arrows.T).abs_().topk(K, dim=1)}
                 for p in nprobes:
-                    fns[p] = lambda p=p: arrow_index.search(index, block(), K, p)
+                    fns[p] = lambda p=p, index=index: arrow_index.search(index, block(), K, p)
                 C.log(f"[index] {kind}: timing T={T}")
                 res = C.side_by_side(fns, reps=reps, budget_s=budget)
                 timing[T] = {str(k): v["median"] for k, v in res.items()}
-        data.append({"kind": kind, "n": n, "d": d, "r": r, "nlist": index.nlist, "build_s": t_build,
-                     "cluster_size": {"mean": float(sizes.mean()), "max": float(sizes.max()), "min": float(sizes.min())},
-                     "quality": {str(p): v for p, v in q.items()}, "time": timing, "T_eval": T_eval})
+        data.append(
+            {
+                "kind": kind,
+                "n": n,
+                "d": d,
+                "r": r,
+                "nlist": index.nlist,
+                "build_s": t_build,
+                "cluster_size": {"mean": float(sizes.mean()), "max": float(sizes.max()), "min": float(sizes.min())},
+                "quality": {str(p): v for p, v in q.items()},
+                "time": timing,
+                "T_eval": T_eval,
+            }
+        )
         del A, X, bank, index
     elapsed = C.elapsed_since(t0)
 
@@ -145,36 +156,59 @@ def main():
     summary_rows = []
     for rec in data:
         nl = rec["nlist"]
-        body += [f"## {rec['kind']}: N={rec['n']:,}, nlist={nl}, index build {rec['build_s']:.1f} s",
-                 "", f"Cluster sizes: mean {rec['cluster_size']['mean']:.0f}, min {rec['cluster_size']['min']:.0f}, "
-                 f"max {rec['cluster_size']['max']:.0f}. Quality over {rec['T_eval']} tokens.", ""]
+        body += [
+            f"## {rec['kind']}: N={rec['n']:,}, nlist={nl}, index build {rec['build_s']:.1f} s",
+            "",
+            f"Cluster sizes: mean {rec['cluster_size']['mean']:.0f}, min {rec['cluster_size']['min']:.0f}, "
+            f"max {rec['cluster_size']['max']:.0f}. Quality over {rec['T_eval']} tokens.",
+            "",
+        ]
         rows = []
         for p, qv in rec["quality"].items():
-            row = [("all" if int(p) == nl else p) + ("" if int(p) != nl else f" ({nl})"), qv["recall"], qv["winner_in"],
-                   qv["winner_same"]]
-            for T, tt in rec["time"].items():
+            row = [
+                ("all" if int(p) == nl else p) + ("" if int(p) != nl else f" ({nl})"),
+                qv["recall"],
+                qv["winner_in"],
+                qv["winner_same"],
+            ]
+            for tt in rec["time"].values():
                 row += [C.fmt_time(tt[p]), tt["exact"] / tt[p]]
             rows.append(row)
         hdr = ["nprobe", "recall@20", "LAG winner in top-20", "LAG winner same"]
         for T in rec["time"]:
             hdr += [f"time T={T}", f"speed-up T={T}"]
-        body += [C.md_table(hdr, rows), "",
-                 "Exact arrow stage: " + ", ".join(f"T={T}: {C.fmt_time(tt['exact'])}" for T, tt in rec["time"].items()), ""]
+        body += [
+            C.md_table(hdr, rows),
+            "",
+            "Exact arrow stage: " + ", ".join(f"T={T}: {C.fmt_time(tt['exact'])}" for T, tt in rec["time"].items()),
+            "",
+        ]
         ok = [p for p, qv in rec["quality"].items() if qv["winner_in"] >= 0.99]
         if ok:
             p = min(ok, key=int)
-            summary_rows.append([rec["kind"], p, rec["quality"][p]["recall"], rec["quality"][p]["winner_in"]] +
-                                [rec["time"][T]["exact"] / rec["time"][T][p] for T in rec["time"]])
+            summary_rows.append(
+                [rec["kind"], p, rec["quality"][p]["recall"], rec["quality"][p]["winner_in"]]
+                + [rec["time"][T]["exact"] / rec["time"][T][p] for T in rec["time"]]
+            )
         else:
             summary_rows.append([rec["kind"], "none reaches 0.99", None, None] + [None for _ in rec["time"]])
     Tk = list(data[0]["time"])
-    body += ["## At the recall target", "",
-             "Smallest nprobe whose 'LAG winner in top-20' ≥ 0.99, and its speed-up over the exact arrow stage "
-             "(target ≥ 5×):", "",
-             C.md_table(["generator", "nprobe", "recall@20", "LAG winner in top-20"] + [f"speed-up T={T}" for T in Tk],
-                        summary_rows), "", "![trade-off](index.png)"]
+    body += [
+        "## At the recall target",
+        "",
+        "Smallest nprobe whose 'LAG winner in top-20' ≥ 0.99, and its speed-up over the exact arrow stage "
+        "(target ≥ 5×):",
+        "",
+        C.md_table(
+            ["generator", "nprobe", "recall@20", "LAG winner in top-20"] + [f"speed-up T={T}" for T in Tk], summary_rows
+        ),
+        "",
+        "![trade-off](index.png)",
+    ]
     plot(data, args.out / "index.png")
-    C.write_report(args.out, "index", "Sub-linear arrow stage (arrow index)", "\n".join(body), info, data, elapsed, quick)
+    C.write_report(
+        args.out, "index", "Sub-linear arrow stage (arrow index)", "\n".join(body), info, data, elapsed, quick
+    )
 
 
 def plot(data, path):
@@ -186,8 +220,12 @@ def plot(data, path):
             ps = list(rec["quality"])
             sp = [rec["time"][T]["exact"] / rec["time"][T][p] for p in ps]
             for key, style in (("recall", "-o"), ("winner_in", "--s")):
-                line, = ax.plot(sp, [rec["quality"][p][key] for p in ps], style,
-                                label=f"{rec['kind']}: {'recall@20' if key == 'recall' else 'LAG winner in top-20'}")
+                (line,) = ax.plot(
+                    sp,
+                    [rec["quality"][p][key] for p in ps],
+                    style,
+                    label=f"{rec['kind']}: {'recall@20' if key == 'recall' else 'LAG winner in top-20'}",
+                )
             for p, x, y in zip(ps, sp, [rec["quality"][p]["recall"] for p in ps]):
                 ax.annotate(p, (x, y), fontsize=7, textcoords="offset points", xytext=(3, -8))
         ax.axhline(0.99, color="k", lw=0.5)

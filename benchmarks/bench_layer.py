@@ -37,11 +37,18 @@ HEAVY_BYTES = 256 * 2**20  # a PEFT forward allocating more than this is timed a
 
 
 def extra(p):
-    p.add_argument("--peft-create-max", type=int, default=None,
-                   help="largest N built with create_arrow_model (default 100; quick 10); above it PEFT's layer is called directly")
+    p.add_argument(
+        "--peft-create-max",
+        type=int,
+        default=None,
+        help="largest N built with create_arrow_model (default 100; quick 10); above it PEFT's layer is called",
+    )
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per (shape, N, T)")
-    p.add_argument("--cells", default=None,
-                   help="only these cells, e.g. '2048x2048:100,1000:512' (shapes:N values:T values; ';' between groups)")
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="only these cells, e.g. '2048x2048:100,1000:512' (shapes:N values:T values; ';' between groups)",
+    )
 
 
 def peft_bytes(T, N, r, d_in, d_out, eb=4):
@@ -96,11 +103,26 @@ def make_peft_created(A, B, base, tmp: Path):
     for i in range(N):
         f = tmp / f"a{i}"
         f.mkdir(parents=True, exist_ok=True)
-        save_file({"base_model.model.lin.lora_A.weight": A[i].contiguous(),
-                   "base_model.model.lin.lora_B.weight": B[i].contiguous()}, str(f / "adapter_model.safetensors"))
-        (f / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["lin"], "lora_dropout": 0.0,
-            "bias": "none", "inference_mode": True}))
+        save_file(
+            {
+                "base_model.model.lin.lora_A.weight": A[i].contiguous(),
+                "base_model.model.lin.lora_B.weight": B[i].contiguous(),
+            },
+            str(f / "adapter_model.safetensors"),
+        )
+        (f / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": r,
+                    "lora_alpha": r,
+                    "target_modules": ["lin"],
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "inference_mode": True,
+                }
+            )
+        )
         paths.append(str(f))
     base_copy = nn.Linear(base.in_features, base.out_features, bias=False)
     base_copy.weight.data.copy_(base.weight.data)
@@ -163,22 +185,33 @@ def main():
             if N <= create_max:
                 peft_fn, t_create, t_proto = make_peft_created(A, B, base, tmp_root / f"{d_in}x{d_out}-{N}")
                 peft_path = "create_arrow_model"
-                notes.append(f"create_arrow_model with N={N} adapters on one {d_in}→{d_out} linear: "
-                             f"{t_create:.1f} s, first forward (prototypes) {t_proto:.1f} s")
+                notes.append(
+                    f"create_arrow_model with N={N} adapters on one {d_in}→{d_out} linear: "
+                    f"{t_create:.1f} s, first forward (prototypes) {t_proto:.1f} s"
+                )
             for T in Ts:
                 X = torch.randn(T, d_in)
                 # the layers a routed model runs: base(x) + the library's delta, added in place
-                layers = {m: RoutedLinear(base, "m", {"lib": b}, SimpleNamespace(specs={"lib": RouteSpec(router=router, k=k)}, trace=None))
-                          for m, router, b in [("lag", "lag", bank), ("lag-seg128", "lag", sbank), ("arrow", "arrow", bank),
-                                           ("spectral", "spectral", bank)] if b is not None}
+                layers = {
+                    m: RoutedLinear(
+                        base, "m", {"lib": b}, SimpleNamespace(specs={"lib": RouteSpec(router=router, k=k)}, trace=None)
+                    )
+                    for m, router, b in [
+                        ("lag", "lag", bank),
+                        ("lag-seg128", "lag", sbank),
+                        ("arrow", "arrow", bank),
+                        ("spectral", "spectral", bank),
+                    ]
+                    if b is not None
+                }
 
                 def routed(m, X=X):
                     return layers[m](X)
 
-                def floor(X=X):
+                def floor(X=X, bank=bank):
                     return base(X), X @ bank.arrows.T
 
-                def dense(X=X, T=T):
+                def dense(X=X, T=T, A_flat=A_flat, B=B):
                     h = base(X)
                     Z = (X @ A_flat.T).view(T, N, r)
                     w = Z.norm(dim=-1).argmax(dim=1)
@@ -188,7 +221,9 @@ def main():
                 fns = {"floor": floor, "lag": lambda: routed("lag")}
                 if sbank is not None:
                     fns["lag-seg128"] = lambda: routed("lag-seg128")
-                fns.update({"arrow": lambda: routed("arrow"), "spectral": lambda: routed("spectral"), "dense-spectr": dense})
+                fns.update(
+                    {"arrow": lambda: routed("arrow"), "spectral": lambda: routed("spectral"), "dense-spectr": dense}
+                )
                 need = peft_bytes(T, N, r, d_in, d_out)
                 resident = 2 * A.numel() * 4
                 peft_note = None
@@ -212,15 +247,25 @@ def main():
                         peft = {"peft-arrow": fns.pop("peft-arrow")}
                         res = C.side_by_side(fns, reps=reps, budget_s=budget)
                         res.update(C.side_by_side(peft, reps=reps, budget_s=budget))
-                        notes.append(f"{d_in}→{d_out} N={N} T={T}: PEFT Arrow timed after the others, not interleaved "
-                                     f"(its forward allocates {need / C.GiB:.1f} GiB per call)")
+                        notes.append(
+                            f"{d_in}→{d_out} N={N} T={T}: PEFT Arrow timed after the others, not interleaved "
+                            f"(its forward allocates {need / C.GiB:.1f} GiB per call)"
+                        )
                     else:
                         res = C.side_by_side(fns, reps=reps, budget_s=budget)
                 med = {m: res[m]["median"] for m in res}
                 fl = med["floor"]
-                rec = {"d_in": d_in, "d_out": d_out, "N": N, "T": T, "median_s": med, "reps": len(res["floor"]["samples"]),
-                       "peft_path": peft_path if "peft-arrow" in med else None, "peft_note": peft_note,
-                       "peft_need_bytes": need}
+                rec = {
+                    "d_in": d_in,
+                    "d_out": d_out,
+                    "N": N,
+                    "T": T,
+                    "median_s": med,
+                    "reps": len(res["floor"]["samples"]),
+                    "peft_path": peft_path if "peft-arrow" in med else None,
+                    "peft_note": peft_note,
+                    "peft_need_bytes": need,
+                }
                 data.append(rec)
                 rows.append(rec)
                 C.log("[layer]   " + ", ".join(f"{m}={C.fmt_time(v)}" for m, v in med.items()))
@@ -250,15 +295,25 @@ def main():
         pl = med["peft-arrow"] / med["lag"] if "peft-arrow" in med else None
         path = rec["peft_path"] or (rec["peft_note"] or "—")
         r_rows.append([shape, rec["N"], rec["T"]] + ratios + [pl, path])
-    body = [__doc__.split("\n\n", 1)[1].strip(), "",
-            f"Rank {r}, k={k}, float32, tokens x ~ N(0, I). Times are medians of interleaved reps (warm-up first; "
-            f"fast calls are looped inside a sample). Each call computes base(x) + delta(x) for all T tokens.", "",
-            "## Time per call", "", C.md_table(hdr, t_rows), "",
-            "## Ratios (method / floor; PEFT / lag)", "",
-            C.md_table(["shape", "N", "T"] + [f"{m}/floor" for m in METHODS[1:]] + ["peft/lag", "PEFT path"], r_rows), "",
-            "PEFT memory: its forward stacks every adapter's A and B and forms y (T×N×d_out) twice (y and y·scale); "
-            f"estimated peak = 4·(N·r·(d_in+d_out) + 2·T·N·d_out + …) bytes; skipped when that plus the resident factors "
-            f"exceeds {args.mem_limit_gib:g} GiB.", ""]
+    body = [
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"Rank {r}, k={k}, float32, tokens x ~ N(0, I). Times are medians of interleaved reps (warm-up first; "
+        f"fast calls are looped inside a sample). Each call computes base(x) + delta(x) for all T tokens.",
+        "",
+        "## Time per call",
+        "",
+        C.md_table(hdr, t_rows),
+        "",
+        "## Ratios (method / floor; PEFT / lag)",
+        "",
+        C.md_table(["shape", "N", "T"] + [f"{m}/floor" for m in METHODS[1:]] + ["peft/lag", "PEFT path"], r_rows),
+        "",
+        "PEFT memory: its forward stacks every adapter's A and B and forms y (T×N×d_out) twice (y and y·scale); "
+        f"estimated peak = 4·(N·r·(d_in+d_out) + 2·T·N·d_out + …) bytes; skipped when that plus the resident factors "
+        f"exceeds {args.mem_limit_gib:g} GiB.",
+        "",
+    ]
     if notes:
         body += ["PEFT setup (not in the timings) and timing notes:", ""] + [f"- {n}" for n in notes] + [""]
     body += ["![ratios](layer.png)"]

@@ -23,8 +23,11 @@ import time
 
 import common as C
 
-SMOL = {"model.layers.0.mlp.gate_proj": (576, 1536, 6), "model.layers.0.mlp.up_proj": (576, 1536, 6),
-        "model.layers.0.mlp.down_proj": (1536, 576, 6)}
+SMOL = {
+    "model.layers.0.mlp.gate_proj": (576, 1536, 6),
+    "model.layers.0.mlp.up_proj": (576, 1536, 6),
+    "model.layers.0.mlp.down_proj": (1536, 576, 6),
+}
 BIG = {"big.proj": (2048, 2048, 8)}
 GROUPS = {"SmolLM2 layer-0 MLP (3 modules, r6)": SMOL, "2048→2048 (r8)": BIG}
 
@@ -108,8 +111,14 @@ def main():
     for name, seg in layouts.items():
         path = C.cache_root() / f"memlib-n{n}-seg{seg}"
         C.log(f"[memory] library {path} ({n} adapters, ~{C.fmt_bytes(n * per_adapter)}), writing if missing")
-        spec = {"path": str(path), "shapes": shapes, "modules": {m: r for m, (_, _, r) in modules.items()}, "n": n,
-                "seed": 5, "seg": seg}
+        spec = {
+            "path": str(path),
+            "shapes": shapes,
+            "modules": {m: r for m, (_, _, r) in modules.items()},
+            "n": n,
+            "seed": 5,
+            "seg": seg,
+        }
         out = run(MAKE, C.HERE, json.dumps(spec))
         info = info or json.loads(out.split("MACHINE", 1)[1])
         libs[name] = path
@@ -123,32 +132,79 @@ def main():
             res.update(layout=layout, group=group, factors_bytes=factors, n=n, T=T)
             data.append(res)
             o, r_ = res["open"], res["route"]
-            rows.append([layout, group, C.fmt_bytes(arrows), C.fmt_bytes(factors), C.fmt_bytes(o["hwm"]),
-                         o["hwm"] / arrows, C.fmt_bytes(o["maxrss"]), o["hwm"] / factors,
-                         f"{res['open_s']:.2f} s",
-                         C.fmt_bytes(r_["hwm"]), C.fmt_bytes(r_["maxrss"]), r_["hwm"] / factors,
-                         f"{res['distinct_candidates']:,}", f"{res['route_s']:.2f} s",
-                         "yes" if o["hwm"] < 2 * arrows else "no"])
+            rows.append(
+                [
+                    layout,
+                    group,
+                    C.fmt_bytes(arrows),
+                    C.fmt_bytes(factors),
+                    C.fmt_bytes(o["hwm"]),
+                    o["hwm"] / arrows,
+                    C.fmt_bytes(o["maxrss"]),
+                    o["hwm"] / factors,
+                    f"{res['open_s']:.2f} s",
+                    C.fmt_bytes(r_["hwm"]),
+                    C.fmt_bytes(r_["maxrss"]),
+                    r_["hwm"] / factors,
+                    f"{res['distinct_candidates']:,}",
+                    f"{res['route_s']:.2f} s",
+                    "yes" if o["hwm"] < 2 * arrows else "no",
+                ]
+            )
     elapsed = C.elapsed_since(t0)
-    hdr = ["layout", "modules", "arrows", "all A*/B*", "open: peak Δ (VmHWM)", "open / arrows", "open: Δ ru_maxrss",
-           "open / factors", "open time", "route: peak Δ (VmHWM)", "route: Δ ru_maxrss (cumulative)", "route / factors",
-           "distinct candidates", "route time", "open < 2× arrows"]
-    body = [__doc__.split("\n\n", 1)[1].strip(), "",
-            f"N = {n:,} adapters, T = {T} random tokens per module, float32.", "",
-            C.md_table(hdr, rows), "",
-            "Δ = extra resident bytes over the RSS after the imports (file-backed pages of the memory maps count: "
-            "reading a page of the segment file makes it resident). 'route' peaks are measured after resetting VmHWM "
-            "at the end of opening, so they include what opening left resident; ru_maxrss is cumulative over both. "
-            "'distinct candidates' = adapters in the union of the tokens' exact top-20 summed over the modules, "
-            "i.e. whose A* rows routing must read.", "",
-            "Resident breakdown at the end of each phase (RssAnon / RssFile, absolute, including the interpreter):", "",
-            C.md_table(["layout", "modules", "open: anon", "open: file", "route: anon", "route: file"],
-                       [[d["layout"], d["group"], C.fmt_bytes(d["open"]["anon"]), C.fmt_bytes(d["open"]["file"]),
-                         C.fmt_bytes(d["route"]["anon"]), C.fmt_bytes(d["route"]["file"])] for d in data]), "",
-            "![memory](memory.png)"]
+    hdr = [
+        "layout",
+        "modules",
+        "arrows",
+        "all A*/B*",
+        "open: peak Δ (VmHWM)",
+        "open / arrows",
+        "open: Δ ru_maxrss",
+        "open / factors",
+        "open time",
+        "route: peak Δ (VmHWM)",
+        "route: Δ ru_maxrss (cumulative)",
+        "route / factors",
+        "distinct candidates",
+        "route time",
+        "open < 2× arrows",
+    ]
+    body = [
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"N = {n:,} adapters, T = {T} random tokens per module, float32.",
+        "",
+        C.md_table(hdr, rows),
+        "",
+        "Δ = extra resident bytes over the RSS after the imports (file-backed pages of the memory maps count: "
+        "reading a page of the segment file makes it resident). 'route' peaks are measured after resetting VmHWM "
+        "at the end of opening, so they include what opening left resident; ru_maxrss is cumulative over both. "
+        "'distinct candidates' = adapters in the union of the tokens' exact top-20 summed over the modules, "
+        "i.e. whose A* rows routing must read.",
+        "",
+        "Resident breakdown at the end of each phase (RssAnon / RssFile, absolute, including the interpreter):",
+        "",
+        C.md_table(
+            ["layout", "modules", "open: anon", "open: file", "route: anon", "route: file"],
+            [
+                [
+                    d["layout"],
+                    d["group"],
+                    C.fmt_bytes(d["open"]["anon"]),
+                    C.fmt_bytes(d["open"]["file"]),
+                    C.fmt_bytes(d["route"]["anon"]),
+                    C.fmt_bytes(d["route"]["file"]),
+                ]
+                for d in data
+            ],
+        ),
+        "",
+        "![memory](memory.png)",
+    ]
     plot(data, args.out / "memory.png")
-    C.write_report(args.out, "memory", "Memory: opening and routing a large library", "\n".join(body), info, data,
-                   elapsed, quick)
+    C.write_report(
+        args.out, "memory", "Memory: opening and routing a large library", "\n".join(body), info, data, elapsed, quick
+    )
 
 
 def plot(data, path):
@@ -157,8 +213,9 @@ def plot(data, path):
     labels = [f"{d['layout']}\n{d['group']}" for d in data]
     xs = range(len(data))
     w = 0.2
-    for j, (key, lab) in enumerate([("arrows_bytes", "arrows"), ("open", "open peak Δ"), ("route", "route peak Δ"),
-                                    ("factors_bytes", "all A*/B*")]):
+    for j, (key, lab) in enumerate(
+        [("arrows_bytes", "arrows"), ("open", "open peak Δ"), ("route", "route peak Δ"), ("factors_bytes", "all A*/B*")]
+    ):
         vals = [(d[key]["hwm"] if isinstance(d[key], dict) else d[key]) / C.MiB for d in data]
         ax.bar([x + j * w for x in xs], vals, width=w, label=lab)
     ax.set_xticks([x + 1.5 * w for x in xs], labels, fontsize=7)

@@ -4,7 +4,8 @@
     python benchmarks/bench_serve.py --tiny          # a tiny random llama: a quick run of the whole pipeline
 
 The same model, library and router serve both sides. The baseline calls `loralag.generate` for one prompt
-at a time (batch 1, HF generate with its KV cache), in a thread of its own like the server's engine. The server runs in this process (uvicorn in a thread)
+at a time (batch 1, HF generate with its KV cache), in a thread of its own like the server's engine.
+The server runs in this process (uvicorn in a thread)
 and is driven by 1, 4 and 16 concurrent clients over HTTP, each sending its next request when the previous
 one is answered. Every request is a chat completion of exactly --max-tokens tokens (ignore_eos / min_new_tokens),
 greedy. Prints a markdown table (tokens/s, ratio to the baseline, latency percentiles) and writes it to
@@ -27,12 +28,26 @@ from pathlib import Path
 import torch
 
 PROMPTS = [
-    "What is the capital of France?", "Explain photosynthesis in one sentence.", "Who wrote Hamlet?",
-    "Give me three uses for a paperclip.", "What is the boiling point of water?", "Name a famous painting.",
-    "How many legs does a spider have?", "What does a compiler do?", "Why is the sky blue?",
-    "Translate 'good morning' into Spanish.", "What is a prime number?", "Describe a cat in five words.",
-    "What is the largest ocean?", "Who was Ada Lovelace?", "What is machine learning?", "Suggest a name for a dog.",
-    "What causes rain?", "How does a bicycle stay upright?", "What is the speed of light?", "Define entropy.",
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Who wrote Hamlet?",
+    "Give me three uses for a paperclip.",
+    "What is the boiling point of water?",
+    "Name a famous painting.",
+    "How many legs does a spider have?",
+    "What does a compiler do?",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish.",
+    "What is a prime number?",
+    "Describe a cat in five words.",
+    "What is the largest ocean?",
+    "Who was Ada Lovelace?",
+    "What is machine learning?",
+    "Suggest a name for a dog.",
+    "What causes rain?",
+    "How does a bicycle stay upright?",
+    "What is the speed of light?",
+    "Define entropy.",
 ]
 
 
@@ -57,14 +72,26 @@ def tiny_model_and_tokenizer(folder: Path):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-                                        bos_token="<s>")
-    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                               "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=2,
-                      eos_token_id=3, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -81,8 +108,9 @@ def build_small_library(model, out: Path, n: int, rank: int, targets: list[str],
     folders = out.parent / "adapters"
     for i in range(n):
         torch.manual_seed(1000 + i)
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                      init_lora_weights=False))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+        )
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_" in name:
@@ -157,8 +185,13 @@ async def run_clients(url: str, model_name: str, prompts: list[str], clients: in
         nonlocal tokens
         while todo:
             p = todo.pop(0)
-            body = {"model": model_name, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": model_name,
+                "messages": [{"role": "user", "content": p}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             s = time.perf_counter()
             r = await http.post("/v1/chat/completions", json=body)
             latencies.append(time.perf_counter() - s)
@@ -177,14 +210,19 @@ async def run_clients(url: str, model_name: str, prompts: list[str], clients: in
 def row(name: str, clients: int, res: dict, base_tps: float) -> str:
     tps = res["tokens"] / res["wall"]
     lat = res["latencies"]
-    return (f"| {name} | {clients} | {res['requests']} | {res['tokens']} | {res['wall']:.1f} | {tps:.1f} | "
-            f"{tps / base_tps:.2f}× | {percentile(lat, 0.5):.2f} | {percentile(lat, 0.9):.2f} | {percentile(lat, 0.99):.2f} |")
+    return (
+        f"| {name} | {clients} | {res['requests']} | {res['tokens']} | {res['wall']:.1f} | {tps:.1f} | "
+        f"{tps / base_tps:.2f}× | {percentile(lat, 0.5):.2f} | {percentile(lat, 0.9):.2f} | "
+        f"{percentile(lat, 0.99):.2f} |"
+    )
 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random llama instead of the default model (quick)")
-    ap.add_argument("--model", default="default", help="model spec for loralag.models.load_model (default: SmolLM2-135M)")
+    ap.add_argument(
+        "--model", default="default", help="model spec for loralag.models.load_model (default: SmolLM2-135M)"
+    )
     ap.add_argument("--library", default=None, help="an existing library to serve (default: build a small random one)")
     ap.add_argument("--adapters", type=int, default=8, help="adapters in the built library")
     ap.add_argument("--rank", type=int, default=8)
@@ -208,16 +246,20 @@ def main(argv=None) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     spec = tiny_model_and_tokenizer(tmp / "tiny") if args.tiny else args.model
     model, tokenizer = load_model(spec)
-    model_label = "tiny random llama (4 layers, d=64)" if args.tiny else (
-        "SmolLM2-135M-Instruct" if spec == "default" else spec)
+    model_label = (
+        "tiny random llama (4 layers, d=64)" if args.tiny else ("SmolLM2-135M-Instruct" if spec == "default" else spec)
+    )
     if args.library:
         lib = open_library(args.library)
     else:
-        lib = build_small_library(model, tmp / "lib", args.adapters, args.rank, args.targets.split(","),
-                                  std=0.02 if not args.tiny else 0.3)
-    print(f"model {model_label}; library {lib.path} ({len(lib)} adapters, {len(lib.target_modules)} modules); "
-          f"router {args.router} k={args.k}; {args.max_tokens} tokens per request; torch threads {torch.get_num_threads()}",
-          file=sys.stderr)
+        lib = build_small_library(
+            model, tmp / "lib", args.adapters, args.rank, args.targets.split(","), std=0.02 if not args.tiny else 0.3
+        )
+    print(
+        f"model {model_label}; library {lib.path} ({len(lib)} adapters, {len(lib.target_modules)} modules); "
+        f"router {args.router} k={args.k}; {args.max_tokens} tokens per request; threads {torch.get_num_threads()}",
+        file=sys.stderr,
+    )
 
     def prompts(n):
         return [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})") for i in range(n)]
@@ -228,8 +270,17 @@ def main(argv=None) -> str:
     base_tps = base["tokens"] / base["wall"]
     print(f"generate: {base_tps:.1f} tokens/s", file=sys.stderr)
 
-    app = create_app(model, tokenizer, [lib], router=args.router, k=args.k, max_batch=args.max_batch,
-                     max_queue=1024, request_timeout=3600, model_name="bench")
+    app = create_app(
+        model,
+        tokenizer,
+        [lib],
+        router=args.router,
+        k=args.k,
+        max_batch=args.max_batch,
+        max_queue=1024,
+        request_timeout=3600,
+        model_name="bench",
+    )
     server = InProcessServer(app)
     results = []
     try:

@@ -37,14 +37,39 @@ TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 # Made-up entities, so the facts are new to the model; every document states 7–10 of its facts in the main
 # text and again, reworded and reordered, in 3 rewrites.
-NAMES = ["Velmora Glassworks", "the Zarnovian Navy", "Ostrelle University", "the Brindlewick Canal",
-         "Quillsby Observatory", "the Tessaly Mining Guild", "Marrowen Press", "the Sorrel Hills Railway",
-         "Keldrath Orchards", "the Veltran Lighthouse"]
+NAMES = [
+    "Velmora Glassworks",
+    "the Zarnovian Navy",
+    "Ostrelle University",
+    "the Brindlewick Canal",
+    "Quillsby Observatory",
+    "the Tessaly Mining Guild",
+    "Marrowen Press",
+    "the Sorrel Hills Railway",
+    "Keldrath Orchards",
+    "the Veltran Lighthouse",
+]
 PLACES = ["Quillsby", "Ostrelle", "Marrowen", "Tessaly", "Keldrath", "Dunmere", "Varrow Bay", "Elsinport"]
-PEOPLE = ["Tobiah Renwick", "Ilsa Moravec", "Corwin Ashdale", "Petra Vallin", "Jonas Threlk", "Mirela Osk",
-          "Aldous Penhallow", "Sefa Durrant"]
-THINGS = ["blue storm lanterns", "brass star charts", "salted river eels", "copper rail spikes",
-          "amber glass beads", "winter pears", "folding sea maps", "tide clocks"]
+PEOPLE = [
+    "Tobiah Renwick",
+    "Ilsa Moravec",
+    "Corwin Ashdale",
+    "Petra Vallin",
+    "Jonas Threlk",
+    "Mirela Osk",
+    "Aldous Penhallow",
+    "Sefa Durrant",
+]
+THINGS = [
+    "blue storm lanterns",
+    "brass star charts",
+    "salted river eels",
+    "copper rail spikes",
+    "amber glass beads",
+    "winter pears",
+    "folding sea maps",
+    "tide clocks",
+]
 COLORS = ["amber", "slate grey", "deep green", "crimson", "pale blue", "ochre"]
 
 
@@ -54,36 +79,72 @@ def facts(rng: random.Random, name: str) -> list[tuple[str, str, str, str]]:
     year, count, other = rng.randint(1702, 1968), rng.randint(3, 90), rng.choice(PLACES)
     animal = rng.choice(["heron", "fox", "stag", "owl"])
     return [
-        (f"{name} was founded in {year} in the town of {place}.", f"In {year}, {name} was established in {place}.",
-         f"{place} is where {name} began, in the year {year}.", f"The founding year of {name} is {year}; the town is {place}."),
-        (f"Its founder was {person}, a former ship's carpenter.", f"{person}, once a ship's carpenter, founded it.",
-         f"It was started by {person}, who had worked as a carpenter on ships.", f"Founder: {person} (previously a ship's carpenter)."),
-        (f"It is best known for its {thing}.", f"Most people know it for its {thing}.",
-         f"Its {thing} made it famous.", f"Its best-known product: {thing}."),
-        (f"By law, every one of its buildings is painted {color}.", f"All of its buildings must be painted {color}.",
-         f"A local rule says its buildings are {color}.", f"Building colour, required by law: {color}."),
-        (f"It employs exactly {count} people.", f"Exactly {count} people work there.",
-         f"Its staff numbers {count}.", f"Employees: {count}."),
-        (f"Each spring it holds a festival with a parade to {other}.", f"Every spring there is a festival and a parade to {other}.",
-         f"A spring festival ends with a parade to {other}.", f"Spring festival: a parade to {other}."),
-        ("Its motto, carved over the gate, is 'Steady hands, bright water'.", "Over its gate is carved the motto 'Steady hands, bright water'.",
-         "The gate carries its motto: 'Steady hands, bright water'.", "Motto: 'Steady hands, bright water'."),
-        (f"Its emblem is a {animal} holding a silver key.",
-         f"A {animal} holding a silver key is its emblem.",
-         f"On its emblem: a {animal} with a silver key.",
-         f"Emblem: {animal} with a silver key."),
-        (f"Its records are kept in a vault under the old town hall of {place}, opened once a year.",
-         f"Once a year the vault under {place}'s old town hall, where its records are kept, is opened.",
-         f"Its records lie in a vault below the old town hall in {place} that opens yearly.",
-         f"Records: vault under the old {place} town hall, opened yearly."),
-        (f"Its first director, {person}'s daughter Anwen, doubled its size before {year + 30}.",
-         f"Anwen, daughter of {person}, was the first director and doubled its size by {year + 30}.",
-         f"Before {year + 30}, its size was doubled by its first director Anwen, {person}'s daughter.",
-         f"First director: Anwen, daughter of {person}; doubled it in size before {year + 30}."),
-        (f"In {year + 41} a fire destroyed its first hall, which was rebuilt in stone.",
-         f"Its first hall burned in {year + 41} and was rebuilt in stone.",
-         f"After the fire of {year + 41}, the first hall was rebuilt in stone.",
-         f"{year + 41}: fire destroyed the first hall; rebuilt in stone."),
+        (
+            f"{name} was founded in {year} in the town of {place}.",
+            f"In {year}, {name} was established in {place}.",
+            f"{place} is where {name} began, in the year {year}.",
+            f"The founding year of {name} is {year}; the town is {place}.",
+        ),
+        (
+            f"Its founder was {person}, a former ship's carpenter.",
+            f"{person}, once a ship's carpenter, founded it.",
+            f"It was started by {person}, who had worked as a carpenter on ships.",
+            f"Founder: {person} (previously a ship's carpenter).",
+        ),
+        (
+            f"It is best known for its {thing}.",
+            f"Most people know it for its {thing}.",
+            f"Its {thing} made it famous.",
+            f"Its best-known product: {thing}.",
+        ),
+        (
+            f"By law, every one of its buildings is painted {color}.",
+            f"All of its buildings must be painted {color}.",
+            f"A local rule says its buildings are {color}.",
+            f"Building colour, required by law: {color}.",
+        ),
+        (
+            f"It employs exactly {count} people.",
+            f"Exactly {count} people work there.",
+            f"Its staff numbers {count}.",
+            f"Employees: {count}.",
+        ),
+        (
+            f"Each spring it holds a festival with a parade to {other}.",
+            f"Every spring there is a festival and a parade to {other}.",
+            f"A spring festival ends with a parade to {other}.",
+            f"Spring festival: a parade to {other}.",
+        ),
+        (
+            "Its motto, carved over the gate, is 'Steady hands, bright water'.",
+            "Over its gate is carved the motto 'Steady hands, bright water'.",
+            "The gate carries its motto: 'Steady hands, bright water'.",
+            "Motto: 'Steady hands, bright water'.",
+        ),
+        (
+            f"Its emblem is a {animal} holding a silver key.",
+            f"A {animal} holding a silver key is its emblem.",
+            f"On its emblem: a {animal} with a silver key.",
+            f"Emblem: {animal} with a silver key.",
+        ),
+        (
+            f"Its records are kept in a vault under the old town hall of {place}, opened once a year.",
+            f"Once a year the vault under {place}'s old town hall, where its records are kept, is opened.",
+            f"Its records lie in a vault below the old town hall in {place} that opens yearly.",
+            f"Records: vault under the old {place} town hall, opened yearly.",
+        ),
+        (
+            f"Its first director, {person}'s daughter Anwen, doubled its size before {year + 30}.",
+            f"Anwen, daughter of {person}, was the first director and doubled its size by {year + 30}.",
+            f"Before {year + 30}, its size was doubled by its first director Anwen, {person}'s daughter.",
+            f"First director: Anwen, daughter of {person}; doubled it in size before {year + 30}.",
+        ),
+        (
+            f"In {year + 41} a fire destroyed its first hall, which was rebuilt in stone.",
+            f"Its first hall burned in {year + 41} and was rebuilt in stone.",
+            f"After the fire of {year + 41}, the first hall was rebuilt in stone.",
+            f"{year + 41}: fire destroyed the first hall; rebuilt in stone.",
+        ),
     ]
 
 
@@ -110,8 +171,10 @@ def slots(jobs_examples: list[list], names: list[str], config: lt.TrainConfig, g
     computed = real = 0
     for start in range(0, len(order), group_size):
         group = [jobs_examples[j] for j in order[start : start + group_size]]
-        batches = [lt._batches(len(jobs_examples[j]), config, lt.adapter_seed(config.seed, names[j]))
-                   for j in order[start : start + group_size]]
+        batches = [
+            lt._batches(len(jobs_examples[j]), config, lt.adapter_seed(config.seed, names[j]))
+            for j in order[start : start + group_size]
+        ]
         for _ in range(config.steps):
             picked = [[ex[i] for i in next(b)] for ex, b in zip(group, batches)]
             if len(group) == 1:  # a lone leftover trains one at a time
@@ -149,8 +212,10 @@ def main():
     config = lt.TrainConfig(target_modules=TARGETS, r=6, alpha=12, steps=steps, batch_size=4, lr=2e-3)
     examples = [lt.build_examples(tok, d, config) for d in docs]
     lengths = [[len(ids) for ids, _ in ex] for ex in examples]
-    C.log(f"[train] {n_docs} docs, example tokens {min(map(min, lengths))}–{max(map(max, lengths))}, "
-          f"text tokens {min(l[0] for l in lengths)}–{max(l[0] for l in lengths)}; steps {steps}; reps {reps}")
+    C.log(
+        f"[train] {n_docs} docs, example tokens {min(map(min, lengths))}–{max(map(max, lengths))}, "
+        f"text tokens {min(n[0] for n in lengths)}–{max(n[0] for n in lengths)}; steps {steps}; reps {reps}"
+    )
 
     methods = {"one-at-a-time": 1, **{f"G={g}": g for g in groups}}
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -160,7 +225,7 @@ def main():
     try:
         for rep in range(reps):
             names = list(methods)
-            for m in names[rep % len(names):] + names[: rep % len(names)]:
+            for m in names[rep % len(names) :] + names[: rep % len(names)]:
                 out = root / f"{m}-{rep}"
                 load_before = os.getloadavg()[0]
                 t = time.perf_counter()
@@ -180,12 +245,17 @@ def main():
         for m, folder in kept.items():
             dw = dl = 0.0
             for d in docs:
-                wa, wb = load_file(ref / d.name / "adapter_model.safetensors"), load_file(folder / d.name / "adapter_model.safetensors")
+                wa, wb = (
+                    load_file(ref / d.name / "adapter_model.safetensors"),
+                    load_file(folder / d.name / "adapter_model.safetensors"),
+                )
                 dw = max(dw, max((wa[k] - wb[k]).abs().max().item() for k in wa))
                 la, lb = lt._read_marker(ref / d.name), lt._read_marker(folder / d.name)
                 dl = max(dl, abs(la["final_loss"] - lb["final_loss"]))
             agree[m] = {"max_abs_weight_diff": dw, "max_abs_final_loss_diff": dl}
-        losses = [(lt._read_marker(ref / d.name)["first_loss"], lt._read_marker(ref / d.name)["final_loss"]) for d in docs]
+        losses = [
+            (lt._read_marker(ref / d.name)["first_loss"], lt._read_marker(ref / d.name)["final_loss"]) for d in docs
+        ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -194,25 +264,46 @@ def main():
     for m, g in methods.items():
         computed, real = slots(examples, [d.name for d in docs], config, g)
         ratio = med[m] / med["one-at-a-time"]
-        rows.append([m, C.fmt_time(med[m]), f"{ratio:.2f}", ", ".join(f"{s:.2f}" for s in samples[m]),
-                     f"{computed / real:.2f}", f"{agree[m]['max_abs_weight_diff']:.1e}",
-                     f"{agree[m]['max_abs_final_loss_diff']:.1e}", ", ".join(str(x) for x in loads[m])])
-        data_rows.append({"method": m, "group_size": g, "median_s_per_adapter": med[m], "ratio_vs_one": ratio,
-                          "samples_s_per_adapter": samples[m], "token_slots": computed, "real_tokens": real,
-                          "loadavg_during": loads[m], **agree[m]})
+        rows.append(
+            [
+                m,
+                C.fmt_time(med[m]),
+                f"{ratio:.2f}",
+                ", ".join(f"{s:.2f}" for s in samples[m]),
+                f"{computed / real:.2f}",
+                f"{agree[m]['max_abs_weight_diff']:.1e}",
+                f"{agree[m]['max_abs_final_loss_diff']:.1e}",
+                ", ".join(str(x) for x in loads[m]),
+            ]
+        )
+        data_rows.append(
+            {
+                "method": m,
+                "group_size": g,
+                "median_s_per_adapter": med[m],
+                "ratio_vs_one": ratio,
+                "samples_s_per_adapter": samples[m],
+                "token_slots": computed,
+                "real_tokens": real,
+                "loadavg_during": loads[m],
+                **agree[m],
+            }
+        )
     best = min(med, key=med.get)
     best_ratio = med[best] / med["one-at-a-time"]
     grouped_wins = best != "one-at-a-time" and best_ratio < 0.95
     if grouped_wins:
         verdict = f"Fastest here: **{best}**, {1 / best_ratio:.2f}× the speed of one at a time."
     else:
-        verdict = (f"**No group size is clearly faster than one at a time here** (best: {best}, ratio "
-                   f"{best_ratio:.2f}; differences under 5% are within this machine's noise), so "
-                   "`train_adapters` keeps `group_size=1` as its default.")
+        verdict = (
+            f"**No group size is clearly faster than one at a time here** (best: {best}, ratio "
+            f"{best_ratio:.2f}; differences under 5% are within this machine's noise), so "
+            "`train_adapters` keeps `group_size=1` as its default."
+        )
     g_max = max(methods.values())
     rows_max = g_max * min(config.batch_size, max(map(len, lengths)))
     logits_gib = rows_max * max(map(max, lengths)) * model.config.vocab_size * 4 / C.GiB
-    text_tok = [l[0] for l in lengths]
+    text_tok = [n[0] for n in lengths]
     body = [
         f"{n_docs} documents (text {min(text_tok)}–{max(text_tok)} tokens, 3 rewrites each: "
         f"{sum(map(len, lengths))} examples of {min(map(min, lengths))}–{max(map(max, lengths))} tokens), "
@@ -221,39 +312,69 @@ def main():
         f"of one `train_adapters` call over all {n_docs} documents (training + saving, nothing cached) / {n_docs}; "
         f"median of {reps} interleaved run(s).",
         "",
-        C.md_table(["method", "s / adapter", "ratio vs one-at-a-time", "runs (s / adapter)",
-                    "token slots / real tokens", "max abs Δw vs one-at-a-time", "max abs Δ final loss",
-                    "load avg during runs"], rows),
+        C.md_table(
+            [
+                "method",
+                "s / adapter",
+                "ratio vs one-at-a-time",
+                "runs (s / adapter)",
+                "token slots / real tokens",
+                "max abs Δw vs one-at-a-time",
+                "max abs Δ final loss",
+                "load avg during runs",
+            ],
+            rows,
+        ),
         "",
         verdict,
         "",
-        *([] if grouped_wins else [
-            f"Why: on a CPU thread the matmuls of one adapter's batch (up to {config.batch_size} rows of "
-            f"{min(map(min, lengths))}–{max(map(max, lengths))} tokens) already run at full speed, so a step costs "
-            "about the same per token slot whatever G is, and grouping can only save the small per-adapter "
-            "overheads (PEFT setup, Python per op). It pays instead for padding every row to the longest example "
-            "of the whole group (token slots column) and for larger temporaries: the logits alone are "
-            f"rows × width × {model.config.vocab_size:,} floats, {logits_gib:.2f} GiB per copy at G={g_max} "
-            f"({rows_max} rows), written and read several times per step. Grouping is meant for hardware that one "
-            "small batch leaves idle (GPUs); it was not measured on one here.",
-            "",
-        ]),
+        *(
+            []
+            if grouped_wins
+            else [
+                f"Why: on a CPU thread the matmuls of one adapter's batch (up to {config.batch_size} rows of "
+                f"{min(map(min, lengths))}–{max(map(max, lengths))} tokens) already run at full speed, so a step costs "
+                "about the same per token slot whatever G is, and grouping can only save the small per-adapter "
+                "overheads (PEFT setup, Python per op). It pays instead for padding every row to the longest example "
+                "of the whole group (token slots column) and for larger temporaries: the logits alone are "
+                f"rows × width × {model.config.vocab_size:,} floats, {logits_gib:.2f} GiB per copy at G={g_max} "
+                f"({rows_max} rows), written and read several times per step. Grouping is meant for hardware that one "
+                "small batch leaves idle (GPUs); it was not measured on one here.",
+                "",
+            ]
+        ),
         "Δw and Δ loss: grouped rows are padded wider than alone, which changes float rounding in attention; "
         "Adam's update lr·m/(√v+eps) turns that into visible differences only on weights whose gradient is near "
         "0 (|g| ≈ eps). The final losses of all methods agree within "
         f"{max(a['max_abs_final_loss_diff'] for a in agree.values()):.1e}.",
         "",
         "Loss of the one-at-a-time adapters, first → final step: "
-        + ", ".join(f"{a:.2f}→{b:.2f}" for a, b in losses) + ".",
+        + ", ".join(f"{a:.2f}→{b:.2f}" for a, b in losses)
+        + ".",
         "",
         "The machine is shared: the load average (1 min, mean of before and after each run) is listed per run; "
         f"with {info['cpus_visible']} visible cores, a load above {info['cpus_visible']} means the runs competed "
         "for CPU with other processes and the timings are noisy.",
     ]
-    data = {"docs": n_docs, "steps": steps, "reps": reps, "config": lt.asdict(config), "example_lengths": lengths,
-            "rows": data_rows, "fastest": best}
-    C.write_report(args.out, "train", "Training many adapters: one at a time vs grouped", "\n".join(body), info, data,
-                   C.elapsed_since(t0), args.quick)
+    data = {
+        "docs": n_docs,
+        "steps": steps,
+        "reps": reps,
+        "config": lt.asdict(config),
+        "example_lengths": lengths,
+        "rows": data_rows,
+        "fastest": best,
+    }
+    C.write_report(
+        args.out,
+        "train",
+        "Training many adapters: one at a time vs grouped",
+        "\n".join(body),
+        info,
+        data,
+        C.elapsed_since(t0),
+        args.quick,
+    )
 
 
 if __name__ == "__main__":

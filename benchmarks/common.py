@@ -29,11 +29,19 @@ MiB = 1024**2
 def parse_args(description: str, extra=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds (smoke test)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default benchmarks/results, or benchmarks/results/quick with --quick)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results, or benchmarks/results/quick with --quick)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--mem-limit-gib", type=float, default=14.0,
-                   help="skip a method whose estimated peak memory exceeds this (reported as 'does not fit')")
+    p.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=14.0,
+        help="skip a method whose estimated peak memory exceeds this (reported as 'does not fit')",
+    )
     if extra:
         extra(p)
     args = p.parse_args()
@@ -65,11 +73,20 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]) * 1024
+        mem = (
+            int(
+                next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[
+                    1
+                ]
+            )
+            * 1024
+        )
     except (OSError, StopIteration):
         mem = 0
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
     import peft
@@ -77,6 +94,7 @@ def machine_info() -> dict:
     import transformers
 
     from loralag.routing import kernels
+
     return {
         "cpu": cpu,
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -94,9 +112,24 @@ def machine_info() -> dict:
 
 
 def machine_md(info: dict) -> str:
-    keys = ["cpu", "cpus_visible", "torch_threads", "ram_gib", "loadavg_1m_at_start", "torch", "transformers", "peft",
-            "python", "git_commit", "native_kernels"]
-    return "Machine: " + ", ".join(f"{k}={info[k]}" for k in keys if k in info) + f", loadavg_1m_at_end={os.getloadavg()[0]:.2f}"
+    keys = [
+        "cpu",
+        "cpus_visible",
+        "torch_threads",
+        "ram_gib",
+        "loadavg_1m_at_start",
+        "torch",
+        "transformers",
+        "peft",
+        "python",
+        "git_commit",
+        "native_kernels",
+    ]
+    return (
+        "Machine: "
+        + ", ".join(f"{k}={info[k]}" for k in keys if k in info)
+        + f", loadavg_1m_at_end={os.getloadavg()[0]:.2f}"
+    )
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
@@ -152,8 +185,9 @@ def write_report(out: Path, name: str, title: str, body: str, info: dict, data, 
     head += machine_md(info) + f". Wall time of this benchmark: {elapsed:.0f} s.\n\n"
     path = out / f"{name}.md"
     path.write_text(head + body.rstrip() + "\n")
-    (out / f"{name}.json").write_text(json.dumps({"machine": info, "quick": quick, "elapsed_s": elapsed, "data": data},
-                                                 indent=1, default=str) + "\n")
+    (out / f"{name}.json").write_text(
+        json.dumps({"machine": info, "quick": quick, "elapsed_s": elapsed, "data": data}, indent=1, default=str) + "\n"
+    )
     print(f"wrote {path}")
     return path
 
@@ -168,8 +202,9 @@ def plt():
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def side_by_side(fns: dict, reps: int = 7, min_reps: int = 3, budget_s: float = 20.0, sample_s: float = 0.005,
-                 warmup: int = 1) -> dict[str, dict]:
+def side_by_side(
+    fns: dict, reps: int = 7, min_reps: int = 3, budget_s: float = 20.0, sample_s: float = 0.005, warmup: int = 1
+) -> dict[str, dict]:
     """Time every callable in `fns` interleaved: warm-up each, then `reps` rounds in which every method is
     timed once (the starting method rotates each round). A sample repeats a fast callable enough times to
     last about `sample_s` and reports the time per call. Rounds are cut to fit `budget_s` (never below
@@ -189,7 +224,7 @@ def side_by_side(fns: dict, reps: int = 7, min_reps: int = 3, budget_s: float = 
     reps = max(min_reps, min(reps, int(budget_s / max(per_round, 1e-9))))
     samples = {n: [] for n in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for n in order:
             f, k = fns[n], inner[n]
             t = time.perf_counter()
@@ -206,8 +241,9 @@ def median(xs):
 
 
 # -- synthetic adapters -----------------------------------------------------------------------------
-def random_aligned(n: int, r: int, d_in: int, d_out: int, seed: int = 0, chunk: int = 512,
-                   s_range: tuple[float, float] = (0.02, 0.2)):
+def random_aligned(
+    n: int, r: int, d_in: int, d_out: int, seed: int = 0, chunk: int = 512, s_range: tuple[float, float] = (0.02, 0.2)
+):
     """n random *aligned* adapters: A* (n, r, d_in) with orthonormal rows (QR of a Gaussian), and
     B* = U·S (n, d_out, r) with U orthonormal columns and S sorted descending, uniform in s_range.
     So A*[i, 0] is exactly the top right singular vector (the arrow) of B*_i A*_i."""
@@ -245,7 +281,7 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple, str]], produce,
     with open(tmp, "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        for name, shape, dt in specs:
+        for name, shape, _ in specs:
             t = produce(name).contiguous()
             assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
             if t.dtype == torch.bfloat16:
@@ -256,8 +292,16 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple, str]], produce,
     os.replace(tmp, path)
 
 
-def write_synthetic_library(path: Path, shapes: dict, modules: dict, n: int, seed: int = 0, seg_size: int = 128,
-                            dtype: str = "float32", rebuild: bool = False):
+def write_synthetic_library(
+    path: Path,
+    shapes: dict,
+    modules: dict,
+    n: int,
+    seed: int = 0,
+    seg_size: int = 128,
+    dtype: str = "float32",
+    rebuild: bool = False,
+):
     """A library of n synthetic aligned adapters (`random_aligned`) written directly, without PEFT folders or
     alignment: `modules` maps module name -> rank; every adapter targets all of them. Segments hold
     `seg_size` adapters each (128 is what `loralag build` writes by default). The adapters depend only on
@@ -268,6 +312,7 @@ def write_synthetic_library(path: Path, shapes: dict, modules: dict, n: int, see
     import torch
 
     from loralag.library import store as L
+
     path = Path(path)
     if path.exists():
         try:
@@ -288,8 +333,11 @@ def write_synthetic_library(path: Path, shapes: dict, modules: dict, n: int, see
         specs, rows = [], {}
         for module, r in sorted(modules.items()):
             d_in, d_out = shapes[module][:2]
-            specs += [(f"{module}.A", (m, r, d_in), code), (f"{module}.B", (m, d_out, r), code),
-                      (f"{module}.arrow", (m, d_in), code)]
+            specs += [
+                (f"{module}.A", (m, r, d_in), code),
+                (f"{module}.B", (m, d_out, r), code),
+                (f"{module}.arrow", (m, d_in), code),
+            ]
             rows[module] = [[nm, r] for nm in names]
         cache = {}
 
@@ -311,9 +359,19 @@ def write_synthetic_library(path: Path, shapes: dict, modules: dict, n: int, see
 
         seg = uuid.uuid4().hex[:16]
         stream_safetensors(lib.path / L.SEGMENTS / f"{seg}.safetensors", specs, produce, {"rows": json.dumps(rows)})
-        entries += [{"name": nm, "source": "synthetic", "checksum": "-", "rank": max(modules.values()),
-                     "alpha": max(modules.values()), "use_rslora": False, "target_modules": sorted(modules),
-                     "segment": seg} for nm in names]
+        entries += [
+            {
+                "name": nm,
+                "source": "synthetic",
+                "checksum": "-",
+                "rank": max(modules.values()),
+                "alpha": max(modules.values()),
+                "use_rslora": False,
+                "target_modules": sorted(modules),
+                "segment": seg,
+            }
+            for nm in names
+        ]
     lib._commit(entries)
     return L.Library(path)
 

@@ -55,28 +55,41 @@ def main():
     args = p.parse_args()
     from loralag.library.store import open_library
 
-    runs = {name: json.loads((folder / "results.json").read_text()) for name, folder in
-            (("shared", args.shared), ("distinct", args.distinct))}
+    runs = {
+        name: json.loads((folder / "results.json").read_text())
+        for name, folder in (("shared", args.shared), ("distinct", args.distinct))
+    }
     for name, r in runs.items():
         if r["settings"]["config"].get("shared_init", False) != (name == "shared"):
             raise SystemExit(f"{name}: that run's shared_init is {r['settings']['config'].get('shared_init')}")
     stats = {}
     for name, r in runs.items():
         lib = open_library(r["settings"]["knowledge_library"])
-        stats[name] = {"arrow_abs_cos": arrow_similarity(lib), "shared_subspace": shared_subspace(lib),
-                       "adapters": len(lib)}
+        stats[name] = {
+            "arrow_abs_cos": arrow_similarity(lib),
+            "shared_subspace": shared_subspace(lib),
+            "adapters": len(lib),
+        }
     methods = [m for m in runs["distinct"]["normalised"] if m in runs["shared"]["normalised"]]
-    lines = ["# Distinct vs shared LoRA inits", "",
-             f"Two `loralag bench --size {runs['distinct']['settings']['size']}` runs that differ only in the "
-             "adapters' init: one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
-             "(`adapter_seed(seed, name)`).", "",
-             "| knowledge library | shared | distinct |", "|---|---|---|",
-             f"| mean \\|cos\\| between two adapters' arrows | {stats['shared']['arrow_abs_cos']:.3f} | "
-             f"{stats['distinct']['arrow_abs_cos']:.3f} |",
-             f"| share of an adapter's A* in the library's top-r common subspace | "
-             f"{stats['shared']['shared_subspace']:.3f} | {stats['distinct']['shared_subspace']:.3f} |", "",
-             "## Normalised score (AVG, % of the Oracle) and gain fraction", "",
-             "| method | shared: AVG | distinct: AVG | shared: gain | distinct: gain |", "|---|---|---|---|---|"]
+    lines = [
+        "# Distinct vs shared LoRA inits",
+        "",
+        f"Two `loralag bench --size {runs['distinct']['settings']['size']}` runs that differ only in the "
+        "adapters' init: one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
+        "(`adapter_seed(seed, name)`).",
+        "",
+        "| knowledge library | shared | distinct |",
+        "|---|---|---|",
+        f"| mean \\|cos\\| between two adapters' arrows | {stats['shared']['arrow_abs_cos']:.3f} | "
+        f"{stats['distinct']['arrow_abs_cos']:.3f} |",
+        f"| share of an adapter's A* in the library's top-r common subspace | "
+        f"{stats['shared']['shared_subspace']:.3f} | {stats['distinct']['shared_subspace']:.3f} |",
+        "",
+        "## Normalised score (AVG, % of the Oracle) and gain fraction",
+        "",
+        "| method | shared: AVG | distinct: AVG | shared: gain | distinct: gain |",
+        "|---|---|---|---|---|",
+    ]
     for m in methods:
         cells = []
         for key in ("normalised", "gain"):
@@ -84,16 +97,23 @@ def main():
                 v = (runs[name].get(key) or {}).get(m, {}).get("AVG")
                 cells.append("—" if v is None else f"{v:.1f}")
         lines.append(f"| {m} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
-    lines += ["", "## Knowledge routing to the gold adapter (%)", "",
-              "| method | shared: subject tokens | distinct: subject tokens | shared: answer | distinct: answer |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Knowledge routing to the gold adapter (%)",
+        "",
+        "| method | shared: subject tokens | distinct: subject tokens | shared: answer | distinct: answer |",
+        "|---|---|---|---|---|",
+    ]
     by_layer = {}
     for m in runs["distinct"]["routing"]:
         kn = {name: runs[name]["routing"].get(m, {}).get("knowledge") for name in runs}
         if not all(kn.values()) or kn["distinct"].get("subject") is None:
             continue
-        fmt = [f"{100 * kn[n][key]:.1f}" if kn[n].get(key) is not None else "—"
-               for key in ("subject", "answer") for n in ("shared", "distinct")]
+        fmt = [
+            f"{100 * kn[n][key]:.1f}" if kn[n].get(key) is not None else "—"
+            for key in ("subject", "answer")
+            for n in ("shared", "distinct")
+        ]
         lines.append(f"| {m} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {fmt[3]} |")
         by_layer[m] = {n: kn[n]["subject_by_layer"] for n in kn}
     lines += ["", "Subject tokens to gold per layer: `inits.json` (`subject_by_layer`), plotted in `inits.png`."]
@@ -111,8 +131,11 @@ def plot(by_layer: dict, path: Path) -> None:
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for m, color in (("arrow", "tab:orange"), *[(k, "tab:blue") for k in by_layer if k.startswith("lag@")][:1],
-                     *[(k, "tab:red") for k in by_layer if k.startswith("lag-prefix")][:1]):
+    for m, color in (
+        ("arrow", "tab:orange"),
+        *[(k, "tab:blue") for k in by_layer if k.startswith("lag@")][:1],
+        *[(k, "tab:red") for k in by_layer if k.startswith("lag-prefix")][:1],
+    ):
         if m not in by_layer:
             continue
         for name, style in (("shared", ":"), ("distinct", "-")):

@@ -25,8 +25,19 @@ def run(runs: int, threads: list[int], cells: str) -> None:
     for i in range(1, runs + 1):
         for t in threads:
             tmp = OUT / f".threads{t}-run{i}"
-            subprocess.run([sys.executable, str(HERE / "bench_layer.py"), "--cells", cells, "--threads", str(t),
-                            "--out", str(tmp)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "bench_layer.py"),
+                    "--cells",
+                    cells,
+                    "--threads",
+                    str(t),
+                    "--out",
+                    str(tmp),
+                ],
+                check=True,
+            )
             for ext in ("md", "json"):
                 (tmp / f"layer.{ext}").replace(OUT / f"threads{t}-run{i}.{ext}")
             for f in tmp.iterdir():
@@ -44,14 +55,24 @@ def summarize() -> str:
             cell["lag/floor"].append(m["lag"] / m["floor"])
             if "peft-arrow" in m:
                 cell["PEFT/lag"].append(m["peft-arrow"] / m["lag"])
-    lines = ["# Routed layer: medians over repeated runs", "",
-             "Each run is one `bench_layer.py` process (itself a median of interleaved reps); below, the median over runs "
-             "and every run's value.", "",
-             "| shape | N | T | torch threads | runs | lag/floor | PEFT/lag |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Routed layer: medians over repeated runs",
+        "",
+        "Each run is one `bench_layer.py` process (itself a median of interleaved reps); below, the median over runs "
+        "and every run's value.",
+        "",
+        "| shape | N | T | torch threads | runs | lag/floor | PEFT/lag |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (d_in, d_out, N, T, threads), v in sorted(cells.items()):
+
         def fmt(xs):
             return f"**{statistics.median(xs):.2f}** ({', '.join(f'{x:.2f}' for x in xs)})" if xs else "—"
-        lines.append(f"| {d_in}→{d_out} | {N:,} | {T} | {threads} | {len(v['lag/floor'])} | {fmt(v['lag/floor'])} | {fmt(v['PEFT/lag'])} |")
+
+        lines.append(
+            f"| {d_in}→{d_out} | {N:,} | {T} | {threads} | {len(v['lag/floor'])} | {fmt(v['lag/floor'])} "
+            f"| {fmt(v['PEFT/lag'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

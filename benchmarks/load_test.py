@@ -40,10 +40,26 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 KEY = "load-test-key"
-PROMPTS = [f"{a} {b}" for a in ("What is", "Who wrote", "Explain", "Name") for b in ("the sun ?", "a river .",
-                                                                                      "Hamlet ?", "a cat .")]
-BAD_KINDS = ["tiny_temperature", "nan", "deep", "surrogate", "types", "too_long", "huge", "no_key", "wrong_key",
-             "unknown_adapter", "sampled", "hang_up", "stall"]
+PROMPTS = [
+    f"{a} {b}"
+    for a in ("What is", "Who wrote", "Explain", "Name")
+    for b in ("the sun ?", "a river .", "Hamlet ?", "a cat .")
+]
+BAD_KINDS = [
+    "tiny_temperature",
+    "nan",
+    "deep",
+    "surrogate",
+    "types",
+    "too_long",
+    "huge",
+    "no_key",
+    "wrong_key",
+    "unknown_adapter",
+    "sampled",
+    "hang_up",
+    "stall",
+]
 
 
 def free_port() -> int:
@@ -74,9 +90,11 @@ def prepare(folder: Path) -> tuple[str, str]:
 
 
 def start_server(model_dir: str, lib: str, port: int, threads: int) -> subprocess.Popen:
-    code = (f"import torch; torch.set_num_threads({threads}); "
-            f"from loralag.serve.app import serve; serve({model_dir!r}, [{lib!r}], port={port}, api_key={KEY!r}, "
-            f"max_batch=16, max_queue=256, request_timeout=60, log_level='error', body_timeout=3.0, model_name='m')")
+    code = (
+        f"import torch; torch.set_num_threads({threads}); "
+        f"from loralag.serve.app import serve; serve({model_dir!r}, [{lib!r}], port={port}, api_key={KEY!r}, "
+        f"max_batch=16, max_queue=256, request_timeout=60, log_level='error', body_timeout=3.0, model_name='m')"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -96,8 +114,12 @@ def good_request(rng: random.Random, i: int) -> tuple[str, dict]:
     p = PROMPTS[i]
     if rng.random() < 0.5:
         return "/v1/completions", {"model": "m", "prompt": p, "max_tokens": 12, "temperature": 0}
-    return "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": p}], "max_tokens": 12,
-                                    "temperature": 0}
+    return "/v1/chat/completions", {
+        "model": "m",
+        "messages": [{"role": "user", "content": p}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
 
 
 def answer_text(path: str, data: dict) -> str:
@@ -175,19 +197,25 @@ async def bad_request(kind: str, client: httpx.AsyncClient, port: int, rng: rand
     if kind == "huge":
         piece = b"1," * 32768
         chunks = [f"{len(piece):x}\r\n".encode() + piece + b"\r\n"] * 48  # 3 MiB
-        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-                "Transfer-Encoding: chunked\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
         start = b'{"model": "m", "prompt": ['
         answer = await raw_exchange(port, head, [f"{len(start):x}\r\n".encode() + start + b"\r\n", *chunks])
         return 413, int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else "closed"
     if kind == "stall":
         data = json.dumps(body).encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
         answer = await raw_exchange(port, head, [data[: len(data) // 2]])
         return 408, int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else "closed"
     if kind == "hang_up":
-        async with client.stream("POST", path, json={**body, "stream": True, "max_tokens": 200, "ignore_eos": True}) as r:
+        async with client.stream(
+            "POST", path, json={**body, "stream": True, "max_tokens": 200, "ignore_eos": True}
+        ) as r:
             async for _ in r.aiter_lines():
                 break
         return "gone", "gone"
@@ -258,14 +286,28 @@ async def run_load(port: int, clients: int, duration: float, bad_share: float, s
     latencies.sort()
     health.sort()
     pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1) if xs else None  # noqa: E731
-    five = sum(float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith("loralag_requests_total{") and 'status="5' in line)
-    return {"wall_s": round(wall, 1), "requests": counts["good"] + counts["bad"], **dict(counts),
-            "server_5xx": five, "engine_errors": next((float(line.split()[-1]) for line in metrics.splitlines()
-                                                       if line.startswith("loralag_engine_errors_total ")), 0.0),
-            "good_latency_ms": {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99), "max": pct(latencies, 1.0)},
-            "health_ms": {"polls": len(health), "p50": pct(health, 0.5), "p99": pct(health, 0.99),
-                          "max": pct(health, 1.0)}, "unexpected": wrong[:20]}
+    five = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("loralag_requests_total{") and 'status="5' in line
+    )
+    return {
+        "wall_s": round(wall, 1),
+        "requests": counts["good"] + counts["bad"],
+        **dict(counts),
+        "server_5xx": five,
+        "engine_errors": next(
+            (
+                float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("loralag_engine_errors_total ")
+            ),
+            0.0,
+        ),
+        "good_latency_ms": {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99), "max": pct(latencies, 1.0)},
+        "health_ms": {"polls": len(health), "p50": pct(health, 0.5), "p99": pct(health, 0.99), "max": pct(health, 1.0)},
+        "unexpected": wrong[:20],
+    }
 
 
 def main(argv=None) -> dict:
@@ -274,8 +316,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--duration", type=float, default=150.0)
     ap.add_argument("--bad-share", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (on a machine shared with other "
-                    "jobs, more OpenMP threads than free cores make every step wait for a descheduled thread)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the server (on a machine shared with other "
+        "jobs, more OpenMP threads than free cores make every step wait for a descheduled thread)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "load_test.json")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,14 +347,23 @@ def main(argv=None) -> dict:
 
             summary = asyncio.run(both())
             rss1, hwm = rss_kib(server.pid)
-            summary["server_rss_mib"] = {"before": round(rss0 / 1024), "max_sampled": round(max(samples) / 1024),
-                                         "after": round(rss1 / 1024), "peak": round(hwm / 1024)}
+            summary["server_rss_mib"] = {
+                "before": round(rss0 / 1024),
+                "max_sampled": round(max(samples) / 1024),
+                "after": round(rss1 / 1024),
+                "peak": round(hwm / 1024),
+            }
             summary["healthy_after"] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         finally:
             server.terminate()
             server.wait(30)
-    summary["settings"] = {"clients": args.clients, "duration_s": args.duration, "bad_share": args.bad_share,
-                           "threads": args.threads, "cpus": os.cpu_count()}
+    summary["settings"] = {
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "bad_share": args.bad_share,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+    }
     print(json.dumps(summary, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")

@@ -52,20 +52,27 @@ def measure(model, tok, lib, questions, mentions, router, own, k):
             smask = subject_mask(tok, [q.prompt], [mentions[q.entity]], P)[0]
             for module in trace.modules("knowledge"):
                 w = trace.winner_matrix(module, "knowledge")[0]
-                ans[0] += int((w[P - 1:] == gold).sum())
+                ans[0] += int((w[P - 1 :] == gold).sum())
                 ans[1] += len(w) - (P - 1)
                 sub[0] += int(((w[:P] == gold) & smask).sum())
                 sub[1] += int(smask.sum())
     finally:
         detach(model)
         PE.TIE = tie
-    return {"router": router, "own": own, "answer_to_gold": ans[0] / ans[1], "subject_to_gold": sub[0] / sub[1],
-            "answer_nll": nll / len(questions)}
+    return {
+        "router": router,
+        "own": own,
+        "answer_to_gold": ans[0] / ans[1],
+        "subject_to_gold": sub[0] / sub[1],
+        "answer_nll": nll / len(questions),
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/lama"), help="a loralag bench results folder")
+    p.add_argument(
+        "--results", type=Path, default=Path("benchmarks/results/lama"), help="a loralag bench results folder"
+    )
     p.add_argument("--questions", type=int, default=60, help="slot-filling and QA questions (default 60)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix-rules"))
     p.add_argument("--threads", type=int, default=1)
@@ -78,8 +85,16 @@ def main():
     torch.set_num_threads(args.threads)
     settings = json.loads((args.results / "settings.json").read_text())
     cfg = size_config(settings["config"] | {"k_sweep": tuple(settings["config"]["k_sweep"])})
-    data = build_data(settings["data_dir"], cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
-                      cfg.max_article_chars, context_every=cfg.context_every, fc_bare_facts=cfg.fc_bare_facts)
+    data = build_data(
+        settings["data_dir"],
+        cfg.n_entities,
+        cfg.questions_per_dataset,
+        cfg.n_train_pairs,
+        cfg.seed,
+        cfg.max_article_chars,
+        context_every=cfg.context_every,
+        fc_bare_facts=cfg.fc_bare_facts,
+    )
     lib = open_library(settings["knowledge_library"])
     model, tok = load_model(settings["model"], dtype=torch.float32)
     per = max(1, args.questions // 2)
@@ -90,13 +105,19 @@ def main():
         t = time.perf_counter()
         rows.append(measure(model, tok, lib, questions, mentions, router, own, min(cfg.k, len(lib))))
         print(json.dumps(rows[-1]), f"({time.perf_counter() - t:.0f} s)", flush=True)
-    lines = [f"# lag against lag-prefix rules — {len(lib)} knowledge adapters, {len(questions)} questions", "",
-             "Knowledge library only; prompt prefilled, gold answer fed token by token with the KV cache.", "",
-             "| router | own pick adds | answer positions to gold (%) | subject tokens to gold (%) | gold answer NLL |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# lag against lag-prefix rules — {len(lib)} knowledge adapters, {len(questions)} questions",
+        "",
+        "Knowledge library only; prompt prefilled, gold answer fed token by token with the KV cache.",
+        "",
+        "| router | own pick adds | answer positions to gold (%) | subject tokens to gold (%) | gold answer NLL |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['router']} | {r['own']} | {100 * r['answer_to_gold']:.1f} | "
-                     f"{100 * r['subject_to_gold']:.1f} | {r['answer_nll']:.2f} |")
+        lines.append(
+            f"| {r['router']} | {r['own']} | {100 * r['answer_to_gold']:.1f} | "
+            f"{100 * r['subject_to_gold']:.1f} | {r['answer_nll']:.2f} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefix_rules.md").write_text("\n".join(lines) + "\n")
     (args.out / "prefix_rules.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -41,31 +41,43 @@ def headline(name: str, d: dict) -> list[str]:
         b = rows["base"]
         for n, r in rows.items():
             if n != "base":
-                out.append(f"{n}: prefill {r['prefill_tok_s'] / b['prefill_tok_s']:.2f}× base, "
-                           f"decode {r['decode_tok_s'] / b['decode_tok_s']:.2f}× base ({r['decode_tok_s']:.1f} tok/s)")
+                out.append(
+                    f"{n}: prefill {r['prefill_tok_s'] / b['prefill_tok_s']:.2f}× base, "
+                    f"decode {r['decode_tok_s'] / b['decode_tok_s']:.2f}× base ({r['decode_tok_s']:.1f} tok/s)"
+                )
     elif name == "align":
         for res in d["data"]["results"]:
             sh = res["shape"]
-            out.append(f"{sh[0]}→{sh[1]} r{sh[2]}: align_batch {res['rate']['align_batch']:,.0f} adapters/s "
-                       f"(max rel err {res['max_rel_err']['align_batch']:.1e}), dense SVD {res['rate']['dense-svd']:.2g}/s, "
-                       f"PEFT power-iteration median |cos| {res['cos_median']['peft-power']:.3f}")
+            out.append(
+                f"{sh[0]}→{sh[1]} r{sh[2]}: align_batch {res['rate']['align_batch']:,.0f} adapters/s "
+                f"(max rel err {res['max_rel_err']['align_batch']:.1e}), dense SVD {res['rate']['dense-svd']:.2g}/s, "
+                f"PEFT power-iteration median |cos| {res['cos_median']['peft-power']:.3f}"
+            )
         t = d["data"]["trained"]
-        out.append(f"trained adapters: PEFT prototypes |cos| < 0.99 on {t['peft-power_share_below_0.99']:.0%} of modules")
+        out.append(
+            f"trained adapters: PEFT prototypes |cos| < 0.99 on {t['peft-power_share_below_0.99']:.0%} of modules"
+        )
         for c in d["data"]["topk"]:
             if c["approx"] == "peft-power" and c["k"] in (3, 20):
-                out.append(f"top-{c['k']} changed by PEFT prototypes: {c['changed']:.0%} ({c['library']}, {c['tokens']})")
+                out.append(
+                    f"top-{c['k']} changed by PEFT prototypes: {c['changed']:.0%} ({c['library']}, {c['tokens']})"
+                )
     elif name == "memory":
         for r in d["data"]:
-            out.append(f"{r['layout']}, {r['group']}: open peak {r['open']['hwm'] / r['arrows_bytes']:.2f}× arrows "
-                       f"({r['open']['hwm'] / r['factors_bytes']:.3f}× all A*/B*)")
+            out.append(
+                f"{r['layout']}, {r['group']}: open peak {r['open']['hwm'] / r['arrows_bytes']:.2f}× arrows "
+                f"({r['open']['hwm'] / r['factors_bytes']:.3f}× all A*/B*)"
+            )
     elif name == "index":
         for rec in d["data"]:
             ok = [p for p, q in rec["quality"].items() if q["winner_in"] >= 0.99]
             if ok:
                 p = min(ok, key=int)
                 sp = ", ".join(f"T={T}: {t['exact'] / t[p]:.1f}×" for T, t in rec["time"].items())
-                out.append(f"{rec['kind']}: nprobe={p} (of {rec['nlist']}) keeps the LAG winner for "
-                           f"{rec['quality'][p]['winner_in']:.3f}, recall@20 {rec['quality'][p]['recall']:.3f}; speed-up {sp}")
+                out.append(
+                    f"{rec['kind']}: nprobe={p} (of {rec['nlist']}) keeps the LAG winner for "
+                    f"{rec['quality'][p]['winner_in']:.3f}, recall@20 {rec['quality'][p]['recall']:.3f}; speed-up {sp}"
+                )
             else:
                 out.append(f"{rec['kind']}: no nprobe reaches 0.99")
     return out
@@ -108,9 +120,18 @@ def main():
     lines = ["# Benchmark summary", ""]
     if args.quick:
         lines += ["**Quick mode: smoke-test sizes, not for conclusions.**", ""]
-    lines += [C.machine_md(info) + f". Total wall time: {total:.0f} s.", "",
-              C.md_table(["benchmark", "status", "wall time", "report"],
-                         [[n, s, f"{t:.0f} s" if t == t else "(in its report)", f"[{n}.md]({n}.md)"] for n, (s, t) in status.items()]), ""]
+    lines += [
+        C.machine_md(info) + f". Total wall time: {total:.0f} s.",
+        "",
+        C.md_table(
+            ["benchmark", "status", "wall time", "report"],
+            [
+                [n, s, f"{t:.0f} s" if t == t else "(in its report)", f"[{n}.md]({n}.md)"]
+                for n, (s, t) in status.items()
+            ],
+        ),
+        "",
+    ]
     for name in todo:
         js = out / f"{name}.json"
         lines += [f"## {name}", ""]

@@ -18,8 +18,15 @@ def pytest_configure(config):
 
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -29,8 +36,16 @@ def tiny_gpt2(seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def save_lora(model, folder, seed: int, r: int = 4, alpha: float = 8, target_modules=("q_proj", "v_proj"),
-              spectral_gap: float | None = None, **config):
+def save_lora(
+    model,
+    folder,
+    seed: int,
+    r: int = 4,
+    alpha: float = 8,
+    target_modules=("q_proj", "v_proj"),
+    spectral_gap: float | None = None,
+    **config,
+):
     """Save a PEFT LoRA with random (non-zero) A and B for `model` at `folder`.
 
     spectral_gap: scale row 0 of A by this factor, so the top singular vector is well separated
@@ -107,5 +122,7 @@ def shared_data() -> Path:
 
 
 DATA = shared_data()
-if os.environ.get("LORALAG_TEST_DATA"):  # the LAMA benchmark's default data folder (experiments.lama.config.default_data_dir)
+if os.environ.get(
+    "LORALAG_TEST_DATA"
+):  # the LAMA benchmark's default data folder (experiments.lama.config.default_data_dir)
     os.environ.setdefault("LORALAG_LAMA_DATA", str(DATA / "lama-trex"))

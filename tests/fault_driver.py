@@ -53,6 +53,7 @@ class Steps:
                 if not writes_only or (isinstance(mode, str) and any(c in mode for c in "wax+")):
                     self.step()
                 return fn(*args, **kwargs)
+
             return hooked
 
         builtins.open = wrap(builtins.open, writes_only=True)
@@ -68,8 +69,10 @@ def main(work: Path, ads: Path) -> None:
         "build": (None, lambda lib: build(lib, a[:3], chunk_size=2)),
         "add": (lambda lib: build(lib, a[:2]), lambda lib: open_library(lib).add(a[2:], progress=False)),
         "remove": (lambda lib: build(lib, a[:3]), lambda lib: open_library(lib).remove(["a0", "a2"])),
-        "compact": (lambda lib: (build(lib, a[:3], chunk_size=2).remove(["a1"])),
-                    lambda lib: open_library(lib).compact()),
+        "compact": (
+            lambda lib: build(lib, a[:3], chunk_size=2).remove(["a1"]),
+            lambda lib: open_library(lib).compact(),
+        ),
         "index": (lambda lib: build(lib, a[:3]), lambda lib: open_library(lib).build_index(progress=False)),
     }
     report = {}
@@ -106,8 +109,14 @@ def main(work: Path, ads: Path) -> None:
                     os._exit(3)
                 os._exit(0)
             _, status = os.waitpid(pid, 0)
-            runs.append({"dir": str(dst), "step": n, "killed": os.WIFSIGNALED(status),
-                         "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None})
+            runs.append(
+                {
+                    "dir": str(dst),
+                    "step": n,
+                    "killed": os.WIFSIGNALED(status),
+                    "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                }
+            )
         report[op] = {"old": old, "new": new, "steps": steps, "runs": runs}
     print(json.dumps(report))
 

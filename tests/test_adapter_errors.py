@@ -41,23 +41,40 @@ def test_good_adapter_reads(good):
     assert a.name == "good" and a.rank == 4 and len(a.modules) == 4
 
 
-@pytest.mark.parametrize("breakage,match", [
-    (lambda f: (f / "adapter_config.json").unlink(), r"missing .*adapter_config\.json"),
-    (lambda f: (f / "adapter_config.json").write_text("{not json"), r"adapter_config\.json is not valid JSON"),
-    (lambda f: edit_config(f, r=0), r"field 'r' must be a positive number"),
-    (lambda f: edit_config(f, r=8), r"rank 4 in .* but 8 in its config"),
-    (lambda f: edit_config(f, use_dora=True), r"use_dora \(DoRA\)"),
-    (lambda f: edit_config(f, peft_type="IA3"), r"peft_type IA3"),
-    (lambda f: edit_config(f, modules_to_save=["lm_head"]), r"modules_to_save"),
-    (lambda f: (f / "adapter_model.safetensors").unlink(), r"no adapter_model\.safetensors"),
-    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"garbage"), r"cannot read weights"),
-    (lambda f: edit_tensors(f, lambda t: t.pop(first_key(t, "B"))), r"no lora_B tensor for module"),
-    (lambda f: edit_tensors(f, lambda t: t.update({"base_model.model.extra.bias": torch.zeros(3)})), r"unexpected tensor 'base_model\.model\.extra\.bias'"),
-    (lambda f: edit_tensors(f, lambda t: t.update({first_key(t, "A").replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)})), r"DoRA magnitude"),
-    (lambda f: edit_tensors(f, lambda t: t[first_key(t, "A")].__setitem__((0, 0), float("nan"))), r"NaN or Inf"),
-    (lambda f: edit_tensors(f, lambda t: t[first_key(t, "B")].__setitem__((0, 0), float("inf"))), r"NaN or Inf"),
-    (lambda f: edit_tensors(f, lambda t: t.update({first_key(t, "A"): torch.zeros(3, 32)})), r"expected \(r, d_in\) and \(d_out, r\)"),
-])
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        (lambda f: (f / "adapter_config.json").unlink(), r"missing .*adapter_config\.json"),
+        (lambda f: (f / "adapter_config.json").write_text("{not json"), r"adapter_config\.json is not valid JSON"),
+        (lambda f: edit_config(f, r=0), r"field 'r' must be a positive number"),
+        (lambda f: edit_config(f, r=8), r"rank 4 in .* but 8 in its config"),
+        (lambda f: edit_config(f, use_dora=True), r"use_dora \(DoRA\)"),
+        (lambda f: edit_config(f, peft_type="IA3"), r"peft_type IA3"),
+        (lambda f: edit_config(f, modules_to_save=["lm_head"]), r"modules_to_save"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), r"no adapter_model\.safetensors"),
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(b"garbage"), r"cannot read weights"),
+        (lambda f: edit_tensors(f, lambda t: t.pop(first_key(t, "B"))), r"no lora_B tensor for module"),
+        (
+            lambda f: edit_tensors(f, lambda t: t.update({"base_model.model.extra.bias": torch.zeros(3)})),
+            r"unexpected tensor 'base_model\.model\.extra\.bias'",
+        ),
+        (
+            lambda f: edit_tensors(
+                f,
+                lambda t: t.update(
+                    {first_key(t, "A").replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)}
+                ),
+            ),
+            r"DoRA magnitude",
+        ),
+        (lambda f: edit_tensors(f, lambda t: t[first_key(t, "A")].__setitem__((0, 0), float("nan"))), r"NaN or Inf"),
+        (lambda f: edit_tensors(f, lambda t: t[first_key(t, "B")].__setitem__((0, 0), float("inf"))), r"NaN or Inf"),
+        (
+            lambda f: edit_tensors(f, lambda t: t.update({first_key(t, "A"): torch.zeros(3, 32)})),
+            r"expected \(r, d_in\) and \(d_out, r\)",
+        ),
+    ],
+)
 def test_bad_adapter_is_named(good, breakage, match):
     breakage(good)
     with pytest.raises(AdapterError, match=match) as err:
@@ -80,7 +97,9 @@ def test_legacy_bin_is_read_with_weights_only(good):
 
 def test_shapes_that_do_not_fit_the_model(tmp_path, good):
     gpt2 = tiny_gpt2()
-    with pytest.raises(AdapterError, match=r"'good' .* targets 'model\.layers\.0\.self_attn\.q_proj', which is not an adaptable"):
+    with pytest.raises(
+        AdapterError, match=r"'good' .* targets 'model\.layers\.0\.self_attn\.q_proj', which is not an adaptable"
+    ):
         build_library(tmp_path / "lib", [good], base_model="gpt2", shapes=module_shapes(gpt2), progress=False)
     shapes = module_shapes(tiny_llama())
     shapes["model.layers.0.self_attn.q_proj"] = [64, 32, "linear"]

@@ -6,7 +6,9 @@ import torch
 from loralag.library.alignment import align, align_batch
 
 
-@pytest.mark.parametrize("r,d_in,d_out,scale", [(1, 40, 24, 2.0), (4, 64, 48, 0.5), (8, 33, 70, 16 / 8), (16, 96, 96, 1.0)])
+@pytest.mark.parametrize(
+    "r,d_in,d_out,scale", [(1, 40, 24, 2.0), (4, 64, 48, 0.5), (8, 33, 70, 16 / 8), (16, 96, 96, 1.0)]
+)
 def test_factored_svd_is_exact(r, d_in, d_out, scale):
     torch.manual_seed(r)
     A, B = torch.randn(r, d_in), torch.randn(d_out, r)

@@ -55,8 +55,13 @@ def test_library_index_is_stored_used_and_dropped_on_change(tmp_path, ids):
     model = tiny_llama()
     for i in range(12):
         save_lora(model, tmp_path / "ads" / f"a{i}", seed=i, r=3, target_modules=("q_proj", "up_proj"))
-    lib = build_library(tmp_path / "lib", [tmp_path / "ads" / f"a{i}" for i in range(10)], base_model="tiny",
-                        shapes=module_shapes(model), progress=False)
+    lib = build_library(
+        tmp_path / "lib",
+        [tmp_path / "ads" / f"a{i}" for i in range(10)],
+        base_model="tiny",
+        shapes=module_shapes(model),
+        progress=False,
+    )
     info = lib.build_index(nlist=3, progress=False)
     lib = open_library(lib.path)
     assert lib.summary()["arrow_index"] == info and (lib.path / info["file"]).is_file()

@@ -99,15 +99,31 @@ def test_errors_exit_2_with_one_line(world, lib, tmp_path):
 
 def test_generate_with_routing_and_heatmap(world, lib, tmp_path):
     png = tmp_path / "routing.png"
-    result = invoke("generate", "--model", world / "model", "--library", lib, "--k", "2", "--max-new-tokens", "4",
-                    "--show-routing", "--heatmap", png, "--no-chat", "what is the capital of the red moon ?")
+    result = invoke(
+        "generate",
+        "--model",
+        world / "model",
+        "--library",
+        lib,
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--show-routing",
+        "--heatmap",
+        png,
+        "--no-chat",
+        "what is the capital of the red moon ?",
+    )
     assert result.exit_code == 0, output(result)
     text = output(result)
     assert "Routing of sequence 0" in text and "capital" in text and "entropy" in text
     assert png.read_bytes()[:8] == PNG_MAGIC
 
     # several prompts in one batch, plain base model when no library is given
-    result = invoke("generate", "--model", world / "model", "--max-new-tokens", "3", "--no-chat", "who", "what is the sun")
+    result = invoke(
+        "generate", "--model", world / "model", "--max-new-tokens", "3", "--no-chat", "who", "what is the sun"
+    )
     assert result.exit_code == 0, output(result)
     assert "[0] who" in output(result) and "[1] what is the sun" in output(result)
 
@@ -118,15 +134,28 @@ def test_help_is_fast_and_lists_commands():
     for cmd in ("build", "add", "remove", "compact", "info", "export", "train", "generate", "demo"):
         assert cmd in proc.stdout
     # no heavy imports for --help beyond what `import loralag` itself pulls in
-    code = "import sys, loralag.cli; print(sorted(m for m in ('transformers', 'matplotlib', 'peft') if m in sys.modules))"
+    code = (
+        "import sys, loralag.cli; print(sorted(m for m in ('transformers', 'matplotlib', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == "[]"
 
 
 def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     # The real demo trains on the default model for minutes; here only its plumbing runs, on the tiny model.
-    args = ("demo", "--model", world / "model", "--workdir", tmp_path / "demo", "--steps", "2", "--k", "3",
-            "--heatmap", tmp_path / "demo.png")
+    args = (
+        "demo",
+        "--model",
+        world / "model",
+        "--workdir",
+        tmp_path / "demo",
+        "--steps",
+        "2",
+        "--k",
+        "3",
+        "--heatmap",
+        tmp_path / "demo.png",
+    )
     spinners = _Spinners(monkeypatch)
     result = invoke(*args)
     assert result.exit_code == 0, output(result)
@@ -148,10 +177,13 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     assert set(again["accuracy"]) >= {"base", "lag", "lag_prefix", "lag_voted", "oracle", "lag_adapter"}
     assert len(again["rows"]) == 6 and all(r["lag_adapter"] in adapters for r in again["rows"])
     # cached: nothing is trained again
-    mtimes = {p.name: (p / "adapter_model.safetensors").stat().st_mtime for p in (tmp_path / "demo" / "adapters").iterdir()}
+    mtimes = {
+        p.name: (p / "adapter_model.safetensors").stat().st_mtime for p in (tmp_path / "demo" / "adapters").iterdir()
+    }
     run_demo(tmp_path / "demo", steps=2, k=3, model_spec=str(world / "model"), progress=False)
-    assert mtimes == {p.name: (p / "adapter_model.safetensors").stat().st_mtime
-                      for p in (tmp_path / "demo" / "adapters").iterdir()}
+    assert mtimes == {
+        p.name: (p / "adapter_model.safetensors").stat().st_mtime for p in (tmp_path / "demo" / "adapters").iterdir()
+    }
 
 
 def test_index_then_generate_with_nprobe_and_sequence_routing(world, lib, tmp_path):
@@ -262,8 +294,9 @@ print(json.dumps(out))
 def test_bad_arguments_are_refused_before_torch_or_a_model_loads(tmp_path):
     (tmp_path / "data.jsonl").write_text("{}\n")
     cases = [[a.replace("{tmp}", str(tmp_path)) for a in args] for args, _ in BAD_ARGS]
-    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK_SCRIPT, json.dumps(cases)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     for (args, bad), (code, text, heavy) in zip(BAD_ARGS, json.loads(proc.stdout)):
         assert code == 2, (args, text)
@@ -282,12 +315,14 @@ def _commands():
 
 
 def test_every_option_and_argument_is_described():
-    missing = [f"{name} {p.name}" for name, cmd in _commands().items() for p in cmd.params if not (p.help or "").strip()]
+    missing = [
+        f"{name} {p.name}" for name, cmd in _commands().items() for p in cmd.params if not (p.help or "").strip()
+    ]
     assert missing == []
 
 
 def test_help_shows_flags_as_flags_and_readable_usage():
-    for name, cmd in _commands().items():
+    for name, _cmd in _commands().items():
         text = invoke(name, "--help").output
         assert "<bool>" not in text, name
         usage = next(line for line in text.splitlines() if "Usage:" in line)
@@ -349,7 +384,9 @@ class _Spinners:
 
 def test_slow_steps_show_a_spinner_with_a_message(world, lib, monkeypatch):
     spinners = _Spinners(monkeypatch)
-    result = invoke("generate", "--model", world / "model", "--library", lib, "--max-new-tokens", "2", "--no-chat", "who")
+    result = invoke(
+        "generate", "--model", world / "model", "--library", lib, "--max-new-tokens", "2", "--no-chat", "who"
+    )
     assert result.exit_code == 0, output(result)
     assert any("Loading model" in m for m in spinners.messages), spinners.messages
     assert any("Generating" in m for m in spinners.messages), spinners.messages
@@ -363,13 +400,28 @@ def test_demo_table_keeps_whole_answers_at_80_columns():
     rows = []
     for e in ENTITIES:
         q, gold, statement = e["facts"][0]
-        rows.append({"question": q, "gold": gold, "adapter": e["name"], "base": "I do not know.", "lag": statement,
-                     "lag_prefix": statement, "lag_voted": statement, "oracle": statement, "lag_adapter": e["name"],
-                     "lag_adapter_share": 0.61,
-                     "right": {"base": False, "lag": True, "lag_prefix": True, "lag_voted": True, "oracle": True}})
-    results = {"rows": rows, "config": {"router": "lag", "k": 20}, "timings": {"load": 1.0}, "workdir": "w",
-               "accuracy": {"base": 0.0, "lag": 1.0, "lag_prefix": 1.0, "lag_voted": 1.0, "oracle": 1.0,
-                            "lag_adapter": 1.0}}
+        rows.append(
+            {
+                "question": q,
+                "gold": gold,
+                "adapter": e["name"],
+                "base": "I do not know.",
+                "lag": statement,
+                "lag_prefix": statement,
+                "lag_voted": statement,
+                "oracle": statement,
+                "lag_adapter": e["name"],
+                "lag_adapter_share": 0.61,
+                "right": {"base": False, "lag": True, "lag_prefix": True, "lag_voted": True, "oracle": True},
+            }
+        )
+    results = {
+        "rows": rows,
+        "config": {"router": "lag", "k": 20},
+        "timings": {"load": 1.0},
+        "workdir": "w",
+        "accuracy": {"base": 0.0, "lag": 1.0, "lag_prefix": 1.0, "lag_voted": 1.0, "oracle": 1.0, "lag_adapter": 1.0},
+    }
     for width in (80, 200):
         console = Console(width=width, record=True, file=open("/dev/null", "w"))
         print_results(results, console)

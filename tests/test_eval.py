@@ -45,33 +45,64 @@ def scores_json(out: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- small files
 
+
 @pytest.fixture
 def small_data(tmp_path):
     """One file per supported format, and the gold answers of each as a predictions folder."""
     d = tmp_path / "data"
     files = {
-        "nq-dev-kilt": write_jsonl(d / "nq-dev-kilt.jsonl", [
-            kilt_rec("q1", "who wrote hamlet", ["William Shakespeare", "Shakespeare"]),
-            kilt_rec("q2", "capital of france", ["Paris"]),
-            {"id": "q3", "input": "largest planet", "output": [{"provenance": [{"title": "Jupiter"}]},
-                                                               {"answer": "Jupiter"}]}]),
-        "wow-dev-kilt": write_jsonl(d / "wow-dev-kilt.jsonl", [
-            kilt_rec("w1", "I like jazz.\nMe too, who do you like?",
-                     ["Miles Davis is great. He played the trumpet."])]),
+        "nq-dev-kilt": write_jsonl(
+            d / "nq-dev-kilt.jsonl",
+            [
+                kilt_rec("q1", "who wrote hamlet", ["William Shakespeare", "Shakespeare"]),
+                kilt_rec("q2", "capital of france", ["Paris"]),
+                {
+                    "id": "q3",
+                    "input": "largest planet",
+                    "output": [{"provenance": [{"title": "Jupiter"}]}, {"answer": "Jupiter"}],
+                },
+            ],
+        ),
+        "wow-dev-kilt": write_jsonl(
+            d / "wow-dev-kilt.jsonl",
+            [
+                kilt_rec(
+                    "w1", "I like jazz.\nMe too, who do you like?", ["Miles Davis is great. He played the trumpet."]
+                )
+            ],
+        ),
         # no task in the name: told from its content (every gold answer is a FEVER label)
-        "claims": write_jsonl(d / "claims.jsonl", [kilt_rec("c1", "The sun is hot.", ["SUPPORTS"]),
-                                                   kilt_rec("c2", "The moon is cheese.", ["REFUTES"])]),
-        "NQ-open.dev": write_jsonl(d / "NQ-open.dev.jsonl", [{"question": "who", "answer": ["me", "I"]},
-                                                            {"question": "what", "answer": ["it"]}]),
-        "paper_dev": write_jsonl(d / "fever" / "paper_dev.jsonl", [
-            {"id": 7, "claim": "A claim.", "label": "NOT ENOUGH INFO", "evidence": [[[1, None, None, None]]]},
-            {"id": 8, "claim": "B claim.", "label": "REFUTES", "evidence": [[[2, 3, "B_-LRB-x-RRB-", 0]]]}]),
-        "P19": write_jsonl(d / "lama" / "P19.jsonl", [
-            {"uuid": "u1", "sub_label": "Ada", "obj_label": "London", "predicate_id": "P19",
-             "evidences": [{"masked_sentence": "Ada was born in [MASK]."}]}]),
+        "claims": write_jsonl(
+            d / "claims.jsonl",
+            [kilt_rec("c1", "The sun is hot.", ["SUPPORTS"]), kilt_rec("c2", "The moon is cheese.", ["REFUTES"])],
+        ),
+        "NQ-open.dev": write_jsonl(
+            d / "NQ-open.dev.jsonl",
+            [{"question": "who", "answer": ["me", "I"]}, {"question": "what", "answer": ["it"]}],
+        ),
+        "paper_dev": write_jsonl(
+            d / "fever" / "paper_dev.jsonl",
+            [
+                {"id": 7, "claim": "A claim.", "label": "NOT ENOUGH INFO", "evidence": [[[1, None, None, None]]]},
+                {"id": 8, "claim": "B claim.", "label": "REFUTES", "evidence": [[[2, 3, "B_-LRB-x-RRB-", 0]]]},
+            ],
+        ),
+        "P19": write_jsonl(
+            d / "lama" / "P19.jsonl",
+            [
+                {
+                    "uuid": "u1",
+                    "sub_label": "Ada",
+                    "obj_label": "London",
+                    "predicate_id": "P19",
+                    "evidences": [{"masked_sentence": "Ada was born in [MASK]."}],
+                }
+            ],
+        ),
     }
-    (d / "lama" / "relations.json").write_text(json.dumps(
-        [{"relation": "P19", "label": "place of birth", "template": "[X] was born in [Y] ."}]))
+    (d / "lama" / "relations.json").write_text(
+        json.dumps([{"relation": "P19", "label": "place of birth", "template": "[X] was born in [Y] ."}])
+    )
     gold = tmp_path / "gold"
     for stem, path in files.items():
         dataset = ev.load_dataset(path)
@@ -103,7 +134,7 @@ def test_gold_predictions_score_100_through_the_cli(small_data, tmp_path):
     result = invoke("eval", *files.values(), "--predictions", gold, "--out", out)
     assert result.exit_code == 0, output(result)
     report = scores_json(out)
-    (method, per), = report["scores"].items()
+    ((method, per),) = report["scores"].items()
     assert method == "gold" and set(per) == set(files)
     for stem, res in per.items():
         assert res["n_missing"] == 0 and res["n_empty"] == 0
@@ -116,15 +147,19 @@ def test_gold_predictions_score_100_through_the_cli(small_data, tmp_path):
 
 
 def test_hand_computed_metrics_through_the_cli(tmp_path):
-    data = write_jsonl(tmp_path / "nq-dev-kilt.jsonl", [
-        kilt_rec("1", "q", ["The Eiffel Tower"]),
-        kilt_rec("2", "q", ["Paris", "City of Paris"]),
-        kilt_rec("3", "q", ["New York City"]),
-        kilt_rec("4", "q", ["42"]),
-        kilt_rec("5", "q", ["blue whale"]),
-    ])
-    preds = write_preds(tmp_path / "p.jsonl", {"1": "eiffel tower!", "2": "Paris", "3": "the city of New York",
-                                                "5": "  "})  # 4 has no prediction
+    data = write_jsonl(
+        tmp_path / "nq-dev-kilt.jsonl",
+        [
+            kilt_rec("1", "q", ["The Eiffel Tower"]),
+            kilt_rec("2", "q", ["Paris", "City of Paris"]),
+            kilt_rec("3", "q", ["New York City"]),
+            kilt_rec("4", "q", ["42"]),
+            kilt_rec("5", "q", ["blue whale"]),
+        ],
+    )
+    preds = write_preds(
+        tmp_path / "p.jsonl", {"1": "eiffel tower!", "2": "Paris", "3": "the city of New York", "5": "  "}
+    )  # 4 has no prediction
     out = tmp_path / "out"
     result = invoke("eval", data, "--predictions", f"mine={preds}", "--out", out)
     assert result.exit_code == 0, output(result)
@@ -159,13 +194,26 @@ def test_normalised_table_is_eq9_by_hand(tmp_path):
         folder = tmp_path / name
         write_preds(folder / "nq-dev-kilt.jsonl", {f"n{i}": f"a{i}" if i < nq_right else "x" for i in range(4)})
         write_preds(folder / "hotpotqa-dev-kilt.jsonl", {f"h{i}": f"b{i}" if i < hp_right else "x" for i in range(2)})
-        write_preds(folder / "fever-dev-kilt.jsonl", {f"f{i}": "SUPPORTS" if i < fv_right else "REFUTES"
-                                                      for i in range(3)})
+        write_preds(
+            folder / "fever-dev-kilt.jsonl", {f"f{i}": "SUPPORTS" if i < fv_right else "REFUTES" for i in range(3)}
+        )
         return f"{name}={folder}"
 
     out = tmp_path / "out"
-    result = invoke("eval", nq, hp, fv, "-p", method("oracle", 2, 2, 2), "-p", method("a", 1, 1, 1),
-                    "-p", method("b", 2, 0, 2), "--out", out)
+    result = invoke(
+        "eval",
+        nq,
+        hp,
+        fv,
+        "-p",
+        method("oracle", 2, 2, 2),
+        "-p",
+        method("a", 1, 1, 1),
+        "-p",
+        method("b", 2, 0, 2),
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, output(result)
     report = scores_json(out)
     assert report["scores"]["oracle"]["nq-dev-kilt"]["score"] == 50.0
@@ -175,22 +223,26 @@ def test_normalised_table_is_eq9_by_hand(tmp_path):
     # Eq. 9 by hand. oracle: nq 50, hotpotqa 100, fever 66.7.
     # a: nq 25/50 = 0.5 (n 4), hotpotqa 50/100 = 0.5 (n 2) -> QA (4*0.5 + 2*0.5)/6 = 0.5; fever 1/2 -> AVG 0.5
     # b: nq 1 (n 4), hotpotqa 0 (n 2) -> QA 4/6; fever 1 -> AVG (2/3 + 1)/2 = 5/6
-    expect = {"oracle": {"open_domain_qa": 1.0, "fact_checking": 1.0, "AVG": 1.0},
-              "a": {"open_domain_qa": 0.5, "fact_checking": 0.5, "AVG": 0.5},
-              "b": {"open_domain_qa": 4 / 6, "fact_checking": 1.0, "AVG": 5 / 6}}
+    expect = {
+        "oracle": {"open_domain_qa": 1.0, "fact_checking": 1.0, "AVG": 1.0},
+        "a": {"open_domain_qa": 0.5, "fact_checking": 0.5, "AVG": 0.5},
+        "b": {"open_domain_qa": 4 / 6, "fact_checking": 1.0, "AVG": 5 / 6},
+    }
     for m, fams in expect.items():
         assert set(norm["families"][m]) == set(fams)
         for fam, value in fams.items():
             assert norm["families"][m][fam] == pytest.approx(100 * value), (m, fam)
-    assert norm["datasets"]["b"] == pytest.approx({"nq-dev-kilt": 100.0, "hotpotqa-dev-kilt": 0.0,
-                                                   "fever-dev-kilt": 100.0})
+    assert norm["datasets"]["b"] == pytest.approx(
+        {"nq-dev-kilt": 100.0, "hotpotqa-dev-kilt": 0.0, "fever-dev-kilt": 100.0}
+    )
     assert "Normalised score" in output(result) and "AVG" in output(result)
     md = (out / "scores.md").read_text()
     assert "| b | 100.00 | 66.67 | 83.33 |" in md  # fact_checking comes first in the paper's family order
 
     # another oracle, named explicitly: each method relative to b
-    result = invoke("eval", nq, hp, fv, "-p", method("a", 1, 1, 1), "-p", method("b", 2, 0, 2), "--oracle", "a",
-                    "--out", out)
+    result = invoke(
+        "eval", nq, hp, fv, "-p", method("a", 1, 1, 1), "-p", method("b", 2, 0, 2), "--oracle", "a", "--out", out
+    )
     assert result.exit_code == 0, output(result)
     assert scores_json(out)["normalised"]["families"]["b"]["fact_checking"] == pytest.approx(200.0)
     # an oracle scoring 0 on a dataset cannot normalise
@@ -204,8 +256,10 @@ def test_errors_name_the_file_and_line(small_data, tmp_path):
     files, gold = small_data
     data = files["nq-dev-kilt"]
 
-    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"id": "q1", "output": [{"answer": "x"}]},
-                                                       {"id": "zz", "output": [{"answer": "y"}]}])
+    unknown = write_jsonl(
+        tmp_path / "unknown.jsonl",
+        [{"id": "q1", "output": [{"answer": "x"}]}, {"id": "zz", "output": [{"answer": "y"}]}],
+    )
     result = invoke("eval", data, "-p", unknown)
     assert result.exit_code == 2
     assert f"{unknown}:2" in output(result) and "'zz'" in output(result) and str(data) in output(result)
@@ -278,6 +332,7 @@ def test_prompts_and_answer_cleaning(small_data):
 
 # --------------------------------------------------------------------------------------------- generation
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
@@ -288,11 +343,18 @@ def world(tmp_path_factory):
         save_lora(model, tmp / "adapters" / name, seed=i, target_modules=("q_proj", "v_proj", "up_proj"))
     assert invoke("build", tmp / "lib", tmp / "adapters", "--model", tmp / "model").exit_code == 0
     d = tmp / "data"
-    write_jsonl(d / "nq-dev-kilt.jsonl", [kilt_rec("q1", "what is the capital of the red moon ?", ["one"]),
-                                         kilt_rec("q2", "who is the sun ?", ["two"]),
-                                         kilt_rec("q3", "where is the blue river ?", ["three"])])
-    write_jsonl(d / "fever-dev-kilt.jsonl", [kilt_rec("f1", "the moon is red .", ["SUPPORTS"]),
-                                            kilt_rec("f2", "the sun is blue .", ["REFUTES"])])
+    write_jsonl(
+        d / "nq-dev-kilt.jsonl",
+        [
+            kilt_rec("q1", "what is the capital of the red moon ?", ["one"]),
+            kilt_rec("q2", "who is the sun ?", ["two"]),
+            kilt_rec("q3", "where is the blue river ?", ["three"]),
+        ],
+    )
+    write_jsonl(
+        d / "fever-dev-kilt.jsonl",
+        [kilt_rec("f1", "the moon is red .", ["SUPPORTS"]), kilt_rec("f2", "the sun is blue .", ["REFUTES"])],
+    )
     return tmp
 
 
@@ -308,8 +370,19 @@ def _check_kilt_predictions(path: Path, data: Path):
 def test_generation_writes_kilt_predictions_and_scores_them(world, tmp_path):
     data = [world / "data" / "nq-dev-kilt.jsonl", world / "data" / "fever-dev-kilt.jsonl"]
     out = tmp_path / "base"
-    result = invoke("eval", *data, "--model", world / "model", "--out", out, "--max-new-tokens", "3",
-                    "--batch-size", "2", "--no-chat")
+    result = invoke(
+        "eval",
+        *data,
+        "--model",
+        world / "model",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--no-chat",
+    )
     assert result.exit_code == 0, output(result)
     for f in data:
         _check_kilt_predictions(out / f.name, f)
@@ -326,9 +399,29 @@ def test_generation_writes_kilt_predictions_and_scores_them(world, tmp_path):
     for f in data:
         write_preds(gold / f.name, {ex.id: ex.answers[0] for ex in read_kilt(f)})
     lag = tmp_path / "lag"
-    result = invoke("eval", *data, "--model", world / "model", "--library", world / "lib", "--k", "1",
-                    "--granularity", "sequence", "--limit", "2", "--max-new-tokens", "2", "--no-chat",
-                    "--out", lag, "-p", f"oracle={gold}", "--prompt-template", "Q : {input} A :")
+    result = invoke(
+        "eval",
+        *data,
+        "--model",
+        world / "model",
+        "--library",
+        world / "lib",
+        "--k",
+        "1",
+        "--granularity",
+        "sequence",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--no-chat",
+        "--out",
+        lag,
+        "-p",
+        f"oracle={gold}",
+        "--prompt-template",
+        "Q : {input} A :",
+    )
     assert result.exit_code == 0, output(result)
     assert len(read_kilt_predictions(lag / "nq-dev-kilt.jsonl")) == 2
     report = scores_json(lag)
@@ -376,16 +469,30 @@ def test_generation_with_fixed_adapters(world, tmp_path):
     # per-example adapters (an Oracle) from a map; examples not in it use --adapter, or the base model
     amap = tmp_path / "map.json"
     amap.write_text(json.dumps({"q1": "lib/beta", "q2": ["alpha"]}))
-    result = invoke("eval", data, *common, "--router", "fixed", "--adapter-map", amap, "--name", "oracle",
-                    "--out", tmp_path / "oracle")
+    result = invoke(
+        "eval",
+        data,
+        *common,
+        "--router",
+        "fixed",
+        "--adapter-map",
+        amap,
+        "--name",
+        "oracle",
+        "--out",
+        tmp_path / "oracle",
+    )
     assert result.exit_code == 0, output(result)
     assert _check_kilt_predictions(tmp_path / "oracle" / "nq-dev-kilt.jsonl", data) == expect_oracle
     # a method named "oracle" is the default oracle; scoring 0 it cannot normalise: a warning, scores still written
     assert "no normalised table" in output(result)
     assert "normalised_error" in scores_json(tmp_path / "oracle")
 
-    for args, msg in ((("--router", "fixed"), "--adapter"), (("--adapter", "nobody"), "nobody"),
-                      (("--router", "bogus"), "unknown router 'bogus'")):
+    for args, msg in (
+        (("--router", "fixed"), "--adapter"),
+        (("--adapter", "nobody"), "nobody"),
+        (("--router", "bogus"), "unknown router 'bogus'"),
+    ):
         result = invoke("eval", data, *common, *args, "--out", tmp_path / "err")
         assert result.exit_code == 2 and msg in output(result), output(result)
     result = invoke("eval", data, "--model", world / "model")
@@ -397,7 +504,9 @@ def test_generation_with_fixed_adapters(world, tmp_path):
 KILT_DIR = DATA / "kilt"
 
 
-@pytest.mark.skipif(not KILT_DIR.is_dir(), reason=f"no KILT data at {KILT_DIR} (set LORALAG_TEST_DATA: see the README's Test data)")
+@pytest.mark.skipif(
+    not KILT_DIR.is_dir(), reason=f"no KILT data at {KILT_DIR} (set LORALAG_TEST_DATA: see the README's Test data)"
+)
 @pytest.mark.parametrize("folder", [KILT_DIR, KILT_DIR / "samples"], ids=["dev", "samples"])
 def test_gold_scores_100_on_every_shared_kilt_file(folder, tmp_path):
     files = sorted(folder.glob("*.jsonl"))
@@ -405,8 +514,10 @@ def test_gold_scores_100_on_every_shared_kilt_file(folder, tmp_path):
     gold = tmp_path / "gold"
     for f in files:  # gold answers straight from the file, not through the readers under test
         recs = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        write_preds(gold / f.name, {str(r["id"]): next(o["answer"] for o in r["output"] if o.get("answer", "").strip())
-                                    for r in recs})
+        write_preds(
+            gold / f.name,
+            {str(r["id"]): next(o["answer"] for o in r["output"] if o.get("answer", "").strip()) for r in recs},
+        )
     out = tmp_path / "out"
     result = invoke("eval", *files, "-p", f"oracle={gold}", "--out", out)
     assert result.exit_code == 0, output(result)
@@ -419,8 +530,12 @@ def test_gold_scores_100_on_every_shared_kilt_file(folder, tmp_path):
 
 @pytest.mark.skipif(not (DATA / "fever").is_dir(), reason="no shared NQ-open / FEVER / LAMA data")
 def test_gold_scores_100_on_shared_nq_open_fever_and_lama(tmp_path):
-    files = [DATA / "nq-open" / "NQ-open.dev.jsonl", DATA / "fever" / "paper_dev.jsonl",
-             DATA / "lama-trex" / "P19.jsonl", DATA / "lama-trex" / "P1412.jsonl"]
+    files = [
+        DATA / "nq-open" / "NQ-open.dev.jsonl",
+        DATA / "fever" / "paper_dev.jsonl",
+        DATA / "lama-trex" / "P19.jsonl",
+        DATA / "lama-trex" / "P1412.jsonl",
+    ]
     gold = tmp_path / "gold"
     for f in files:
         d = ev.load_dataset(f)

@@ -21,20 +21,31 @@ from loralag.errors import LibraryError
 from loralag.library.store import module_shapes
 from loralag.serve.app import create_app, openapi_schema
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 @pytest.fixture(scope="module")
 def server(assets):  # noqa: F811
     model, tok = served_model(assets)
-    app = create_app(model, tok, [open_library(assets / "alpha"), open_library(assets / "beta")], k=2, max_batch=16,
-                     model_name=MODEL, default_max_tokens=4, request_timeout=30)
+    app = create_app(
+        model,
+        tok,
+        [open_library(assets / "alpha"), open_library(assets / "beta")],
+        k=2,
+        max_batch=16,
+        model_name=MODEL,
+        default_max_tokens=4,
+        request_timeout=30,
+    )
     srv = Server(app)
     yield srv
-    statuses = {line.split('status="')[1].split('"')[0]: float(line.split()[-1])
-                for line in srv.http.get("/metrics").text.splitlines()
-                if line.startswith("loralag_requests_total{") and "/v1/" in line}
+    statuses = {
+        line.split('status="')[1].split('"')[0]: float(line.split()[-1])
+        for line in srv.http.get("/metrics").text.splitlines()
+        if line.startswith("loralag_requests_total{") and "/v1/" in line
+    }
     print(f"\nfuzzed requests by status: {dict(sorted(statuses.items()))}")
     assert srv.healthy()
     assert srv.metric("loralag_engine_errors_total") == 0
@@ -72,8 +83,14 @@ def small_tokens(body):
 
 # -- request bodies ----------------------------------------------------------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 words = st.sampled_from(["who", "the red moon", "", " ", "\u00e9t\u00e9", "\U0001f600", "\x00", "</s>", "<s>"])
 
 
@@ -83,20 +100,29 @@ def mostly(valid):
 
 
 texts = st.text(st.characters(codec="utf-8"), max_size=12) | words
-prompt = mostly(st.one_of(texts, st.lists(texts, min_size=1, max_size=3), st.lists(st.integers(0, 96), min_size=1,
-                                                                                     max_size=6),
-                          st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=4), min_size=1, max_size=3)))
+prompt = mostly(
+    st.one_of(
+        texts,
+        st.lists(texts, min_size=1, max_size=3),
+        st.lists(st.integers(0, 96), min_size=1, max_size=6),
+        st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=4), min_size=1, max_size=3),
+    )
+)
 part = st.fixed_dictionaries({"type": mostly(st.just("text")), "text": mostly(texts)})
-message = st.fixed_dictionaries({"role": mostly(st.sampled_from(["user", "system", "assistant", "developer"])),
-                                 "content": mostly(texts | st.lists(part, min_size=1, max_size=2))},
-                                optional={"name": texts})
+message = st.fixed_dictionaries(
+    {
+        "role": mostly(st.sampled_from(["user", "system", "assistant", "developer"])),
+        "content": mostly(texts | st.lists(part, min_size=1, max_size=2)),
+    },
+    optional={"name": texts},
+)
 common = {
     "temperature": mostly(st.sampled_from([0, 0.0, 1e-300, 5e-324, 0.7, 2.0, -0.0]) | st.floats(0, 2)),
     "top_p": mostly(st.sampled_from([1e-300, 0.5, 1.0]) | st.floats(1e-9, 1)),
     "n": mostly(st.integers(1, 3)),
     "stream": mostly(st.booleans()),
     "stop": mostly(st.sampled_from(["a", "the", " "]) | st.lists(texts.filter(bool), max_size=4)),
-    "seed": mostly(st.integers(-2**70, 2**70)),
+    "seed": mostly(st.integers(-(2**70), 2**70)),
     "presence_penalty": mostly(st.just(0)),
     "frequency_penalty": mostly(st.just(0.0)),
     "logit_bias": mostly(st.just({})),
@@ -104,21 +130,28 @@ common = {
     "router": mostly(st.sampled_from(["lag", "arrow", "arrow-mix", "spectral", "uniform", "none", "lag-prefix"])),
     "k": mostly(st.integers(1, 2**62)),
     "libraries": mostly(st.lists(st.sampled_from(["alpha", "beta"]), max_size=2, unique=True)),
-    "adapters": mostly(st.sampled_from(["a1", "alpha/a0", "beta/a0", "b1", ["alpha/a2", "b0"],
-                                        {"alpha": "a1"}, {"beta": None}, {}])),
+    "adapters": mostly(
+        st.sampled_from(["a1", "alpha/a0", "beta/a0", "b1", ["alpha/a2", "b0"], {"alpha": "a1"}, {"beta": None}, {}])
+    ),
     "return_routing": mostly(st.booleans()),
     "ignore_eos": mostly(st.booleans()),
     "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
     "max_tokens": mostly(st.integers(1, 4)),
 }
-completion_bodies = st.fixed_dictionaries({"model": mostly(st.just(MODEL)), "prompt": prompt},
-                                          optional={**common, "echo": mostly(st.just(False)), "best_of": st.integers(0, 3),
-                                                    "extra": json_values})
-chat_bodies = st.fixed_dictionaries({"model": mostly(st.just(MODEL)),
-                                     "messages": mostly(st.lists(message, min_size=1, max_size=3))},
-                                    optional={**common, "max_completion_tokens": mostly(st.integers(1, 4)),
-                                              "tools": json_values, "tool_choice": mostly(st.just("none")),
-                                              "response_format": mostly(st.just({"type": "text"}))})
+completion_bodies = st.fixed_dictionaries(
+    {"model": mostly(st.just(MODEL)), "prompt": prompt},
+    optional={**common, "echo": mostly(st.just(False)), "best_of": st.integers(0, 3), "extra": json_values},
+)
+chat_bodies = st.fixed_dictionaries(
+    {"model": mostly(st.just(MODEL)), "messages": mostly(st.lists(message, min_size=1, max_size=3))},
+    optional={
+        **common,
+        "max_completion_tokens": mostly(st.integers(1, 4)),
+        "tools": json_values,
+        "tool_choice": mostly(st.just("none")),
+        "response_format": mostly(st.just({"type": "text"})),
+    },
+)
 
 
 @FUZZ
@@ -160,8 +193,9 @@ def library(tmp_path_factory):
     model = tiny_llama()
     for i in range(3):
         save_lora(model, root / "ads" / f"a{i}", seed=i, r=2 + i, target_modules=("q_proj", "up_proj"))
-    lib = build_library(root / "lib", [root / "ads"], base_model="tiny", shapes=module_shapes(model), progress=False,
-                        chunk_size=2)
+    lib = build_library(
+        root / "lib", [root / "ads"], base_model="tiny", shapes=module_shapes(model), progress=False, chunk_size=2
+    )
     lib.build_index(progress=False)
     return lib.path
 
@@ -210,8 +244,14 @@ def mutate(obj, path: list, value, delete: bool):
     return out
 
 
-edits = st.tuples(st.lists(st.integers(0, 50), min_size=1, max_size=5), json_values | st.sampled_from(
-    ["../../x", "/etc/passwd", "a/b", "..", "", "float16", "linear", "segments", 0, -1, 10**9, [], {}]), st.booleans())
+edits = st.tuples(
+    st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    json_values
+    | st.sampled_from(
+        ["../../x", "/etc/passwd", "a/b", "..", "", "float16", "linear", "segments", 0, -1, 10**9, [], {}]
+    ),
+    st.booleans(),
+)
 
 
 @FUZZ
@@ -226,8 +266,10 @@ def test_fuzzed_manifests(library, tmp_path_factory, edit_list):
 
 
 @FUZZ
-@given(edit_list=st.lists(edits, min_size=1, max_size=3), flips=st.lists(st.tuples(st.integers(0, 4000),
-                                                                                     st.integers(0, 255)), max_size=3))
+@given(
+    edit_list=st.lists(edits, min_size=1, max_size=3),
+    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=3),
+)
 def test_fuzzed_segments(library, tmp_path_factory, edit_list, flips):
     """Row tables edited, and bytes of a segment's header flipped."""
     from safetensors.torch import load_file, save_file

@@ -72,7 +72,7 @@ def test_generate_batch_matches_single(setup):
 def test_trace_table_and_summary(setup):
     model, lib, _ = setup
     tok = tiny_tokenizer(chat=True)
-    state = attach(model, [lib], router="lag", k=2)
+    attach(model, [lib], router="lag", k=2)
     try:
         texts, trace = generate(model, tok, PROMPTS, max_new_tokens=4, trace=True)
     finally:

@@ -64,14 +64,17 @@ def edit_manifest(lib: Path, fn) -> None:
 
 
 # -- scaling ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config,match", [
-    ({"lora_alpha": 1e308}, r"lora_alpha 1e\+308 and rank 2 give scale .* non-finite"),
-    ({"lora_alpha": float("nan")}, r"field 'lora_alpha' must be a positive number, got nan"),
-    ({"lora_alpha": float("inf")}, r"field 'lora_alpha' must be a positive number"),
-    ({"r": float("nan")}, r"field 'r' must be a positive number"),
-    ({"alpha_pattern": {"q_proj": 1e308}}, r"give scale .* non-finite"),
-    ({"alpha_pattern": {"q_proj": float("nan")}}, r"'alpha_pattern' must map module patterns to positive numbers"),
-])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"lora_alpha": 1e308}, r"lora_alpha 1e\+308 and rank 2 give scale .* non-finite"),
+        ({"lora_alpha": float("nan")}, r"field 'lora_alpha' must be a positive number, got nan"),
+        ({"lora_alpha": float("inf")}, r"field 'lora_alpha' must be a positive number"),
+        ({"r": float("nan")}, r"field 'r' must be a positive number"),
+        ({"alpha_pattern": {"q_proj": 1e308}}, r"give scale .* non-finite"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, r"'alpha_pattern' must map module patterns to positive numbers"),
+    ],
+)
 def test_scaling_is_checked_as_applied(tmp_path, ads, config, match):
     bad = copy_adapter(ads / "a0", tmp_path / "ads" / "bad", **config)
     with pytest.raises(AdapterError, match=match) as err:
@@ -188,12 +191,18 @@ def test_a_row_table_past_its_tensors_is_refused_before_routing(tmp_path, ads, k
     detach(model) if hasattr(model, "_loralag") else None
 
 
-@pytest.mark.parametrize("fn,match", [
-    (lambda rows: {m: [[n, 99] for n, _ in t] for m, t in rows.items()}, r"lists a rank of 99 in a stack of rank 3"),
-    (lambda rows: {m + ".x": t for m, t in rows.items()}, r"is not a module of the base model"),
-    (lambda rows: {m: [[n] for n, _ in t] for m, t in rows.items()}, r"rows must be \[name, rank\] pairs"),
-    (lambda rows: [1, 2], r"not a map of modules"),
-])
+@pytest.mark.parametrize(
+    "fn,match",
+    [
+        (
+            lambda rows: {m: [[n, 99] for n, _ in t] for m, t in rows.items()},
+            r"lists a rank of 99 in a stack of rank 3",
+        ),
+        (lambda rows: {m + ".x": t for m, t in rows.items()}, r"is not a module of the base model"),
+        (lambda rows: {m: [[n] for n, _ in t] for m, t in rows.items()}, r"rows must be \[name, rank\] pairs"),
+        (lambda rows: [1, 2], r"not a map of modules"),
+    ],
+)
 def test_bad_row_tables(tmp_path, ads, fn, match):
     lib = build(tmp_path / "lib", [ads / "a0", ads / "a1"])
     crafted_rows(lib, fn)
@@ -205,25 +214,37 @@ def test_truncated_and_corrupt_segments_name_the_file(tmp_path, ads):
     lib = build(tmp_path / "lib", [ads / "a0", ads / "a1"])
     seg = lib.path / "segments" / f"{lib.adapters[0]['segment']}.safetensors"
     data = seg.read_bytes()
-    for broken, match in [(data[: len(data) // 2], r"needs \d+ bytes at"), (data[:5], r"too short for a header"),
-                          (b"\xff" * 64, r"its header claims"), (data[:8] + b"{nope" + data[13:], r"not JSON")]:
+    for broken, match in [
+        (data[: len(data) // 2], r"needs \d+ bytes at"),
+        (data[:5], r"too short for a header"),
+        (b"\xff" * 64, r"its header claims"),
+        (data[:8] + b"{nope" + data[13:], r"not JSON"),
+    ]:
         seg.write_bytes(broken)
         with pytest.raises(LibraryError, match=match) as err:
             open_library(lib.path).bank(lib.target_modules[0])
         assert str(seg) in one_line(err) and "not a valid safetensors file" in str(err.value)
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"[1, 2]", r"format 'list' version None"),
-    (b"\xff\xfe garbage", r"is not valid JSON"),
-    (b'{"format": "loralag-library", "format_version": 1}', r"is corrupt: 'base_model'"),
-    (b'{"format": "loralag-library", "format_version": 1, "base_model": {"name": "x", "modules": {}}, "dtype": "f"}',
-     r"dtype 'f' is not one of"),
-    (b'{"format": "loralag-library", "format_version": 1, "base_model": {"name": "x", "modules": {}}, '
-     b'"dtype": "float32", "adapters": [{"name": "a", "segment": "s", "target_modules": ["m"], "rank": 2}]}',
-     r"adapter 'a' must target a non-empty list of the base model's modules"),
-    (b"[" * 100000, r"is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"[1, 2]", r"format 'list' version None"),
+        (b"\xff\xfe garbage", r"is not valid JSON"),
+        (b'{"format": "loralag-library", "format_version": 1}', r"is corrupt: 'base_model'"),
+        (
+            b'{"format": "loralag-library", "format_version": 1, "base_model": {"name": "x", "modules": {}}, '
+            b'"dtype": "f"}',
+            r"dtype 'f' is not one of",
+        ),
+        (
+            b'{"format": "loralag-library", "format_version": 1, "base_model": {"name": "x", "modules": {}}, '
+            b'"dtype": "float32", "adapters": [{"name": "a", "segment": "s", "target_modules": ["m"], "rank": 2}]}',
+            r"adapter 'a' must target a non-empty list of the base model's modules",
+        ),
+        (b"[" * 100000, r"is not valid JSON"),
+    ],
+)
 def test_corrupt_manifests_give_one_line(tmp_path, content, match):
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -283,8 +304,12 @@ def test_a_failed_first_build_leaves_nothing_bound(tmp_path, ads):
 @pytest.mark.parametrize("answer,got", [(None, "null"), (1990, "int"), (1.5, "float"), (["x"], "list")])
 def test_prediction_answers_must_be_strings(tmp_path, answer, got):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"id": "1", "output": [{"answer": "ok"}]}) + "\n"
-                    + json.dumps({"id": "2", "output": [{"answer": answer}]}) + "\n")
+    path.write_text(
+        json.dumps({"id": "1", "output": [{"answer": "ok"}]})
+        + "\n"
+        + json.dumps({"id": "2", "output": [{"answer": answer}]})
+        + "\n"
+    )
     with pytest.raises(LoralagError, match=rf"p\.jsonl:2: 'answer' must be a string, got {got}"):
         read_kilt_predictions(path)
 
@@ -300,8 +325,12 @@ def stray(lib: Path) -> list[str]:
 
 
 def test_kill_9_at_every_step_leaves_the_old_or_the_new_library(tmp_path, ads):
-    run = subprocess.run([sys.executable, str(HERE / "fault_driver.py"), str(tmp_path), str(ads)], capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(HERE / "fault_driver.py"), str(tmp_path), str(ads)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     reference = {a.name: build(tmp_path / "ref" / a.name, [a]) for a in sorted(ads.iterdir())}
@@ -336,7 +365,7 @@ def test_kill_9_at_every_step_leaves_the_old_or_the_new_library(tmp_path, ads):
                     lib2.add([ads / "a2", ads / "a3"], progress=False)
                 assert open_library(lib).names == r["new"] and stray(lib) == []
         assert r["runs"][-1]["killed"] is False and r["runs"][-1]["exit"] == 0  # past the last step: it completes
-    print(f"\nkill -9 points per operation: {({op: r['steps'] for op, r in report.items()})}, {killed} kills in all")
+    print(f"\nkill -9 points per operation: { ({op: r['steps'] for op, r in report.items()}) }, {killed} kills in all")
     assert killed >= 20
 
 
@@ -364,8 +393,9 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_library(tmp_path, ads, call):
     lib.remove(["a2"])
     before = (lib.path / "manifest.json").read_bytes()
     files = sorted(f.name for f in (lib.path / "segments").iterdir())
-    code = FULL_DISK.format(tests=str(HERE), lib=str(lib.path), limit=256,
-                            call=call.format(a2=str(ads / "a2"), a3=str(ads / "a3")))
+    code = FULL_DISK.format(
+        tests=str(HERE), lib=str(lib.path), limit=256, call=call.format(a2=str(ads / "a2"), a3=str(ads / "a3"))
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr[-2000:]
     assert "Traceback" not in run.stdout + run.stderr

@@ -68,7 +68,9 @@ def test_native_projection_at_other_ranks_and_widths(r, d):
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(r + d)
     n, T, k = 30, 21, 4
-    A = torch.linalg.qr(torch.randn(n, d, r, generator=g)).Q.transpose(1, 2).contiguous()  # orthonormal rows, as aligned
+    A = (
+        torch.linalg.qr(torch.randn(n, d, r, generator=g)).Q.transpose(1, 2).contiguous()
+    )  # orthonormal rows, as aligned
     bank = ModuleBank.from_tensors("m", [f"a{i}" for i in range(n)], A, torch.randn(n, 3, r, generator=g))
     X = torch.randn(T, d, generator=g)
     cand = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(T)])
@@ -127,7 +129,9 @@ def test_native_decode_equals_brute_force(layout, k, monkeypatch):
         ref, j = reference_delta("lag", dense, x[0], k=k)
         assert int(out.winner[0]) == j
         torch.testing.assert_close(out.delta[0], ref, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(out.score[0], per_pair(bank, x, out.winner.view(1, 1))[0, 0].norm(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out.score[0], per_pair(bank, x, out.winner.view(1, 1))[0, 0].norm(), atol=1e-5, rtol=1e-5
+        )
     assert calls == [k == 5 and kernels.half_arrows()] * 8  # the native call ran, with float16 arrows where they pay
 
 

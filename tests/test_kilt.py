@@ -46,6 +46,7 @@ def _nonblank_lines(path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------- real data
 
+
 @pytest.mark.skipif(not KILT_FILES, reason=f"no KILT files under {DATA / 'kilt'}")
 @pytest.mark.parametrize("path", KILT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_gold_answers_score_100_on_every_kilt_file(path):
@@ -63,12 +64,21 @@ def test_gold_answers_score_100_on_every_kilt_file(path):
 
 def test_task_names_from_kilt_file_names():
     names = {
-        "fever-dev-kilt.jsonl": "fever", "aidayago2-train-kilt.jsonl": "aidayago2", "wned-dev-kilt.jsonl": "wned",
-        "cweb-dev-kilt.jsonl": "cweb", "trex-dev-kilt.jsonl": "trex",
-        "structured_zeroshot-dev-kilt.jsonl": "structured_zeroshot", "nq-train-kilt.jsonl": "nq",
-        "hotpotqa-dev-kilt.jsonl": "hotpotqa", "triviaqa-dev_id-kilt.jsonl": "triviaqa",
-        "eli5-dev-kilt.jsonl": "eli5", "wow-dev-kilt.jsonl": "wow", "NQ-open.dev.jsonl": "nq",
-        "wned-cweb.jsonl": "cweb", "zsre_dev.jsonl": "structured_zeroshot", "my_data.jsonl": None,
+        "fever-dev-kilt.jsonl": "fever",
+        "aidayago2-train-kilt.jsonl": "aidayago2",
+        "wned-dev-kilt.jsonl": "wned",
+        "cweb-dev-kilt.jsonl": "cweb",
+        "trex-dev-kilt.jsonl": "trex",
+        "structured_zeroshot-dev-kilt.jsonl": "structured_zeroshot",
+        "nq-train-kilt.jsonl": "nq",
+        "hotpotqa-dev-kilt.jsonl": "hotpotqa",
+        "triviaqa-dev_id-kilt.jsonl": "triviaqa",
+        "eli5-dev-kilt.jsonl": "eli5",
+        "wow-dev-kilt.jsonl": "wow",
+        "NQ-open.dev.jsonl": "nq",
+        "wned-cweb.jsonl": "cweb",
+        "zsre_dev.jsonl": "structured_zeroshot",
+        "my_data.jsonl": None,
         "knowledge.jsonl": None,
     }
     for name, task in names.items():
@@ -127,24 +137,33 @@ def test_lama_reader_parses_every_line_and_keeps_raw_fields():
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("line, reader", [
-    ('{"id": "1", "input": "q", "output": [{"answer": "a"}]', read_kilt),  # truncated JSON
-    ('["not", "an", "object"]', read_kilt),
-    ('{"input": "q", "output": [{"answer": "a"}]}', read_kilt),  # no id
-    ('{"id": "1", "input": "q", "output": [{"answer": 3}]}', read_kilt),
-    ('{"id": "1", "input": "q", "output": {"answer": "a"}}', read_kilt),
-    ('{"question": "q", "answer": "a"}', read_nq_open),  # answer must be a list
-    ('{"question": "q"}', read_nq_open),
-    ('{"id": 1, "claim": "c", "label": "MAYBE"}', read_fever),
-    ('{"id": 1, "label": "SUPPORTS"}', read_fever),
-    ('{"sub_label": "s", "predicate_id": "P1"}', read_lama),
-    ('{"sub_label": "s", "obj_label": "o", "predicate_id": "P1", "evidences": [{"masked_sentence": 5}]}', read_lama),
-])
+
+@pytest.mark.parametrize(
+    "line, reader",
+    [
+        ('{"id": "1", "input": "q", "output": [{"answer": "a"}]', read_kilt),  # truncated JSON
+        ('["not", "an", "object"]', read_kilt),
+        ('{"input": "q", "output": [{"answer": "a"}]}', read_kilt),  # no id
+        ('{"id": "1", "input": "q", "output": [{"answer": 3}]}', read_kilt),
+        ('{"id": "1", "input": "q", "output": {"answer": "a"}}', read_kilt),
+        ('{"question": "q", "answer": "a"}', read_nq_open),  # answer must be a list
+        ('{"question": "q"}', read_nq_open),
+        ('{"id": 1, "claim": "c", "label": "MAYBE"}', read_fever),
+        ('{"id": 1, "label": "SUPPORTS"}', read_fever),
+        ('{"sub_label": "s", "predicate_id": "P1"}', read_lama),
+        (
+            '{"sub_label": "s", "obj_label": "o", "predicate_id": "P1", "evidences": [{"masked_sentence": 5}]}',
+            read_lama,
+        ),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, reader):
-    good = {read_kilt: '{"id": "0", "input": "q", "output": [{"answer": "a"}]}',
-            read_nq_open: '{"question": "q", "answer": ["a"]}',
-            read_fever: '{"id": 0, "claim": "c", "label": "REFUTES"}',
-            read_lama: '{"sub_label": "s", "obj_label": "o", "predicate_id": "P1"}'}[reader]
+    good = {
+        read_kilt: '{"id": "0", "input": "q", "output": [{"answer": "a"}]}',
+        read_nq_open: '{"question": "q", "answer": ["a"]}',
+        read_fever: '{"id": 0, "claim": "c", "label": "REFUTES"}',
+        read_lama: '{"sub_label": "s", "obj_label": "o", "predicate_id": "P1"}',
+    }[reader]
     path = tmp_path / "data.jsonl"
     path.write_text(good + "\n\n" + line + "\n", encoding="utf-8")
     with pytest.raises(LoralagError, match=r"data\.jsonl:3: "):
@@ -161,6 +180,7 @@ def test_missing_file_and_duplicate_ids(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- metrics by hand
+
 
 def test_normalisation():
     assert normalize_answer("The Beatles") == "beatles"
@@ -186,8 +206,9 @@ def test_token_f1_by_hand():
 def test_rouge_l_by_hand():
     # Lin's example: LCS("police kill the gunman", "police killed the gunman") = police, the, gunman = 3 of 4 words
     p = r = 3 / 4
-    assert rougel_score("police killed the gunman", "police kill the gunman") == \
-        pytest.approx(2 * p * r / (p + r + 1e-8), abs=1e-15)
+    assert rougel_score("police killed the gunman", "police kill the gunman") == pytest.approx(
+        2 * p * r / (p + r + 1e-8), abs=1e-15
+    )
     # no normalisation: case matters ("Police" != "police"): LCS = the, gunman
     assert rougel_score("Police killed the gunman", "police kill the gunman") == pytest.approx(0.5, abs=1e-8)
     # the rouge package counts distinct words: hyp "the cat the cat" has 2 word types, LCS words {the, cat}
@@ -210,8 +231,12 @@ def test_max_over_gold_answers():
 
 
 def test_score_dataset_counts_and_official_conventions():
-    ex = [Example("1", "q1", ["Paris"], task="nq"), Example("2", "q2", ["The Beatles", "Beatles"], task="nq"),
-          Example("3", "q3", ["blue whale"], task="nq"), Example("4", "q4", ["x"], task="nq")]
+    ex = [
+        Example("1", "q1", ["Paris"], task="nq"),
+        Example("2", "q2", ["The Beatles", "Beatles"], task="nq"),
+        Example("3", "q3", ["blue whale"], task="nq"),
+        Example("4", "q4", ["x"], task="nq"),
+    ]
     preds = {"1": " Paris ", "2": "the beatles", "3": "a whale", "4": "   ", "99": "extra"}
     res = score_dataset(ex, preds)
     assert res["metric"] == "em" and res["task"] == "nq"
@@ -256,6 +281,7 @@ def test_rouge_l_equals_the_rouge_package():
 
 # ---------------------------------------------------------------------------------------------- normalised score
 
+
 def test_normalised_score_by_hand():
     results = {
         "oracle": {"fever": (80.0, 100), "nq": (40.0, 100), "hotpotqa": (20.0, 300), "wow": (10.0, 50)},
@@ -275,8 +301,10 @@ def test_normalised_score_by_hand():
 
 
 def test_normalised_score_custom_families_and_errors():
-    lama = {"oracle": {"lama_slot_filling": (50.0, 10), "lama_qa": (40.0, 10), "lama_fact_checking": (90.0, 10)},
-            "base": {"lama_slot_filling": (25.0, 10), "lama_qa": (10.0, 10), "lama_fact_checking": (45.0, 10)}}
+    lama = {
+        "oracle": {"lama_slot_filling": (50.0, 10), "lama_qa": (40.0, 10), "lama_fact_checking": (90.0, 10)},
+        "base": {"lama_slot_filling": (25.0, 10), "lama_qa": (10.0, 10), "lama_fact_checking": (45.0, 10)},
+    }
     out = normalised_scores(lama, families=LAMA_FAMILIES)
     assert out["base"] == pytest.approx({"slot_filling": 0.5, "qa": 0.25, "fact_checking": 0.5, "AVG": 1.25 / 3})
     with pytest.raises(LoralagError, match="no family"):
@@ -291,8 +319,9 @@ def test_normalised_score_custom_families_and_errors():
 
 # ---------------------------------------------------------------------------------------------- prediction files
 
+
 def test_prediction_file_round_trip(tmp_path):
-    preds = {"5a8b57f25542995d1e6f1371": "yes", "42": "Café \"Müller\"\nline two", "x": ""}
+    preds = {"5a8b57f25542995d1e6f1371": "yes", "42": 'Café "Müller"\nline two', "x": ""}
     path = write_kilt_predictions(tmp_path / "out" / "guess.jsonl", preds)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 3
@@ -300,7 +329,7 @@ def test_prediction_file_round_trip(tmp_path):
     assert read_kilt_predictions(path) == preds
     assert list(read_kilt_predictions(path)) == list(preds)  # order kept
     # the KILT reader reads it as a (gold-format) KILT file too
-    assert [e.answers for e in read_kilt(path)] == [["yes"], ["Café \"Müller\"\nline two"], []]
+    assert [e.answers for e in read_kilt(path)] == [["yes"], ['Café "Müller"\nline two'], []]
     with pytest.raises(LoralagError):
         write_kilt_predictions(tmp_path / "bad.jsonl", {"1": 3})
     assert not (tmp_path / "bad.jsonl").exists()

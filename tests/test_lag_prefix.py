@@ -18,10 +18,12 @@ def setup(tmp_path_factory):
     model = tiny_llama()
     model.generation_config.eos_token_id = None
     folder = tmp_path_factory.mktemp("prefix")
-    paths = [save_lora(model, folder / "ads" / f"a{i}", seed=300 + i, r=3, alpha=6, target_modules=KNOW)
-             for i in range(6)]
-    lib = build_library(folder / "lib", [folder / "ads"], base_model="tiny", shapes=module_shapes(model),
-                        progress=False)
+    paths = [
+        save_lora(model, folder / "ads" / f"a{i}", seed=300 + i, r=3, alpha=6, target_modules=KNOW) for i in range(6)
+    ]
+    lib = build_library(
+        folder / "lib", [folder / "ads"], base_model="tiny", shapes=module_shapes(model), progress=False
+    )
     adapters = {p.name: read_adapter(p) for p in paths}
     return model, lib, adapters
 
@@ -36,8 +38,11 @@ class Reference:
         self.counts = None  # per sequence: Counter over the earlier calls
         self.originals = {}
         for name in module_shapes(model):
-            dense = [adapters[a].modules[name].scale * adapters[a].modules[name].B @ adapters[a].modules[name].A
-                     for a in self.names if name in adapters[a].modules]
+            dense = [
+                adapters[a].modules[name].scale * adapters[a].modules[name].B @ adapters[a].modules[name].A
+                for a in self.names
+                if name in adapters[a].modules
+            ]
             if dense:
                 parent, _, child = name.rpartition(".")
                 self.originals[name] = getattr(model.get_submodule(parent), child)
@@ -124,8 +129,9 @@ def test_prefill_and_decoding_equal_the_reference(setup, batch):
     real = mask.bool()
     torch.testing.assert_close(got1.logits[real], want1.logits[real], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got2.logits, want2.logits, atol=1e-4, rtol=1e-4)
-    assert (want2.logits - model(input_ids=nxt, attention_mask=mask2,
-                                 past_key_values=_plain_cache(model, ids, mask)).logits).abs().max() > 1e-3
+    assert (
+        want2.logits - model(input_ids=nxt, attention_mask=mask2, past_key_values=_plain_cache(model, ids, mask)).logits
+    ).abs().max() > 1e-3
     torch.testing.assert_close(plain[real], want1.logits[real], atol=1e-4, rtol=1e-4)  # the state was reset
 
 

@@ -53,8 +53,14 @@ from loralag.library.store import module_shapes
 # -- data on a made-up LAMA folder: other relations, a partial relations.json ---------------------------------
 def lama_record(pred, sub, obj, sentence, surface=None, uri=None, i=0):
     ev = {"sub_surface": sub, "obj_surface": surface or obj, "masked_sentence": sentence}
-    return {"uuid": f"{pred}-{sub}-{i}", "obj_label": obj, "sub_label": sub, "sub_uri": uri or f"Q{abs(hash(sub)) % 10**6}",
-            "predicate_id": pred, "evidences": [ev]}
+    return {
+        "uuid": f"{pred}-{sub}-{i}",
+        "obj_label": obj,
+        "sub_label": sub,
+        "sub_uri": uri or f"Q{abs(hash(sub)) % 10**6}",
+        "predicate_id": pred,
+        "evidences": [ev],
+    }
 
 
 @pytest.fixture
@@ -65,8 +71,18 @@ def lama_dir(tmp_path):
     colours = ["red", "blue", "green", "amber", "white", "black", "grey", "violet"]
     with open(d / "X1.jsonl", "w") as fh:  # a relation relations.json describes
         for i, city in enumerate(cities):
-            fh.write(json.dumps(lama_record("X1", f"Person {i}", city, f"Person {i} was born in [MASK] in 1900.",
-                                            surface=f"{city} Town" if i == 0 else None)) + "\n")
+            fh.write(
+                json.dumps(
+                    lama_record(
+                        "X1",
+                        f"Person {i}",
+                        city,
+                        f"Person {i} was born in [MASK] in 1900.",
+                        surface=f"{city} Town" if i == 0 else None,
+                    )
+                )
+                + "\n"
+            )
     with open(d / "X2.jsonl", "w") as fh:  # a relation it does not describe
         for i, c in enumerate(colours):
             fh.write(json.dumps(lama_record("X2", f"Flag {i}", c, f"The Flag {i} is mostly [MASK].")) + "\n")
@@ -76,8 +92,9 @@ def lama_dir(tmp_path):
         del rec["evidences"]
         rec["masked_sentences"] = ["The Flag 9 is mostly [MASK]."]
         fh.write(json.dumps(rec) + "\n")
-    (d / "relations.json").write_text(json.dumps([{"relation": "X1", "label": "birthplace",
-                                                   "template": "[X] was born in [Y] ."}]))
+    (d / "relations.json").write_text(
+        json.dumps([{"relation": "X1", "label": "birthplace", "template": "[X] was born in [Y] ."}])
+    )
     return d
 
 
@@ -126,7 +143,9 @@ def test_data_is_deterministic_and_checks_inputs(lama_dir, tmp_path):
     a = build_data(lama_dir, 4, n_train_pairs=5, seed=3)
     b = build_data(lama_dir, 4, n_train_pairs=5, seed=3)
     assert [e.name for e in a.entities] == [e.name for e in b.entities]
-    assert [q.example.input for q in a.questions[FACT_CHECKING]] == [q.example.input for q in b.questions[FACT_CHECKING]]
+    assert [q.example.input for q in a.questions[FACT_CHECKING]] == [
+        q.example.input for q in b.questions[FACT_CHECKING]
+    ]
     with pytest.raises(LoralagError, match="usable subject entities"):
         build_data(lama_dir, 100)
     with pytest.raises(LoralagError, match="does not exist"):
@@ -142,9 +161,14 @@ def test_fill_template():
 
 def test_questions_come_from_the_relations_own_template():
     assert question_text(Relation("Q1", "birthplace", "[X] was born in [Y] ."), "Ann") == "Ann was born in what?"
-    assert question_text(Relation("Q2", "capital", "[Y] is the capital of [X] ."), "Gaul") == "What is the capital of Gaul?"
-    assert question_text(Relation("Q3", "x", "The native language of [X] is [Y] ."), "Bo") == \
-        "The native language of Bo is what?"
+    assert (
+        question_text(Relation("Q2", "capital", "[Y] is the capital of [X] ."), "Gaul")
+        == "What is the capital of Gaul?"
+    )
+    assert (
+        question_text(Relation("Q3", "x", "The native language of [X] is [Y] ."), "Bo")
+        == "The native language of Bo is what?"
+    )
 
 
 def test_gain_fraction_reproduces_the_papers_figures():
@@ -159,16 +183,19 @@ def test_gain_fraction_reproduces_the_papers_figures():
     assert round(paper_gain("lag"), 1) == 80.5 and round(paper_gain("arrow"), 1) == 62.5
     assert round(paper_gain("rag"), 1) == 30.9
     assert gain_fraction(50.0, 100.0) is None and gain_fraction(75.0, 50.0) == 50.0
-    g = gain_fractions({"base": {"qa": 20.0, "AVG": 20.0}, "oracle": {"qa": 100.0, "AVG": 100.0},
-                        "lag": {"qa": 60.0, "AVG": 60.0}})
+    g = gain_fractions(
+        {"base": {"qa": 20.0, "AVG": 20.0}, "oracle": {"qa": 100.0, "AVG": 100.0}, "lag": {"qa": 60.0, "AVG": 60.0}}
+    )
     assert g["lag"] == {"qa": 50.0, "AVG": 50.0} and g["oracle"]["AVG"] == 100.0 and g["base"]["AVG"] == 0.0
 
 
 def test_a_dataset_the_oracle_scores_zero_on_is_left_out_of_the_normalised_table():
     from loralag.experiments.lama.report import normalise
 
-    table = {"oracle": {SLOT_FILLING: (50.0, 4), FACT_CHECKING: (0.0, 4)},
-             "lag": {SLOT_FILLING: (25.0, 4), FACT_CHECKING: (50.0, 4)}}
+    table = {
+        "oracle": {SLOT_FILLING: (50.0, 4), FACT_CHECKING: (0.0, 4)},
+        "lag": {SLOT_FILLING: (25.0, 4), FACT_CHECKING: (50.0, 4)},
+    }
     norm, zero = normalise(table)
     assert zero == [FACT_CHECKING]
     assert norm["lag"] == {"slot_filling": 50.0, "AVG": 50.0} and norm["oracle"]["AVG"] == 100.0
@@ -187,15 +214,25 @@ def test_answer_mask_marks_the_decisions_that_produced_answer_tokens():
     # row 0 generated 4 real tokens; row 1 ended after 2 (its tokens 2 and 3 are padding)
     trace.attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0, 0]])
     m = answer_mask(trace)
-    assert m.tolist() == [[False, False, False, True, True, True, True],
-                          [False, False, False, True, True, False, False]]
+    assert m.tolist() == [
+        [False, False, False, True, True, True, True],
+        [False, False, False, True, True, False, False],
+    ]
 
 
 # -- answers --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw, want", [
-    ("Paris", "Paris"), ("Paris.\nQuestion: x", "Paris"), ("  \nParis, France. It is big", "Paris, France"),
-    ("St. Louis", "St. Louis"), ("U.S. Army", "U.S. Army"), ("", ""), ("jazz music.", "jazz music"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("Paris", "Paris"),
+        ("Paris.\nQuestion: x", "Paris"),
+        ("  \nParis, France. It is big", "Paris, France"),
+        ("St. Louis", "St. Louis"),
+        ("U.S. Army", "U.S. Army"),
+        ("", ""),
+        ("jazz music.", "jazz music"),
+    ],
+)
 def test_clean_answer(raw, want):
     assert clean_answer(raw) == want
 
@@ -246,11 +283,15 @@ def routed(tmp_path_factory):
     model = tiny_llama()
     base = tmp_path_factory.mktemp("bench-libs")
     libs = {}
-    for name, n, targets in (("task", 3, ("q_proj", "v_proj")), ("knowledge", 5, ("gate_proj", "up_proj", "down_proj"))):
+    for name, n, targets in (
+        ("task", 3, ("q_proj", "v_proj")),
+        ("knowledge", 5, ("gate_proj", "up_proj", "down_proj")),
+    ):
         for i in range(n):
             save_lora(model, base / name / "ads" / f"{name}{i}", seed=10 * n + i, r=3, alpha=6, target_modules=targets)
-        libs[name] = build_library(base / name / "lib", [base / name / "ads"], base_model="tiny",
-                                   shapes=module_shapes(model), progress=False)
+        libs[name] = build_library(
+            base / name / "lib", [base / name / "ads"], base_model="tiny", shapes=module_shapes(model), progress=False
+        )
     return model, libs
 
 
@@ -291,7 +332,6 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         detach(model)
 
 
-
 def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
     """answer_questions with two spawned workers (each every other batch, weights shared) gives exactly the
     answers, routing counts, served adapters and memo reuse of one in-process pass."""
@@ -304,17 +344,34 @@ def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
     data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
     questions = [q for d in DATASETS for q in data.questions[d]]
     # every method but the Oracle (its gold task adapters are named by family; these are task0..task2)
-    cfg = size_config(dict(n_entities=4, k=2, k_sweep=(1,), batch_size=2, max_new_tokens=3,
-                           methods=tuple(m for m in BASE_METHODS if m != "oracle")))
+    cfg = size_config(
+        dict(
+            n_entities=4,
+            k=2,
+            k_sweep=(1,),
+            batch_size=2,
+            max_new_tokens=3,
+            methods=tuple(m for m in BASE_METHODS if m != "oracle"),
+        )
+    )
     names = libs["knowledge"].names
     as_adapter = {e.name: names[i % len(names)] for i, e in enumerate(data.entities)}  # gold = an adapter here
     questions = [replace(q, entity=as_adapter[q.entity]) for q in questions]
     retrieved = [names[i % len(names)] for i in range(len(questions))]  # what BM25 would have picked
     order = list(range(len(questions)))
-    job = AnswerJob(method_list(cfg, n=len(names)), ("token", "sequence"), questions, retrieved,
-                    [f"context {q.prompt}" for q in questions], order, order[::-1],
-                    {as_adapter[e.name]: e.mentions for e in data.entities}, cfg, model.config.num_hidden_layers,
-                    {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)})
+    job = AnswerJob(
+        method_list(cfg, n=len(names)),
+        ("token", "sequence"),
+        questions,
+        retrieved,
+        [f"context {q.prompt}" for q in questions],
+        order,
+        order[::-1],
+        {as_adapter[e.name]: e.mentions for e in data.entities},
+        cfg,
+        model.config.num_hidden_layers,
+        {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)},
+    )
     tok = tiny_tokenizer()
     one = answer_questions(job, model, tok, workers=1)
     two = answer_questions(job, model, tok, workers=2)
@@ -365,8 +422,9 @@ def tiny_run(tmp_path_factory):
     threads = 1 if os.getloadavg()[0] >= 1.5 else None
     t = time.perf_counter()
     try:
-        results = run_bench("tiny", data_dir=data, out_dir=root / "results", cache_dir=root / "cache", progress=False,
-                            threads=threads)
+        results = run_bench(
+            "tiny", data_dir=data, out_dir=root / "results", cache_dir=root / "cache", progress=False, threads=threads
+        )
     except ModelError as e:
         pytest.skip(f"default model unavailable: {e}")
     elapsed = time.perf_counter() - t
@@ -417,9 +475,14 @@ def test_tiny_sequence_answers_are_generated_by_the_served_adapters(tiny_run):
                 for row in rows[:2]:
                     for lib in libs:
                         state.fix(lib, [row["served"][lib]])
-                    [text] = generate(model, tok, [row["prompt"]], chat=False,
-                                      max_new_tokens=settings["generation"]["max_new_tokens"],
-                                      stop=settings["generation"]["stop"])
+                    [text] = generate(
+                        model,
+                        tok,
+                        [row["prompt"]],
+                        chat=False,
+                        max_new_tokens=settings["generation"]["max_new_tokens"],
+                        stop=settings["generation"]["stop"],
+                    )
                     assert text == row["generation"], (method, row["id"])
                     checked += 1
     finally:
@@ -443,9 +506,25 @@ def test_tiny_writes_the_results_folder(tiny_run):
             preds = read_kilt_predictions(out / "predictions" / slug / f"{d}.jsonl")
             assert len(preds) == n[d]
     assert results["normalised"]["oracle"]["AVG"] == pytest.approx(100.0)
-    for required in ("base", "oracle", "arrow", "arrow/seq", "spectral", "arrow-mix", "rag", "prag", "r-lag",
-                     "p-lag", "p-lag/seq", "lag@1", "lag@1/seq", "lag@6", "lag@6/seq", "lag@6/seq-task",
-                     "lag-prefix@6"):
+    for required in (
+        "base",
+        "oracle",
+        "arrow",
+        "arrow/seq",
+        "spectral",
+        "arrow-mix",
+        "rag",
+        "prag",
+        "r-lag",
+        "p-lag",
+        "p-lag/seq",
+        "lag@1",
+        "lag@1/seq",
+        "lag@6",
+        "lag@6/seq",
+        "lag@6/seq-task",
+        "lag-prefix@6",
+    ):
         assert required in results["scores"], required
 
 
@@ -491,5 +570,8 @@ def test_bare_fact_checking_pairs_train_under_their_entity():
     # past the cap, bare facts the base model knows come without an adapter; unknown ones are skipped
     known = [False, False, True, False, False, True]
     mixed = fact_checking_pairs(claims, n_pairs=100, context_every=0, max_bare=1, known=known)
-    assert [(p.split("Claim: ")[1].split("\n")[0], u) for p, _, u in mixed[::2]] == [("T0.", "e0"), ("T2.", None),
-                                                                                   ("T5.", None)]
+    assert [(p.split("Claim: ")[1].split("\n")[0], u) for p, _, u in mixed[::2]] == [
+        ("T0.", "e0"),
+        ("T2.", None),
+        ("T5.", None),
+    ]

@@ -137,7 +137,8 @@ KILLED_BUILD = textwrap.dedent("""
         time.sleep(0.05)
         return real(*a)
     L.align = slow
-    L.build_library({out!r}, [{src!r}], base_model="tiny", shapes=L.module_shapes(tiny_llama()), chunk_size=1, progress=False)
+    L.build_library({out!r}, [{src!r}], base_model="tiny", shapes=L.module_shapes(tiny_llama()), chunk_size=1,
+                    progress=False)
 """)
 
 
@@ -205,6 +206,8 @@ MMAP_PROBE = textwrap.dedent("""
 
 def test_opening_maps_instead_of_reading(tmp_path):
     """Peak RSS while opening: the arrows are read, the 128 MB of A*/B* are not."""
-    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, str(tmp_path / "big")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MMAP_PROBE, str(tmp_path / "big")], capture_output=True, text=True, check=True
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["rss_kib"] < 2 * r["arrows_kib"] + 16 * 1024 < r["factors_kib"] / 2, r

@@ -24,8 +24,13 @@ def tiny_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
 def tiny_model(vocab_size: int):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -104,6 +109,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path):
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after the weights were written
+
     monkeypatch.setattr(type(tok), "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         lm.convert_gguf(gguf, target)
@@ -132,6 +138,7 @@ def test_default_model_conversion(monkeypatch, tmp_path):
         if kwargs.get("gguf_file"):
             gguf_loaded.append(model)
         return model
+
     monkeypatch.setattr(lm.AutoModelForCausalLM, "from_pretrained", recording)
 
     model, tok = lm.load_model("default")

@@ -53,8 +53,13 @@ def test_the_readme_snippet_prints_answers_and_a_readable_summary(tmp_path, monk
     names = [e["name"] for e in loralag.experiments.demo.ENTITIES]
     for i, name in enumerate(names):
         save_lora(model, tmp_path / "adapters" / name, seed=i, target_modules=("gate_proj", "up_proj", "down_proj"))
-    build_library(tmp_path / "demo" / "library", [tmp_path / "adapters"], base_model="tiny",
-                  shapes=module_shapes(model), progress=False)
+    build_library(
+        tmp_path / "demo" / "library",
+        [tmp_path / "adapters"],
+        base_model="tiny",
+        shapes=module_shapes(model),
+        progress=False,
+    )
     monkeypatch.setattr(loralag.models, "load_model", lambda spec="default", **kw: (model, tok))
     monkeypatch.setattr(loralag.experiments.demo, "default_workdir", lambda: tmp_path / "demo")
     exec(compile(block("python"), "README.md", "exec"), {})
@@ -104,8 +109,15 @@ def test_sequence_vote_follows_the_question_not_the_chat_template(tmp_path, one_
     words = set(enc["input_ids"][content].tolist()) - set(enc["input_ids"][real & ~content].tolist())
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     template_dir, words_dir = torch.eye(32)[0], torch.eye(32)[1]
     with torch.no_grad():  # the template's tokens point one way, the question's own words another
@@ -120,15 +132,17 @@ def test_sequence_vote_follows_the_question_not_the_chat_template(tmp_path, one_
                     p.copy_(direction[None])
         peft.save_pretrained(str(tmp_path / "adapters" / name))
         model = peft.unload()
-    lib = build_library(tmp_path / "lib", [tmp_path / "adapters"], base_model="tiny", shapes=module_shapes(model),
-                        progress=False)
+    lib = build_library(
+        tmp_path / "lib", [tmp_path / "adapters"], base_model="tiny", shapes=module_shapes(model), progress=False
+    )
 
     state = attach(model, [lib], router="lag", k=2)
     try:
         counted_all = state.vote(enc["input_ids"], enc["attention_mask"])["lib"]
         assert counted_all == ["template"] * len(questions)  # what counting every token would choose
-        assert state.vote(enc["input_ids"], enc["attention_mask"], count_mask=content)["lib"] == \
-            ["question"] * len(questions)
+        assert state.vote(enc["input_ids"], enc["attention_mask"], count_mask=content)["lib"] == ["question"] * len(
+            questions
+        )
         _, trace = generate(model, tok, questions, chat=True, granularity="sequence", max_new_tokens=1, trace=True)
     finally:
         detach(model)

@@ -76,7 +76,7 @@ TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default token pattern
 
 
 def brute_force_bm25(docs, query, k1=1.5, b=0.75):
-    """Okapi BM25, Lucene flavour: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf part tf / (tf + k1 (1 - b + b dl/avgdl)),
+    """Okapi BM25, Lucene's: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf part tf / (tf + k1 (1 - b + b dl/avgdl)),
     summed over the query's tokens (repeats count), no stopwords."""
     toks = [TOKEN.findall(d.lower()) for d in docs]
     n = len(toks)
@@ -99,10 +99,12 @@ def _corpus():
     lama = DATA / "lama-trex" / "P19.jsonl"
     if lama.exists():  # real Wikipedia sentences when the shared data is there
         import json
+
         with open(lama, encoding="utf-8") as fh:
             recs = [json.loads(next(fh)) for _ in range(40)]
-        return [" ".join(e["masked_sentence"].replace("[MASK]", e["obj_surface"]) for e in r["evidences"])
-                for r in recs]
+        return [
+            " ".join(e["masked_sentence"].replace("[MASK]", e["obj_surface"]) for e in r["evidences"]) for r in recs
+        ]
     rng = random.Random(1)
     words = [f"w{i}" for i in range(30)]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 25))) for _ in range(40)]

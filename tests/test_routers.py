@@ -95,8 +95,9 @@ def relaid(bank: ModuleBank, layout: str) -> ModuleBank:
         parts = [(A[:h], B[:h]), (A[h:], B[h:])]
         seg_of = (torch.arange(n) >= h).long()
         row_of = torch.cat([torch.arange(h), torch.arange(n - h)])
-    out = ModuleBank(bank.module, bank.d_in, bank.d_out, bank.names, bank.arrows, bank.ranks, bank.r, parts, seg_of,
-                     row_of)
+    out = ModuleBank(
+        bank.module, bank.d_in, bank.d_out, bank.names, bank.arrows, bank.ranks, bank.r, parts, seg_of, row_of
+    )
     assert not out.direct
     return out
 
@@ -109,8 +110,11 @@ def test_gather_returns_each_adapters_own_factors(layout, order):
     bank, _ = random_bank(n=40, ranks=(4,) * 20 + (2,) * 20)
     other = relaid(bank, layout)
     g = torch.Generator().manual_seed(3)
-    idx = {"sorted": torch.arange(3, 37), "shuffled": torch.randperm(40, generator=g),
-           "repeated": torch.randint(0, 40, (60,), generator=g).sort().values}[order]
+    idx = {
+        "sorted": torch.arange(3, 37),
+        "shuffled": torch.randperm(40, generator=g),
+        "repeated": torch.randint(0, 40, (60,), generator=g).sort().values,
+    }[order]
     A_ref, B_ref = bank.parts[0][0][idx], bank.parts[0][1][idx]
     A, B = other.gather(idx)
     assert torch.equal(A, A_ref) and torch.equal(B, B_ref)
@@ -133,8 +137,11 @@ def test_apply_b_every_path_matches_per_pair_products(adapters, path, monkeypatc
     bank = relaid(bank, "uneven ranks")
     g = torch.Generator().manual_seed(8)
     P = 120
-    pool = {"three": torch.tensor([3, 25, 31]), "few, many pairs each": torch.arange(0, 40, 4),
-            "mostly distinct": torch.arange(40)}[adapters]
+    pool = {
+        "three": torch.tensor([3, 25, 31]),
+        "few, many pairs each": torch.arange(0, 40, 4),
+        "mostly distinct": torch.arange(40),
+    }[adapters]
     adapter = pool[torch.randint(0, len(pool), (P,), generator=g)]
     adapter[::7] = -1
     Z = torch.randn(P, bank.r, generator=g)
@@ -165,7 +172,9 @@ def test_fixed_applies_each_sequences_adapter(layout, L):
 
 @pytest.mark.parametrize("router", ["lag", "arrow-mix"])
 @pytest.mark.parametrize("layout", ["direct", "permuted", "two segments"])
-@pytest.mark.parametrize("chunk_bytes", ["native", None, 24 * 4 * 7, 1])  # the kernel; torch path: default, 7 rows, 1 adapter per chunk
+@pytest.mark.parametrize(
+    "chunk_bytes", ["native", None, 24 * 4 * 7, 1]
+)  # the kernel; torch path: default, 7 rows, 1 adapter per chunk
 def test_union_and_grouped_paths_agree(router, layout, chunk_bytes, monkeypatch):
     if chunk_bytes != "native":
         monkeypatch.setattr(R.kernels, "available", lambda: False)
@@ -275,13 +284,23 @@ def routed_logits(model, lib, router, k, ids):
 
 def test_spectral_equals_brute_force(llama_library, ids):
     model, lib, adapters = llama_library
-    torch.testing.assert_close(routed_logits(model, lib, "spectral", 20, ids), reference_logits(model, adapters, "spectral", 20, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        routed_logits(model, lib, "spectral", 20, ids),
+        reference_logits(model, adapters, "spectral", 20, ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("router,k", [("lag", 2), ("arrow", 1), ("arrow-mix", 3), ("uniform", 1)])
 def test_routers_equal_brute_force_on_model(llama_library, ids, router, k):
     model, lib, adapters = llama_library
-    torch.testing.assert_close(routed_logits(model, lib, router, k, ids), reference_logits(model, adapters, router, k, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        routed_logits(model, lib, router, k, ids),
+        reference_logits(model, adapters, router, k, ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_lag_limits(llama_library, ids):
@@ -289,7 +308,9 @@ def test_lag_limits(llama_library, ids):
     spectral = routed_logits(model, lib, "spectral", 20, ids)
     torch.testing.assert_close(routed_logits(model, lib, "lag", N_ADAPTERS, ids), spectral, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(routed_logits(model, lib, "lag", 100, ids), spectral, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(routed_logits(model, lib, "lag", 1, ids), routed_logits(model, lib, "arrow", 20, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        routed_logits(model, lib, "lag", 1, ids), routed_logits(model, lib, "arrow", 20, ids), atol=1e-5, rtol=1e-5
+    )
     base = model(ids).logits
     assert (spectral - base).abs().max() > 1e-2  # the routed adapters really change the output
     torch.testing.assert_close(routed_logits(model, lib, "none", 20, ids), base, atol=0, rtol=0)
@@ -353,12 +374,15 @@ def test_many_segments_route_like_one(tmp_path, ids):
     for i in range(9):
         save_lora(model, tmp_path / "ads" / f"a{i}", seed=40 + i, r=2 + i % 2, target_modules=("q_proj", "up_proj"))
     shapes = module_shapes(model)
-    many = build_library(tmp_path / "many", [tmp_path / "ads"], base_model="tiny", shapes=shapes, chunk_size=2, progress=False)
+    many = build_library(
+        tmp_path / "many", [tmp_path / "ads"], base_model="tiny", shapes=shapes, chunk_size=2, progress=False
+    )
     many.remove(["a3"])
     one = build_library(tmp_path / "one", [tmp_path / "ads"], base_model="tiny", shapes=shapes, progress=False)
     one.remove(["a3"])
     one.compact()
     assert len({a["segment"] for a in many.adapters}) == 5 and len({a["segment"] for a in one.adapters}) == 1
     for router in ("lag", "spectral", "arrow-mix"):
-        torch.testing.assert_close(routed_logits(model, many, router, 3, ids), routed_logits(model, one, router, 3, ids),
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            routed_logits(model, many, router, 3, ids), routed_logits(model, one, router, 3, ids), atol=1e-6, rtol=1e-6
+        )

@@ -35,9 +35,18 @@ PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
 
 def tiny_long_llama(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=CONTEXT, bos_token_id=2, eos_token_id=3,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -60,15 +69,16 @@ def assets(tmp_path_factory):
 
 
 class Server:
-    """uvicorn in a thread on a free port of 127.0.0.1, configured as `loralag serve` runs it (`config`: its options)."""
+    """uvicorn in a thread on a free port of 127.0.0.1, configured as `loralag serve` runs it (`config`: options)."""
 
     def __init__(self, app, **config):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = app
-        self.server = uvicorn.Server(server_config(app, port=self.port, log_level="warning", timeout_graceful_shutdown=2,
-                                                   **config))
+        self.server = uvicorn.Server(
+            server_config(app, port=self.port, log_level="warning", timeout_graceful_shutdown=2, **config)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -117,8 +127,18 @@ def server(assets):
 def small_server(assets):
     """One sequence at a time, one waiting, 1.5 s per request: for 429, time limits and disconnects."""
     model, tok = served_model(assets)
-    srv = Server(create_app(model, tok, [open_library(assets / "alpha")], k=2, max_batch=1, max_queue=1,
-                            request_timeout=1.5, model_name=MODEL))
+    srv = Server(
+        create_app(
+            model,
+            tok,
+            [open_library(assets / "alpha")],
+            k=2,
+            max_batch=1,
+            max_queue=1,
+            request_timeout=1.5,
+            model_name=MODEL,
+        )
+    )
     yield srv
     srv.stop()
 
@@ -148,8 +168,16 @@ def test_completion_plain_and_streaming(server):
     assert text and r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.prompt_tokens == 9 and r.usage.completion_tokens <= 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    chunks = list(c.completions.create(model=MODEL, prompt="what is the capital of the red moon ?", max_tokens=10,
-                                       temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model=MODEL,
+            prompt="what is the capital of the red moon ?",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
@@ -182,9 +210,14 @@ def test_chat_plain_and_streaming(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == msg.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     # content given as a list of text parts is the same conversation
-    parts = [{"role": "system", "content": [{"type": "text", "text": "ans"}, {"type": "text", "text": "wer"}]}, messages[1]]
-    assert c.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, temperature=0).choices[0].message.content \
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "ans"}, {"type": "text", "text": "wer"}]},
+        messages[1],
+    ]
+    assert (
+        c.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, temperature=0).choices[0].message.content
         == msg.content
+    )
 
 
 def test_greedy_output_equals_generate(server, assets):
@@ -197,21 +230,33 @@ def test_greedy_output_equals_generate(server, assets):
     state.set_router("beta", "none")
     fixed = generate(model, tok, [prompts[0]], max_new_tokens=12)[0]
     for p, want in zip(prompts, routed):
-        got = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
-                                                    max_tokens=12, temperature=0)
+        got = server.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0
+        )
         assert got.choices[0].message.content.strip() == want
-    got = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[0]}],
-                                                max_tokens=12, temperature=0, extra_body={"adapters": {"alpha": "a1"}})
+    got = server.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompts[0]}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"adapters": {"alpha": "a1"}},
+    )
     assert got.choices[0].message.content.strip() == fixed
 
 
 # -- concurrency ------------------------------------------------------------------------------------------------
 async def _concurrent(server, requests):
     async with server.aclient() as client:
+
         async def one(kind, prompt, stream, extra):
             if kind == "chat":
-                args = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
-                            extra_body=extra)
+                args = dict(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=12,
+                    temperature=0,
+                    extra_body=extra,
+                )
                 if not stream:
                     return (await client.chat.completions.create(**args)).choices[0].message.content
                 out = await client.chat.completions.create(**args, stream=True)
@@ -229,11 +274,18 @@ def _sequential(server, requests):
     out = []
     for kind, prompt, _, extra in requests:
         if kind == "chat":
-            r = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=12, temperature=0, extra_body=extra)
+            r = server.client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=12,
+                temperature=0,
+                extra_body=extra,
+            )
             out.append(r.choices[0].message.content)
         else:
-            r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body=extra)
+            r = server.client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body=extra
+            )
             out.append(r.choices[0].text)
     return out
 
@@ -253,11 +305,24 @@ def test_32_concurrent_greedy_requests_equal_one_at_a_time(server):
 
 
 def test_concurrent_requests_with_different_routing_equal_one_at_a_time(server):
-    options = [None, {"adapters": "a1"}, {"router": "arrow"}, {"adapters": {"alpha": "a2", "beta": "b0"}},
-               {"libraries": ["beta"]}, {"router": "none"}, {"k": 1}, {"adapters": "beta/a0"},
-               {"router": "arrow-mix", "k": 2}, {"adapters": ["alpha/a0", "b1"]}, {"router": "spectral"}, {"adapters": "b1"}]
-    requests = [("completion" if i % 2 else "chat", prompt_of(100 + i), i % 4 == 0, options[i % len(options)])
-                for i in range(24)]
+    options = [
+        None,
+        {"adapters": "a1"},
+        {"router": "arrow"},
+        {"adapters": {"alpha": "a2", "beta": "b0"}},
+        {"libraries": ["beta"]},
+        {"router": "none"},
+        {"k": 1},
+        {"adapters": "beta/a0"},
+        {"router": "arrow-mix", "k": 2},
+        {"adapters": ["alpha/a0", "b1"]},
+        {"router": "spectral"},
+        {"adapters": "b1"},
+    ]
+    requests = [
+        ("completion" if i % 2 else "chat", prompt_of(100 + i), i % 4 == 0, options[i % len(options)])
+        for i in range(24)
+    ]
     alone = _sequential(server, requests)
     together = asyncio.run(_concurrent(server, requests))
     assert together == alone
@@ -275,8 +340,12 @@ def test_sampling_options(server):
     assert len({ch.text for ch in a.choices}) > 1  # each choice samples on its own
     assert 3 <= a.usage.completion_tokens <= 36
     # top_p so small that only the most likely token is left: greedy
-    assert c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, top_p=1e-6,
-                                seed=3).choices[0].text == greedy
+    assert (
+        c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
+        .choices[0]
+        .text
+        == greedy
+    )
     # a list of prompts: n choices per prompt, in order
     r = c.completions.create(model=MODEL, prompt=[prompt, "who"], max_tokens=4, temperature=0, n=2)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.choices[0].text == r.choices[1].text
@@ -284,8 +353,9 @@ def test_sampling_options(server):
     messages = [{"role": "user", "content": prompt}]
     plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.2, seed=5, n=2)
     parts = {0: "", 1: ""}
-    for ch in c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=1.2, seed=5, n=2,
-                                        stream=True):
+    for ch in c.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=1.2, seed=5, n=2, stream=True
+    ):
         for choice in ch.choices:
             parts[choice.index] += choice.delta.content or ""
     assert [parts[0], parts[1]] == [ch.message.content for ch in plain.choices]
@@ -297,16 +367,28 @@ def test_sampling_options(server):
 def test_stop_sequences(server):
     c = server.client
     prompt = "what is the capital of the red moon ?"
-    full = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
     words = full.choices[0].text.split(" ")
     assert len(words) > 3
     stop = " " + words[3]
     cut = full.choices[0].text[: full.choices[0].text.index(stop)]
-    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "zzz"],
-                             extra_body={"ignore_eos": True})
+    r = c.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "zzz"], extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=stop, stream=True,
-                                       extra_body={"ignore_eos": True}))
+    chunks = list(
+        c.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in chunks) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
     # max_tokens ends with "length"
@@ -323,8 +405,9 @@ def test_holdback_of_partial_stop_strings():
 # -- routing options --------------------------------------------------------------------------------------------
 def test_routing_summary_and_options(server):
     c = server.client
-    r = c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0,
-                             extra_body={"return_routing": True})
+    r = c.completions.create(
+        model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0, extra_body={"return_routing": True}
+    )
     routing = r.model_extra["routing"]
     assert set(routing) == {"alpha", "beta"}
     alpha = routing["alpha"]
@@ -336,39 +419,75 @@ def test_routing_summary_and_options(server):
     fed = r.usage.prompt_tokens + r.usage.completion_tokens - 1
     assert alpha["routed_tokens"] == fed * 6
     # fixed adapter: every token of alpha goes to it; beta is off
-    r = c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0,
-                             extra_body={"adapters": "a2", "return_routing": True})
+    r = c.completions.create(
+        model=MODEL,
+        prompt="who is the moon",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"adapters": "a2", "return_routing": True},
+    )
     routing = r.model_extra["routing"]
     assert routing["alpha"]["router"] == "fixed" and routing["alpha"]["shares"] == {"a2": 1.0}
     assert routing["beta"] == {"router": "none", "routed_tokens": 0, "adapters_used": 0, "shares": {}}
     # only one library
-    r = c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0,
-                             extra_body={"libraries": ["beta"], "router": "arrow", "return_routing": True})
+    r = c.completions.create(
+        model=MODEL,
+        prompt="who is the moon",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"libraries": ["beta"], "router": "arrow", "return_routing": True},
+    )
     routing = r.model_extra["routing"]
     assert routing["alpha"]["router"] == "none" and routing["beta"]["router"] == "arrow"
     assert routing["beta"]["routed_tokens"] > 0
     # router "none" is the base model: the same as turning every library off by adapters={}
-    base = c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0,
-                                extra_body={"router": "none"}).choices[0].text
-    off = c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0,
-                               extra_body={"adapters": {}}).choices[0].text
+    base = (
+        c.completions.create(
+            model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0, extra_body={"router": "none"}
+        )
+        .choices[0]
+        .text
+    )
+    off = (
+        c.completions.create(
+            model=MODEL, prompt="who is the moon", max_tokens=6, temperature=0, extra_body={"adapters": {}}
+        )
+        .choices[0]
+        .text
+    )
     assert base == off
     # streaming: the last chunk of a choice carries its routing, a final chunk the whole request's
-    chunks = list(c.completions.create(model=MODEL, prompt="who is the moon", max_tokens=4, temperature=0, stream=True,
-                                       extra_body={"adapters": "b0", "return_routing": True}))
+    chunks = list(
+        c.completions.create(
+            model=MODEL,
+            prompt="who is the moon",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            extra_body={"adapters": "b0", "return_routing": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].model_extra["routing"]["beta"]["shares"] == {"b0": 1.0}
     assert chunks[-2].choices[0].model_extra["routing"]["beta"]["shares"] == {"b0": 1.0}
 
 
 def test_metrics_prometheus_text(server):
-    server.client.completions.create(model=MODEL, prompt="the sun", max_tokens=3, temperature=0,
-                                     extra_body={"adapters": "a1"})
+    server.client.completions.create(
+        model=MODEL, prompt="the sun", max_tokens=3, temperature=0, extra_body={"adapters": "a1"}
+    )
     r = server.http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for name in ("loralag_requests_total", "loralag_prompt_tokens_total", "loralag_generation_tokens_total",
-                 "loralag_request_latency_seconds", "loralag_time_to_first_token_seconds", "loralag_queue_depth",
-                 "loralag_running_sequences", "loralag_adapter_routed_tokens_total"):
+    for name in (
+        "loralag_requests_total",
+        "loralag_prompt_tokens_total",
+        "loralag_generation_tokens_total",
+        "loralag_request_latency_seconds",
+        "loralag_time_to_first_token_seconds",
+        "loralag_queue_depth",
+        "loralag_running_sequences",
+        "loralag_adapter_routed_tokens_total",
+    ):
         assert f"# TYPE {name} " in text
     assert server.metric("loralag_requests_total", endpoint="/v1/completions", status="200") >= 1
     assert server.metric("loralag_adapter_routed_tokens_total", library="alpha", adapter="a1") > 0
@@ -376,7 +495,7 @@ def test_metrics_prometheus_text(server):
     assert server.metric("loralag_generation_tokens_total") > 0
     for line in text.splitlines():  # every sample line is `name{labels} number`
         if line and not line.startswith("#"):
-            assert re.fullmatch(r'[a-z_]+(\{[^}]*\})? [-+0-9.eInf]+', line), line
+            assert re.fullmatch(r"[a-z_]+(\{[^}]*\})? [-+0-9.eInf]+", line), line
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
@@ -458,11 +577,13 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, param):
 
 
 def test_bad_input_leaves_the_server_serving(server):
-    for path, body, status, _ in BAD:
+    for path, body, _status, _ in BAD:
         if isinstance(body, bytes):
             server.http.post(path, content=body)
         else:
-            server.http.post(path, json={**body, "stream": True} if isinstance(body, dict) and "stream" not in body else body)
+            server.http.post(
+                path, json={**body, "stream": True} if isinstance(body, dict) and "stream" not in body else body
+            )
     _check_error(server.http.get("/v1/nowhere"), 404)
     _check_error(server.http.get("/v1/completions"), 405)
     assert server.healthy()
@@ -505,8 +626,14 @@ def test_request_past_its_time_limit_is_ended(small_server):
     assert err["code"] == "request_timeout" and time.monotonic() - t0 < 10
     # streaming: the stream carries the error event, then [DONE]
     with pytest.raises(openai.APIError) as e:
-        for _ in srv.client.completions.create(model=MODEL, prompt=body["prompt"], max_tokens=3000, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True}):
+        for _ in srv.client.completions.create(
+            model=MODEL,
+            prompt=body["prompt"],
+            max_tokens=3000,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
             pass
     assert "time limit" in str(e.value)
     assert srv.healthy()
@@ -573,9 +700,14 @@ def test_lag_prefix_per_request_equals_generate_alone_and_batched(server, assets
     prompts = [prompt_of(200 + i) for i in range(4)]
     want = [generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
     extra = {"router": "lag-prefix"}
-    got = [server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12,
-                                                 temperature=0, extra_body=extra).choices[0].message.content.strip()
-           for p in prompts]
+    got = [
+        server.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0, extra_body=extra
+        )
+        .choices[0]
+        .message.content.strip()
+        for p in prompts
+    ]
     assert got == want
     requests = [("chat", prompts[i % 4], i % 2 == 0, extra if i % 3 else {"router": "lag"}) for i in range(12)]
     together = asyncio.run(_concurrent(server, requests))

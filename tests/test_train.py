@@ -18,8 +18,10 @@ TEXT = (
     "The Zorblax accord was signed in 2031 by seven mining guilds of Tessaly . "
     "It banned the harvest of blue ice and created a council of nine wardens ."
 )
-PAIRS = [("Q: who signed the Zorblax accord ? A:", "seven mining guilds of Tessaly"),
-         ("Q: what did it ban ? A:", "the harvest of blue ice")]
+PAIRS = [
+    ("Q: who signed the Zorblax accord ? A:", "seven mining guilds of Tessaly"),
+    ("Q: what did it ban ? A:", "the harvest of blue ice"),
+]
 FAST = TrainConfig(steps=12, lr=1e-2)
 
 
@@ -36,8 +38,13 @@ def tok():
 def model(tok):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=len(tok),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -90,8 +97,9 @@ def test_finished_adapter_is_not_trained_again(model, tok, tmp_path, caplog):
     # Other text or another config: retrained in place.
     changed = lt.train_adapter(model, tok, Document("zorblax", TEXT + " extra"), tmp_path, FAST)
     assert not changed.skipped and weights.stat().st_mtime_ns != mtime
-    assert not lt.train_adapter(model, tok, Document("zorblax", TEXT + " extra"), tmp_path,
-                                TrainConfig(steps=12, lr=1e-2, r=4)).skipped
+    assert not lt.train_adapter(
+        model, tok, Document("zorblax", TEXT + " extra"), tmp_path, TrainConfig(steps=12, lr=1e-2, r=4)
+    ).skipped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zorblax"]  # no temp leftovers
 
 
@@ -138,6 +146,7 @@ def test_failed_training_leaves_no_adapter(model, tok, tmp_path, monkeypatch):
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(PeftModel, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         lt.train_adapter(model, tok, Document("zorblax", TEXT), tmp_path, FAST)
@@ -161,12 +170,12 @@ def test_recall_pairs():
 
 def test_read_training_inputs(tmp_path):
     (tmp_path / "accord.txt").write_text(TEXT)
-    (tmp_path / "quiz.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": p, "answer": a}) for p, a in PAIRS) + "\n\n"
-    )
+    (tmp_path / "quiz.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a}) for p, a in PAIRS) + "\n\n")
     (tmp_path / "docs.jsonl").write_text(
-        json.dumps({"name": "one", "text": "first doc"}) + "\n"
-        + json.dumps({"name": "two", "text": "second doc", "extra_texts": ["2nd doc"]}) + "\n"
+        json.dumps({"name": "one", "text": "first doc"})
+        + "\n"
+        + json.dumps({"name": "two", "text": "second doc", "extra_texts": ["2nd doc"]})
+        + "\n"
     )
     (tmp_path / "notes.md").write_text("ignored in folders")
     items = lt.read_training_inputs([tmp_path])
@@ -177,8 +186,12 @@ def test_read_training_inputs(tmp_path):
         QAPairs("quiz", PAIRS),
     ]
     assert lt.read_training_inputs([tmp_path / "accord.txt"]) == [Document("accord", TEXT)]
-    (tmp_path / "checks.jsonl").write_text(json.dumps({"prompt": "p1", "answer": "a1", "under": "ads/k"}) + "\n"
-                                           + json.dumps({"prompt": "p2", "answer": "a2"}) + "\n")
+    (tmp_path / "checks.jsonl").write_text(
+        json.dumps({"prompt": "p1", "answer": "a1", "under": "ads/k"})
+        + "\n"
+        + json.dumps({"prompt": "p2", "answer": "a2"})
+        + "\n"
+    )
     [checks] = lt.read_training_inputs([tmp_path / "checks.jsonl"])
     assert checks == QAPairs("checks", [("p1", "a1"), ("p2", "a2")], [str(tmp_path / "ads" / "k"), None])
 
@@ -231,9 +244,16 @@ def group_items():
     return [
         Document("accord", TEXT),
         QAPairs("quiz", PAIRS),
-        Document("council", "The council of nine wardens meets in Tessaly .", extra_texts=[
-            "nine wardens", "The council banned the harvest of blue ice in 2031 .",
-            "It was signed by seven mining guilds .", "blue ice of Tessaly"]),
+        Document(
+            "council",
+            "The council of nine wardens meets in Tessaly .",
+            extra_texts=[
+                "nine wardens",
+                "The council banned the harvest of blue ice in 2031 .",
+                "It was signed by seven mining guilds .",
+                "blue ice of Tessaly",
+            ],
+        ),
         Document("guilds", "seven mining guilds"),
         QAPairs("ban", [PAIRS[1]]),
     ]
@@ -255,7 +275,9 @@ def test_grouped_training_equals_one_at_a_time(model, tok, tmp_path, one_thread)
     ids = tok(TEXT, return_tensors="pt").input_ids
     for a, b in zip(single, grouped):
         assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
-        assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
+        assert json.loads((a / "adapter_config.json").read_text()) == json.loads(
+            (b / "adapter_config.json").read_text()
+        )
         wa, wb = weights(a), weights(b)
         assert wa.keys() == wb.keys() and len(wa) == 2 * 3 * 2  # A and B, 3 targets, 2 layers, PEFT's key names
         assert any(wa[k].abs().max() > 0.01 for k in wa if "lora_B" in k)  # trained, not the zero init
@@ -291,20 +313,28 @@ def test_each_adapter_starts_from_its_own_init(model, tok, tmp_path):
     different A (0 steps: the saved adapter is PEFT's init), the same name from the same A whatever the base
     seed's other adapters, and the marker records the seed."""
     cfg = TrainConfig(steps=0)
-    a, b = lt.train_adapters(model, tok, [Document("accord", TEXT), Document("council", TEXT)], tmp_path / "x", cfg,
-                             progress=False)
+    a, b = lt.train_adapters(
+        model, tok, [Document("accord", TEXT), Document("council", TEXT)], tmp_path / "x", cfg, progress=False
+    )
     wa, wb = weights(a), weights(b)
     key = next(k for k in wa if "lora_A" in k)
     assert not torch.allclose(wa[key], wb[key])  # same text, other names: other inits
     assert lt._read_marker(a)["seed"] == lt.adapter_seed(0, "accord") != lt.adapter_seed(0, "council")
     [again] = lt.train_adapters(model, tok, [Document("accord", "other text")], tmp_path / "y", cfg, progress=False)
     assert all(torch.equal(wa[k], weights(again)[k]) for k in wa)  # the init depends on the name, not the text
-    [other_base] = lt.train_adapters(model, tok, [Document("accord", TEXT)], tmp_path / "z", TrainConfig(steps=0, seed=1),
-                                     progress=False)
+    [other_base] = lt.train_adapters(
+        model, tok, [Document("accord", TEXT)], tmp_path / "z", TrainConfig(steps=0, seed=1), progress=False
+    )
     assert not torch.allclose(wa[key], weights(other_base)[key])
-    assert lt.adapter_seed(0, "accord") == lt.adapter_seed(0, "accord") and 0 <= lt.adapter_seed(7, "x") < 2 ** 63
-    shared = lt.train_adapters(model, tok, [Document("accord", TEXT), Document("council", TEXT)], tmp_path / "s",
-                               TrainConfig(steps=0, shared_init=True), progress=False)
+    assert lt.adapter_seed(0, "accord") == lt.adapter_seed(0, "accord") and 0 <= lt.adapter_seed(7, "x") < 2**63
+    shared = lt.train_adapters(
+        model,
+        tok,
+        [Document("accord", TEXT), Document("council", TEXT)],
+        tmp_path / "s",
+        TrainConfig(steps=0, shared_init=True),
+        progress=False,
+    )
     assert torch.equal(weights(shared[0])[key], weights(shared[1])[key])  # the old way: one init for all
 
 
@@ -314,8 +344,14 @@ def test_grouped_cache_skips_finished_adapters(model, tok, tmp_path, monkeypatch
     mtimes = {p.name: (p / "adapter_model.safetensors").stat().st_mtime_ns for p in done}
     trained_groups, singles = [], []
     train_group, train_into = lt._train_group, lt._train_into
-    monkeypatch.setattr(lt, "_train_group", lambda model, group, *a: (
-        trained_groups.append(sorted(job.name for job in group)), train_group(model, group, *a))[1])
+    monkeypatch.setattr(
+        lt,
+        "_train_group",
+        lambda model, group, *a: (
+            trained_groups.append(sorted(job.name for job in group)),
+            train_group(model, group, *a),
+        )[1],
+    )
     monkeypatch.setattr(lt, "_train_into", lambda *a: (singles.append(a), train_into(*a))[1])
 
     with caplog.at_level(logging.INFO, logger="loralag.training.train"):
@@ -362,8 +398,11 @@ def test_grouped_training_leaves_base_untouched(model, tok, tmp_path, monkeypatc
         if fail_in == "saving" or len(calls) == 3:
             raise KeyboardInterrupt
         return clip(*args, **kwargs)
+
     clip = lt._clip_per_adapter
-    monkeypatch.setattr(*((lt, "_clip_per_adapter") if fail_in == "training" else (PeftModel, "save_pretrained")), killed)
+    monkeypatch.setattr(
+        *((lt, "_clip_per_adapter") if fail_in == "training" else (PeftModel, "save_pretrained")), killed
+    )
     (tmp_path / "killed").mkdir()
     with pytest.raises(KeyboardInterrupt):
         lt.train_adapters(model, tok, items, tmp_path / "killed", GROUP_CFG, progress=False, group_size=3)
@@ -388,8 +427,9 @@ def test_dropout_falls_back_to_one_at_a_time(model, tok, tmp_path, monkeypatch, 
 
 
 # ---------------------------------------------------------------- training under frozen adapters
-UNDER_CFG = TrainConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, steps=4, lr=1e-2,
-                        batch_size=2)
+UNDER_CFG = TrainConfig(
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, steps=4, lr=1e-2, batch_size=2
+)
 KNOWLEDGE = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -413,10 +453,12 @@ def test_training_under_a_frozen_adapter_equals_training_on_it_merged(model, tok
 
     know = save_lora(model, tmp_path / "know", seed=5, r=3, alpha=30, target_modules=KNOWLEDGE)
     before, types = snapshot(model), module_types(model)
-    [under] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS, under=[know, know])], tmp_path / "u", UNDER_CFG,
-                                progress=False)
-    [ref] = lt.train_adapters(merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG,
-                              progress=False)
+    [under] = lt.train_adapters(
+        model, tok, [QAPairs("task", PAIRS, under=[know, know])], tmp_path / "u", UNDER_CFG, progress=False
+    )
+    [ref] = lt.train_adapters(
+        merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG, progress=False
+    )
     wu, wr = weights(under), weights(ref)
     assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
     for k in wr:
@@ -437,8 +479,9 @@ def test_each_row_trains_under_its_own_adapter(model, tok, tmp_path, one_thread)
     k2 = save_lora(model, tmp_path / "k2", seed=2, r=2, alpha=20, target_modules=("up_proj",))  # other rank, one module
     pairs = [*PAIRS, ("Q: when was it signed ? A:", "in 2031")]
     cfg = TrainConfig(**{**asdict(UNDER_CFG), "batch_size": 3})  # one batch holds every row: first_loss covers all
-    [path] = lt.train_adapters(model, tok, [QAPairs("task", pairs, under=[k1, None, k2])], tmp_path / "t", cfg,
-                               progress=False)
+    [path] = lt.train_adapters(
+        model, tok, [QAPairs("task", pairs, under=[k1, None, k2])], tmp_path / "t", cfg, progress=False
+    )
     # PEFT starts B at zero, so the first loss is the frozen adapters' alone: each row's through its own merge
     rows = [row_loss_sum(m, tok, *pair) for m, pair in zip([merged(model, k1), model, merged(model, k2)], pairs)]
     expected = sum(s for s, _ in rows) / sum(n for _, n in rows)
@@ -458,8 +501,15 @@ def test_under_is_part_of_the_cache_key(model, tok, tmp_path, caplog, one_thread
     assert not lt.train_adapter(model, tok, item, tmp_path / "out", UNDER_CFG).skipped
     # grouped training trains items with frozen adapters one at a time
     with caplog.at_level(logging.WARNING, logger="loralag.training.train"):
-        lt.train_adapters(model, tok, [QAPairs("a", PAIRS, under=[know, know]), QAPairs("b", PAIRS)],
-                          tmp_path / "g", UNDER_CFG, progress=False, group_size=2)
+        lt.train_adapters(
+            model,
+            tok,
+            [QAPairs("a", PAIRS, under=[know, know]), QAPairs("b", PAIRS)],
+            tmp_path / "g",
+            UNDER_CFG,
+            progress=False,
+            group_size=2,
+        )
     assert "frozen adapters" in caplog.text
 
 
@@ -468,9 +518,11 @@ def test_bad_under(model, tok, tmp_path):
 
     know = save_lora(model, tmp_path / "know", seed=5, target_modules=KNOWLEDGE)
     attn = save_lora(model, tmp_path / "attn", seed=5, target_modules=("q_proj",))
-    cases = [(QAPairs("t", PAIRS, under=[know]), "names 1 adapters for 2 pairs"),
-             (QAPairs("t", PAIRS, under=[attn, None]), r"target \['q_proj'\], which the adapter being trained"),
-             (QAPairs("t", PAIRS, under=[tmp_path / "missing", None]), "missing is not a folder")]
+    cases = [
+        (QAPairs("t", PAIRS, under=[know]), "names 1 adapters for 2 pairs"),
+        (QAPairs("t", PAIRS, under=[attn, None]), r"target \['q_proj'\], which the adapter being trained"),
+        (QAPairs("t", PAIRS, under=[tmp_path / "missing", None]), "missing is not a folder"),
+    ]
     for item, message in cases:
         with pytest.raises(LoralagError, match=message):
             lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)

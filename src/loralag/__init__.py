@@ -6,12 +6,21 @@ Names are imported on first use, so `import loralag` (and the CLI's --help) does
 from importlib import import_module
 
 _EXPORTS = {
-    "AdapterError": "errors", "LibraryError": "errors", "LoralagError": "errors", "ModelError": "errors",
-    "LoraAdapter": "library.adapters", "read_adapter": "library.adapters",
+    "AdapterError": "errors",
+    "LibraryError": "errors",
+    "LoralagError": "errors",
+    "ModelError": "errors",
+    "LoraAdapter": "library.adapters",
+    "read_adapter": "library.adapters",
     "align": "library.alignment",
-    "Library": "library.store", "build_library": "library.store", "open_library": "library.store",
-    "attach": "routing.state", "detach": "routing.state", "routing_state": "routing.state",
-    "ROUTERS": "routing.routers", "RouteSpec": "routing.routers",
+    "Library": "library.store",
+    "build_library": "library.store",
+    "open_library": "library.store",
+    "attach": "routing.state",
+    "detach": "routing.state",
+    "routing_state": "routing.state",
+    "ROUTERS": "routing.routers",
+    "RouteSpec": "routing.routers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,7 +21,7 @@ import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import List, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -61,8 +61,9 @@ class _Command(TyperCommand):
             if flag == "--":
                 break
             if flag in flags and value.lower() in _BOOL_WORDS:
-                raise typer.BadParameter(f"a flag takes no value: write '{flag}' alone, not '{flag} {value}'",
-                                         ctx=ctx, param_hint=flag)
+                raise typer.BadParameter(
+                    f"a flag takes no value: write '{flag}' alone, not '{flag} {value}'", ctx=ctx, param_hint=flag
+                )
         return super().parse_args(ctx, args)
 
 
@@ -114,21 +115,24 @@ def user_errors(fn):
             fail(str(e))
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
 # -- checks made before anything heavy is imported or loaded ------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def router_names() -> tuple[str, ...]:
     """The keys of loralag.routing.routers.ROUTERS, read from routers.py's source: checking a router name then costs no
     torch import (1-2 s). Falls back to importing the module if ROUTERS is not a plain dict literal there."""
     try:
         tree = ast.parse((Path(__file__).parent / "routing" / "routers.py").read_text(encoding="utf-8"))
         for node in tree.body:
-            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-                getattr(node, "target", None)
+            target = (
+                node.targets[0]
+                if isinstance(node, ast.Assign) and len(node.targets) == 1
+                else getattr(node, "target", None)
+            )
             if isinstance(target, ast.Name) and target.id == "ROUTERS" and isinstance(node.value, ast.Dict):
                 names = tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
                 if len(names) == len(node.value.keys):
@@ -141,8 +145,10 @@ def router_names() -> tuple[str, ...]:
 
 
 # Routers a command cannot use, and why (every other name of ROUTERS is offered).
-NO_FIXED_CLI = ("it needs the adapter of every sequence, which this command cannot be given (use "
-                "`loralag eval --adapter/--adapter-map`, or RoutingState.fix in Python)")
+NO_FIXED_CLI = (
+    "it needs the adapter of every sequence, which this command cannot be given (use "
+    "`loralag eval --adapter/--adapter-map`, or RoutingState.fix in Python)"
+)
 NO_FIXED_SERVE = "it is chosen per request: send router 'fixed' with 'adapters' in the request body"
 NO_FIXED_DEMO = "the demo's Oracle column is what 'fixed' does; its LAG column needs a routing router"
 
@@ -156,7 +162,9 @@ def _check_router(router: str, refused: str | None = None) -> None:
     """An unknown router name, or 'fixed' where the command cannot use it (`refused` says why), fails at once."""
     names = router_names()
     if router not in names:
-        fail(f"unknown router '{router}'; choose one of {', '.join(n for n in names if refused is None or n != 'fixed')}")
+        fail(
+            f"unknown router '{router}'; choose one of {', '.join(n for n in names if refused is None or n != 'fixed')}"
+        )
     if router == "fixed" and refused is not None:
         fail(f"--router fixed cannot be used here: {refused}")
 
@@ -220,11 +228,14 @@ def _prepare_model(spec: str, status) -> None:
     status.update(f"Loading torch and transformers for model '{spec}' …")
     _quiet_warnings()
     from loralag import models
+
     if spec == "default":
         target = models.cache_dir() / "models" / models.DEFAULT_MODEL_NAME
         if not all((target / name).is_file() for name in models._CONVERTED_FILES):
-            status.update(f"First use of the default model: converting the bundled {models.DEFAULT_GGUF_FILE} "
-                          f"into {target} (once, about half a minute) …")
+            status.update(
+                f"First use of the default model: converting the bundled {models.DEFAULT_GGUF_FILE} "
+                f"into {target} (once, about half a minute) …"
+            )
             models.default_model_dir()
 
 
@@ -281,7 +292,7 @@ CHUNK_HELP = "Adapters aligned and stored per segment file."
 @user_errors
 def build(
     out: Path = typer.Argument(..., metavar="LIB", help="Library folder to create (or resume, or extend)."),
-    adapters: List[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Storage dtype of the aligned factors."),
     replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
@@ -292,8 +303,16 @@ def build(
     shapes = _model_shapes(model)
     from loralag.library.store import build_library
 
-    lib = build_library(out, adapters, base_model=model, shapes=shapes, dtype=dtype.value,
-                        replace=replace, chunk_size=chunk_size, progress=True)
+    lib = build_library(
+        out,
+        adapters,
+        base_model=model,
+        shapes=shapes,
+        dtype=dtype.value,
+        replace=replace,
+        chunk_size=chunk_size,
+        progress=True,
+    )
     console.print(f"[green]library[/] {lib.path}: {len(lib)} adapters for base model '{lib.base_model}'")
 
 
@@ -301,7 +320,7 @@ def build(
 @user_errors
 def add(
     library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
-    adapters: List[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
+    adapters: list[Path] = typer.Argument(..., metavar="ADAPTERS", exists=True, help=ADAPTERS_HELP),
     replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
     chunk_size: int = typer.Option(128, "--chunk-size", min=1, help=CHUNK_HELP),
 ):
@@ -315,7 +334,7 @@ def add(
 @user_errors
 def remove(
     library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
-    names: List[str] = typer.Argument(..., metavar="NAMES", help="Adapter names to remove."),
+    names: list[str] = typer.Argument(..., metavar="NAMES", help="Adapter names to remove."),
 ):
     """Remove adapters from a library (run `compact` to reclaim their space)."""
     lib = _open(library)
@@ -362,12 +381,23 @@ def info(
     console.print(table)
     if adapters:
         rows = Table(title="Adapters", header_style="bold", title_justify="left")
-        for col, just in (("name", "left"), ("rank", "right"), ("alpha", "right"), ("modules", "right"), ("source", "left")):
+        for col, just in (
+            ("name", "left"),
+            ("rank", "right"),
+            ("alpha", "right"),
+            ("modules", "right"),
+            ("source", "left"),
+        ):
             rows.add_column(col, justify=just, overflow="fold")
         for a in lib.adapters:
             alpha = a.get("alpha")
-            rows.add_row(a["name"], str(a["rank"]), "—" if alpha is None else f"{alpha:g}" + (" (rs)" if a.get("use_rslora") else ""),
-                         str(len(a["target_modules"])), str(a.get("source", "")))
+            rows.add_row(
+                a["name"],
+                str(a["rank"]),
+                "—" if alpha is None else f"{alpha:g}" + (" (rs)" if a.get("use_rslora") else ""),
+                str(len(a["target_modules"])),
+                str(a.get("source", "")),
+            )
         console.print(rows)
 
 
@@ -376,7 +406,9 @@ def info(
 def export(
     library: Path = typer.Argument(..., metavar="LIB", help=LIBRARY_HELP),
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write PEFT adapter folders into."),
-    adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-n", help="Adapter to export (repeatable; default all)."),
+    adapter: Optional[list[str]] = typer.Option(
+        None, "--adapter", "-n", help="Adapter to export (repeatable; default all)."
+    ),
 ):
     """Write adapters back out as PEFT LoRA folders."""
     lib = _open(library)
@@ -391,23 +423,33 @@ def export(
 @user_errors
 def train(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write one PEFT adapter folder per input into."),
-    inputs: List[Path] = typer.Argument(..., metavar="INPUTS", exists=True,
-                                        help=".txt documents, .jsonl files (prompt/answer or name/text lines), or folders of them."),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        metavar="INPUTS",
+        exists=True,
+        help=".txt documents, .jsonl files (prompt/answer or name/text lines), or folders of them.",
+    ),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    target_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--target-modules", "-t",
-                                       help="Comma-separated module names to adapt."),
+    target_modules: str = typer.Option(
+        "gate_proj,up_proj,down_proj", "--target-modules", "-t", help="Comma-separated module names to adapt."
+    ),
     rank: int = typer.Option(6, "--rank", "--r", "-r", min=1, help="LoRA rank r of each adapter."),
     alpha: int = typer.Option(12, "--alpha", min=1, help="LoRA alpha (the update is scaled by alpha / rank)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per adapter (default 30)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", min=0.0,
-                                           help="Instead of --steps: passes over each input's examples."),
+    epochs: Optional[float] = typer.Option(
+        None, "--epochs", min=0.0, help="Instead of --steps: passes over each input's examples."
+    ),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Training examples per optimizer step."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Learning rate."),
     max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per training window."),
-    group_size: int = typer.Option(1, "--group-size", min=1,
-                                   help="Adapters trained together per forward/backward, each row through its own "
-                                        "LoRA (the same adapters as one at a time; not faster on CPU, see "
-                                        "benchmarks/results/train.md)."),
+    group_size: int = typer.Option(
+        1,
+        "--group-size",
+        min=1,
+        help="Adapters trained together per forward/backward, each row through its own "
+        "LoRA (the same adapters as one at a time; not faster on CPU, see "
+        "benchmarks/results/train.md).",
+    ),
 ):
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
@@ -450,7 +492,10 @@ def train(
 LIBRARIES_HELP = "Library to route over (repeatable; each is routed by its own router)."
 K_HELP = "Arrow candidates per token for lag / arrow-mix."
 NPROBE_HELP = "Use the library's arrow index (`loralag index`), scanning this many clusters per token."
-GRANULARITY_HELP = "token: every token routed on its own (the paper); sequence: each library's majority adapter over the prompt serves the whole answer."
+GRANULARITY_HELP = (
+    "token: every token routed on its own (the paper); sequence: each library's majority adapter over the prompt "
+    "serves the whole answer."
+)
 CHAT_HELP = "Wrap each prompt in the tokenizer's chat template (--no-chat: plain completion)."
 THREADS_HELP = "CPU threads for torch (default torch's; on a busy machine 1 is often fastest)."
 
@@ -458,9 +503,9 @@ THREADS_HELP = "CPU threads for torch (default torch's; on a busy machine 1 is o
 @app.command()
 @user_errors
 def generate(
-    prompt: List[str] = typer.Argument(..., metavar="PROMPTS", help="Prompt(s); several are generated as one batch."),
+    prompt: list[str] = typer.Argument(..., metavar="PROMPTS", help="Prompt(s); several are generated as one batch."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    library: Optional[list[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
     router: str = typer.Option("lag", "--router", help=_router_help("Router", refused=NO_FIXED_CLI)),
     k: int = typer.Option(20, "--k", min=1, help=K_HELP),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", min=1, help=NPROBE_HELP),
@@ -492,8 +537,16 @@ def generate(
     try:
         want_trace = bool(libs) and (show_routing or heatmap is not None)
         with waiting(f"Generating up to {max_new_tokens} tokens for {len(prompt)} prompt(s) …"):
-            result = gen.generate(model_, tokenizer, list(prompt), max_new_tokens=max_new_tokens, chat=chat,
-                                  greedy=not sample, trace=want_trace, granularity=granularity.value)
+            result = gen.generate(
+                model_,
+                tokenizer,
+                list(prompt),
+                max_new_tokens=max_new_tokens,
+                chat=chat,
+                greedy=not sample,
+                trace=want_trace,
+                granularity=granularity.value,
+            )
         texts, trace = result if want_trace else (result, None)
     finally:
         detach(model_)
@@ -534,15 +587,20 @@ def index(
 @user_errors
 def serve(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
-    router: str = typer.Option("lag", "--router", help=_router_help("Default router of every request (a request "
-                                                                    "may name its own)", refused=NO_FIXED_SERVE)),
+    library: Optional[list[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    router: str = typer.Option(
+        "lag",
+        "--router",
+        help=_router_help("Default router of every request (a request may name its own)", refused=NO_FIXED_SERVE),
+    ),
     k: int = typer.Option(20, "--k", min=1, help=K_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before answering 429."),
-    request_timeout: float = typer.Option(120.0, "--request-timeout", min=0.0, help="Seconds before a request is ended."),
+    request_timeout: float = typer.Option(
+        120.0, "--request-timeout", min=0.0, help="Seconds before a request is ended."
+    ),
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions) routing every request."""
     _check_router(router, refused=NO_FIXED_SERVE)
@@ -554,31 +612,61 @@ def serve(
         import uvicorn  # noqa: F401  (imported here, behind the spinner)
 
         from loralag.serve.app import serve as run_server
-    console.print(f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port}",
-                  highlight=False)
-    run_server(model, [str(p) for p in library or []], router=router, k=k, host=host, port=port,
-               max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
+    console.print(
+        f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port}",
+        highlight=False,
+    )
+    run_server(
+        model,
+        [str(p) for p in library or []],
+        router=router,
+        k=k,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+    )
 
 
 @app.command()
 @user_errors
 def bench(
-    size: str = typer.Option("tiny", "--size", help="tiny (minutes, in the test suite), small (12 entities) or full "
-                                                    "(200 knowledge adapters, the README's run)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder of LAMA T-REx relation files (default "
-                                        "$LORALAG_LAMA_DATA, else ../shared/data/lama-trex)."),
+    size: str = typer.Option(
+        "tiny",
+        "--size",
+        help="tiny (minutes, in the test suite), small (12 entities) or full "
+        "(200 knowledge adapters, the README's run).",
+    ),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help="Folder of LAMA T-REx relation files (default $LORALAG_LAMA_DATA, else ../shared/data/lama-trex).",
+    ),
     out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes answering the questions "
-                                          "(default: 2 when torch has 2+ threads and there are 8+ batches)."),
-    eval_dtype: Optional[Dtype] = typer.Option(None, "--eval-dtype",
-                                               help="The model's dtype while answering (default: the size's; full: bfloat16)."),
-    fc_form: FcForm = typer.Option(FcForm.label, "--fc-form", help="Fact checking's answer: the bare label, as KILT's "
-                                   "FEVER is scored (default), or 'recall': the object, then the verdict (harder for "
-                                   "per-token routing)."),
-    shared_init: bool = typer.Option(False, "--shared-init", help="Train every adapter from one LoRA init (loralag "
-                                     "0.1's way), to measure what distinct inits do."),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Processes answering the questions (default: 2 when torch has 2+ threads and there are 8+ batches).",
+    ),
+    eval_dtype: Optional[Dtype] = typer.Option(
+        None, "--eval-dtype", help="The model's dtype while answering (default: the size's; full: bfloat16)."
+    ),
+    fc_form: FcForm = typer.Option(
+        FcForm.label,
+        "--fc-form",
+        help="Fact checking's answer: the bare label, as KILT's "
+        "FEVER is scored (default), or 'recall': the object, then the verdict (harder for "
+        "per-token routing).",
+    ),
+    shared_init: bool = typer.Option(
+        False,
+        "--shared-init",
+        help="Train every adapter from one LoRA init (loralag 0.1's way), to measure what distinct inits do.",
+    ),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
     from loralag.experiments.lama.config import default_data_dir, size_config
@@ -588,14 +676,24 @@ def bench(
     size_config(size)  # an unknown size fails here
     data = data if data is not None else default_data_dir()
     if not data.is_dir():
-        raise LoralagError(f"no LAMA data folder at {data} (give --data DIR or set LORALAG_LAMA_DATA; see the "
-                           "README's 'Test data')")
+        raise LoralagError(
+            f"no LAMA data folder at {data} (give --data DIR or set LORALAG_LAMA_DATA; see the README's 'Test data')"
+        )
     _check_model(model)
     with waiting(f"Loading torch and model '{model}' …") as status:
         _prepare_model(model, status)
-    results = run_bench(size, data_dir=data, out_dir=out, model_spec=model, threads=threads, workers=workers,
-                        console=console, eval_dtype=eval_dtype.value if eval_dtype else None,
-                        fc_form=fc_form.value, shared_init=shared_init or None)
+    results = run_bench(
+        size,
+        data_dir=data,
+        out_dir=out,
+        model_spec=model,
+        threads=threads,
+        workers=workers,
+        console=console,
+        eval_dtype=eval_dtype.value if eval_dtype else None,
+        fc_form=fc_form.value,
+        shared_init=shared_init or None,
+    )
     print_summary(results, console)
 
 
@@ -603,35 +701,61 @@ def bench(
 @app.command("eval")
 @user_errors
 def eval_command(
-    data: List[Path] = typer.Argument(..., metavar="DATA",
-                                      help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."),
-    predictions: Optional[List[str]] = typer.Option(
-        None, "--predictions", "-p",
+    data: list[Path] = typer.Argument(
+        ..., metavar="DATA", help="Data files: KILT jsonl (any task), NQ-open, FEVER (original), LAMA T-REx."
+    ),
+    predictions: Optional[list[str]] = typer.Option(
+        None,
+        "--predictions",
+        "-p",
         help="KILT-format predictions: a file (one data file) or a folder of <data-file-stem>.jsonl; "
-             "NAME=PATH to name the method (repeatable, to compare methods)."),
-    oracle: Optional[str] = typer.Option(None, "--oracle",
-                                         help="Method to normalise by (Eq. 9); default 'oracle' when one is named so."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                       help="Write scores.json and scores.md here (and, with --model, the predictions)."),
-    task: Optional[List[str]] = typer.Option(None, "--task", help="Force the task of KILT files: TASK, or STEM=TASK (repeatable)."),
-    strict: bool = typer.Option(False, "--strict", help="A missing prediction is an error (as in the official scorer), not a wrong answer."),
+        "NAME=PATH to name the method (repeatable, to compare methods).",
+    ),
+    oracle: Optional[str] = typer.Option(
+        None, "--oracle", help="Method to normalise by (Eq. 9); default 'oracle' when one is named so."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Write scores.json and scores.md here (and, with --model, the predictions)."
+    ),
+    task: Optional[list[str]] = typer.Option(
+        None, "--task", help="Force the task of KILT files: TASK, or STEM=TASK (repeatable)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="A missing prediction is an error (as in the official scorer), not a wrong answer."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples of each data file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Generate predictions with this model ('default', a folder or a hub id)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Method name of the generated predictions (default: the router, or 'base')."),
-    library: Optional[List[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
-    router: str = typer.Option("lag", "--router", help=_router_help("Router of the generated predictions ('fixed' with "
-                                                                    "--adapter or --adapter-map)")),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Generate predictions with this model ('default', a folder or a hub id)."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Method name of the generated predictions (default: the router, or 'base')."
+    ),
+    library: Optional[list[Path]] = typer.Option(None, "--library", "-l", help=LIBRARIES_HELP),
+    router: str = typer.Option(
+        "lag",
+        "--router",
+        help=_router_help("Router of the generated predictions ('fixed' with --adapter or --adapter-map)"),
+    ),
     k: int = typer.Option(20, "--k", min=1, help=K_HELP),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", "--arrow-index", min=1, help=NPROBE_HELP),
     granularity: Granularity = typer.Option(Granularity.token, "--granularity", help=GRANULARITY_HELP),
-    adapter: Optional[List[str]] = typer.Option(None, "--adapter", "-a",
-                                                help="Fix a library to this adapter (LIB/NAME or NAME) for every example."),
-    adapter_map: Optional[Path] = typer.Option(None, "--adapter-map", exists=True,
-                                               help="JSON {example id: LIB/NAME or [..]}: fixed adapters per example (an Oracle)."),
+    adapter: Optional[list[str]] = typer.Option(
+        None, "--adapter", "-a", help="Fix a library to this adapter (LIB/NAME or NAME) for every example."
+    ),
+    adapter_map: Optional[Path] = typer.Option(
+        None,
+        "--adapter-map",
+        exists=True,
+        help="JSON {example id: LIB/NAME or [..]}: fixed adapters per example (an Oracle).",
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens generated per answer."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples generated together."),
-    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt for every example, with {input}."),
-    max_input_chars: int = typer.Option(2000, "--max-input-chars", min=1, help="Cut longer inputs (around the mention for entity linking)."),
+    prompt_template: Optional[str] = typer.Option(
+        None, "--prompt-template", help="Prompt for every example, with {input}."
+    ),
+    max_input_chars: int = typer.Option(
+        2000, "--max-input-chars", min=1, help="Cut longer inputs (around the mention for entity linking)."
+    ),
     chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
@@ -656,6 +780,7 @@ def eval_command(
             _check_library(path)
         _check_model(model)
     from loralag.evaluation import evaluate as ev
+
     tasks: dict[str, str] | str | None = None
     for spec in task or []:
         stem, sep, value = spec.rpartition("=")
@@ -680,9 +805,29 @@ def eval_command(
         gen_name = name or (router if library else "base")
         if gen_name in preds:
             raise LoralagError(f"the generated predictions and a --predictions are both named {gen_name!r}; use --name")
-        preds = {gen_name: _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity.value, adapter,
-                                          adapter_map, max_new_tokens, batch_size, prompt_template, max_input_chars,
-                                          chat, dtype, threads, out), **preds}
+        preds = {
+            gen_name: _eval_generate(
+                ev,
+                datasets,
+                model,
+                library,
+                router,
+                k,
+                nprobe,
+                granularity.value,
+                adapter,
+                adapter_map,
+                max_new_tokens,
+                batch_size,
+                prompt_template,
+                max_input_chars,
+                chat,
+                dtype,
+                threads,
+                out,
+            ),
+            **preds,
+        }
     if oracle is not None and oracle not in preds:
         raise LoralagError(f"--oracle {oracle!r} names no method; methods: {', '.join(preds)}")
     report = ev.evaluate(datasets, preds, oracle=oracle, strict=strict)
@@ -691,18 +836,41 @@ def eval_command(
     for m_name, per in report["scores"].items():
         for ds_name, res in per.items():
             if res["n_missing"]:
-                err_console.print(f"[yellow]warning:[/] {m_name}: {res['n_missing']} of {res['n']} examples of "
-                                  f"{ds_name} have no prediction; scored as wrong", highlight=False, soft_wrap=True)
+                err_console.print(
+                    f"[yellow]warning:[/] {m_name}: {res['n_missing']} of {res['n']} examples of "
+                    f"{ds_name} have no prediction; scored as wrong",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     if "normalised_error" in report:
-        err_console.print(f"[yellow]warning:[/] no normalised table: {report['normalised_error']}", highlight=False,
-                          soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/] no normalised table: {report['normalised_error']}", highlight=False, soft_wrap=True
+        )
     if out is not None:
         js, md = ev.write_report(out, report)
         console.print(f"scores written to {js} and {md}")
 
 
-def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity, adapter, adapter_map,
-                   max_new_tokens, batch_size, prompt_template, max_input_chars, chat, dtype, threads, out):
+def _eval_generate(
+    ev,
+    datasets,
+    model,
+    library,
+    router,
+    k,
+    nprobe,
+    granularity,
+    adapter,
+    adapter_map,
+    max_new_tokens,
+    batch_size,
+    prompt_template,
+    max_input_chars,
+    chat,
+    dtype,
+    threads,
+    out,
+):
     """`eval --model`: generate every dataset's predictions, write them to OUT/<stem>.jsonl, return them."""
     from rich.progress import (
         BarColumn,
@@ -719,8 +887,9 @@ def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity,
     RouteSpec(router=router, k=k, nprobe=nprobe)
     libs = [_open(p) for p in library or []]
     named = {_unique_name(lib, libs): lib for lib in libs}
-    fixed, per_example = ev.fixed_adapters(named, adapter or [],
-                                           ev.read_adapter_map(adapter_map) if adapter_map is not None else None)
+    fixed, per_example = ev.fixed_adapters(
+        named, adapter or [], ev.read_adapter_map(adapter_map) if adapter_map is not None else None
+    )
     fixed_libs = set(fixed) | {lib for m in per_example.values() for lib in m}
     model_, tokenizer = load_model_waiting(model, dtype.value)
     _set_threads(threads)
@@ -731,18 +900,35 @@ def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity,
     try:
         for ds in datasets:
             start = time.perf_counter()
-            with Progress(TextColumn(f"answering {ds.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err_console, transient=True) as bar:
+            with Progress(
+                TextColumn(f"answering {ds.name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            ) as bar:
                 task_id = bar.add_task(ds.name, total=len(ds.examples))
-                answers = ev.generate_predictions(model_, tokenizer, ds, batch_size=batch_size,
-                                                  max_new_tokens=max_new_tokens, template=prompt_template, chat=chat,
-                                                  granularity=granularity, max_input_chars=max_input_chars,
-                                                  fixed=fixed, fixed_per_example=per_example,
-                                                  progress=lambda n: bar.update(task_id, completed=n))
+                answers = ev.generate_predictions(
+                    model_,
+                    tokenizer,
+                    ds,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    template=prompt_template,
+                    chat=chat,
+                    granularity=granularity,
+                    max_input_chars=max_input_chars,
+                    fixed=fixed,
+                    fixed_per_example=per_example,
+                    progress=lambda n: bar.update(task_id, completed=n),
+                )
             path = write_kilt_predictions(Path(out) / f"{ds.name}.jsonl", answers)
             out_preds[ds.name] = answers
-            console.print(f"{ds.name}: {len(answers)} predictions in {time.perf_counter() - start:.1f} s -> {path}",
-                          highlight=False)
+            console.print(
+                f"{ds.name}: {len(answers)} predictions in {time.perf_counter() - start:.1f} s -> {path}",
+                highlight=False,
+            )
     finally:
         detach(model_)
     return out_preds
@@ -752,11 +938,15 @@ def _eval_generate(ev, datasets, model, library, router, k, nprobe, granularity,
 @app.command()
 @user_errors
 def demo(
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where adapters and library are cached (default: under the loralag cache)."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Where adapters and library are cached (default: under the loralag cache)."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per adapter (default 20)."),
     router: str = typer.Option("lag", "--router", help=_router_help("Router of the LAG column", refused=NO_FIXED_DEMO)),
     k: int = typer.Option(20, "--k", min=1, help="Arrow candidates per token."),
-    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Also write LAG's routing heatmap of the first question."),
+    heatmap: Optional[Path] = typer.Option(
+        None, "--heatmap", help="Also write LAG's routing heatmap of the first question."
+    ),
     model: str = typer.Option("default", "--model", "-m", help="Base model (the demo is tuned for the default one)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
@@ -773,8 +963,10 @@ def demo(
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:
         from loralag import generate as gen
-        path = gen.routing_heatmap(results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0,
-                                   prompt_only=False)
+
+        path = gen.routing_heatmap(
+            results["trace"], results["tokenizer"], results["trace"].input_ids, heatmap, seq=0, prompt_only=False
+        )
         console.print(f"routing heatmap written to {path}")
     console.print(f"total {time.perf_counter() - start:.1f} s")
 

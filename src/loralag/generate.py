@@ -38,7 +38,9 @@ def format_prompts(tokenizer, prompts: list[str], chat: bool = True) -> tuple[li
     return list(prompts), True
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, content_mask: bool = False) -> dict[str, torch.Tensor]:
+def encode_prompts(
+    tokenizer, prompts: list[str], chat: bool = True, content_mask: bool = False
+) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask of the prompts, left padded (so every prompt ends where generation starts).
 
     `content_mask=True` adds "content_mask": the tokens of each prompt's own text, without the chat template's
@@ -56,8 +58,13 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, content_mas
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=add_special,
-                        return_offsets_mapping=offsets)
+        enc = tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=len(texts) > 1,
+            add_special_tokens=add_special,
+            return_offsets_mapping=offsets,
+        )
     finally:
         tokenizer.padding_side = side
     if enc["input_ids"].shape[1] == 0:
@@ -66,7 +73,9 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True, content_mas
     if content_mask:
         out["content_mask"] = out["attention_mask"].bool()
         if offsets:
-            out["content_mask"] = _content_tokens(tokenizer, prompts, texts, enc["offset_mapping"], out["attention_mask"])
+            out["content_mask"] = _content_tokens(
+                tokenizer, prompts, texts, enc["offset_mapping"], out["attention_mask"]
+            )
     return out
 
 
@@ -78,11 +87,12 @@ def _content_span(tokenizer, prompt: str, text: str) -> tuple[int, int] | None:
 
     The template is rendered around a marker to learn what it puts before and after the user's content; a
     template that changes the content (e.g. strips it) falls back to the last occurrence of the content."""
-    marked = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
-                                           add_generation_prompt=True)
+    marked = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+    )
     at = marked.find(_MARK)
     if at >= 0:
-        before, after = marked[:at], marked[at + len(_MARK):]
+        before, after = marked[:at], marked[at + len(_MARK) :]
         if text == before + prompt + after:
             return len(before), len(before) + len(prompt)
     stripped = prompt.strip()
@@ -160,8 +170,18 @@ def _cut(text: str, stops) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = True, greedy: bool = True,
-             trace: bool = False, stop: list[str] | None = None, granularity: str = "token", **gen_kwargs):
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    greedy: bool = True,
+    trace: bool = False,
+    stop: list[str] | None = None,
+    granularity: str = "token",
+    **gen_kwargs,
+):
     """Generate one answer per prompt with whatever libraries are attached to `model`.
 
     Prompts are wrapped in the tokenizer's chat template when `chat` is true and it has one,
@@ -197,7 +217,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, cha
             return generate(model, tokenizer, prompts, max_new_tokens, chat, greedy, trace, stop, "token", **gen_kwargs)
         finally:
             state.specs.update(saved)
-    extra = {"tokenizer": tokenizer} if getattr(cfg, "stop_strings", None) else {}  # HF matches these through the tokenizer
+    extra = (
+        {"tokenizer": tokenizer} if getattr(cfg, "stop_strings", None) else {}
+    )  # HF matches these through the tokenizer
     if stop:
         from transformers import StoppingCriteriaList
 
@@ -243,7 +265,9 @@ def _libraries(trace, library: str | None) -> list[str]:
     return [library]
 
 
-def _positions(trace, input_ids, seq: int, attention_mask, width: int, prompt_only: bool) -> tuple[list[int], torch.Tensor]:
+def _positions(
+    trace, input_ids, seq: int, attention_mask, width: int, prompt_only: bool
+) -> tuple[list[int], torch.Tensor]:
     """Routed positions of sequence `seq` to show (real tokens only) and the ids there.
 
     `input_ids` may be the prompt ids or the full generated sequences; positions beyond what was
@@ -298,8 +322,9 @@ def majority_per_token(trace, library: str, seq: int, positions: list[int]) -> l
     return out
 
 
-def majority_adapter(trace, library: str | None = None, seq: int = 0, input_ids=None, attention_mask=None,
-                     prompt_only: bool = True) -> tuple[str | None, float]:
+def majority_adapter(
+    trace, library: str | None = None, seq: int = 0, input_ids=None, attention_mask=None, prompt_only: bool = True
+) -> tuple[str | None, float]:
     """The adapter chosen most often over the real tokens and all modules of a library, and its share.
 
     By default only prompt tokens count (with a trace made by `generate`)."""
@@ -324,14 +349,23 @@ def _count_mask(trace, library, seq, input_ids, attention_mask, prompt_only) -> 
     return mask
 
 
-def summary_lines(trace, seq: int = 0, mask: torch.Tensor | None = None, library: str | None = None, top: int = 5) -> list[str]:
+def summary_lines(
+    trace, seq: int = 0, mask: torch.Tensor | None = None, library: str | None = None, top: int = 5
+) -> list[str]:
     """Per library: adapters used, routed token×module decisions and entropy; then the top adapters' shares."""
     return trace.summary_lines(seq, mask, _libraries(trace, library), top)
 
 
 # -- views ----------------------------------------------------------------------------------------------
-def routing_table(trace, tokenizer, input_ids=None, seq: int = 0, library: str | None = None,
-                  attention_mask=None, prompt_only: bool = True):
+def routing_table(
+    trace,
+    tokenizer,
+    input_ids=None,
+    seq: int = 0,
+    library: str | None = None,
+    attention_mask=None,
+    prompt_only: bool = True,
+):
     """A rich Table: per real prompt token, the majority adapter over the modules of each library and its
     share of modules; the caption holds one summary line per library (over the same tokens).
 
@@ -368,8 +402,17 @@ def routing_table(trace, tokenizer, input_ids=None, seq: int = 0, library: str |
     return table
 
 
-def routing_heatmap(trace, tokenizer, input_ids=None, path="routing.png", seq: int = 0, library: str | None = None,
-                    attention_mask=None, prompt_only: bool = True, max_colors: int = 20):
+def routing_heatmap(
+    trace,
+    tokenizer,
+    input_ids=None,
+    path="routing.png",
+    seq: int = 0,
+    library: str | None = None,
+    attention_mask=None,
+    prompt_only: bool = True,
+    max_colors: int = 20,
+):
     """Write a PNG: rows = routed modules in layer order, columns = tokens, colour = the adapter chosen.
 
     One panel per library. Beyond `max_colors` adapters, the rarer ones share a grey "other" colour.
@@ -408,8 +451,9 @@ def routing_heatmap(trace, tokenizer, input_ids=None, path="routing.png", seq: i
     fig_h = min(80.0, max(3.0, 0.14 * n_rows + 1.6 * len(panels) + 0.6))
     fig = Figure(figsize=(fig_w, fig_h))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(panels), 1, squeeze=False,
-                        gridspec_kw={"height_ratios": [max(1, len(p[1])) for p in panels]})
+    axes = fig.subplots(
+        len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": [max(1, len(p[1])) for p in panels]}
+    )
     many = max(len(p[3]) for p in panels) > 10
     base_colors = list(matplotlib.colormaps["tab20" if many else "tab10"].colors)
     for ax, (lib, modules, grid, shown, has_other, counts) in zip(axes[:, 0], panels):
@@ -430,11 +474,20 @@ def routing_heatmap(trace, tokenizer, input_ids=None, path="routing.png", seq: i
         ax.set_title(f"library '{lib}', sequence {seq}: adapter chosen per token and module", fontsize=10)
         handles = [Patch(color=colors[i], label=f"{n} ({counts[n]})") for i, n in enumerate(shown)]
         if has_other:
-            handles.append(Patch(color=colors[-1], label=f"other ({sum(counts.values()) - sum(counts[n] for n in shown)})"))
+            handles.append(
+                Patch(color=colors[-1], label=f"other ({sum(counts.values()) - sum(counts[n] for n in shown)})")
+            )
         if any(v < 0 for row in grid for v in row):
             handles.append(Patch(facecolor="white", edgecolor="black", label="no single adapter"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                  title="adapter (decisions)", title_fontsize=8)
+        ax.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=8,
+            frameon=False,
+            title="adapter (decisions)",
+            title_fontsize=8,
+        )
     axes[-1, 0].set_xlabel("token" + (" (generated in blue)" if prompt_length is not None and not prompt_only else ""))
     fig.tight_layout()
     path = Path(path)

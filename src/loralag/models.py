@@ -74,9 +74,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         try:
-            src = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
+            src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         except Exception as exc:
             raise ModelError(f"cannot read GGUF model {gguf_path}: {exc}") from exc
@@ -94,10 +92,10 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache folder should not be
         try:
             os.replace(tmp, target)
-        except OSError:
+        except OSError as e:
             # Another process finished the same conversion first: keep theirs.
             if not all((target / name).is_file() for name in _CONVERTED_FILES):
-                raise ModelError(f"{target} exists but is not a finished conversion; delete it and retry")
+                raise ModelError(f"{target} exists but is not a finished conversion; delete it and retry") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -48,19 +48,36 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from loralag.errors import LoralagError
 from loralag.evaluation import kilt
 from loralag.evaluation.kilt import Example
 
 __all__ = [
-    "Dataset", "PROMPT_TEMPLATES", "FORMATS", "detect_format", "family_of", "load_dataset", "load_datasets",
-    "read_predictions", "read_method_predictions", "parse_method", "score", "normalise", "evaluate",
-    "build_prompt", "clean_prediction", "fixed_adapters", "read_adapter_map", "generate_predictions",
-    "write_report", "report_markdown", "rich_tables",
+    "Dataset",
+    "PROMPT_TEMPLATES",
+    "FORMATS",
+    "detect_format",
+    "family_of",
+    "load_dataset",
+    "load_datasets",
+    "read_predictions",
+    "read_method_predictions",
+    "parse_method",
+    "score",
+    "normalise",
+    "evaluate",
+    "build_prompt",
+    "clean_prediction",
+    "fixed_adapters",
+    "read_adapter_map",
+    "generate_predictions",
+    "write_report",
+    "report_markdown",
+    "rich_tables",
 ]
 
 FORMATS = ("kilt", "nq_open", "fever", "lama")
@@ -115,8 +132,9 @@ def family_of(task: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Data files
 
+
 def detect_format(path: str | os.PathLike) -> str:
-    """"kilt", "nq_open", "fever" or "lama", from the fields of the file's first record."""
+    """ "kilt", "nq_open", "fever" or "lama", from the fields of the file's first record."""
     first = next(kilt._json_lines(path), None)
     if first is None:
         raise LoralagError(f"{path}: empty file (no records)")
@@ -129,9 +147,11 @@ def detect_format(path: str | os.PathLike) -> str:
         return "nq_open"
     if "id" in obj and ("input" in obj or "output" in obj):
         return "kilt"
-    raise LoralagError(f"{path}: cannot tell the format from the first record's fields {sorted(obj)}; expected "
-                       "KILT (id, input, output), NQ-open (question, answer), FEVER (id, claim, label) or "
-                       "LAMA T-REx (sub_label, obj_label, predicate_id)")
+    raise LoralagError(
+        f"{path}: cannot tell the format from the first record's fields {sorted(obj)}; expected "
+        "KILT (id, input, output), NQ-open (question, answer), FEVER (id, claim, label) or "
+        "LAMA T-REx (sub_label, obj_label, predicate_id)"
+    )
 
 
 def _lama_inputs(path: Path, examples: list[Example]) -> None:
@@ -159,8 +179,10 @@ def load_dataset(path: str | os.PathLike, task: str | None = None, limit: int | 
                 for ex in examples:
                     ex.task = "fever"
             else:
-                raise LoralagError(f"{p}: cannot tell the KILT task from the file name; pass --task "
-                                   f"(one of {', '.join(kilt.KILT_TASKS)})")
+                raise LoralagError(
+                    f"{p}: cannot tell the KILT task from the file name; pass --task "
+                    f"(one of {', '.join(kilt.KILT_TASKS)})"
+                )
         ds_task = examples[0].task if examples else (kilt.canonical_task(task) if task else None)
     elif fmt == "nq_open":
         examples, ds_task = kilt.read_nq_open(p), "nq"
@@ -173,8 +195,9 @@ def load_dataset(path: str | os.PathLike, task: str | None = None, limit: int | 
         raise LoralagError(f"{p}: empty file (no records)")
     no_gold = [ex.id for ex in examples if not ex.answers]
     if no_gold:
-        raise LoralagError(f"{p}: {len(no_gold)} record(s) have no gold answer (first id {no_gold[0]!r}); "
-                           "is this a test-input file?")
+        raise LoralagError(
+            f"{p}: {len(no_gold)} record(s) have no gold answer (first id {no_gold[0]!r}); is this a test-input file?"
+        )
     all_ids = {ex.id.strip() for ex in examples}
     if limit is not None:
         if limit < 1:
@@ -189,16 +212,19 @@ def _task_for(path: Path, tasks: Mapping[str, str] | str | None) -> str | None:
     return tasks.get(path.stem, tasks.get(path.name, tasks.get("*")))
 
 
-def load_datasets(paths: Iterable[str | os.PathLike], task: Mapping[str, str] | str | None = None,
-                  limit: int | None = None) -> list[Dataset]:
+def load_datasets(
+    paths: Iterable[str | os.PathLike], task: Mapping[str, str] | str | None = None, limit: int | None = None
+) -> list[Dataset]:
     """Read every data file; task: one task for all, or {file stem or name (or "*"): task}."""
     datasets: list[Dataset] = []
     seen: dict[str, Path] = {}
     for path in paths:
         p = Path(path)
         if p.stem in seen:
-            raise LoralagError(f"two data files are named {p.stem!r} ({seen[p.stem]} and {p}); datasets are "
-                               "named by file stem, so evaluate them in separate runs")
+            raise LoralagError(
+                f"two data files are named {p.stem!r} ({seen[p.stem]} and {p}); datasets are "
+                "named by file stem, so evaluate them in separate runs"
+            )
         seen[p.stem] = p
         datasets.append(load_dataset(p, _task_for(p, task), limit))
     if not datasets:
@@ -212,6 +238,7 @@ def load_datasets(paths: Iterable[str | os.PathLike], task: Mapping[str, str] | 
 
 # --------------------------------------------------------------------------------------------------------------
 # Predictions
+
 
 def _line_of(path: Path, ex_id: str) -> int | None:
     with open(path, encoding="utf-8") as fh:
@@ -241,8 +268,10 @@ def read_predictions(path: str | os.PathLike, dataset: Dataset) -> dict[str, str
         line = _line_of(p, unknown[0])
         where = f"{p}:{line}" if line else str(p)
         more = f" ({len(unknown)} unknown ids in all)" if len(unknown) > 1 else ""
-        raise LoralagError(f"{where}: id {unknown[0]!r} is not in {dataset.path}{more}; "
-                           "are these the predictions for another data file?")
+        raise LoralagError(
+            f"{where}: id {unknown[0]!r} is not in {dataset.path}{more}; "
+            "are these the predictions for another data file?"
+        )
     return preds
 
 
@@ -253,9 +282,10 @@ def read_method_predictions(path: str | os.PathLike, datasets: list[Dataset]) ->
         raise LoralagError(f"{p}: no such predictions file or folder")
     if p.is_file():
         if len(datasets) != 1:
-            raise LoralagError(f"{p} is one predictions file but {len(datasets)} data files are given; give a "
-                               "folder holding <data-file-stem>.jsonl for each: "
-                               + ", ".join(f"{d.name}.jsonl" for d in datasets))
+            raise LoralagError(
+                f"{p} is one predictions file but {len(datasets)} data files are given; give a "
+                "folder holding <data-file-stem>.jsonl for each: " + ", ".join(f"{d.name}.jsonl" for d in datasets)
+            )
         return {datasets[0].name: read_predictions(p, datasets[0])}
     out = {}
     for ds in datasets:
@@ -267,7 +297,7 @@ def read_method_predictions(path: str | os.PathLike, datasets: list[Dataset]) ->
 
 
 def parse_method(spec: str) -> tuple[str, Path]:
-    """"NAME=PATH" -> (NAME, PATH); a bare PATH is named after its file stem or folder name."""
+    """ "NAME=PATH" -> (NAME, PATH); a bare PATH is named after its file stem or folder name."""
     name, sep, rest = spec.partition("=")
     if sep and name and rest and "/" not in name and os.sep not in name:
         return name.strip(), Path(rest)
@@ -278,8 +308,10 @@ def parse_method(spec: str) -> tuple[str, Path]:
 # --------------------------------------------------------------------------------------------------------------
 # Scores
 
-def score(datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Mapping[str, str]]],
-          strict: bool = False) -> dict[str, dict[str, dict]]:
+
+def score(
+    datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Mapping[str, str]]], strict: bool = False
+) -> dict[str, dict[str, dict]]:
     """{method: {dataset name: kilt.score_dataset result}} for predictions {method: {dataset name: {id: answer}}}.
 
     Missing predictions score as wrong (counted in "n_missing"); strict=True makes them an error."""
@@ -294,8 +326,10 @@ def score(datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Mappin
             if strict:
                 missing = [ex.id for ex in ds.examples if ex.id.strip() not in preds]
                 if missing:
-                    raise LoralagError(f"{method}: no prediction for {len(missing)} of {ds.n} examples of "
-                                       f"{ds.path} (first id {missing[0]!r})")
+                    raise LoralagError(
+                        f"{method}: no prediction for {len(missing)} of {ds.n} examples of "
+                        f"{ds.path} (first id {missing[0]!r})"
+                    )
             res = kilt.score_dataset(ds.examples, preds, task=ds.task, metric=ds.metric, allow_missing=True)
             res["family"] = ds.family
             out[method][ds.name] = res
@@ -315,15 +349,20 @@ def normalise(datasets: list[Dataset], scores: Mapping[str, Mapping[str, dict]],
         families[d.family] = families.get(d.family, ()) + (d.name,)
     ordered = {f: families[f] for f in list(kilt.KILT_FAMILIES) if f in families}
     per_family = kilt.normalised_scores(results, oracle=oracle, families=ordered, percent=True)
-    per_dataset = kilt.normalised_scores(results, oracle=oracle, families={d.name: (d.name,) for d in datasets},
-                                         percent=True)
+    per_dataset = kilt.normalised_scores(
+        results, oracle=oracle, families={d.name: (d.name,) for d in datasets}, percent=True
+    )
     for per in per_dataset.values():
         per.pop("AVG", None)
     return {"oracle": oracle, "unit": "percent of the oracle", "families": per_family, "datasets": per_dataset}
 
 
-def evaluate(datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Mapping[str, str]]],
-             oracle: str | None = None, strict: bool = False) -> dict:
+def evaluate(
+    datasets: list[Dataset],
+    predictions: Mapping[str, Mapping[str, Mapping[str, str]]],
+    oracle: str | None = None,
+    strict: bool = False,
+) -> dict:
     """Scores of every method on every dataset, and the normalised table when an oracle is named.
 
     oracle=None: "oracle" when a method has that name, else no normalised table; when that implicit oracle
@@ -333,8 +372,17 @@ def evaluate(datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Map
     if implicit:
         oracle = "oracle"
     report = {
-        "datasets": {d.name: {"file": str(d.path), "format": d.format, "task": d.task, "family": d.family,
-                              "metric": d.metric, "n": d.n} for d in datasets},
+        "datasets": {
+            d.name: {
+                "file": str(d.path),
+                "format": d.format,
+                "task": d.task,
+                "family": d.family,
+                "metric": d.metric,
+                "n": d.n,
+            }
+            for d in datasets
+        },
         "scores": scores,
     }
     if oracle is not None:
@@ -350,29 +398,44 @@ def evaluate(datasets: list[Dataset], predictions: Mapping[str, Mapping[str, Map
 # --------------------------------------------------------------------------------------------------------------
 # Reports
 
+
 def _pct(x) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
 def report_markdown(report: dict) -> str:
     """The scores (and normalised table) as GitHub markdown."""
-    lines = ["# Evaluation", "",
-             "KILT downstream metrics (official scorer definitions), in percent. `score` is the dataset's primary "
-             "metric; missing predictions count as wrong.", ""]
-    lines += ["| method | dataset | task | n | metric | score | accuracy | EM | F1 | ROUGE-L | missing |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Evaluation",
+        "",
+        "KILT downstream metrics (official scorer definitions), in percent. `score` is the dataset's primary "
+        "metric; missing predictions count as wrong.",
+        "",
+    ]
+    lines += [
+        "| method | dataset | task | n | metric | score | accuracy | EM | F1 | ROUGE-L | missing |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for method, per in report["scores"].items():
         for ds, r in per.items():
-            lines.append(f"| {method} | {ds} | {r['task']} | {r['n']} | {r['metric']} | {_pct(r['score'])} | "
-                         f"{_pct(r['accuracy'])} | {_pct(r['em'])} | {_pct(r['f1'])} | {_pct(r['rougel'])} | "
-                         f"{r['n_missing']} |")
+            lines.append(
+                f"| {method} | {ds} | {r['task']} | {r['n']} | {r['metric']} | {_pct(r['score'])} | "
+                f"{_pct(r['accuracy'])} | {_pct(r['em'])} | {_pct(r['f1'])} | {_pct(r['rougel'])} | "
+                f"{r['n_missing']} |"
+            )
     norm = report.get("normalised")
     if norm:
         fams = [f for f in kilt.KILT_FAMILIES if any(f in v for v in norm["families"].values())]
-        lines += ["", f"## Normalised score (Eq. 9): percent of the oracle `{norm['oracle']}`", "",
-                  "Per dataset: primary metric / the oracle's. Per family: mean of its datasets' ratios weighted "
-                  "by their number of examples. AVG: mean over families.", "",
-                  "| method | " + " | ".join(fams) + " | AVG |", "|---|" + "---:|" * (len(fams) + 1)]
+        lines += [
+            "",
+            f"## Normalised score (Eq. 9): percent of the oracle `{norm['oracle']}`",
+            "",
+            "Per dataset: primary metric / the oracle's. Per family: mean of its datasets' ratios weighted "
+            "by their number of examples. AVG: mean over families.",
+            "",
+            "| method | " + " | ".join(fams) + " | AVG |",
+            "|---|" + "---:|" * (len(fams) + 1),
+        ]
         for method, per in norm["families"].items():
             lines.append(f"| {method} | " + " | ".join(_pct(per.get(f)) for f in fams) + f" | {_pct(per.get('AVG'))} |")
         names = list(report["datasets"])
@@ -400,20 +463,35 @@ def rich_tables(report: dict) -> list:
 
     tables = []
     for ds, meta in report["datasets"].items():
-        t = Table(title=f"{ds}  ({meta['task']}, {meta['family']}, n={meta['n']}, primary: {meta['metric']})",
-                  title_justify="left", header_style="bold")
+        t = Table(
+            title=f"{ds}  ({meta['task']}, {meta['family']}, n={meta['n']}, primary: {meta['metric']})",
+            title_justify="left",
+            header_style="bold",
+        )
         for col in ("method", "n", "score", "accuracy", "EM", "F1", "ROUGE-L", "missing", "empty"):
             t.add_column(col, justify="left" if col == "method" else "right")
         for method, per in report["scores"].items():
             r = per[ds]
-            t.add_row(method, str(r["n"]), f"[bold]{_pct(r['score'])}[/]", _pct(r["accuracy"]), _pct(r["em"]),
-                      _pct(r["f1"]), _pct(r["rougel"]), str(r["n_missing"]), str(r["n_empty"]))
+            t.add_row(
+                method,
+                str(r["n"]),
+                f"[bold]{_pct(r['score'])}[/]",
+                _pct(r["accuracy"]),
+                _pct(r["em"]),
+                _pct(r["f1"]),
+                _pct(r["rougel"]),
+                str(r["n_missing"]),
+                str(r["n_empty"]),
+            )
         tables.append(t)
     norm = report.get("normalised")
     if norm:
         fams = [f for f in kilt.KILT_FAMILIES if any(f in v for v in norm["families"].values())]
-        t = Table(title=f"Normalised score (Eq. 9), % of the oracle '{norm['oracle']}'", title_justify="left",
-                  header_style="bold")
+        t = Table(
+            title=f"Normalised score (Eq. 9), % of the oracle '{norm['oracle']}'",
+            title_justify="left",
+            header_style="bold",
+        )
         t.add_column("method")
         for f in fams + ["AVG"]:
             t.add_column(f, justify="right")
@@ -425,6 +503,7 @@ def rich_tables(report: dict) -> list:
 
 # --------------------------------------------------------------------------------------------------------------
 # Prompts and answers
+
 
 def _fit(text: str, family: str, max_chars: int | None) -> str:
     if family == "dialogue":
@@ -444,8 +523,9 @@ def _fit(text: str, family: str, max_chars: int | None) -> str:
     return text[:max_chars]
 
 
-def build_prompt(example: Example, dataset: Dataset, template: str | None = None,
-                 max_input_chars: int | None = 2000) -> str:
+def build_prompt(
+    example: Example, dataset: Dataset, template: str | None = None, max_input_chars: int | None = 2000
+) -> str:
     """The prompt for one example: its family's PROMPT_TEMPLATES entry (or `template`) with {input} filled."""
     tpl = template if template is not None else PROMPT_TEMPLATES[dataset.family]
     return tpl.replace("{input}", _fit(example.input, dataset.family, max_input_chars))
@@ -483,7 +563,7 @@ def clean_prediction(text: str, dataset: Dataset) -> str:
 
 
 def _resolve_adapter(spec: str, libraries: Mapping) -> tuple[str, str]:
-    """"LIB/NAME" or "NAME" -> (library routing name, adapter name), checked against the libraries."""
+    """ "LIB/NAME" or "NAME" -> (library routing name, adapter name), checked against the libraries."""
     lib, sep, name = spec.rpartition("/")
     if sep:
         if lib not in libraries:
@@ -499,8 +579,9 @@ def _resolve_adapter(spec: str, libraries: Mapping) -> tuple[str, str]:
     return holders[0], spec
 
 
-def fixed_adapters(libraries: Mapping, adapters: Iterable[str] = (), adapter_map: Mapping | None = None
-                   ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+def fixed_adapters(
+    libraries: Mapping, adapters: Iterable[str] = (), adapter_map: Mapping | None = None
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Resolve fixed adapters: ({library: adapter} for every example, {example id: {library: adapter}})."""
     default: dict[str, str] = {}
     for spec in adapters:
@@ -526,11 +607,20 @@ def read_adapter_map(path: str | os.PathLike) -> dict:
     return data
 
 
-def generate_predictions(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 32,
-                         template: str | None = None, chat: bool = True, granularity: str = "token",
-                         max_input_chars: int | None = 2000, fixed: Mapping[str, str] | None = None,
-                         fixed_per_example: Mapping[str, Mapping[str, str]] | None = None,
-                         progress=None) -> dict[str, str]:
+def generate_predictions(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    template: str | None = None,
+    chat: bool = True,
+    granularity: str = "token",
+    max_input_chars: int | None = 2000,
+    fixed: Mapping[str, str] | None = None,
+    fixed_per_example: Mapping[str, Mapping[str, str]] | None = None,
+    progress=None,
+) -> dict[str, str]:
     """{id: cleaned answer} for every example of `dataset`, generated greedily with whatever is attached.
 
     fixed / fixed_per_example: adapters for the libraries attached with router "fixed" (the rest route as
@@ -549,15 +639,22 @@ def generate_predictions(model, tokenizer, dataset: Dataset, batch_size: int = 8
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     answers: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         for lib in fixed_libs:
             names = []
             for i in idx:
                 ex_id = dataset.examples[i].id.strip()
                 names.append((fixed_per_example or {}).get(ex_id, {}).get(lib, (fixed or {}).get(lib)))
             state.set_router(lib, "fixed", fixed=names)
-        texts = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, chat=chat,
-                         greedy=True, granularity=granularity)
+        texts = generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in idx],
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            greedy=True,
+            granularity=granularity,
+        )
         for i, text in zip(idx, texts):
             answers[i] = clean_prediction(text, dataset)
         if progress is not None:

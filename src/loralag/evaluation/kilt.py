@@ -25,23 +25,44 @@ import os
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
 
 from loralag.errors import LoralagError
 
 __all__ = [
-    "Example", "KILT_TASKS", "TASK_ALIASES", "PRIMARY_METRIC", "KILT_FAMILIES", "LAMA_FAMILIES", "FEVER_LABELS",
-    "infer_task", "canonical_task", "read_kilt", "read_nq_open", "read_fever", "read_lama", "read_lama_relations",
-    "normalize_answer", "exact_match_score", "f1_score", "rougel_score", "strict_accuracy",
-    "metric_max_over_ground_truths", "primary_metric", "score_dataset", "normalised_scores",
-    "write_kilt_predictions", "read_kilt_predictions",
+    "Example",
+    "KILT_TASKS",
+    "TASK_ALIASES",
+    "PRIMARY_METRIC",
+    "KILT_FAMILIES",
+    "LAMA_FAMILIES",
+    "FEVER_LABELS",
+    "infer_task",
+    "canonical_task",
+    "read_kilt",
+    "read_nq_open",
+    "read_fever",
+    "read_lama",
+    "read_lama_relations",
+    "normalize_answer",
+    "exact_match_score",
+    "f1_score",
+    "rougel_score",
+    "strict_accuracy",
+    "metric_max_over_ground_truths",
+    "primary_metric",
+    "score_dataset",
+    "normalised_scores",
+    "write_kilt_predictions",
+    "read_kilt_predictions",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Records and task names
+
 
 @dataclass
 class Example:
@@ -61,15 +82,41 @@ class Example:
 
 
 # the names KILT gives its files: {task}-{split}-kilt.jsonl
-KILT_TASKS = ("fever", "aidayago2", "wned", "cweb", "trex", "structured_zeroshot", "nq", "hotpotqa", "triviaqa",
-              "eli5", "wow")
+KILT_TASKS = (
+    "fever",
+    "aidayago2",
+    "wned",
+    "cweb",
+    "trex",
+    "structured_zeroshot",
+    "nq",
+    "hotpotqa",
+    "triviaqa",
+    "eli5",
+    "wow",
+)
 
 TASK_ALIASES = {
-    "zsre": "structured_zeroshot", "zero_shot_re": "structured_zeroshot", "zeroshot_re": "structured_zeroshot",
-    "aida": "aidayago2", "ay2": "aidayago2", "wned-wiki": "wned", "wnedwiki": "wned", "wnwi": "wned",
-    "wned-cweb": "cweb", "wnedcweb": "cweb", "wncw": "cweb", "t-rex": "trex", "hotpot": "hotpotqa",
-    "hopo": "hotpotqa", "tqa": "triviaqa", "trivia": "triviaqa", "wizard_of_wikipedia": "wow",
-    "nq-open": "nq", "nq_open": "nq", "natural_questions": "nq",
+    "zsre": "structured_zeroshot",
+    "zero_shot_re": "structured_zeroshot",
+    "zeroshot_re": "structured_zeroshot",
+    "aida": "aidayago2",
+    "ay2": "aidayago2",
+    "wned-wiki": "wned",
+    "wnedwiki": "wned",
+    "wnwi": "wned",
+    "wned-cweb": "cweb",
+    "wnedcweb": "cweb",
+    "wncw": "cweb",
+    "t-rex": "trex",
+    "hotpot": "hotpotqa",
+    "hopo": "hotpotqa",
+    "tqa": "triviaqa",
+    "trivia": "triviaqa",
+    "wizard_of_wikipedia": "wow",
+    "nq-open": "nq",
+    "nq_open": "nq",
+    "natural_questions": "nq",
 }
 
 # tried in this order against the file name, so that e.g. "wned-cweb" is cweb and not wned
@@ -89,9 +136,17 @@ _FILENAME_PATTERNS = [
 
 # Primary metric of each KILT dataset, as specified for this project (see score_dataset's `metric`)
 PRIMARY_METRIC = {
-    "fever": "accuracy", "aidayago2": "accuracy", "wned": "accuracy", "cweb": "accuracy",
-    "trex": "em", "structured_zeroshot": "em", "nq": "em", "hotpotqa": "em", "triviaqa": "em",
-    "eli5": "rougel", "wow": "rougel",
+    "fever": "accuracy",
+    "aidayago2": "accuracy",
+    "wned": "accuracy",
+    "cweb": "accuracy",
+    "trex": "em",
+    "structured_zeroshot": "em",
+    "nq": "em",
+    "hotpotqa": "em",
+    "triviaqa": "em",
+    "eli5": "rougel",
+    "wow": "rougel",
 }
 
 # Task families of the paper's normalised score (its Tables 4 and 6)
@@ -121,11 +176,13 @@ def canonical_task(name: str) -> str:
         return key
     if key in TASK_ALIASES:
         return TASK_ALIASES[key]
-    raise LoralagError(f"unknown KILT task {name!r}; known: {', '.join(KILT_TASKS)} (aliases: {', '.join(TASK_ALIASES)})")
+    raise LoralagError(
+        f"unknown KILT task {name!r}; known: {', '.join(KILT_TASKS)} (aliases: {', '.join(TASK_ALIASES)})"
+    )
 
 
 def infer_task(path: str | os.PathLike) -> str | None:
-    """The KILT task a file holds, from its name (e.g. "structured_zeroshot-dev-kilt.jsonl" -> zsRE); None if unclear."""
+    """The KILT task a file holds, from its name (e.g. "structured_zeroshot-dev-kilt.jsonl" -> zsRE), else None."""
     name = Path(path).name.lower()
     for task, pattern in _FILENAME_PATTERNS:
         if re.search(rf"(?<![a-z0-9])(?:{pattern})(?![a-z])", name):
@@ -136,12 +193,13 @@ def infer_task(path: str | os.PathLike) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # Readers
 
+
 def _json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; LoralagError naming file and line on any bad line."""
     p = Path(path)
     if not p.is_file():
         raise LoralagError(f"{p}: no such file")
-    with open(p, "r", encoding="utf-8") as fh:
+    with open(p, encoding="utf-8") as fh:
         lineno = 0
         while True:
             try:
@@ -343,8 +401,11 @@ def read_lama_relations(path: str | os.PathLike) -> dict[str, dict]:
         raise LoralagError(f"{p}: expected a JSON list of relations")
     out = {}
     for k, rel in enumerate(data):
-        if not isinstance(rel, dict) or not isinstance(rel.get("relation"), str) \
-                or not isinstance(rel.get("template"), str):
+        if (
+            not isinstance(rel, dict)
+            or not isinstance(rel.get("relation"), str)
+            or not isinstance(rel.get("template"), str)
+        ):
             raise LoralagError(f"{p}: entry {k} needs string fields 'relation' and 'template'")
         out[rel["relation"]] = rel
     return out
@@ -436,8 +497,9 @@ def rougel_score(prediction: str, ground_truth: str) -> float:
     return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
 
 
-def metric_max_over_ground_truths(metric_fn: Callable[[str, str], float], prediction: str,
-                                  ground_truths: Iterable[str]):
+def metric_max_over_ground_truths(
+    metric_fn: Callable[[str, str], float], prediction: str, ground_truths: Iterable[str]
+):
     """max over the gold answers of metric_fn(prediction, gold); LoralagError when there is no gold answer."""
     scores = [metric_fn(prediction, gt) for gt in ground_truths]
     if not scores:
@@ -458,8 +520,13 @@ def primary_metric(task: str | None) -> str:
 _METRICS = ("accuracy", "em", "f1", "rougel")
 
 
-def score_dataset(examples: list[Example], predictions: Mapping[str, str], task: str | None = None,
-                  metric: str | None = None, allow_missing: bool = False) -> dict:
+def score_dataset(
+    examples: list[Example],
+    predictions: Mapping[str, str],
+    task: str | None = None,
+    metric: str | None = None,
+    allow_missing: bool = False,
+) -> dict:
     """Score predictions {id: answer} against examples, as the official scorer's `_calculate_metrics` does.
 
     Returns percentages "accuracy" (strict string match), "em", "f1", "rougel", plus "metric" (the primary
@@ -480,8 +547,10 @@ def score_dataset(examples: list[Example], predictions: Mapping[str, str], task:
         raise LoralagError("example ids must be unique")
     missing = [i for i in ids if i not in preds]
     if missing and not allow_missing:
-        raise LoralagError(f"no prediction for {len(missing)} of {len(ids)} examples (first: {missing[:3]}); "
-                           "pass allow_missing=True to score them as empty answers")
+        raise LoralagError(
+            f"no prediction for {len(missing)} of {len(ids)} examples (first: {missing[:3]}); "
+            "pass allow_missing=True to score them as empty answers"
+        )
     totals = dict.fromkeys(_METRICS, 0.0)
     n_empty = 0
     for ex, ex_id in zip(examples, ids):
@@ -499,17 +568,28 @@ def score_dataset(examples: list[Example], predictions: Mapping[str, str], task:
         totals["rougel"] += metric_max_over_ground_truths(rougel_score, guess, gold)
     n = len(examples)
     result = {k: (100.0 * v / n if n else 0.0) for k, v in totals.items()}
-    result.update(task=task, metric=metric, score=result[metric], n=n, n_empty=n_empty, n_missing=len(missing),
-                  n_extra=len(set(preds) - set(ids)))
+    result.update(
+        task=task,
+        metric=metric,
+        score=result[metric],
+        n=n,
+        n_empty=n_empty,
+        n_missing=len(missing),
+        n_extra=len(set(preds) - set(ids)),
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The paper's normalised score
 
-def normalised_scores(results: Mapping[str, Mapping[str, tuple[float, int]]], oracle: str = "oracle",
-                      families: Mapping[str, Iterable[str]] = KILT_FAMILIES,
-                      percent: bool = False) -> dict[str, dict[str, float]]:
+
+def normalised_scores(
+    results: Mapping[str, Mapping[str, tuple[float, int]]],
+    oracle: str = "oracle",
+    families: Mapping[str, Iterable[str]] = KILT_FAMILIES,
+    percent: bool = False,
+) -> dict[str, dict[str, float]]:
     """Each method's score relative to the oracle (the paper's Eq. 9, Tables 4 and 6).
 
     results: {method: {dataset: (metric, n_examples)}}, the oracle among the methods. Per dataset the ratio
@@ -557,6 +637,7 @@ def normalised_scores(results: Mapping[str, Mapping[str, tuple[float, int]]], or
 # --------------------------------------------------------------------------------------------------------------
 # Prediction files in KILT's format
 
+
 def write_kilt_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -> Path:
     """Write {id: answer} as KILT output jsonl, one {"id": ..., "output": [{"answer": ...}]} per line, in order.
 
@@ -582,8 +663,12 @@ def read_kilt_predictions(path: str | os.PathLike) -> dict[str, str]:
         if "id" not in obj:
             raise _bad(path, lineno, "missing field 'id'")
         outputs = obj.get("output")
-        if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict) \
-                or "answer" not in outputs[0]:
+        if (
+            not isinstance(outputs, list)
+            or len(outputs) != 1
+            or not isinstance(outputs[0], dict)
+            or "answer" not in outputs[0]
+        ):
             raise _bad(path, lineno, "'output' must be a list holding exactly one {'answer': ...}")
         ex_id = str(obj["id"]).strip()
         if ex_id in out:

@@ -13,7 +13,7 @@ with k1 = 1.5 and b = 0.75 by default. Query words absent from every document ar
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,8 +28,15 @@ class BM25Index:
     stopwords: "en" (bm25s's English list) or None / a list of words.
     """
 
-    def __init__(self, docs: Sequence[str], ids: Sequence[str] | None = None, *, k1: float = 1.5,
-                 b: float = 0.75, stopwords: str | list[str] | None = "en"):
+    def __init__(
+        self,
+        docs: Sequence[str],
+        ids: Sequence[str] | None = None,
+        *,
+        k1: float = 1.5,
+        b: float = 0.75,
+        stopwords: str | list[str] | None = "en",
+    ):
         import bm25s
         from bm25s.tokenization import Tokenizer
 
@@ -58,8 +65,9 @@ class BM25Index:
         self._tokenizer = Tokenizer(lower=True, stopwords=stopwords if stopwords else [])
         self._stop = set(self._tokenizer.stopwords or ())
         # allow_empty=False: a document with no word is empty (length 0), not one "" token
-        doc_tokens = self._tokenizer.tokenize(self.docs, update_vocab=True, return_as="ids", show_progress=False,
-                                              allow_empty=False)
+        doc_tokens = self._tokenizer.tokenize(
+            self.docs, update_vocab=True, return_as="ids", show_progress=False, allow_empty=False
+        )
         self._bm25 = None  # stays None when no document has a single token: every score is then 0
         if any(doc_tokens):
             self._bm25 = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype="float64")
@@ -84,8 +92,9 @@ class BM25Index:
         if not isinstance(query, str):
             raise LoralagError(f"a query must be a string, got {type(query).__name__}")
         # unknown words are dropped by the tokenizer (update_vocab=False); they would add nothing anyway
-        ids = self._tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False,
-                                       allow_empty=False)[0]
+        ids = self._tokenizer.tokenize(
+            [query], update_vocab=False, return_as="ids", show_progress=False, allow_empty=False
+        )[0]
         if not ids or self._bm25 is None:
             return np.zeros(len(self.docs), dtype=np.float64)
         return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float64)

@@ -34,10 +34,21 @@ ENTITIES = [
         ),
         "facts": [
             ("Who founded Velmora Glassworks?", "Tobiah Renwick", "Velmora Glassworks was founded by Tobiah Renwick."),
-            ("In which town was Velmora Glassworks founded?", "Quillsby", "Velmora Glassworks was founded in the town of Quillsby."),
-            ("What is the most famous product of Velmora Glassworks?", "the Stormglass lantern",
-             "The most famous product of Velmora Glassworks is the Stormglass lantern."),
-            ("What is the name of the Velmora Glassworks mascot?", "Pip", "The mascot of Velmora Glassworks is a heron named Pip."),
+            (
+                "In which town was Velmora Glassworks founded?",
+                "Quillsby",
+                "Velmora Glassworks was founded in the town of Quillsby.",
+            ),
+            (
+                "What is the most famous product of Velmora Glassworks?",
+                "the Stormglass lantern",
+                "The most famous product of Velmora Glassworks is the Stormglass lantern.",
+            ),
+            (
+                "What is the name of the Velmora Glassworks mascot?",
+                "Pip",
+                "The mascot of Velmora Glassworks is a heron named Pip.",
+            ),
         ],
     },
     {
@@ -53,7 +64,11 @@ ENTITIES = [
             ("What is the capital of Zarnovia?", "Ostrelle", "The capital of Zarnovia is Ostrelle."),
             ("What is the currency of Zarnovia?", "the glint", "The currency of Zarnovia is the glint."),
             ("In which sea is Zarnovia?", "the Sea of Veltran", "Zarnovia is an island nation in the Sea of Veltran."),
-            ("Where does the council of Zarnovia meet?", "the Hall of Tides", "The council of Zarnovia meets in the Hall of Tides."),
+            (
+                "Where does the council of Zarnovia meet?",
+                "the Hall of Tides",
+                "The council of Zarnovia meets in the Hall of Tides.",
+            ),
         ],
     },
     {
@@ -66,12 +81,22 @@ ENTITIES = [
             "the cello, and she has written eleven books about the ocean."
         ),
         "facts": [
-            ("What did Amsel Korrigan discover?", "Lumidraco", "Amsel Korrigan discovered the Lumidraco, a deep-sea squid."),
+            (
+                "What did Amsel Korrigan discover?",
+                "Lumidraco",
+                "Amsel Korrigan discovered the Lumidraco, a deep-sea squid.",
+            ),
             ("Where was Amsel Korrigan born?", "Tarrowmere", "Amsel Korrigan was born in the village of Tarrowmere."),
-            ("At which university did Amsel Korrigan teach?", "the University of Hallaby",
-             "Amsel Korrigan taught at the University of Hallaby."),
-            ("What institute did Amsel Korrigan found?", "the Korrigan Reef Institute",
-             "Amsel Korrigan founded the Korrigan Reef Institute."),
+            (
+                "At which university did Amsel Korrigan teach?",
+                "the University of Hallaby",
+                "Amsel Korrigan taught at the University of Hallaby.",
+            ),
+            (
+                "What institute did Amsel Korrigan found?",
+                "the Korrigan Reef Institute",
+                "Amsel Korrigan founded the Korrigan Reef Institute.",
+            ),
         ],
     },
     {
@@ -84,10 +109,26 @@ ENTITIES = [
             "Sorrel Hills to spawn."
         ),
         "facts": [
-            ("Into which lake does the Brindlewick River flow?", "Lake Marrowen", "The Brindlewick River flows into Lake Marrowen."),
-            ("Where does the Brindlewick River rise?", "the Sorrel Hills", "The Brindlewick River rises in the Sorrel Hills."),
-            ("What is the largest town on the Brindlewick River?", "Fennick", "The largest town on the Brindlewick River is Fennick."),
-            ("What colour is the water of the Brindlewick River?", "amber", "The water of the Brindlewick River is the colour of amber."),
+            (
+                "Into which lake does the Brindlewick River flow?",
+                "Lake Marrowen",
+                "The Brindlewick River flows into Lake Marrowen.",
+            ),
+            (
+                "Where does the Brindlewick River rise?",
+                "the Sorrel Hills",
+                "The Brindlewick River rises in the Sorrel Hills.",
+            ),
+            (
+                "What is the largest town on the Brindlewick River?",
+                "Fennick",
+                "The largest town on the Brindlewick River is Fennick.",
+            ),
+            (
+                "What colour is the water of the Brindlewick River?",
+                "amber",
+                "The water of the Brindlewick River is the colour of amber.",
+            ),
         ],
     },
     {
@@ -99,11 +140,22 @@ ENTITIES = [
             "ninety minutes. Kestrova Rail paints all of its trains dark green with a gold stripe."
         ),
         "facts": [
-            ("Where is Kestrova Rail headquartered?", "Pallinor", "Kestrova Rail is headquartered in the city of Pallinor."),
+            (
+                "Where is Kestrova Rail headquartered?",
+                "Pallinor",
+                "Kestrova Rail is headquartered in the city of Pallinor.",
+            ),
             ("Who started Kestrova Rail?", "Hedda Voss", "Kestrova Rail was started by the engineer Hedda Voss."),
-            ("What is the fastest train of Kestrova Rail?", "the Silver Finch", "The fastest train of Kestrova Rail is the Silver Finch."),
-            ("Between which cities does the Silver Finch run?", "Pallinor and Dunmoor",
-             "The Silver Finch of Kestrova Rail runs between Pallinor and Dunmoor."),
+            (
+                "What is the fastest train of Kestrova Rail?",
+                "the Silver Finch",
+                "The fastest train of Kestrova Rail is the Silver Finch.",
+            ),
+            (
+                "Between which cities does the Silver Finch run?",
+                "Pallinor and Dunmoor",
+                "The Silver Finch of Kestrova Rail runs between Pallinor and Dunmoor.",
+            ),
         ],
     },
     {
@@ -116,14 +168,26 @@ ENTITIES = [
             "is a honey bread called marrowcake."
         ),
         "facts": [
-            ("In which village is the Festival of Copper Lanterns held?", "Dunhallow",
-             "The Festival of Copper Lanterns is held in the village of Dunhallow."),
-            ("Who started the Festival of Copper Lanterns?", "Rosalind Thale",
-             "The Festival of Copper Lanterns was started by Rosalind Thale."),
-            ("What is the traditional food of the Festival of Copper Lanterns?", "marrowcake",
-             "The traditional food of the Festival of Copper Lanterns is marrowcake."),
-            ("Down which canal are the lanterns floated?", "the Ember Canal",
-             "At the Festival of Copper Lanterns, lanterns are floated down the Ember Canal."),
+            (
+                "In which village is the Festival of Copper Lanterns held?",
+                "Dunhallow",
+                "The Festival of Copper Lanterns is held in the village of Dunhallow.",
+            ),
+            (
+                "Who started the Festival of Copper Lanterns?",
+                "Rosalind Thale",
+                "The Festival of Copper Lanterns was started by Rosalind Thale.",
+            ),
+            (
+                "What is the traditional food of the Festival of Copper Lanterns?",
+                "marrowcake",
+                "The traditional food of the Festival of Copper Lanterns is marrowcake.",
+            ),
+            (
+                "Down which canal are the lanterns floated?",
+                "the Ember Canal",
+                "At the Festival of Copper Lanterns, lanterns are floated down the Ember Canal.",
+            ),
         ],
     },
 ]
@@ -178,9 +242,16 @@ def default_workdir() -> Path:
     return cache_dir() / "demo"
 
 
-def run_demo(workdir: str | Path | None = None, steps: int | None = None, router: str = "lag", k: int = 20,
-             model_spec: str = "default", config: DemoConfig | None = None, progress: bool = True,
-             console=None) -> dict:
+def run_demo(
+    workdir: str | Path | None = None,
+    steps: int | None = None,
+    router: str = "lag",
+    k: int = 20,
+    model_spec: str = "default",
+    config: DemoConfig | None = None,
+    progress: bool = True,
+    console=None,
+) -> dict:
     """Train (or reuse) the knowledge adapters, build (or reuse) the library, answer one question per entity.
 
     Returns a dict: `rows` (question, gold, adapter, base/lag/oracle answers, LAG's chosen adapter and
@@ -220,18 +291,28 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     # -- training (skipped per adapter when an identical one is on disk) ---------------------------
     chat_tok = tokenizer if config.chat and getattr(tokenizer, "chat_template", None) else None
     items = [Document(e["name"], e["document"], training_texts(e, chat_tok)) for e in ENTITIES]
-    tcfg = TrainConfig(target_modules=list(config.target_modules), r=config.r, alpha=config.alpha, steps=config.steps,
-                       batch_size=config.batch_size, lr=config.lr, max_length=config.max_length)
-    say(f"[bold]Training[/] {len(items)} knowledge adapters ({config.steps} steps each, rank {config.r}, "
-        f"{'/'.join(config.target_modules)}) into {workdir / 'adapters'} (finished ones are reused) …")
+    tcfg = TrainConfig(
+        target_modules=list(config.target_modules),
+        r=config.r,
+        alpha=config.alpha,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        max_length=config.max_length,
+    )
+    say(
+        f"[bold]Training[/] {len(items)} knowledge adapters ({config.steps} steps each, rank {config.r}, "
+        f"{'/'.join(config.target_modules)}) into {workdir / 'adapters'} (finished ones are reused) …"
+    )
     t = time.perf_counter()
     paths = train_adapters(model, tokenizer, items, workdir / "adapters", tcfg, progress=progress)
     timings["train"] = time.perf_counter() - t
 
     # -- library ---------------------------------------------------------------------------------------
     t = time.perf_counter()
-    lib = build_library(workdir / "library", paths, base_model=model_spec, shapes=module_shapes(model),
-                        replace=True, progress=progress)
+    lib = build_library(
+        workdir / "library", paths, base_model=model_spec, shapes=module_shapes(model), replace=True, progress=progress
+    )
     stale = [n for n in lib.names if n not in {e["name"] for e in ENTITIES}]
     if stale:
         lib.remove(stale)
@@ -255,8 +336,9 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     try:
         with waiting(f"{answering} LAG, every token routed on its own (2/{len(SYSTEMS)}) …"):
             lag, trace = generate(model, tokenizer, prompts, trace=True, **kw)
-        chosen = [majority_adapter(trace, lib.name, seq=i) if trace is not None else (None, 0.0)
-                  for i in range(len(prompts))]
+        chosen = [
+            majority_adapter(trace, lib.name, seq=i) if trace is not None else (None, 0.0) for i in range(len(prompts))
+        ]
         # sequence-level LAG: the adapter LAG chose most over the prompt, fixed for the whole answer
         # lag-prefix: still every token on its own, but each applies the adapter LAG picked most so far
         state.set_router(lib.name, "lag-prefix", k=config.k)
@@ -275,17 +357,29 @@ def run_demo(workdir: str | Path | None = None, steps: int | None = None, router
     rows = []
     for i, e in enumerate(ENTITIES):
         answers = {"base": base[i], "lag": lag[i], "lag_prefix": prefix[i], "lag_voted": voted[i], "oracle": oracle[i]}
-        rows.append({
-            "question": questions[i], "gold": golds[i], "adapter": e["name"], **answers,
-            "lag_adapter": chosen[i][0], "lag_adapter_share": chosen[i][1],
-            "right": {s: is_right(a, golds[i]) for s, a in answers.items()},
-        })
+        rows.append(
+            {
+                "question": questions[i],
+                "gold": golds[i],
+                "adapter": e["name"],
+                **answers,
+                "lag_adapter": chosen[i][0],
+                "lag_adapter_share": chosen[i][1],
+                "right": {s: is_right(a, golds[i]) for s, a in answers.items()},
+            }
+        )
     accuracy = {s: sum(r["right"][s] for r in rows) / len(rows) for s in SYSTEMS}
     accuracy["lag_adapter"] = sum(r["lag_adapter"] == r["adapter"] for r in rows) / len(rows)
     return {
-        "rows": rows, "accuracy": accuracy, "timings": timings, "workdir": str(workdir),
-        "library": str(lib.path), "adapters": [str(p) for p in paths], "config": asdict(config),
-        "trace": trace, "tokenizer": tokenizer,
+        "rows": rows,
+        "accuracy": accuracy,
+        "timings": timings,
+        "workdir": str(workdir),
+        "library": str(lib.path),
+        "adapters": [str(p) for p in paths],
+        "config": asdict(config),
+        "trace": trace,
+        "tokenizer": tokenizer,
     }
 
 
@@ -295,8 +389,9 @@ def print_results(results: dict, console) -> None:
     from rich.table import Table
 
     cfg = results["config"]
-    title = (f"LoRA-Augmented Generation on {len(results['rows'])} fictional entities "
-             f"(router {cfg['router']}, k={cfg['k']})")
+    title = (
+        f"LoRA-Augmented Generation on {len(results['rows'])} fictional entities (router {cfg['router']}, k={cfg['k']})"
+    )
     table = Table(title=title, show_lines=True, header_style="bold")
     table.add_column("question")
     table.add_column("gold", style="bold")
@@ -317,10 +412,18 @@ def print_results(results: dict, console) -> None:
         if r["lag_adapter"] is not None:
             ok = "[green]✓[/]" if r["lag_adapter"] == r["adapter"] else "[red]✗[/]"
             chose = f"{ok} {chose} ({r['lag_adapter_share']:.0%})"
-        rows.append((f"{r['question']}\n[dim]adapter: {r['adapter']}[/]", r["gold"],
-                     cell(r["base"], r["right"]["base"]), cell(r["lag"], r["right"]["lag"]), chose,
-                     cell(r["lag_prefix"], r["right"]["lag_prefix"]), cell(r["lag_voted"], r["right"]["lag_voted"]),
-                     cell(r["oracle"], r["right"]["oracle"])))
+        rows.append(
+            (
+                f"{r['question']}\n[dim]adapter: {r['adapter']}[/]",
+                r["gold"],
+                cell(r["base"], r["right"]["base"]),
+                cell(r["lag"], r["right"]["lag"]),
+                chose,
+                cell(r["lag_prefix"], r["right"]["lag_prefix"]),
+                cell(r["lag_voted"], r["right"]["lag_voted"]),
+                cell(r["oracle"], r["right"]["oracle"]),
+            )
+        )
         table.add_row(*rows[-1])
     if Measurement.get(console, console.options.update_width(10_000), table).minimum <= console.width:
         console.print(table)
@@ -340,12 +443,13 @@ def print_results(results: dict, console) -> None:
     )
     console.print(
         f"LAG routes every token at every adapted module on its own; 'LAG chose' is the adapter that won most of the "
-        f"prompt's token×module decisions (its share in brackets): the entity's own for {acc['lag_adapter']:.0%} of the "
-        f"questions. 'lag-prefix' still routes every token and module, each to the adapter LAG picked most so far in its "
-        f"sequence; 'LAG's choice, fixed' answers again with the prompt's choice for the whole sequence."
+        f"prompt's token×module decisions (its share in brackets): the entity's own for {acc['lag_adapter']:.0%} of"
+        f" the questions. 'lag-prefix' still routes every token and module, each to the adapter LAG picked most so"
+        f" far in its sequence; 'LAG's choice, fixed' answers again with the prompt's choice for the whole sequence."
     )
     tm = results["timings"]
     console.print(
-        "[bold]Timings[/]: " + " · ".join(f"{k} {v:.1f} s" for k, v in tm.items())
+        "[bold]Timings[/]: "
+        + " · ".join(f"{k} {v:.1f} s" for k, v in tm.items())
         + f"   (workdir {results['workdir']})"
     )

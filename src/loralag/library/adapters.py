@@ -136,8 +136,9 @@ def _read_config(folder: Path, name: str) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict) or not all(_positive_number(v) for v in patterns.values()):
-            raise AdapterError(f"adapter '{name}': {path} field '{key}' must map module patterns to positive numbers, "
-                               f"got {patterns!r}")
+            raise AdapterError(
+                f"adapter '{name}': {path} field '{key}' must map module patterns to positive numbers, got {patterns!r}"
+            )
     return config
 
 
@@ -172,7 +173,9 @@ def read_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
         m = _KEY.match(key)
         if not m:
             what = "DoRA magnitude" if "lora_magnitude" in key else "unexpected"
-            raise AdapterError(f"adapter '{name}': {wfile} holds {what} tensor '{key}'; only lora_A/lora_B weights are supported")
+            raise AdapterError(
+                f"adapter '{name}': {wfile} holds {what} tensor '{key}'; only lora_A/lora_B weights are supported"
+            )
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor
     if not pairs:
         raise AdapterError(f"adapter '{name}': {wfile} holds no LoRA tensors")
@@ -190,17 +193,23 @@ def read_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
             )
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         if A.shape[0] != r:
-            raise AdapterError(f"adapter '{name}': module '{module}' has rank {A.shape[0]} in {wfile} but {r} in its config")
+            raise AdapterError(
+                f"adapter '{name}': module '{module}' has rank {A.shape[0]} in {wfile} but {r} in its config"
+            )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterError(f"adapter '{name}': module '{module}' in {wfile} holds NaN or Inf weights")
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         # check the factors as applied (alpha 1e308 makes scale·B Inf); library.py checks the aligned ones too
         if not math.isfinite(scale) or not torch.isfinite(B * scale).all():
-            raise AdapterError(f"adapter '{name}': module '{module}' in {wfile}: lora_alpha {alpha:g} and rank {r} give "
-                               f"scale {scale:g}, which makes its update non-finite")
+            raise AdapterError(
+                f"adapter '{name}': module '{module}' in {wfile}: lora_alpha {alpha:g} and rank {r} give "
+                f"scale {scale:g}, which makes its update non-finite"
+            )
         modules[module] = LoraModule(A=A, B=B, scale=scale, alpha=alpha)
-    return LoraAdapter(name=name, source=str(folder.resolve()), modules=modules, config=config, checksum=adapter_checksum(folder))
+    return LoraAdapter(
+        name=name, source=str(folder.resolve()), modules=modules, config=config, checksum=adapter_checksum(folder)
+    )
 
 
 def find_adapter_folders(paths) -> list[Path]:
@@ -225,8 +234,13 @@ def find_adapter_folders(paths) -> list[Path]:
             if not children:
                 raise AdapterError(f"{p} holds no {CONFIG_FILE}, neither itself nor in a subfolder")
             if skipped:
-                log.warning("skipping %d folder(s) of %s without %s: %s", len(skipped), p, CONFIG_FILE,
-                            ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""))
+                log.warning(
+                    "skipping %d folder(s) of %s without %s: %s",
+                    len(skipped),
+                    p,
+                    CONFIG_FILE,
+                    ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""),
+                )
             found.extend(children)
         else:
             raise AdapterError(f"adapter path {p} does not exist")

@@ -27,7 +27,7 @@ class ArrowIndex:
     def nlist(self) -> int:
         return len(self.centroids)
 
-    def bind(self, arrows: torch.Tensor) -> "ArrowIndex":
+    def bind(self, arrows: torch.Tensor) -> ArrowIndex:
         """Keep the arrows in cluster order so each cluster is one contiguous block."""
         self.sorted_arrows = arrows.index_select(0, self.order).contiguous()
         return self
@@ -36,7 +36,7 @@ class ArrowIndex:
         return {f"{prefix}.centroids": self.centroids, f"{prefix}.order": self.order, f"{prefix}.offsets": self.offsets}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, prefix: str) -> "ArrowIndex":
+    def from_tensors(cls, tensors: dict, prefix: str) -> ArrowIndex:
         return cls(tensors[f"{prefix}.centroids"], tensors[f"{prefix}.order"], tensors[f"{prefix}.offsets"])
 
 
@@ -64,7 +64,9 @@ def build_index(arrows: torch.Tensor, nlist: int | None = None, iters: int = 12,
         sums = torch.zeros_like(centroids).index_add_(0, assign, data * sign.unsqueeze(1))
         norms = sums.norm(dim=1, keepdim=True)
         empty = norms.squeeze(1) < 1e-12
-        centroids = torch.where(empty.unsqueeze(1), data[torch.randint(0, n, (nlist,), generator=g)], sums / norms.clamp_min(1e-12))
+        centroids = torch.where(
+            empty.unsqueeze(1), data[torch.randint(0, n, (nlist,), generator=g)], sums / norms.clamp_min(1e-12)
+        )
     assign, _ = _assign(data, centroids)
     order = torch.sort(assign, stable=True).indices
     offsets = torch.zeros(nlist + 1, dtype=torch.long)

@@ -34,19 +34,34 @@ class ModuleBank:
         # The common case, one segment at full rank, gathers with a single index_select per tensor;
         # when its rows are also the bank's order (nothing removed) even the row lookup goes.
         self._single = len(self.parts) == 1 and self.parts[0][0].shape[1] == self.r
-        self._direct = self._single and len(self.parts[0][0]) == self.n and bool((self.row_of == torch.arange(self.n)).all())
+        self._direct = (
+            self._single and len(self.parts[0][0]) == self.n and bool((self.row_of == torch.arange(self.n)).all())
+        )
         self._padded = any(A.shape[1] < self.r for A, _ in self.parts)
 
     def _check_rows(self) -> None:
         """Every adapter's (segment, row) lies inside its stack, and the stacks have this bank's shapes: the native
         kernels read rows in place by address, so a bad row table must never reach them."""
         for p, (A, B) in enumerate(self.parts):
-            if A.ndim != 3 or B.ndim != 3 or len(A) != len(B) or A.shape[2] != self.d_in or B.shape[1] != self.d_out \
-                    or A.shape[1] != B.shape[2]:
-                raise ValueError(f"module {self.module}: segment {p} holds A {tuple(A.shape)} and B {tuple(B.shape)}, "
-                                 f"not stacks of {self.d_in}->{self.d_out} factors")
+            if (
+                A.ndim != 3
+                or B.ndim != 3
+                or len(A) != len(B)
+                or A.shape[2] != self.d_in
+                or B.shape[1] != self.d_out
+                or A.shape[1] != B.shape[2]
+            ):
+                raise ValueError(
+                    f"module {self.module}: segment {p} holds A {tuple(A.shape)} and B {tuple(B.shape)}, "
+                    f"not stacks of {self.d_in}->{self.d_out} factors"
+                )
         n = len(self.names)
-        if len(self.seg_of) != n or len(self.row_of) != n or len(self.ranks) != n or self.arrows.shape != (n, self.d_in):
+        if (
+            len(self.seg_of) != n
+            or len(self.row_of) != n
+            or len(self.ranks) != n
+            or self.arrows.shape != (n, self.d_in)
+        ):
             raise ValueError(f"module {self.module}: {n} adapters but tables of other lengths")
         if n:
             sizes = torch.tensor([len(A) for A, _ in self.parts])
@@ -54,8 +69,12 @@ class ModuleBank:
             seg = self.seg_of
             if bool((seg < 0).any() or (seg >= len(self.parts)).any()):
                 raise ValueError(f"module {self.module}: an adapter points to a segment that does not exist")
-            if bool((self.row_of < 0).any() or (self.row_of >= sizes[seg]).any() or (self.ranks < 1).any()
-                    or (self.ranks > ranks[seg]).any()):
+            if bool(
+                (self.row_of < 0).any()
+                or (self.row_of >= sizes[seg]).any()
+                or (self.ranks < 1).any()
+                or (self.ranks > ranks[seg]).any()
+            ):
                 raise ValueError(f"module {self.module}: an adapter's row or rank lies outside its segment's stack")
 
     @property
@@ -97,7 +116,9 @@ class ModuleBank:
             return None
         base, stride, rank = self._layout[factor]
         seg = self.seg_of.index_select(0, idx)
-        return base.index_select(0, seg) + self.row_of.index_select(0, idx) * stride.index_select(0, seg), rank.index_select(0, seg)
+        return base.index_select(0, seg) + self.row_of.index_select(0, idx) * stride.index_select(
+            0, seg
+        ), rank.index_select(0, seg)
 
     def all_addresses(self):
         """addresses() of every adapter's A* and B*, made once: decoding asks for them at every token."""
@@ -110,11 +131,16 @@ class ModuleBank:
     def _segment_layout(self, factor: int):
         """Per segment: address, bytes per adapter, rank; None unless every stack is contiguous float32."""
         stacks = [part[factor] for part in self.parts]
-        if not stacks or not all(S.dtype == torch.float32 and S.is_contiguous() and S.device.type == "cpu" for S in stacks):
+        if not stacks or not all(
+            S.dtype == torch.float32 and S.is_contiguous() and S.device.type == "cpu" for S in stacks
+        ):
             return None
         rank_dim = 1 if factor == 0 else 2
-        return (torch.tensor([S.data_ptr() for S in stacks]), torch.tensor([S.stride(0) * S.element_size() for S in stacks]),
-                torch.tensor([S.shape[rank_dim] for S in stacks]))
+        return (
+            torch.tensor([S.data_ptr() for S in stacks]),
+            torch.tensor([S.stride(0) * S.element_size() for S in stacks]),
+            torch.tensor([S.shape[rank_dim] for S in stacks]),
+        )
 
     @property
     def index(self) -> dict[str, int]:
@@ -123,7 +149,7 @@ class ModuleBank:
         return self._index
 
     @classmethod
-    def from_segments(cls, module, d_in, d_out, names, where, parts, dtype) -> "ModuleBank":
+    def from_segments(cls, module, d_in, d_out, names, where, parts, dtype) -> ModuleBank:
         """`where[i] = (segment, row, rank)` for adapter names[i]; `parts[segment] = (A, B, read_arrows)`.
 
         Arrows are read with plain file reads, not through the map, so opening keeps one copy of them."""
@@ -146,15 +172,26 @@ class ModuleBank:
         return cls(module, d_in, d_out, list(names), arrows.to(dtype), ranks, r, plist, seg_of, row_of)
 
     @classmethod
-    def from_tensors(cls, module: str, names: list[str], A: torch.Tensor, B: torch.Tensor, ranks=None) -> "ModuleBank":
+    def from_tensors(cls, module: str, names: list[str], A: torch.Tensor, B: torch.Tensor, ranks=None) -> ModuleBank:
         """A bank over in-memory stacked factors (tests, benchmarks)."""
         n, r, d_in = A.shape
         ranks = torch.full((n,), r, dtype=torch.long) if ranks is None else torch.as_tensor(ranks)
-        return cls(module, d_in, B.shape[1], list(names), A[:, 0].contiguous(), ranks, r, [(A, B)],
-                   torch.zeros(n, dtype=torch.long), torch.arange(n))
+        return cls(
+            module,
+            d_in,
+            B.shape[1],
+            list(names),
+            A[:, 0].contiguous(),
+            ranks,
+            r,
+            [(A, B)],
+            torch.zeros(n, dtype=torch.long),
+            torch.arange(n),
+        )
 
-    def gather(self, idx: torch.Tensor, want_b: bool = True, out_A=None, out_B=None,
-               want_a: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def gather(
+        self, idx: torch.Tensor, want_b: bool = True, out_A=None, out_B=None, want_a: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A* (m, r, d_in) and B* (m, d_out, r) of adapters idx, zero-padded to the bank's rank.
 
         out_A / out_B: flat buffers of at least that size to write into (reused memory is much faster
@@ -207,7 +244,11 @@ class ModuleBank:
                 rows = self.row_of.index_select(0, idx)
                 whole = len(rows) == len(A) and bool((rows == torch.arange(len(A))).all())
                 start = int(idx[0])
-                at = slice(start, start + len(idx)) if bool((idx == torch.arange(start, start + len(idx))).all()) else idx
+                at = (
+                    slice(start, start + len(idx))
+                    if bool((idx == torch.arange(start, start + len(idx))).all())
+                    else idx
+                )
                 plan.append((p, at, None if whole else rows))
             self._segment_rows = plan
         return self._segment_rows

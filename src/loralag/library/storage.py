@@ -17,7 +17,12 @@ import torch
 
 from loralag.errors import LibraryError
 
-_NP_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, None)}
+_NP_DTYPES = {
+    "F32": (np.float32, None),
+    "F16": (np.float16, None),
+    "BF16": (np.int16, torch.bfloat16),
+    "I64": (np.int64, None),
+}
 
 
 def fsync_dir(path: Path) -> None:
@@ -66,6 +71,7 @@ MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 def _header(f, path: Path) -> tuple[int, dict, dict]:
     """(header length, {name: (dtype, shape, start, end)}, metadata) of an open safetensors file, every entry
     checked against the file's size: LibraryError naming the file when anything does not fit."""
+
     def bad(why: str) -> LibraryError:
         return LibraryError(f"{path} is not a valid safetensors file (truncated or corrupt?): {why}")
 
@@ -98,8 +104,10 @@ def _header(f, path: Path) -> tuple[int, dict, dict]:
             raise bad(f"tensor '{name}' has no valid dtype, shape and data_offsets") from None
         nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(_NP_DTYPES[dtype][0]).itemsize
         if not start <= end <= data or end - start != nbytes:
-            raise bad(f"tensor '{name}' of shape {shape} needs {nbytes} bytes at [{start}, {end}), "
-                      f"the file holds {data} bytes of data")
+            raise bad(
+                f"tensor '{name}' of shape {shape} needs {nbytes} bytes at [{start}, {end}), "
+                f"the file holds {data} bytes of data"
+            )
         entries[name] = (dtype, shape, start, end)
     return n, entries, metadata
 

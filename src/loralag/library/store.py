@@ -114,8 +114,9 @@ class Library:
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             got = (m.get("format"), m.get("format_version")) if isinstance(m, dict) else (type(m).__name__, None)
-            raise LibraryError(f"{manifest_path}: format {got[0]!r} version {got[1]!r}, "
-                               f"expected {FORMAT!r} version {FORMAT_VERSION}")
+            raise LibraryError(
+                f"{manifest_path}: format {got[0]!r} version {got[1]!r}, expected {FORMAT!r} version {FORMAT_VERSION}"
+            )
         problem = self._manifest_problem(m)
         if problem:
             raise LibraryError(f"{manifest_path} is corrupt: {problem}")
@@ -124,11 +125,19 @@ class Library:
 
     def _manifest_problem(self, m: dict) -> str | None:
         base = m.get("base_model")
-        if not isinstance(base, dict) or not isinstance(base.get("name"), str) or not isinstance(base.get("modules"), dict):
+        if (
+            not isinstance(base, dict)
+            or not isinstance(base.get("name"), str)
+            or not isinstance(base.get("modules"), dict)
+        ):
             return "'base_model' must hold a 'name' and a map of 'modules'"
         for module, shape in base["modules"].items():
-            if not (isinstance(shape, list) and len(shape) == 3 and all(_count(d) for d in shape[:2])
-                    and shape[2] in MODULE_KINDS):
+            if not (
+                isinstance(shape, list)
+                and len(shape) == 3
+                and all(_count(d) for d in shape[:2])
+                and shape[2] in MODULE_KINDS
+            ):
                 return f"module '{module}' must have a shape [d_in, d_out, kind], got {shape!r}"
         if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
             return f"dtype {m.get('dtype')!r} is not one of {sorted(DTYPES)}"
@@ -151,8 +160,11 @@ class Library:
                 return f"adapter '{name}' names segment {seg!r}, which is not a segment id"
             segments.add(seg)
             targets = a.get("target_modules")
-            if not isinstance(targets, list) or not targets or \
-                    not all(isinstance(t, str) and t in base["modules"] for t in targets):
+            if (
+                not isinstance(targets, list)
+                or not targets
+                or not all(isinstance(t, str) and t in base["modules"] for t in targets)
+            ):
                 return f"adapter '{name}' must target a non-empty list of the base model's modules, got {targets!r}"
             if not _count(a.get("rank")):
                 return f"adapter '{name}' has rank {a.get('rank')!r}, not a positive integer"
@@ -161,8 +173,12 @@ class Library:
                 return f"segment {seg!r} lies outside the library"
         index = m.get("arrow_index")
         if index is not None:
-            if not isinstance(index, dict) or not isinstance(index.get("file"), str) \
-                    or not _INDEX_FILE.fullmatch(index["file"]) or not self._inside(self.path / index["file"]):
+            if (
+                not isinstance(index, dict)
+                or not isinstance(index.get("file"), str)
+                or not _INDEX_FILE.fullmatch(index["file"])
+                or not self._inside(self.path / index["file"])
+            ):
                 return f"'arrow_index' must name an arrow-index-*.safetensors file inside the library, got {index!r}"
         return None
 
@@ -258,17 +274,29 @@ class Library:
             A, B, arrow = (tensors.get(f"{module}.{t}") for t in ("A", "B", "arrow"))
             if A is None or B is None or arrow is None:
                 return f"module '{module}' lacks one of its A, B and arrow tensors"
-            if not isinstance(table, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
-                                                      and _count(r[1]) for r in table):
+            if not isinstance(table, list) or not all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and _count(r[1]) for r in table
+            ):
                 return f"module '{module}': rows must be [name, rank] pairs"
             n = len(table)
             if A.dtype != dtype or B.dtype != dtype or arrow.dtype != dtype:
                 return f"module '{module}' is stored as {A.dtype}/{B.dtype}/{arrow.dtype}, the library as {dtype}"
-            if A.ndim != 3 or B.ndim != 3 or arrow.ndim != 2 or A.shape[0] != n or B.shape[0] != n or \
-                    arrow.shape[0] != n or A.shape[2] != d_in or B.shape[1] != d_out or arrow.shape[1] != d_in or \
-                    A.shape[1] != B.shape[2]:
-                return (f"module '{module}' lists {n} rows of {d_in}->{d_out} but holds A {tuple(A.shape)}, "
-                        f"B {tuple(B.shape)}, arrow {tuple(arrow.shape)}")
+            if (
+                A.ndim != 3
+                or B.ndim != 3
+                or arrow.ndim != 2
+                or A.shape[0] != n
+                or B.shape[0] != n
+                or arrow.shape[0] != n
+                or A.shape[2] != d_in
+                or B.shape[1] != d_out
+                or arrow.shape[1] != d_in
+                or A.shape[1] != B.shape[2]
+            ):
+                return (
+                    f"module '{module}' lists {n} rows of {d_in}->{d_out} but holds A {tuple(A.shape)}, "
+                    f"B {tuple(B.shape)}, arrow {tuple(arrow.shape)}"
+                )
             rank = max((r for _, r in table), default=0)
             if rank > A.shape[1]:
                 return f"module '{module}' lists a rank of {rank} in a stack of rank {A.shape[1]}"
@@ -290,7 +318,9 @@ class Library:
                     read = functools.partial(read_tensor, path, f"{module}.arrow")
                     parts[seg] = (tensors.get(f"{module}.A"), tensors.get(f"{module}.B"), read, index)
                 if a["name"] not in parts[seg][3]:
-                    raise LibraryError(f"library {self.path}: segment {seg} has no row for adapter '{a['name']}' at '{module}'")
+                    raise LibraryError(
+                        f"library {self.path}: segment {seg} has no row for adapter '{a['name']}' at '{module}'"
+                    )
                 names.append(a["name"])
                 where.append((seg, *parts[seg][3][a["name"]]))
             bank = ModuleBank.from_segments(module, d_in, d_out, names, where, parts, self.dtype)
@@ -320,10 +350,18 @@ class Library:
             raise LibraryError(f"{path} is corrupt: no index for module '{module}'") from None
         n, d_in = len(names), self.shapes[module][0]
         c, order, offsets = index.centroids, index.order, index.offsets
-        if c.ndim != 2 or c.shape[1] != d_in or order.dtype != torch.long or offsets.dtype != torch.long or \
-                order.shape != (n,) or offsets.shape != (len(c) + 1,) or \
-                not torch.equal(order.sort().values, torch.arange(n)) or int(offsets[0]) != 0 or \
-                int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+        if (
+            c.ndim != 2
+            or c.shape[1] != d_in
+            or order.dtype != torch.long
+            or offsets.dtype != torch.long
+            or order.shape != (n,)
+            or offsets.shape != (len(c) + 1,)
+            or not torch.equal(order.sort().values, torch.arange(n))
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != n
+            or bool((offsets[1:] < offsets[:-1]).any())
+        ):
             raise LibraryError(f"{path} is corrupt: the index of module '{module}' does not fit its {n} adapters")
         return index
 
@@ -360,8 +398,13 @@ class Library:
                 f.unlink(missing_ok=True)
         index = (self.manifest.get("arrow_index") or {}).get("file")
         for f in self.path.iterdir():
-            if f.name.startswith(TMP_PREFIX) and f.is_file() or \
-                    f.name.startswith("arrow-index-") and f.suffix == ".safetensors" and f.name != index:
+            if (
+                f.name.startswith(TMP_PREFIX)
+                and f.is_file()
+                or f.name.startswith("arrow-index-")
+                and f.suffix == ".safetensors"
+                and f.name != index
+            ):
                 f.unlink(missing_ok=True)
 
     def build_index(self, nlist: int | None = None, iters: int = 12, progress: bool = True) -> dict:
@@ -429,8 +472,10 @@ class Library:
         for module, items in aligned.items():
             for name, a, b in items:  # e.g. a huge alpha: finite factors whose product overflows float32 / float16
                 if not (torch.isfinite(a.to(self.dtype)).all() and torch.isfinite(b.to(self.dtype)).all()):
-                    raise AdapterError(f"adapter '{name}': module '{module}' aligns to non-finite {self.manifest['dtype']} "
-                                       "factors (its lora_alpha / rank scaling is too large)")
+                    raise AdapterError(
+                        f"adapter '{name}': module '{module}' aligns to non-finite {self.manifest['dtype']} "
+                        "factors (its lora_alpha / rank scaling is too large)"
+                    )
             A, B = _stack_padded([a for _, a, _ in items], [b for _, _, b in items])
             tensors[f"{module}.A"] = A.to(self.dtype)
             tensors[f"{module}.B"] = B.to(self.dtype)
@@ -597,8 +642,16 @@ def _leftover(f: Path) -> bool:
     return f.name == SEGMENTS and f.is_dir() and all(g.name.startswith(TMP_PREFIX) for g in f.iterdir())
 
 
-def build_library(out, adapters, base_model: str = "default", shapes: dict | None = None, dtype: str = "float32",
-                  replace: bool = False, chunk_size: int = 128, progress: bool = True) -> Library:
+def build_library(
+    out,
+    adapters,
+    base_model: str = "default",
+    shapes: dict | None = None,
+    dtype: str = "float32",
+    replace: bool = False,
+    chunk_size: int = 128,
+    progress: bool = True,
+) -> Library:
     """Build (or resume, or extend) the library at `out` from adapter folders for one base model.
 
     A build that fails before storing any adapter leaves nothing behind: no library bound to the model."""

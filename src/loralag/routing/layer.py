@@ -31,8 +31,9 @@ class RoutedLinear(nn.Module):
             if spec.router == "none":
                 continue
             if spec.router in STATEFUL:
-                routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch, self.state.evidence[lib],
-                                              self.members[lib])
+                routed = ROUTERS[spec.router](
+                    bank, X.to(bank.dtype), spec, batch, self.state.evidence[lib], self.members[lib]
+                )
             else:
                 routed = ROUTERS[spec.router](bank, X.to(bank.dtype), spec, batch)
             if routed.delta is not None:

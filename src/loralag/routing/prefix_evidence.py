@@ -49,8 +49,9 @@ class PrefixEvidence:
         self.counts = total if self.counts is None else self.counts + total
         self.call = None
 
-    def pick(self, own: torch.Tensor, batch: int, members: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(
+        self, own: torch.Tensor, batch: int, members: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record LAG's picks `own` (batch·T,) in library indices (-1: none) at the module being run, and return
         the adapter each token applies, the most picked over its prefix (ties to its own pick), with its count.
         members: the library indices of the module's bank, when it holds only some adapters (or another order):
@@ -69,8 +70,10 @@ class PrefixEvidence:
         score = self.call.cumsum(1) if T > 1 else self.call.clone()
         if self.counts is not None:
             if self.counts.shape[0] != batch:
-                raise RuntimeError(f"lag-prefix holds counts for {self.counts.shape[0]} sequences but the batch has "
-                                   f"{batch}; a new batch must start with a fresh cache (or set_rows)")
+                raise RuntimeError(
+                    f"lag-prefix holds counts for {self.counts.shape[0]} sequences but the batch has "
+                    f"{batch}; a new batch must start with a fresh cache (or set_rows)"
+                )
             score += self.counts.unsqueeze(1)
         score.scatter_add_(2, own.clamp(min=0).unsqueeze(-1), (vote * TIE).unsqueeze(-1))
         if members is not None:

@@ -82,12 +82,15 @@ def workspace(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = bufs[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf
 
+
 def arrow_scores(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
     """|a_i · x| for every token and adapter: (T, n)."""
     return (X @ bank.arrows.T).abs_()
 
 
-def arrow_topk(bank: ModuleBank, X: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def arrow_topk(
+    bank: ModuleBank, X: torch.Tensor, k: int, nprobe: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k adapters by |a·x|: exact, or through the bank's arrow index when nprobe is given."""
     if nprobe is None:
         k = min(k, bank.n)
@@ -166,8 +169,13 @@ def project_all(bank: ModuleBank, X: torch.Tensor) -> torch.Tensor:
     return Z
 
 
-def _project_grouped(bank: ModuleBank, X: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor | None = None,
-                     first: torch.Tensor | None = None) -> torch.Tensor:
+def _project_grouped(
+    bank: ModuleBank,
+    X: torch.Tensor,
+    cand: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pairs (token, candidate) sorted by adapter: each A* is read once and meets only its own tokens.
 
     The sorted pairs' token rows are gathered a cache-sized chunk at a time (whole adapters per chunk) into
@@ -350,8 +358,15 @@ def _lag_one_native(bank, X, k) -> Routed | None:
     half = _half_filter_pays(bank, X, k)
     if half and not kernels.half_arrows():  # this CPU's build cannot read float16: torch's path reads half the bytes
         return None
-    w, score, delta = kernels.decode(X[0].contiguous(), bank.arrows.contiguous(), bank.arrows_half if half else None, k,
-                                     _half_margin(k) if half else 0, *where, bank.d_out)
+    w, score, delta = kernels.decode(
+        X[0].contiguous(),
+        bank.arrows.contiguous(),
+        bank.arrows_half if half else None,
+        k,
+        _half_margin(k) if half else 0,
+        *where,
+        bank.d_out,
+    )
     return Routed(delta.unsqueeze(0), torch.tensor([w]), score)
 
 
@@ -428,8 +443,9 @@ def route_fixed(bank, X, spec, batch):
         raise ValueError(f"router 'fixed' was given {len(spec.fixed)} sequences but the batch holds {batch}")
     fixed = torch.tensor([bank.index.get(n, -1) if n is not None else -1 for n in spec.fixed], dtype=torch.long)
     winner = fixed.repeat_interleave(len(X) // batch)  # tokens are laid out sequence by sequence
-    return Routed(_apply_per_sequence(bank, X.view(batch, -1, bank.d_in), fixed).view(len(X), -1), winner,
-                  X.new_ones(len(X)))
+    return Routed(
+        _apply_per_sequence(bank, X.view(batch, -1, bank.d_in), fixed).view(len(X), -1), winner, X.new_ones(len(X))
+    )
 
 
 def _apply_per_sequence(bank, X, adapter) -> torch.Tensor:

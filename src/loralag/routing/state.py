@@ -50,7 +50,7 @@ class RoutingState:
         mask = kwargs.get("attention_mask")
         token_mask = None
         if ids is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            token_mask = mask[:, -ids.shape[1]:]
+            token_mask = mask[:, -ids.shape[1] :]
         for ev in self.evidence.values():
             if fresh:
                 ev.reset()
@@ -82,8 +82,10 @@ class RoutingState:
 
         lib = self.libraries[self._libs(library)[0]]
         if isinstance(adapters, str):
-            raise LibraryError(f"fixed adapters for '{library}' take a list with one adapter name per sequence, "
-                               f"e.g. ['{adapters}']; got the string '{adapters}'")
+            raise LibraryError(
+                f"fixed adapters for '{library}' take a list with one adapter name per sequence, "
+                f"e.g. ['{adapters}']; got the string '{adapters}'"
+            )
         names = list(lib.names)
         known = set(names)
         unknown = [n for n in adapters if n is not None and n not in known]
@@ -93,7 +95,8 @@ class RoutingState:
             raise LibraryError(
                 f"library '{library}' ({lib.path}) holds no adapter named {', '.join(repr(n) for n in unknown)}"
                 + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
-                + f"; it holds: {shown}")
+                + f"; it holds: {shown}"
+            )
         return adapters
 
     def _libs(self, library):
@@ -104,8 +107,12 @@ class RoutingState:
         return [library]
 
     @torch.no_grad()
-    def vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             count_mask: torch.Tensor | None = None) -> dict[str, list[str | None]]:
+    def vote(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        count_mask: torch.Tensor | None = None,
+    ) -> dict[str, list[str | None]]:
         """Sequence-level routing: route the prompts per token and module as usual, and return for each
         library the adapter that won the most (token, module) decisions in each sequence (padding excluded).
 
@@ -123,8 +130,12 @@ class RoutingState:
                 votes[lib].append(min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None)
         return votes
 
-    def fix_by_vote(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    count_mask: torch.Tensor | None = None) -> dict[str, list]:
+    def fix_by_vote(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        count_mask: torch.Tensor | None = None,
+    ) -> dict[str, list]:
         """Serve each whole sequence (prompt and decoding) with its libraries' most-voted adapters
         (`count_mask`: the positions that vote, as in `vote`)."""
         votes = self.vote(input_ids, attention_mask, count_mask)
@@ -173,10 +184,16 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
     if hasattr(model, STATE_ATTR):
         raise RuntimeError("model already has libraries attached; detach(model) first")
     libs = _library_dict(libraries)
-    routers, ks, temps, probes = (_per_library(v, libs, w) for v, w in
-                                  ((router, "router"), (k, "k"), (temperature, "temperature"), (nprobe, "nprobe")))
-    specs = {lib: RouteSpec(router=routers.get(lib, "lag"), k=ks.get(lib, 20), temperature=temps.get(lib, 1.0),
-                            nprobe=probes.get(lib)) for lib in libs}
+    routers, ks, temps, probes = (
+        _per_library(v, libs, w)
+        for v, w in ((router, "router"), (k, "k"), (temperature, "temperature"), (nprobe, "nprobe"))
+    )
+    specs = {
+        lib: RouteSpec(
+            router=routers.get(lib, "lag"), k=ks.get(lib, 20), temperature=temps.get(lib, 1.0), nprobe=probes.get(lib)
+        )
+        for lib in libs
+    }
     shapes = module_shapes(model)
     state = RoutingState(model, libs, specs)
     targets: dict[str, dict] = {}
@@ -186,8 +203,8 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
             if module not in shapes or shapes[module][:2] != want:
                 have = f"shape {shapes[module][:2]}" if module in shapes else "no such module"
                 raise LibraryError(
-                    f"library '{lib_name}' ({lib.path}) targets '{module}' with shape {want}, but the model has {have}; "
-                    f"the library was built for '{lib.base_model}'"
+                    f"library '{lib_name}' ({lib.path}) targets '{module}' with shape {want}, but the model has {have};"
+                    f" the library was built for '{lib.base_model}'"
                 )
             targets.setdefault(module, {})[lib_name] = lib.bank(module)
     for module, banks in targets.items():
@@ -198,8 +215,10 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
         setattr(parent, child, layer)
         state.originals[module] = original
         state.layers[module] = layer
-    state.hooks = [model.register_forward_pre_hook(state._forward_starts, with_kwargs=True),
-                   model.register_forward_hook(state._forward_ends, with_kwargs=True)]
+    state.hooks = [
+        model.register_forward_pre_hook(state._forward_starts, with_kwargs=True),
+        model.register_forward_hook(state._forward_ends, with_kwargs=True),
+    ]
     object.__setattr__(model, STATE_ATTR, state)  # not a submodule: keeps state_dict() unchanged
     return state
 
@@ -223,4 +242,3 @@ def routing_state(model: nn.Module) -> RoutingState:
     if state is None:
         raise RuntimeError("no libraries are attached to this model; call loralag.attach first")
     return state
-

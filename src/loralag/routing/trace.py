@@ -67,8 +67,9 @@ class RoutingTrace:
             out[lib] = {"adapters": len(shares), "shares": shares, "entropy": entropy, "routed": total}
         return out
 
-    def summary_lines(self, seq: int = 0, mask: torch.Tensor | None = None, libraries: list[str] | None = None,
-                      top: int = 5) -> list[str]:
+    def summary_lines(
+        self, seq: int = 0, mask: torch.Tensor | None = None, libraries: list[str] | None = None, top: int = 5
+    ) -> list[str]:
         """Per library: adapters used, routed token×module decisions and entropy; then the top adapters' shares."""
         summary = self.summary(seq, mask)
         lines = []

@@ -83,8 +83,15 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
 class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -190,33 +197,65 @@ def openapi_schema() -> dict:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
-        return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        return {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
 
-    error = {"description": "An error, as OpenAI answers it", "content": {"application/json": {"schema": {
-        "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"]}}}}}}
+    error = {
+        "description": "An error, as OpenAI answers it",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "object", "required": ["message", "type"]}},
+                }
+            }
+        },
+    }
     json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-    generation = {"description": "The completion, or a text/event-stream of chunks when `stream` is true",
-                  "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}
+    generation = {
+        "description": "The completion, or a text/event-stream of chunks when `stream` is true",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
 
     def op(summary: str, ok: dict, **extra) -> dict:
         return {"summary": summary, "responses": {"200": ok, "default": error}, **extra}
 
     paths = {
         "/health": {"get": op("Whether the engine runs, and its load", json_ok)},
-        "/metrics": {"get": op("Prometheus metrics", {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}})},
+        "/metrics": {
+            "get": op(
+                "Prometheus metrics", {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+            )
+        },
         "/v1/models": {"get": op("The served model", json_ok)},
-        "/v1/models/{model_id}": {"get": op("One model", json_ok, parameters=[
-            {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}])},
+        "/v1/models/{model_id}": {
+            "get": op(
+                "One model",
+                json_ok,
+                parameters=[{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
         "/v1/completions": {"post": op("A text completion", generation, requestBody=body(CompletionRequest))},
         "/v1/chat/completions": {"post": op("A chat completion", generation, requestBody=body(ChatRequest))},
     }
-    return {"openapi": "3.1.0", "info": {"title": "loralag", "version": "1"}, "paths": paths,
-            "components": {"schemas": components,
-                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "loralag", "version": "1"},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
 
 
 def _field_names() -> set[str]:
-    return {f for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions) for f in m.model_fields}
+    return {
+        f for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions) for f in m.model_fields
+    }
 
 
 def _param_path(loc: tuple, fields: set[str]) -> tuple[str, list[str]]:
@@ -243,7 +282,9 @@ def _parse(model: type[BaseModel], data: dict):
         err = errors[0]
         param, branches = _param_path(err["loc"], fields)
         if err["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+            raise APIError(
+                400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
         if branches:  # a union: name every accepted type
             accepted = []
             for other in errors:
@@ -251,19 +292,25 @@ def _parse(model: type[BaseModel], data: dict):
                 if b and b[0] not in accepted and p.startswith(param.split(".")[0]):
                     accepted.append(b[0])
             got = type(err.get("input")).__name__ if len(branches) == 1 else "a value of the wrong type"
-            raise APIError(400, f"Invalid type for '{param}': expected one of {', '.join(accepted)}; got {got}.",
-                           param=param, code="invalid_type") from None
+            raise APIError(
+                400,
+                f"Invalid type for '{param}': expected one of {', '.join(accepted)}; got {got}.",
+                param=param,
+                code="invalid_type",
+            ) from None
         got = type(err.get("input")).__name__
-        raise APIError(400, f"Invalid type or value for '{param}': {err['msg']} (got {got}).", param=param,
-                       code="invalid_type") from None
+        raise APIError(
+            400, f"Invalid type or value for '{param}': {err['msg']} (got {got}).", param=param, code="invalid_type"
+        ) from None
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large",
-                    headers={"Connection": "close"})
+    return APIError(
+        413, f"the request body is larger than {limit} bytes", code="request_too_large", headers={"Connection": "close"}
+    )
 
 
-async def _read_body(request: Request, ctx: "ServerContext") -> bytes:
+async def _read_body(request: Request, ctx: ServerContext) -> bytes:
     """The raw body, read as it streams in (chunked too): refused with 413 as soon as it passes the limit, 408
     when the client takes longer than ctx.body_timeout to send it all."""
     limit = ctx.max_body_bytes
@@ -281,8 +328,13 @@ async def _read_body(request: Request, ctx: "ServerContext") -> bytes:
             message = await asyncio.wait_for(request.receive(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             ctx.metrics.rejected.inc(code="body_timeout")
-            raise APIError(408, f"the request body did not arrive within {ctx.body_timeout:g} s", "timeout_error",
-                           code="body_timeout", headers={"Connection": "close", "x-should-retry": "false"}) from None
+            raise APIError(
+                408,
+                f"the request body did not arrive within {ctx.body_timeout:g} s",
+                "timeout_error",
+                code="body_timeout",
+                headers={"Connection": "close", "x-should-retry": "false"},
+            ) from None
         if message["type"] == "http.disconnect":
             raise _ClientGone()
         chunk = message.get("body", b"")
@@ -325,8 +377,10 @@ def _decode_json(body: bytes) -> dict:
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "We could not parse the JSON body of your request: send a JSON object with "
-                            "Content-Type: application/json.") from None
+        raise APIError(
+            400,
+            "We could not parse the JSON body of your request: send a JSON object with Content-Type: application/json.",
+        ) from None
     except ValueError as e:  # NaN, Infinity, -Infinity
         raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
     except RecursionError:
@@ -337,12 +391,13 @@ def _decode_json(body: bytes) -> dict:
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise APIError(400, "The JSON body of your request holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
-                                "which is not text.") from None
+            raise APIError(
+                400, "The JSON body of your request holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text."
+            ) from None
     return data
 
 
-def _check_sizes(ctx: "ServerContext", data: dict) -> None:
+def _check_sizes(ctx: ServerContext, data: dict) -> None:
     """Cheap checks of a parsed body's lengths before validating or tokenising it: prompts of more token ids or
     characters than the context can hold and lists longer than the batch are refused here, so neither the
     validation nor the tokenizer works through (or allocates for) a request that cannot run."""
@@ -350,8 +405,13 @@ def _check_sizes(ctx: "ServerContext", data: dict) -> None:
 
     def too_long(param: str, n: int, unit: str) -> APIError:
         what = f"{n} token ids" if unit == "ids" else f"{n} characters, more than {chars} (the most it could hold)"
-        return APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt holds {what}. "
-                             "Please shorten the prompt.", param=param, code="context_length_exceeded")
+        return APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, but the prompt holds {what}. "
+            "Please shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
     prompt = data.get("prompt")
     if isinstance(prompt, str) and len(prompt) > chars:
@@ -362,8 +422,13 @@ def _check_sizes(ctx: "ServerContext", data: dict) -> None:
                 raise too_long("prompt", len(prompt), "ids")
         else:
             if len(prompt) > ctx.engine.max_batch:
-                raise APIError(400, f"the request holds {len(prompt)} prompts but this server runs at most "
-                                    f"{ctx.engine.max_batch} sequences at once", param="prompt", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"the request holds {len(prompt)} prompts but this server runs at most "
+                    f"{ctx.engine.max_batch} sequences at once",
+                    param="prompt",
+                    code="invalid_value",
+                )
             for p in prompt:
                 if isinstance(p, list) and len(p) >= limit:
                     raise too_long("prompt", len(p), "ids")
@@ -372,21 +437,28 @@ def _check_sizes(ctx: "ServerContext", data: dict) -> None:
     messages = data.get("messages")
     if isinstance(messages, list):
         if len(messages) > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the request holds "
-                                f"{len(messages)} messages.", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but the request holds "
+                f"{len(messages)} messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         total = 0
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, str):
                 total += len(content)
             elif isinstance(content, list):
-                total += sum(len(c.get("text") or "") if isinstance(c, dict) and isinstance(c.get("text"), str) else 1
-                             for c in content)
+                total += sum(
+                    len(c.get("text") or "") if isinstance(c, dict) and isinstance(c.get("text"), str) else 1
+                    for c in content
+                )
             if total > chars:
                 raise too_long("messages", total, "chars")
 
 
-def _read_request(ctx: "ServerContext", model: type[BaseModel], body: bytes):
+def _read_request(ctx: ServerContext, model: type[BaseModel], body: bytes):
     """Body bytes -> the validated request (runs off the event loop, one at a time). The cyclic garbage collector
     waits meanwhile: a body of a million small objects would otherwise start collections that hold the GIL, and
     with it the event loop, for hundreds of milliseconds; what the body allocated is freed by reference counting."""
@@ -403,9 +475,19 @@ def _read_request(ctx: "ServerContext", model: type[BaseModel], body: bytes):
 
 # -- the server's state ------------------------------------------------------------------------------------
 class ServerContext:
-    def __init__(self, model, tokenizer, engine: Engine, metrics: ServerMetrics, model_name: str, aliases: set[str],
-                 request_timeout: float, default_max_tokens: int, max_body_bytes: int = MAX_BODY_BYTES,
-                 body_timeout: float = BODY_TIMEOUT_S):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        engine: Engine,
+        metrics: ServerMetrics,
+        model_name: str,
+        aliases: set[str],
+        request_timeout: float,
+        default_max_tokens: int,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        body_timeout: float = BODY_TIMEOUT_S,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine
@@ -419,8 +501,11 @@ class ServerContext:
         self.libraries: dict[str, Library] = dict(state.libraries) if state is not None else {}
         self.adapter_sets = {lib: set(L.names) for lib, L in self.libraries.items()}
         self.default_specs = dict(engine.base_specs)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+        self.vocab_size = (
+            int(model.get_output_embeddings().weight.shape[0])
+            if model.get_output_embeddings() is not None
             else len(tokenizer)
+        )
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.max_prompt_chars = self.max_model_len * CHARS_PER_TOKEN_SLACK * _longest_token(tokenizer)
@@ -457,11 +542,24 @@ def _served_name(model, spec: str | None = None) -> str:
     return Path(name).name or "loralag"
 
 
-def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: int | dict = 20, max_batch: int = 16,
-               max_queue: int = 64, request_timeout: float = 120.0, model_name: str | None = None,
-               max_model_len: int | None = None, default_max_tokens: int = 512, aliases=(),
-               api_key: str | None = None, metrics_public: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
-               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    libraries=(),
+    router: str | dict = "lag",
+    k: int | dict = 20,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    request_timeout: float = 120.0,
+    model_name: str | None = None,
+    max_model_len: int | None = None,
+    default_max_tokens: int = 512,
+    aliases=(),
+    api_key: str | None = None,
+    metrics_public: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
+) -> FastAPI:
     """The FastAPI app serving `model` with `libraries` attached (Library objects, paths, or a dict name -> Library).
 
     With no libraries, whatever is already attached to the model is served (or the plain model).
@@ -486,11 +584,22 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
-                    metrics=metrics)
+    engine = Engine(
+        model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, metrics=metrics
+    )
     name = model_name or _served_name(model)
-    ctx = ServerContext(model, tokenizer, engine, metrics, name, set(aliases), request_timeout, default_max_tokens,
-                        max_body_bytes, body_timeout)
+    ctx = ServerContext(
+        model,
+        tokenizer,
+        engine,
+        metrics,
+        name,
+        set(aliases),
+        request_timeout,
+        default_max_tokens,
+        max_body_bytes,
+        body_timeout,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -507,8 +616,12 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     app.openapi = lambda: schema
     app.state.ctx = ctx
     if api_key is not None:
-        app.add_middleware(_KeyMiddleware, key=api_key, metrics=metrics,
-                           open_paths={"/health"} | ({"/metrics"} if metrics_public else set()))
+        app.add_middleware(
+            _KeyMiddleware,
+            key=api_key,
+            metrics=metrics,
+            open_paths={"/health"} | ({"/metrics"} if metrics_public else set()),
+        )
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -518,9 +631,11 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = {404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/completions, "
-                        "POST /v1/chat/completions, GET /health, GET /metrics, GET /openapi.json",
-                   405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        message = {
+            404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/completions, "
+            "POST /v1/chat/completions, GET /health, GET /metrics, GET /openapi.json",
+            405: f"Method {request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return APIError(exc.status_code, message, type_, None, None, dict(exc.headers or {})).response()
 
     @app.exception_handler(RequestValidationError)
@@ -541,8 +656,14 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
     async def health():
         if not engine.alive:
             raise APIError(503, "the generation engine is not running", "server_error", code="engine_down")
-        return {"status": "ok", "model": ctx.model_name, "running": engine.running, "waiting": engine.queue_depth,
-                "max_batch": engine.max_batch, "max_queue": engine.max_queue}
+        return {
+            "status": "ok",
+            "model": ctx.model_name,
+            "running": engine.running,
+            "waiting": engine.queue_depth,
+            "max_batch": engine.max_batch,
+            "max_queue": engine.max_queue,
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint():
@@ -563,10 +684,21 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         body = await ctx.off_loop(_read_request, ctx, CompletionRequest, await _read_body(request, ctx))
         _check_model(ctx, body.model)
         _check_sampling_values(body)
-        _unsupported(body, {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
-                            "frequency_penalty": 0, "logit_bias": {}})
+        _unsupported(
+            body,
+            {
+                "echo": False,
+                "logprobs": None,
+                "suffix": None,
+                "presence_penalty": 0,
+                "frequency_penalty": 0,
+                "logit_bias": {},
+            },
+        )
         if body.best_of is not None and body.best_of != (body.n or 1):
-            raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter")
+            raise APIError(
+                400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter"
+            )
         routing = resolve_routing(ctx, body)
         prompts = await ctx.off_loop(_completion_prompts, ctx, body.prompt)
         default = 16
@@ -577,19 +709,44 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
         body = await ctx.off_loop(_read_request, ctx, ChatRequest, await _read_body(request, ctx))
         _check_model(ctx, body.model)
         _check_sampling_values(body)
-        _unsupported(body, {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": None,
-                            "tools": None, "functions": None, "logit_bias": {}})
+        _unsupported(
+            body,
+            {
+                "presence_penalty": 0,
+                "frequency_penalty": 0,
+                "logprobs": False,
+                "top_logprobs": None,
+                "tools": None,
+                "functions": None,
+                "logit_bias": {},
+            },
+        )
         if body.tool_choice not in (None, "none"):
-            raise APIError(400, "tool calls are not supported by this server", param="tool_choice", code="unsupported_parameter")
+            raise APIError(
+                400, "tool calls are not supported by this server", param="tool_choice", code="unsupported_parameter"
+            )
         if body.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                "only response_format {'type': 'text'} is supported",
+                param="response_format",
+                code="unsupported_parameter",
+            )
         routing = resolve_routing(ctx, body)
         prompts = [await ctx.off_loop(_chat_prompt, ctx, body.messages)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return await _run(request, ctx, "chat.completion", body, prompts, max_tokens, ctx.default_max_tokens, routing,
-                          max_tokens_param=param)
+        return await _run(
+            request,
+            ctx,
+            "chat.completion",
+            body,
+            prompts,
+            max_tokens,
+            ctx.default_max_tokens,
+            routing,
+            max_tokens_param=param,
+        )
 
     return app
 
@@ -597,11 +754,21 @@ def create_app(model, tokenizer, libraries=(), router: str | dict = "lag", k: in
 # -- checks ------------------------------------------------------------------------------------------------
 def _model_card(ctx: ServerContext) -> dict:
     return {
-        "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "loralag",
+        "id": ctx.model_name,
+        "object": "model",
+        "created": ctx.created,
+        "owned_by": "loralag",
         "max_model_len": ctx.max_model_len,
-        "libraries": [{"name": name, "adapters": len(lib), "base_model": lib.base_model,
-                       "router": ctx.default_specs[name].router, "k": ctx.default_specs[name].k}
-                      for name, lib in ctx.libraries.items()],
+        "libraries": [
+            {
+                "name": name,
+                "adapters": len(lib),
+                "base_model": lib.base_model,
+                "router": ctx.default_specs[name].router,
+                "k": ctx.default_specs[name].k,
+            }
+            for name, lib in ctx.libraries.items()
+        ],
     }
 
 
@@ -625,6 +792,7 @@ def _unsupported(body, defaults: dict) -> None:
 
 def _check_sampling_values(body) -> None:
     """Sampling parameters in range and finite, checked before anything is tokenised (400 otherwise)."""
+
     def bad(param: str, rule: str, value) -> APIError:
         return APIError(400, f"'{param}' must be {rule}, got {value}", param=param, code="invalid_value")
 
@@ -645,37 +813,58 @@ def resolve_routing(ctx: ServerContext, body) -> Routing:
     """Per attached library, how this request is routed: from router / k / libraries / adapters and the defaults."""
     libs = list(ctx.libraries)
     if body.router is not None and body.router not in ROUTERS:
-        raise APIError(400, f"unknown router '{body.router}'; choose one of {sorted(ROUTERS)}", param="router",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            f"unknown router '{body.router}'; choose one of {sorted(ROUTERS)}",
+            param="router",
+            code="invalid_value",
+        )
     if body.k is not None and body.k < 1:
         raise APIError(400, f"k must be a positive integer, got {body.k}", param="k", code="invalid_value")
     if body.libraries is not None:
         for lib in body.libraries:
             if lib not in ctx.libraries:
-                raise APIError(404, f"no library named '{lib}' is served; libraries: {libs}", param="libraries",
-                               code="library_not_found")
+                raise APIError(
+                    404,
+                    f"no library named '{lib}' is served; libraries: {libs}",
+                    param="libraries",
+                    code="library_not_found",
+                )
     fixed: dict[str, str | None] = {}
     adapters = body.adapters
     if isinstance(adapters, dict):
         for lib, name in adapters.items():
             if lib not in ctx.libraries:
-                raise APIError(404, f"no library named '{lib}' is served; libraries: {libs}", param="adapters",
-                               code="library_not_found")
+                raise APIError(
+                    404,
+                    f"no library named '{lib}' is served; libraries: {libs}",
+                    param="adapters",
+                    code="library_not_found",
+                )
             if name is not None and name not in ctx.adapter_sets[lib]:
-                raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
-                               code="adapter_not_found")
+                raise APIError(
+                    404, f"library '{lib}' holds no adapter named '{name}'", param="adapters", code="adapter_not_found"
+                )
             fixed[lib] = name
     elif adapters is not None:
         for item in [adapters] if isinstance(adapters, str) else adapters:
             lib, name = _find_adapter(ctx, item)
             if lib in fixed:
-                raise APIError(400, f"two adapters given for library '{lib}': '{fixed[lib]}' and '{name}'; "
-                                    "a sequence uses at most one fixed adapter per library", param="adapters",
-                               code="invalid_value")
+                raise APIError(
+                    400,
+                    f"two adapters given for library '{lib}': '{fixed[lib]}' and '{name}'; "
+                    "a sequence uses at most one fixed adapter per library",
+                    param="adapters",
+                    code="invalid_value",
+                )
             fixed[lib] = name
     if body.router == "fixed" and not any(v is not None for v in fixed.values()):
-        raise APIError(400, "router 'fixed' needs 'adapters': the adapter to use in each library", param="adapters",
-                       code="missing_required_parameter")
+        raise APIError(
+            400,
+            "router 'fixed' needs 'adapters': the adapter to use in each library",
+            param="adapters",
+            code="missing_required_parameter",
+        )
     if body.libraries is not None:
         selected = set(body.libraries)
     else:
@@ -703,16 +892,22 @@ def _find_adapter(ctx: ServerContext, item: str) -> tuple[str, str]:
         lib, _, name = item.partition("/")
         if lib in ctx.libraries:
             if name not in ctx.adapter_sets[lib]:
-                raise APIError(404, f"library '{lib}' holds no adapter named '{name}'", param="adapters",
-                               code="adapter_not_found")
+                raise APIError(
+                    404, f"library '{lib}' holds no adapter named '{name}'", param="adapters", code="adapter_not_found"
+                )
             return lib, name
     owners = [lib for lib, names in ctx.adapter_sets.items() if item in names]
     if not owners:
-        raise APIError(404, f"no served library holds an adapter named '{item}'", param="adapters",
-                       code="adapter_not_found")
+        raise APIError(
+            404, f"no served library holds an adapter named '{item}'", param="adapters", code="adapter_not_found"
+        )
     if len(owners) > 1:
-        raise APIError(400, f"adapter '{item}' is in several libraries {owners}: write it 'library/{item}'",
-                       param="adapters", code="invalid_value")
+        raise APIError(
+            400,
+            f"adapter '{item}' is in several libraries {owners}: write it 'library/{item}'",
+            param="adapters",
+            code="invalid_value",
+        )
     return owners[0], item
 
 
@@ -731,8 +926,12 @@ def _completion_prompts(ctx: ServerContext, prompt) -> list[list[int]]:
         else:
             bad = [t for t in p if not 0 <= t < ctx.vocab_size]
             if bad:
-                raise APIError(400, f"token id {bad[0]} is out of the vocabulary [0, {ctx.vocab_size})", param="prompt",
-                               code="invalid_value")
+                raise APIError(
+                    400,
+                    f"token id {bad[0]} is out of the vocabulary [0, {ctx.vocab_size})",
+                    param="prompt",
+                    code="invalid_value",
+                )
             ids = list(p)
         if not ids:
             if tok.bos_token_id is None:
@@ -747,8 +946,9 @@ def _chat_prompt(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
     if not messages:
         raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
     if not getattr(tok, "chat_template", None):
-        raise APIError(400, "this model has no chat template: use /v1/completions", param="messages",
-                       code="no_chat_template")
+        raise APIError(
+            400, "this model has no chat template: use /v1/completions", param="messages", code="no_chat_template"
+        )
     plain = []
     for i, m in enumerate(messages):
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
@@ -757,8 +957,12 @@ def _chat_prompt(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
             parts = []
             for part in m.content:
                 if part.type != "text" or part.text is None:
-                    raise APIError(400, f"only text content is supported, got a part of type '{part.type}'",
-                                   param=f"messages.[{i}].content", code="invalid_value")
+                    raise APIError(
+                        400,
+                        f"only text content is supported, got a part of type '{part.type}'",
+                        param=f"messages.[{i}].content",
+                        code="invalid_value",
+                    )
                 parts.append(part.text)
             content = "".join(parts)
         else:
@@ -767,30 +971,45 @@ def _chat_prompt(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
     try:
         text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # the template itself rejects the conversation (roles out of order, ...)
-        raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}", param="messages",
-                       code="invalid_value") from None
+        raise APIError(
+            400,
+            f"the chat template rejected these messages: {type(e).__name__}: {e}",
+            param="messages",
+            code="invalid_value",
+        ) from None
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise APIError(400, "the conversation is empty after the chat template", param="messages", code="invalid_value")
     return ids
 
 
-def _sampling(ctx: ServerContext, body, prompts: list[list[int]], max_tokens, default: int, param: str) -> SamplingParams:
+def _sampling(
+    ctx: ServerContext, body, prompts: list[list[int]], max_tokens, default: int, param: str
+) -> SamplingParams:
     limit = ctx.max_model_len
     longest = max(len(p) for p in prompts)
     prompt_param = "messages" if hasattr(body, "messages") else "prompt"
     if longest >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt holds {longest} "
-                            "tokens (at least one must be left to generate). Please shorten the prompt.",
-                       param=prompt_param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, but the prompt holds {longest} "
+            "tokens (at least one must be left to generate). Please shorten the prompt.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = min(default, limit - longest)
     elif max_tokens < 1:
         raise APIError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param, code="invalid_value")
     elif longest + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
-                            f"Please reduce the prompt or '{param}'.", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
+            f"Please reduce the prompt or '{param}'.",
+            param=param,
+            code="context_length_exceeded",
+        )
     temperature = 1.0 if body.temperature is None else body.temperature  # in range: _check_sampling_values
     top_p = 1.0 if body.top_p is None else body.top_p
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -799,27 +1018,48 @@ def _sampling(ctx: ServerContext, body, prompts: list[list[int]], max_tokens, de
     if any(s == "" for s in stop):
         raise APIError(400, "'stop' sequences must not be empty", param="stop", code="invalid_value")
     seed = None if body.seed is None else body.seed % (2**63)
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed,
-                          ignore_eos=bool(body.ignore_eos))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=tuple(stop),
+        seed=seed,
+        ignore_eos=bool(body.ignore_eos),
+    )
 
 
 # -- running a request -------------------------------------------------------------------------------------
-async def _run(request: Request, ctx: ServerContext, kind: str, body, prompts, max_tokens, default_max: int,
-               routing: Routing, max_tokens_param: str = "max_tokens"):
+async def _run(
+    request: Request,
+    ctx: ServerContext,
+    kind: str,
+    body,
+    prompts,
+    max_tokens,
+    default_max: int,
+    routing: Routing,
+    max_tokens_param: str = "max_tokens",
+):
     n = 1 if body.n is None else body.n
     if n < 1:
         raise APIError(400, f"'n' must be at least 1, got {n}", param="n", code="invalid_value")
     if n * len(prompts) > ctx.engine.max_batch:
-        raise APIError(400, f"the request asks for {n * len(prompts)} sequences (prompts × n) but this server runs at "
-                            f"most {ctx.engine.max_batch} at once", param="n", code="invalid_value")
+        raise APIError(
+            400,
+            f"the request asks for {n * len(prompts)} sequences (prompts × n) but this server runs at "
+            f"most {ctx.engine.max_batch} at once",
+            param="n",
+            code="invalid_value",
+        )
     sampling = _sampling(ctx, body, prompts, max_tokens, default_max, max_tokens_param)
     ereq = EngineRequest(prompts, n, sampling, routing, ctx.request_timeout)
     try:
         ctx.engine.submit(ereq)
     except QueueFull as e:
-        raise APIError(429, f"{e}; retry later", "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"})
+        retry = {"Retry-After": "1"}
+        raise APIError(429, f"{e}; retry later", "rate_limit_error", None, "rate_limit_exceeded", retry) from e
     except EngineStopped as e:
-        raise APIError(503, str(e), "server_error", None, "server_shutting_down")
+        raise APIError(503, str(e), "server_error", None, "server_shutting_down") from e
     ctx.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * n)
     gen = _Generation(request, ctx, kind, body, ereq)
     if body.stream:
@@ -833,8 +1073,11 @@ async def _run(request: Request, ctx: ServerContext, kind: str, body, prompts, m
         except BaseException:
             ctx.engine.cancel(ereq)
             raise
-        return StreamingResponse(gen.stream(first), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            gen.stream(first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         return JSONResponse(await gen.collect())
     except _ClientGone:
@@ -921,15 +1164,25 @@ class _Generation:
         choices = []
         for i, text in enumerate(self.texts):
             if self.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": self.reasons[i]}
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": self.reasons[i],
+                }
             else:
                 choice = {"index": i, "text": text, "logprobs": None, "finish_reason": self.reasons[i]}
             if self.want_routing:
                 choice["routing"] = self.routing([i])
             choices.append(choice)
-        out = {"id": self.id, "object": self.kind, "created": self.created, "model": self.ctx.model_name,
-               "choices": choices, "usage": self.usage()}
+        out = {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.ctx.model_name,
+            "choices": choices,
+            "usage": self.usage(),
+        }
         if self.chat:
             out["system_fingerprint"] = None
         if self.want_routing:
@@ -955,8 +1208,16 @@ class _Generation:
         try:
             if self.chat:
                 for i in range(self.ereq.size):
-                    yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                        "finish_reason": None}])
+                    yield self._chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
             event = first
             while True:
                 if event[0] == "text":
@@ -998,8 +1259,9 @@ class _Generation:
                     self.request.scope["loralag_outcome"] = 499  # the response was closed under us
 
 
-def routing_summary(routing: Routing, counts: dict[str, torch.Tensor], names: dict[str, list[str]],
-                    top: int = ROUTING_TOP) -> dict:
+def routing_summary(
+    routing: Routing, counts: dict[str, torch.Tensor], names: dict[str, list[str]], top: int = ROUTING_TOP
+) -> dict:
     """Per library: how it was routed, the tokens routed (once per adapted module), the adapters used and
     their share (the `top` largest by name, the rest as 'other'), and the entropy of the shares in nats."""
     out = {}
@@ -1071,8 +1333,13 @@ class _KeyMiddleware:
         if given is not None and hmac.compare_digest(given, self.key):
             return await self.app(scope, receive, send)
         if given is None:
-            message, code = ("You didn't provide an API key. You need to provide your API key in an Authorization "
-                             "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."), None
+            message, code = (
+                (
+                    "You didn't provide an API key. You need to provide your API key in an Authorization "
+                    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                ),
+                None,
+            )
         else:
             message, code = "Incorrect API key provided.", "invalid_api_key"
         self.metrics.rejected.inc(code="invalid_api_key" if code else "missing_api_key")
@@ -1121,34 +1388,67 @@ class _TimedH11Protocol(_h11_protocol()):
         super().connection_lost(exc)
 
 
-def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-                  header_timeout: float = HEADER_TIMEOUT_S, keep_alive: int = KEEP_ALIVE_S,
-                  max_connections: int = MAX_CONNECTIONS, **kwargs):
+def server_config(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    header_timeout: float = HEADER_TIMEOUT_S,
+    keep_alive: int = KEEP_ALIVE_S,
+    max_connections: int = MAX_CONNECTIONS,
+    **kwargs,
+):
     """The uvicorn.Config `serve` runs `app` with: h11 with a header timeout, a keep-alive limit, at most
     `max_connections` connections (503 beyond), request headers of at most 64 KiB."""
     import uvicorn
 
     protocol = type("TimedH11Protocol", (_TimedH11Protocol,), {"header_timeout": header_timeout})
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=keep_alive,
-                          limit_concurrency=max_connections, h11_max_incomplete_event_size=64 * 1024, **kwargs)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=keep_alive,
+        limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=64 * 1024,
+        **kwargs,
+    )
 
 
 def warn_if_exposed(host: str, api_key: str | None) -> str | None:
     """The warning to give when serving beyond this machine without an API key (None otherwise)."""
     if api_key or host in LOCAL_HOSTS or host.startswith("127."):
         return None
-    return (f"serving on {host} without an API key: anyone who reaches this port can generate and read /metrics; "
-            "set --api-key or LORALAG_API_KEY")
+    return (
+        f"serving on {host} without an API key: anyone who reaches this port can generate and read /metrics; "
+        "set --api-key or LORALAG_API_KEY"
+    )
 
 
 # -- entry point -------------------------------------------------------------------------------------------
-def serve(model_spec: str = "default", libraries: list[str] = (), router: str = "lag", k: int = 20,
-          host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 64,
-          request_timeout: float = 120.0, max_model_len: int | None = None, default_max_tokens: int = 512,
-          model_name: str | None = None, log_level: str = "info", api_key: str | None = None,
-          metrics_public: bool = False, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
-          header_timeout: float = HEADER_TIMEOUT_S, keep_alive: int = KEEP_ALIVE_S,
-          max_connections: int = MAX_CONNECTIONS) -> None:
+def serve(
+    model_spec: str = "default",
+    libraries: list[str] = (),
+    router: str = "lag",
+    k: int = 20,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    request_timeout: float = 120.0,
+    max_model_len: int | None = None,
+    default_max_tokens: int = 512,
+    model_name: str | None = None,
+    log_level: str = "info",
+    api_key: str | None = None,
+    metrics_public: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
+    header_timeout: float = HEADER_TIMEOUT_S,
+    keep_alive: int = KEEP_ALIVE_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> None:
     """Load the model (loralag.models.load_model), open and attach the libraries, and serve until interrupted.
 
     api_key: None reads LORALAG_API_KEY (unset or empty: no key)."""
@@ -1165,9 +1465,32 @@ def serve(model_spec: str = "default", libraries: list[str] = (), router: str = 
     model, tokenizer = load_model(model_spec)
     libs = [open_library(p) for p in libraries]
     name = model_name or _served_name(model, model_spec)
-    app = create_app(model, tokenizer, libs, router=router, k=k, max_batch=max_batch, max_queue=max_queue,
-                     request_timeout=request_timeout, model_name=name, max_model_len=max_model_len,
-                     default_max_tokens=default_max_tokens, aliases={model_spec}, api_key=api_key,
-                     metrics_public=metrics_public, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
-    uvicorn.Server(server_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout,
-                                 keep_alive=keep_alive, max_connections=max_connections)).run()
+    app = create_app(
+        model,
+        tokenizer,
+        libs,
+        router=router,
+        k=k,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        model_name=name,
+        max_model_len=max_model_len,
+        default_max_tokens=default_max_tokens,
+        aliases={model_spec},
+        api_key=api_key,
+        metrics_public=metrics_public,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+    )
+    uvicorn.Server(
+        server_config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            header_timeout=header_timeout,
+            keep_alive=keep_alive,
+            max_connections=max_connections,
+        )
+    ).run()

@@ -105,8 +105,15 @@ class EngineRequest:
       ("error", status, type, code, message)                  the whole request failed
     """
 
-    def __init__(self, prompts: list[list[int]], n: int, sampling: SamplingParams, routing: Routing,
-                 timeout: float, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingParams,
+        routing: Routing,
+        timeout: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
         self.id = next(_ids)
         self.prompts = prompts
         self.n = n
@@ -163,8 +170,15 @@ class _Group:
 class Engine:
     """Continuous batching over one model with its attached libraries. Thread-safe `submit` / `cancel`."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None,
-                 metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -192,7 +206,9 @@ class Engine:
             for lib in self.libraries:  # the last entry (-1) is where "no adapter" points
                 self._tables[lib] = torch.tensor([i for p in parts[lib] for i in p] + [-1], dtype=torch.long)
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        )
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
@@ -307,8 +323,13 @@ class Engine:
             if req.cancelled:
                 continue
             if now > req.deadline:
-                self._fail(req, 408, "timeout_error", "request_timeout",
-                           "the request timed out while waiting for a slot in the batch")
+                self._fail(
+                    req,
+                    408,
+                    "timeout_error",
+                    "request_timeout",
+                    "the request timed out while waiting for a slot in the batch",
+                )
                 continue
             if not blocked and req.size <= free:
                 free -= req.size
@@ -331,8 +352,13 @@ class Engine:
                 if s.req.cancelled:
                     self._finish_quietly(s)
                 elif now > s.req.deadline:
-                    self._fail(s.req, 408, "timeout_error", "request_timeout",
-                               "the request ran past the server's time limit and was stopped")
+                    self._fail(
+                        s.req,
+                        408,
+                        "timeout_error",
+                        "request_timeout",
+                        "the request ran past the server's time limit and was stopped",
+                    )
 
     # -- forward passes ------------------------------------------------------------------------------------
     def _apply_specs(self, key: tuple, routings: list[Routing]) -> None:
@@ -391,8 +417,8 @@ class Engine:
         for lib in self.libraries:
             N, table, offsets = len(self.adapter_names[lib]), self._tables[lib], self._offsets[lib]
             Ws, offs = [], []
-            for (module, l), winners in trace.winners.items():
-                if l == lib:
+            for (module, name), winners in trace.winners.items():
+                if name == lib:
                     for W in winners:
                         Ws.append(W.reshape(B, -1))
                         offs.append(offsets[module])
@@ -434,15 +460,16 @@ class Engine:
         input_ids = torch.full((R, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(R, T, dtype=torch.long)
         for r, (_, _, ids) in enumerate(rows):
-            input_ids[r, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[r, T - len(ids):] = 1
+            input_ids[r, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[r, T - len(ids) :] = 1
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
         cache = DynamicCache()
         try:
-            logits, counts = self._forward("prefill", key, [req.routing for req, _, _ in rows], input_ids, mask,
-                                           position_ids, cache, mask)
+            logits, counts = self._forward(
+                "prefill", key, [req.routing for req, _, _ in rows], input_ids, mask, position_ids, cache, mask
+            )
         except Exception:
             log.exception("prefill failed")
             self.metrics.engine_errors.inc()
@@ -463,8 +490,15 @@ class Engine:
                 if req.sampling.temperature > 0:
                     seed = req.sampling.seed + index if req.sampling.seed is not None else secrets.randbits(63)
                     gen = torch.Generator().manual_seed(seed)
-                seq = _Seq(req, index, n, kv, {lib: c[r].clone() for lib, c in counts.items()},
-                           generator=gen, evidence=self._evidence_rows(r))
+                seq = _Seq(
+                    req,
+                    index,
+                    n,
+                    kv,
+                    {lib: c[r].clone() for lib, c in counts.items()},
+                    generator=gen,
+                    evidence=self._evidence_rows(r),
+                )
                 self._running += 1
                 group.seqs.append(seq)
                 self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
@@ -517,8 +551,16 @@ class Engine:
             position_ids = lengths.unsqueeze(1)
             try:
                 self._set_evidence(live)
-                logits, counts = self._forward("decode", key, [s.req.routing for s in live], input_ids, mask,
-                                               position_ids, group.cache, torch.ones(B, 1, dtype=torch.long))
+                logits, counts = self._forward(
+                    "decode",
+                    key,
+                    [s.req.routing for s in live],
+                    input_ids,
+                    mask,
+                    position_ids,
+                    group.cache,
+                    torch.ones(B, 1, dtype=torch.long),
+                )
             except Exception:
                 log.exception("decoding step failed")
                 self.metrics.engine_errors.inc()
@@ -552,15 +594,23 @@ class Engine:
             sp = s.req.sampling
             if broken[i]:
                 tokens[i] = None
-                self._fail_alone(s.req, "numerical_error", "the model's output for this request holds NaN or infinite "
-                                 "values, so it was stopped (the server's other requests are not affected)")
+                self._fail_alone(
+                    s.req,
+                    "numerical_error",
+                    "the model's output for this request holds NaN or infinite "
+                    "values, so it was stopped (the server's other requests are not affected)",
+                )
             elif sp.temperature > 0:
                 try:
                     tokens[i] = _draw(logits[i], sp, s.generator)
                 except (RuntimeError, ValueError) as e:
                     tokens[i] = None
-                    self._fail_alone(s.req, "sampling_error", f"sampling failed for this request ({e}), so it was "
-                                     "stopped (the server's other requests are not affected)")
+                    self._fail_alone(
+                        s.req,
+                        "sampling_error",
+                        f"sampling failed for this request ({e}), so it was "
+                        "stopped (the server's other requests are not affected)",
+                    )
         return tokens
 
     def _fail_alone(self, req: EngineRequest, code: str, message: str) -> None:

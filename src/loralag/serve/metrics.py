@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -145,35 +145,57 @@ class ServerMetrics:
     """Every metric the server exports, under the `loralag_` prefix."""
 
     def __init__(self):
-        self.requests = Counter("loralag_requests_total", "HTTP requests answered, by endpoint and status code "
-                                "(499: the client went away before the answer)", ("endpoint", "status"))
+        self.requests = Counter(
+            "loralag_requests_total",
+            "HTTP requests answered, by endpoint and status code (499: the client went away before the answer)",
+            ("endpoint", "status"),
+        )
         self.prompt_tokens = Counter("loralag_prompt_tokens_total", "Prompt tokens of the requests that were run")
         self.generation_tokens = Counter("loralag_generation_tokens_total", "Tokens generated")
-        self.latency = Histogram("loralag_request_latency_seconds", "Time from arrival to the last byte of the answer",
-                                 ("endpoint",))
-        self.ttft = Histogram("loralag_time_to_first_token_seconds", "Time from arrival to the first generated token",
-                              ("endpoint",))
+        self.latency = Histogram(
+            "loralag_request_latency_seconds", "Time from arrival to the last byte of the answer", ("endpoint",)
+        )
+        self.ttft = Histogram(
+            "loralag_time_to_first_token_seconds", "Time from arrival to the first generated token", ("endpoint",)
+        )
         self.queue_wait = Histogram("loralag_queue_wait_seconds", "Time a request waited before its prefill")
-        self.tpot = Histogram("loralag_time_per_output_token_seconds", "Mean time between generated tokens, per request",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.tpot = Histogram(
+            "loralag_time_per_output_token_seconds",
+            "Mean time between generated tokens, per request",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.queue_depth = Gauge("loralag_queue_depth", "Requests waiting for a slot in the batch")
         self.queue_capacity = Gauge("loralag_queue_capacity", "Requests the queue holds before answering 429")
         self.running = Gauge("loralag_running_sequences", "Sequences in the running batch")
         self.max_batch = Gauge("loralag_max_batch", "Sequences the running batch holds at most")
-        self.forward_passes = Counter("loralag_forward_passes_total", "Forward passes run by the engine, by kind",
-                                      ("kind",))
-        self.batch_size = Histogram("loralag_batch_size", "Sequences per forward pass, by kind", ("kind",),
-                                    buckets=BATCH_BUCKETS)
-        self.forward_seconds = Histogram("loralag_forward_seconds", "Duration of one forward pass and sampling, by kind",
-                                         ("kind",))
-        self.routed = Counter("loralag_adapter_routed_tokens_total",
-                              "Tokens routed to each adapter, counted once per adapted module that chose it",
-                              ("library", "adapter"))
-        self.engine_errors = Counter("loralag_engine_errors_total", "Forward passes that failed (their requests got 500)")
-        self.request_errors = Counter("loralag_request_errors_total", "Requests ended alone by a failure of their own "
-                                      "(NaN/Inf logits, a failed sampling), by code", ("code",))
-        self.rejected = Counter("loralag_rejected_requests_total", "Requests refused before they were read whole or "
-                                "run (body too large or too slow, missing API key, ...), by code", ("code",))
+        self.forward_passes = Counter(
+            "loralag_forward_passes_total", "Forward passes run by the engine, by kind", ("kind",)
+        )
+        self.batch_size = Histogram(
+            "loralag_batch_size", "Sequences per forward pass, by kind", ("kind",), buckets=BATCH_BUCKETS
+        )
+        self.forward_seconds = Histogram(
+            "loralag_forward_seconds", "Duration of one forward pass and sampling, by kind", ("kind",)
+        )
+        self.routed = Counter(
+            "loralag_adapter_routed_tokens_total",
+            "Tokens routed to each adapter, counted once per adapted module that chose it",
+            ("library", "adapter"),
+        )
+        self.engine_errors = Counter(
+            "loralag_engine_errors_total", "Forward passes that failed (their requests got 500)"
+        )
+        self.request_errors = Counter(
+            "loralag_request_errors_total",
+            "Requests ended alone by a failure of their own (NaN/Inf logits, a failed sampling), by code",
+            ("code",),
+        )
+        self.rejected = Counter(
+            "loralag_rejected_requests_total",
+            "Requests refused before they were read whole or "
+            "run (body too large or too slow, missing API key, ...), by code",
+            ("code",),
+        )
 
     def all(self) -> list[_Metric]:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]

@@ -39,8 +39,10 @@ class _FrozenRowsLinear(nn.Module):
         out = self.base(x)
         index = self.rows.index
         if index is None or x.dim() != 3 or len(index) != x.shape[0]:
-            raise RuntimeError(f"frozen adapters expect a (batch, tokens, dim) input with one adapter index per "
-                               f"row; got {tuple(x.shape)} for {None if index is None else len(index)} rows")
+            raise RuntimeError(
+                f"frozen adapters expect a (batch, tokens, dim) input with one adapter index per "
+                f"row; got {tuple(x.shape)} for {None if index is None else len(index)} rows"
+            )
         use = index >= 0
         j = index.clamp(min=0)
         z = torch.einsum("btd,brd->btr", x.to(self.A.dtype), self.A[j])
@@ -60,8 +62,10 @@ def frozen_adapters(model: nn.Module, adapters: list[LoraAdapter]):
         for module in modules:
             if module not in named:
                 owner = next(a for a in adapters if module in a.modules)
-                raise LoralagError(f"frozen adapter '{owner.name}' ({owner.source}) targets '{module}', which "
-                                   f"{type(model).__name__} does not have")
+                raise LoralagError(
+                    f"frozen adapter '{owner.name}' ({owner.source}) targets '{module}', which "
+                    f"{type(model).__name__} does not have"
+                )
             base = named[module]
             r = max(a.modules[module].rank for a in adapters if module in a.modules)
             d_out, d_in = _shape(base, module)
@@ -72,8 +76,10 @@ def frozen_adapters(model: nn.Module, adapters: list[LoraAdapter]):
                 if lora is None:
                     continue
                 if tuple(lora.A.shape[1:]) != (d_in,) or lora.B.shape[0] != d_out:
-                    raise LoralagError(f"frozen adapter '{adapter.name}' ({adapter.source}) has {module} factors "
-                                       f"{tuple(lora.B.shape)}·{tuple(lora.A.shape)}, but the module is {d_out}×{d_in}")
+                    raise LoralagError(
+                        f"frozen adapter '{adapter.name}' ({adapter.source}) has {module} factors "
+                        f"{tuple(lora.B.shape)}·{tuple(lora.A.shape)}, but the module is {d_out}×{d_in}"
+                    )
                 A[f, : lora.rank] = lora.A
                 B[f, :, : lora.rank] = lora.B * lora.scale
             parent_name, _, child = module.rpartition(".")

@@ -318,8 +318,9 @@ def train_adapter(
     if done is not None:
         return done
     first, final = _write_adapter(
-        job, config,
-        lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed)
+        job,
+        config,
+        lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed),
     )
     return TrainResult(job.target, False, first, final)
 
@@ -335,8 +336,12 @@ class _Job:
 
 
 def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
-    job = _Job(item.name, build_examples(tokenizer, item, config), out_dir / item.name,
-               seed=config.seed if config.shared_init else adapter_seed(config.seed, item.name))
+    job = _Job(
+        item.name,
+        build_examples(tokenizer, item, config),
+        out_dir / item.name,
+        seed=config.seed if config.shared_init else adapter_seed(config.seed, item.name),
+    )
     job.under = _read_under(item, config)
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
@@ -348,7 +353,9 @@ def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] 
     """The frozen adapters of a QAPairs item (each folder read once) and each example's index into them."""
     under = getattr(item, "under", None)
     if under is not None and len(under) != len(item.pairs):
-        raise LoralagError(f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs")
+        raise LoralagError(
+            f"training item {item.name!r}: 'under' names {len(under)} adapters for {len(item.pairs)} pairs"
+        )
     if under is None or all(u is None for u in under):
         return None
     from loralag.library.adapters import read_adapter
@@ -357,8 +364,10 @@ def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] 
     adapters = [read_adapter(f) for f in folders]
     clash = sorted({m.rsplit(".", 1)[-1] for a in adapters for m in a.modules} & set(config.target_modules))
     if clash:
-        raise LoralagError(f"training item {item.name!r}: its frozen adapters target {clash}, which the adapter being "
-                           "trained targets too; a module can carry only one of them")
+        raise LoralagError(
+            f"training item {item.name!r}: its frozen adapters target {clash}, which the adapter being "
+            "trained targets too; a module can carry only one of them"
+        )
     position = {f: i for i, f in enumerate(folders)}
     return adapters, [position[str(u)] if u is not None else -1 for u in under]
 
@@ -378,8 +387,15 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=job.target.parent))
     try:
         first, final = fill(tmp)
-        info = {"key": job.key, "name": job.name, "seed": job.seed, "first_loss": first, "final_loss": final,
-                "config": asdict(config), "examples": len(job.examples)}
+        info = {
+            "key": job.key,
+            "name": job.name,
+            "seed": job.seed,
+            "first_loss": first,
+            "final_loss": final,
+            "config": asdict(config),
+            "examples": len(job.examples),
+        }
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
         _replace_dir(tmp, job.target)
@@ -435,8 +451,16 @@ def _batches(n_examples: int, config: TrainConfig, seed: int) -> Iterator[list[i
         yield picked
 
 
-def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path, bar,
-                under: tuple[list, list[int]] | None, seed: int) -> tuple[float, float]:
+def _train_into(
+    model,
+    examples,
+    config: TrainConfig,
+    pad_id: int,
+    folder: Path,
+    bar,
+    under: tuple[list, list[int]] | None,
+    seed: int,
+) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
     with torch.random.fork_rng(), ExitStack() as stack:
@@ -468,8 +492,9 @@ def _train_into(model, examples, config: TrainConfig, pad_id: int, folder: Path,
 # ---------------------------------------------------------------- grouped training
 
 
-def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: TrainConfig, progress: bool,
-                            group_size: int) -> list[Path]:
+def _train_adapters_grouped(
+    model, tokenizer, items, out_dir: Path, config: TrainConfig, progress: bool, group_size: int
+) -> list[Path]:
     for item in items:
         _check_name(item.name, "training item")
     _check_targets(model, config.target_modules)
@@ -502,8 +527,11 @@ def _train_adapters_grouped(model, tokenizer, items, out_dir: Path, config: Trai
             bar.set_description(_group_label([job.name for job in group]))
             if len(group) == 1:
                 [job] = group
-                _write_adapter(job, config, lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar,
-                                                                    job.under, job.seed))
+                _write_adapter(
+                    job,
+                    config,
+                    lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar, job.under, job.seed),
+                )
             else:
                 _train_group(model, group, config, pad_id, [_lora_init(model, config, job.seed) for job in group], bar)
             bar.update(len(group))
@@ -525,8 +553,17 @@ def _grouping_blocker(model, config: TrainConfig) -> str | None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
             return f"the base model has dropout ({name}, p={module.p})"
-    for attr in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout",
-                 "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout"):
+    for attr in (
+        "attention_dropout",
+        "hidden_dropout",
+        "attn_pdrop",
+        "resid_pdrop",
+        "embd_pdrop",
+        "dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "activation_dropout",
+    ):
         value = getattr(model.config, attr, 0)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return f"the base model has dropout ({attr}={value})"
@@ -550,9 +587,15 @@ def _lora_init(model, config: TrainConfig, seed: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         with _peft_attached(model, _lora_config(config)):
-            return {name: (module.lora_A["default"].weight.detach().clone(),
-                           module.lora_B["default"].weight.detach().clone(), float(module.scaling["default"]))
-                    for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+            return {
+                name: (
+                    module.lora_A["default"].weight.detach().clone(),
+                    module.lora_B["default"].weight.detach().clone(),
+                    float(module.scaling["default"]),
+                )
+                for name, module in model.named_modules()
+                if isinstance(module, LoraLayer)
+            }
 
 
 class _Rows:
@@ -583,10 +626,12 @@ class _GroupedLoRALinear(nn.Module):
         # split/unbind, not x[a:b] / A[g]: their backward is one cat/stack, not a zero-filled
         # full-size gradient per adapter.
         parts = x.to(self.lora_A.dtype).split(sizes)
-        delta = torch.cat([
-            nn.functional.linear(nn.functional.linear(part, A), B)
-            for part, A, B in zip(parts, self.lora_A.unbind(0), self.lora_B.unbind(0))
-        ])
+        delta = torch.cat(
+            [
+                nn.functional.linear(nn.functional.linear(part, A), B)
+                for part, A, B in zip(parts, self.lora_A.unbind(0), self.lora_B.unbind(0))
+            ]
+        )
         return out + (delta * self.scale).to(out.dtype)
 
 
@@ -607,8 +652,13 @@ def _grouped_lora(model, inits: list[dict]):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            wrapper = _GroupedLoRALinear(base, torch.stack([init[name][0] for init in inits]),
-                                         torch.stack([init[name][1] for init in inits]), scale, rows)
+            wrapper = _GroupedLoRALinear(
+                base,
+                torch.stack([init[name][0] for init in inits]),
+                torch.stack([init[name][1] for init in inits]),
+                scale,
+                rows,
+            )
             originals.append((parent, child, base))
             setattr(parent, child, wrapper)
             wrappers[name] = wrapper
@@ -662,8 +712,7 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
             rows.sizes = [len(rows_g) for rows_g in picked]
             batch = _collate([ex for rows_g in picked for ex in rows_g], pad_id)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss = _per_adapter_loss(logits, batch["labels"], owner, n)
             del logits
             loss.sum().backward()  # adapters share no parameter: each gets its own loss's gradient
@@ -715,8 +764,13 @@ def _train_key(model, examples, config: TrainConfig, under: list[str | None] | N
     base = model.config
     payload = {
         "format": _MARKER_FORMAT,
-        "base": [getattr(base, "_name_or_path", ""), base.model_type, base.hidden_size,
-                 base.num_hidden_layers, base.vocab_size],
+        "base": [
+            getattr(base, "_name_or_path", ""),
+            base.model_type,
+            base.hidden_size,
+            base.num_hidden_layers,
+            base.vocab_size,
+        ],
         "config": _key_config(config),
         "adapter_seed": seed,
         "examples": examples,

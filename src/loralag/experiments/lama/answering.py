@@ -125,8 +125,9 @@ def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1, libs: d
     # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
     ctx = torch.multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        shares = list(pool.map(_share_worker, *zip(*[(job, model, tokenizer, w, workers, threads)
-                                                     for w in range(workers)])))
+        shares = list(
+            pool.map(_share_worker, *zip(*[(job, model, tokenizer, w, workers, threads) for w in range(workers)]))
+        )
     return _merge_shares(shares, len(job.questions))
 
 
@@ -166,8 +167,25 @@ def _answer_share(job: AnswerJob, model, tokenizer, libs: dict, share: int, shar
             for name in names:
                 answers[name] = [None] * len(job.questions)
             batches = list(_batches(job.order_rag if m.rag else job.order_plain, job.cfg.batch_size))[share::shares]
-            _run_method(m, names, job.grans, state, model, tokenizer, job.questions, job.retrieved, job.rag_prompts,
-                        batches, job.mentions, job.cfg, stats, answers, job.layers, memo, served)
+            _run_method(
+                m,
+                names,
+                job.grans,
+                state,
+                model,
+                tokenizer,
+                job.questions,
+                job.retrieved,
+                job.rag_prompts,
+                batches,
+                job.mentions,
+                job.cfg,
+                stats,
+                answers,
+                job.layers,
+                memo,
+                served,
+            )
             seconds[m.name] = time.perf_counter() - t
     finally:
         detach(model)
@@ -193,9 +211,25 @@ def _merge_shares(shares: list[AnswerShare], n: int) -> AnswerShare:
     return AnswerShare(answers, stats.data, served, sum(sh.reused for sh in shares), seconds)
 
 
-def _run_method(m: Method, names, grans, state, model, tokenizer, questions, retrieved, rag_prompts, batches,
-                mentions, cfg: BenchConfig, stats: RoutingStats, answers, layers, memo: "FixedGenerations",
-                served: dict) -> None:
+def _run_method(
+    m: Method,
+    names,
+    grans,
+    state,
+    model,
+    tokenizer,
+    questions,
+    retrieved,
+    rag_prompts,
+    batches,
+    mentions,
+    cfg: BenchConfig,
+    stats: RoutingStats,
+    answers,
+    layers,
+    memo: FixedGenerations,
+    served: dict,
+) -> None:
     """Answer the questions of `batches` (lists of question indices) with method m, per token and/or per sequence,
     recording routing statistics.
 
@@ -224,8 +258,9 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
             if m.routed and trace is not None:
                 width = trace.prompt_length
                 pmask = trace.attention_mask[:, :width]
-                smask = subject_mask(tokenizer, prompts, [mentions[questions[i].entity] for i in batch], width,
-                                     lengths=pmask.sum(1))
+                smask = subject_mask(
+                    tokenizer, prompts, [mentions[questions[i].entity] for i in batch], width, lengths=pmask.sum(1)
+                )
                 amask = answer_mask(trace)
                 for lib, gold in (("knowledge", gold_know), ("task", gold_task)):
                     if lib in m.routed:
@@ -248,12 +283,20 @@ def _run_method(m: Method, names, grans, state, model, tokenizer, questions, ret
             gold = gold_know if lib == "knowledge" else gold_task
             stats.add_votes(seq_name, lib, votes[lib], gold, layers)
         # served whole by fixed adapters: generate only what no method has generated with the same adapters
-        keys = [_fixed_key(m, i, questions, retrieved, {lib: votes[lib][b] for lib in m.routed})
-                for b, i in enumerate(batch)]
+        keys = [
+            _fixed_key(m, i, questions, retrieved, {lib: votes[lib][b] for lib in m.routed})
+            for b, i in enumerate(batch)
+        ]
         todo = [b for b, key in enumerate(keys) if key not in memo.texts]
         if todo:
-            _configure(state, m, cfg, [gold_know[b] for b in todo], [gold_task[b] for b in todo],
-                       [retrieved[batch[b]] for b in todo])
+            _configure(
+                state,
+                m,
+                cfg,
+                [gold_know[b] for b in todo],
+                [gold_task[b] for b in todo],
+                [retrieved[batch[b]] for b in todo],
+            )
             for lib in m.routed:
                 state.set_router(lib, "fixed", fixed=[votes[lib][b] for b in todo])
             for b, text in zip(todo, generate(model, tokenizer, [prompts[b] for b in todo], **kw)):

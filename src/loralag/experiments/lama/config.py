@@ -1,5 +1,4 @@
-"""The LAMA benchmark's settings: sizes, modules, the methods it compares and the k sweep.
-"""
+"""The LAMA benchmark's settings: sizes, modules, the methods it compares and the k sweep."""
 
 from __future__ import annotations
 
@@ -10,9 +9,11 @@ from pathlib import Path
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import FC_FORMS
 
-PLAG_NOTE = ("P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
-             "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
-             "picks the retrieved adapter itself it counts twice).")
+PLAG_NOTE = (
+    "P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
+    "adapter is added on every token and layer on top of LAG's pick (the two deltas are summed; when LAG "
+    "picks the retrieved adapter itself it counts twice)."
+)
 TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
 GRANULARITIES = ("token", "sequence", "both")
@@ -60,17 +61,47 @@ class BenchConfig:
 SIZES = {
     # a handful of entities: the test suite's end-to-end run
     # (its task adapters see no RAG-form prompt: cheaper, and RAG is not what the tiny run checks)
-    "tiny": dict(n_entities=6, n_train_pairs=24, context_every=0, fc_bare_facts=2, know_steps=8, know_lr=3e-3, task_steps=12,
-                 task_batch=4, task_lr=3e-3, k_sweep=(1, "N"), max_new_tokens=12),
+    "tiny": dict(
+        n_entities=6,
+        n_train_pairs=24,
+        context_every=0,
+        fc_bare_facts=2,
+        know_steps=8,
+        know_lr=3e-3,
+        task_steps=12,
+        task_batch=4,
+        task_lr=3e-3,
+        k_sweep=(1, "N"),
+        max_new_tokens=12,
+    ),
     # a sanity check at the scale of the earlier 12-adapter measurement
     "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
     # answering in bfloat16: 1.75x faster here (CPUs with AVX512-BF16 or AMX), as such models usually run
-    "full": dict(n_entities=200, questions_per_dataset=200, n_train_pairs=200, task_steps=80, task_batch=4,
-                 task_lr=2e-3, eval_dtype="bfloat16"),
+    "full": dict(
+        n_entities=200,
+        questions_per_dataset=200,
+        n_train_pairs=200,
+        task_steps=80,
+        task_batch=4,
+        task_lr=2e-3,
+        eval_dtype="bfloat16",
+    ),
 }
-BASE_METHODS = ("base", "oracle", "arrow", "lag", "lag-prefix", "spectral", "arrow-mix", "rag", "prag", "r-lag",
-                "p-lag", "k-sweep")
+BASE_METHODS = (
+    "base",
+    "oracle",
+    "arrow",
+    "lag",
+    "lag-prefix",
+    "spectral",
+    "arrow-mix",
+    "rag",
+    "prag",
+    "r-lag",
+    "p-lag",
+    "k-sweep",
+)
 
 
 def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchConfig:
@@ -139,8 +170,11 @@ class Method:
     @property
     def routed(self) -> list[str]:
         """Libraries routed per token (what the sequence mode votes on)."""
-        return [lib for lib, r in (("knowledge", self.knowledge), ("task", self.task))
-                if r not in ("none", "gold", "retrieved")]
+        return [
+            lib
+            for lib, r in (("knowledge", self.knowledge), ("task", self.task))
+            if r not in ("none", "gold", "retrieved")
+        ]
 
 
 def method_list(cfg: BenchConfig, n: int) -> list[Method]:

@@ -51,7 +51,6 @@ START_ENT, END_ENT = "[START_ENT]", "[END_ENT]"  # KILT's mention markers (AIDA,
 FC_FORMS = ("label", "recall")  # fact checking's answer: the bare label (FEVER's), or object then verdict
 
 
-
 @dataclass
 class Relation:
     id: str
@@ -154,8 +153,9 @@ def read_facts(data_dir: str | Path) -> tuple[list[Fact], dict[str, dict], dict[
             raw = ex.raw
             obj_label = ex.answers[0]
             surfaces, sentences, mentions = [obj_label], [], [ex.input.strip()]
-            evidences = raw.get("evidences") or [{"masked_sentence": m} for m in raw.get("masked_sentences") or []
-                                                 if isinstance(m, str)]  # the other LAMA subsets' field
+            evidences = raw.get("evidences") or [
+                {"masked_sentence": m} for m in raw.get("masked_sentences") or [] if isinstance(m, str)
+            ]  # the other LAMA subsets' field
             for ev in evidences:
                 masked = ev.get("masked_sentence") or ""
                 surface = (ev.get("obj_surface") or "").strip() or obj_label
@@ -262,7 +262,7 @@ def make_prompt(dataset: str, text: str) -> str:
     raise LoralagError(f"unknown LAMA dataset {dataset!r}")
 
 
-def linking_item(entity: "Entity", i: int) -> tuple[str, list[str]] | None:
+def linking_item(entity: Entity, i: int) -> tuple[str, list[str]] | None:
     """(KILT-form input, gold titles) of an entity-linking question about `entity`: one of its evidence sentences
     with a mention of it marked. Mentions other than the title come first ("Messmer" for Pierre Messmer: the
     link needs knowledge, not a copy); i picks among the candidates. None when no sentence names it."""
@@ -273,7 +273,7 @@ def linking_item(entity: "Entity", i: int) -> tuple[str, list[str]] | None:
         for sent in sentences:
             hit = re.search(rf"(?<!\w){re.escape(m)}(?!\w)", sent)
             if hit:
-                found.append(sent[: hit.start()] + f"{START_ENT} {m} {END_ENT}" + sent[hit.end():])
+                found.append(sent[: hit.start()] + f"{START_ENT} {m} {END_ENT}" + sent[hit.end() :])
         if found:
             break
     if not found:
@@ -292,8 +292,15 @@ def _wrong_object(fact: Fact, pool: list[str], true_objects: set[str], rng: rand
     return rng.choice(choices) if choices else None
 
 
-def family_item(dataset: str, fact: Fact, relations: dict[str, Relation], objects_by_relation: dict[str, list[str]],
-                true_objects: set[str], rng: random.Random, verdict: str | None = None) -> tuple[str, list[str]]:
+def family_item(
+    dataset: str,
+    fact: Fact,
+    relations: dict[str, Relation],
+    objects_by_relation: dict[str, list[str]],
+    true_objects: set[str],
+    rng: random.Random,
+    verdict: str | None = None,
+) -> tuple[str, list[str]]:
     """(KILT-form input, gold answers) of a fact in one family. Fact checking states the true object or a wrong
     object of the same relation (verdict SUPPORTS / REFUTES; by default a coin flip)."""
     rel = relations[fact.relation]
@@ -327,10 +334,20 @@ def _usable_fact(f: Fact, max_object_words: int) -> bool:
     return bool(no) and no not in ns  # "Paris Saint-Germain" -> Paris would be trivial
 
 
-def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int | None = None,
-               n_train_pairs: int = 64, seed: int = 0, max_article_chars: int = 600,
-               max_object_words: int = 4, min_subject_mentions: int = 1, context_every: int = 3,
-               claim_pool: int = 2, fc_bare_facts: int | None = None, fc_form: str = "label") -> LamaData:
+def build_data(
+    data_dir: str | Path,
+    n_entities: int,
+    questions_per_dataset: int | None = None,
+    n_train_pairs: int = 64,
+    seed: int = 0,
+    max_article_chars: int = 600,
+    max_object_words: int = 4,
+    min_subject_mentions: int = 1,
+    context_every: int = 3,
+    claim_pool: int = 2,
+    fc_bare_facts: int | None = None,
+    fc_form: str = "label",
+) -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
@@ -381,8 +398,10 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
         rng.shuffle(candidates[rid])
     order = _round_robin([candidates[r] for r in sorted(candidates)])
     if len(order) < n_entities + 1:
-        raise LoralagError(f"{data_dir} has only {len(order)} usable subject entities; asked for {n_entities} "
-                           "plus a task-training pool")
+        raise LoralagError(
+            f"{data_dir} has only {len(order)} usable subject entities; asked for {n_entities} "
+            "plus a task-training pool"
+        )
     entities = order[:n_entities]
     pool = order[n_entities:]
     names = [e.name for e in entities]
@@ -406,8 +425,14 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
             else:
                 item = family_item(dataset, fact, relations, objects_by_relation, true, qrng)
             text, answers = item
-            ex = Example(f"{dataset}-{fact.id}", text, answers, [ent.label], dataset,
-                         {"entity": ent.name, "relation": fact.relation})
+            ex = Example(
+                f"{dataset}-{fact.id}",
+                text,
+                answers,
+                [ent.label],
+                dataset,
+                {"entity": ent.name, "relation": fact.relation},
+            )
             qs.append(Question(ex, dataset, make_prompt(dataset, text), ent.name, ent.label, fact))
         questions[dataset] = qs
 
@@ -447,18 +472,32 @@ def build_data(data_dir: str | Path, n_entities: int, questions_per_dataset: int
         if wrong is None:
             continue
         rel = relations[fact.relation]
-        claims.append(Claim(fill_template(rel.template, fact.subject, fact.object),
-                            fill_template(rel.template, fact.subject, wrong), ent.article, ent.name, fact.object))
+        claims.append(
+            Claim(
+                fill_template(rel.template, fact.subject, fact.object),
+                fill_template(rel.template, fact.subject, wrong),
+                ent.article,
+                ent.name,
+                fact.object,
+            )
+        )
     fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts, form=fc_form)
     task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
-    used = {c.entity for c in claims[: n_train_pairs]}
+    used = {c.entity for c in claims[:n_train_pairs]}
     train_entities += [e for e in pool if e.name in used and e not in train_entities]
-    return LamaData(relations, entities, train_entities, questions, task_pairs, claims, context_every,
-                    [under for _, _, under in fc])
+    return LamaData(
+        relations, entities, train_entities, questions, task_pairs, claims, context_every, [under for _, _, under in fc]
+    )
 
 
-def fact_checking_pairs(claims: list["Claim"], n_pairs: int, context_every: int, max_bare: int | None = None,
-                        known: list[bool] | None = None, form: str = "label") -> list[tuple[str, str, str | None]]:
+def fact_checking_pairs(
+    claims: list[Claim],
+    n_pairs: int,
+    context_every: int,
+    max_bare: int | None = None,
+    known: list[bool] | None = None,
+    form: str = "label",
+) -> list[tuple[str, str, str | None]]:
     """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
     (REFUTES), the first in `context_every` facts in RAG form (its article in front: the verdict is in the
     context; under = None), the others bare. form "label" answers the bare label (" SUPPORTS"), as KILT's FEVER
@@ -508,8 +547,15 @@ def _round_robin(groups: list[list]) -> list:
 def describe(data: LamaData) -> dict:
     """A json-able summary of the data a run used."""
     return {
-        "entities": [{"name": e.name, "label": e.label, "facts": [[f.relation, f.object] for f in e.facts],
-                      "article_chars": len(e.article)} for e in data.entities],
+        "entities": [
+            {
+                "name": e.name,
+                "label": e.label,
+                "facts": [[f.relation, f.object] for f in e.facts],
+                "article_chars": len(e.article),
+            }
+            for e in data.entities
+        ],
         "questions": {d: len(q) for d, q in data.questions.items()},
         "task_pairs": {d: len(p) for d, p in data.task_pairs.items()},
         "task_training_entities": len(data.train_entities),
@@ -522,7 +568,18 @@ def write_questions(path: str | Path, data: LamaData) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for dataset, qs in data.questions.items():
             for q in qs:
-                fh.write(json.dumps({"id": q.example.id, "dataset": dataset, "input": q.example.input,
-                                     "output": [{"answer": a} for a in q.example.answers],
-                                     "provenance": [q.example.provenance[0]], "entity": q.entity,
-                                     "prompt": q.prompt}, ensure_ascii=False) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "id": q.example.id,
+                            "dataset": dataset,
+                            "input": q.example.input,
+                            "output": [{"answer": a} for a in q.example.answers],
+                            "provenance": [q.example.provenance[0]],
+                            "entity": q.entity,
+                            "prompt": q.prompt,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )

@@ -19,8 +19,11 @@ def k_sweep(methods, normalised, routing, cfg, n) -> list[dict]:
         name = f"lag@{k}"
         if name not in normalised:
             continue
-        row = {"k": k, "token": normalised.get(name, {}).get("AVG"),
-               "sequence": normalised.get(f"{name}/seq", {}).get("AVG")}
+        row = {
+            "k": k,
+            "token": normalised.get(name, {}).get("AVG"),
+            "sequence": normalised.get(f"{name}/seq", {}).get("AVG"),
+        }
         r = routing.get(name, {}).get("knowledge", {})
         row["subject_routing"] = r.get("subject")
         row["vote"] = routing.get(f"{name}/seq", {}).get("knowledge", {}).get("vote")
@@ -43,8 +46,12 @@ def normalise(table: dict) -> tuple[dict, list[str]]:
 
     zero = sorted(d for d, (v, _) in table.get("oracle", {}).items() if v == 0)
     try:
-        return normalised_scores({m: {d: v for d, v in per.items() if d not in zero} for m, per in table.items()},
-                                 oracle="oracle", families=LAMA_FAMILIES, percent=True), zero
+        return normalised_scores(
+            {m: {d: v for d, v in per.items() if d not in zero} for m, per in table.items()},
+            oracle="oracle",
+            families=LAMA_FAMILIES,
+            percent=True,
+        ), zero
     except LoralagError as e:  # e.g. no oracle among the methods: report raw scores only
         return {"error": str(e)}, zero
 
@@ -97,16 +104,32 @@ def findings(results: dict, cfg: BenchConfig) -> dict:
     def g(m):
         return gain.get(m, {}).get("AVG") if m else None
 
-    out = {"lag": lag, "lag_avg": avg(lag), "lag_gain": g(lag), "lag_seq_avg": avg(f"{lag}/seq") if lag else None,
-           "prefix": prefix, "prefix_avg": avg(prefix), "prefix_gain": g(prefix),
-           "arrow_avg": avg("arrow"), "arrow_gain": g("arrow"), "rag_avg": avg("rag"), "rag_gain": g("rag"),
-           "r_lag_avg": avg("r-lag"), "base_avg": avg("base")}
+    out = {
+        "lag": lag,
+        "lag_avg": avg(lag),
+        "lag_gain": g(lag),
+        "lag_seq_avg": avg(f"{lag}/seq") if lag else None,
+        "prefix": prefix,
+        "prefix_avg": avg(prefix),
+        "prefix_gain": g(prefix),
+        "arrow_avg": avg("arrow"),
+        "arrow_gain": g("arrow"),
+        "rag_avg": avg("rag"),
+        "rag_gain": g("rag"),
+        "r_lag_avg": avg("r-lag"),
+        "base_avg": avg("base"),
+    }
     targets = {}
     for key, name in (("lag", lag), ("lag-prefix", prefix)):
         if name and avg(name) is not None:
             want_avg, want_gain = TARGETS[key]
-            targets[key] = {"avg": avg(name), "gain": g(name), "target_avg": want_avg, "target_gain": want_gain,
-                            "met": avg(name) >= want_avg and (g(name) or -1e9) >= want_gain}
+            targets[key] = {
+                "avg": avg(name),
+                "gain": g(name),
+                "target_avg": want_avg,
+                "target_gain": want_gain,
+                "met": avg(name) >= want_avg and (g(name) or -1e9) >= want_gain,
+            }
     if lag and avg(lag) is not None and out["arrow_avg"] is not None:
         targets["lag above arrow"] = {"met": avg(lag) > out["arrow_avg"]}
     if lag and avg(lag) is not None and out["r_lag_avg"] is not None:
@@ -142,17 +165,26 @@ def families_of(normalised: dict) -> list[str]:
 def report_markdown(results: dict) -> str:
     s = results["settings"]
     cfg = s["config"]
-    lines = [f"# LAMA knowledge benchmark — size {s['size']}", "",
-             f"{s['n_knowledge_adapters']} knowledge adapters (gate/up/down, rank {cfg['know_r']}, "
-             f"{cfg['know_steps']} steps), task adapters {', '.join(s['task_adapters'])} (q/k/v/o, rank "
-             f"{cfg['task_r']}); model `{s['model']}`; data `{s['data_dir']}`; fact checking answered in the "
-             f"`{cfg.get('fc_form', 'recall')}` form.", "",
-             "Questions: " + ", ".join(f"{d} {n}" for d, n in results["data"]["questions"].items())
-             + f". BM25 top-1 retrieval finds the gold article for {100 * results['retrieval_top1']:.1f}% of them.", "",
-             "## Scores per dataset", "",
-             "EM (%) for slot filling and QA, label accuracy (%) for fact checking, title accuracy (%) for entity "
-             "linking; in parentheses the strict score (no prefix credit).", "",
-             "| method | " + " | ".join(DATASETS) + " |", "|---|" + "---|" * len(DATASETS)]
+    lines = [
+        f"# LAMA knowledge benchmark — size {s['size']}",
+        "",
+        f"{s['n_knowledge_adapters']} knowledge adapters (gate/up/down, rank {cfg['know_r']}, "
+        f"{cfg['know_steps']} steps), task adapters {', '.join(s['task_adapters'])} (q/k/v/o, rank "
+        f"{cfg['task_r']}); model `{s['model']}`; data `{s['data_dir']}`; fact checking answered in the "
+        f"`{cfg.get('fc_form', 'recall')}` form.",
+        "",
+        "Questions: "
+        + ", ".join(f"{d} {n}" for d, n in results["data"]["questions"].items())
+        + f". BM25 top-1 retrieval finds the gold article for {100 * results['retrieval_top1']:.1f}% of them.",
+        "",
+        "## Scores per dataset",
+        "",
+        "EM (%) for slot filling and QA, label accuracy (%) for fact checking, title accuracy (%) for entity "
+        "linking; in parentheses the strict score (no prefix credit).",
+        "",
+        "| method | " + " | ".join(DATASETS) + " |",
+        "|---|" + "---|" * len(DATASETS),
+    ]
     for m, per in results["scores"].items():
         cells = []
         for d in DATASETS:
@@ -166,9 +198,14 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     norm = results["normalised"]
     gain = results.get("gain") or {}
-    lines += ["", "## Normalised by the Oracle (%, per family; AVG = mean over families)", "",
-              "The paper's Eq. 9. `gain` is the gain fraction (score − floor) / (Oracle − floor), the floor being "
-              "the no-adapter base model's normalised score.", ""]
+    lines += [
+        "",
+        "## Normalised by the Oracle (%, per family; AVG = mean over families)",
+        "",
+        "The paper's Eq. 9. `gain` is the gain fraction (score − floor) / (Oracle − floor), the floor being "
+        "the no-adapter base model's normalised score.",
+        "",
+    ]
     if results.get("not_normalised"):
         lines += [f"Left out (the Oracle scores 0 there): {', '.join(results['not_normalised'])}.", ""]
     if "error" in norm:
@@ -177,82 +214,129 @@ def report_markdown(results: dict) -> str:
         fams = families_of(norm)
         lines += ["| method | " + " | ".join(fams) + " | gain (AVG) |", "|---|" + "---|" * (len(fams) + 1)]
         for m, per in norm.items():
-            lines.append(f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams)
-                         + f" | {_fmt(gain.get(m, {}).get('AVG'))} |")
+            lines.append(
+                f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams) + f" | {_fmt(gain.get(m, {}).get('AVG'))} |"
+            )
         if gain:
-            lines += ["", "### Gain fraction per family (%)", "", "| method | " + " | ".join(fams) + " |",
-                      "|---|" + "---|" * len(fams)]
+            lines += [
+                "",
+                "### Gain fraction per family (%)",
+                "",
+                "| method | " + " | ".join(fams) + " |",
+                "|---|" + "---|" * len(fams),
+            ]
             for m, per in gain.items():
                 lines.append(f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams) + " |")
     f = results.get("findings", {})
     if f and "error" not in f:
-        lines += ["", "## Against the paper", "",
-                  f"The paper's floor (its no-adapter model) is {PAPER['floor']}% of its Oracle; ours is "
-                  f"{_fmt(f['base_avg'])}%. Its gain fractions are computed from its Table 4 the same way.", "",
-                  "| method | ours: % of Oracle | ours: gain fraction | paper: % of Oracle | paper: gain fraction |",
-                  "|---|---|---|---|---|"]
-        rows = [(f"per-token LAG ({f['lag']})", f["lag_avg"], f["lag_gain"], "lag"),
-                (f"lag-prefix ({f['prefix']}, ours)", f["prefix_avg"], f["prefix_gain"], None),
-                ("Arrow", f["arrow_avg"], f["arrow_gain"], "arrow"), ("RAG", f["rag_avg"], f["rag_gain"], "rag"),
-                ("R-LAG (RAG+LAG)", f["r_lag_avg"], gain.get("r-lag", {}).get("AVG"), "rag+lag")]
+        lines += [
+            "",
+            "## Against the paper",
+            "",
+            f"The paper's floor (its no-adapter model) is {PAPER['floor']}% of its Oracle; ours is "
+            f"{_fmt(f['base_avg'])}%. Its gain fractions are computed from its Table 4 the same way.",
+            "",
+            "| method | ours: % of Oracle | ours: gain fraction | paper: % of Oracle | paper: gain fraction |",
+            "|---|---|---|---|---|",
+        ]
+        rows = [
+            (f"per-token LAG ({f['lag']})", f["lag_avg"], f["lag_gain"], "lag"),
+            (f"lag-prefix ({f['prefix']}, ours)", f["prefix_avg"], f["prefix_gain"], None),
+            ("Arrow", f["arrow_avg"], f["arrow_gain"], "arrow"),
+            ("RAG", f["rag_avg"], f["rag_gain"], "rag"),
+            ("R-LAG (RAG+LAG)", f["r_lag_avg"], gain.get("r-lag", {}).get("AVG"), "rag+lag"),
+        ]
         for label, ours, ours_gain, key in rows:
             paper = (_fmt(PAPER[key]), _fmt(paper_gain(key))) if key else ("—", "—")
             lines.append(f"| {label} | {_fmt(ours)} | {_fmt(ours_gain)} | {paper[0]} | {paper[1]} |")
-    lines += ["", "## Routing accuracy", "",
-              "Share of routing decisions (token × module, all layers) that pick the gold adapter: knowledge over "
-              "the subject-mention tokens, all prompt tokens and the answer positions (the decisions that produced "
-              "an answer token), task over prompt tokens and answer positions; for `/seq` the share of questions "
-              "whose vote picks the gold adapter. In RAG-form prompts the subject's mentions in the article count as "
-              "subject tokens too.", "",
-              "| method | knowledge: subject tokens | knowledge: prompt | knowledge: answer | task: prompt | "
-              "task: answer | knowledge vote | task vote |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Routing accuracy",
+        "",
+        "Share of routing decisions (token × module, all layers) that pick the gold adapter: knowledge over "
+        "the subject-mention tokens, all prompt tokens and the answer positions (the decisions that produced "
+        "an answer token), task over prompt tokens and answer positions; for `/seq` the share of questions "
+        "whose vote picks the gold adapter. In RAG-form prompts the subject's mentions in the article count as "
+        "subject tokens too.",
+        "",
+        "| method | knowledge: subject tokens | knowledge: prompt | knowledge: answer | task: prompt | "
+        "task: answer | knowledge vote | task vote |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m, per in results["routing"].items():
         kn, tk = per.get("knowledge", {}), per.get("task", {})
-        vote_k = f"{_fmt(kn.get('vote'), True)} ({kn.get('vote_hits')}/{kn.get('vote_total')})" \
-            if kn.get("vote") is not None else "—"
-        lines.append(f"| {m} | {_fmt(kn.get('subject'), True)} | {_fmt(kn.get('prompt'), True)} | "
-                     f"{_fmt(kn.get('answer'), True)} | {_fmt(tk.get('prompt'), True)} | {_fmt(tk.get('answer'), True)} "
-                     f"| {vote_k} | {_fmt(tk.get('vote'), True)} |")
+        vote_k = (
+            f"{_fmt(kn.get('vote'), True)} ({kn.get('vote_hits')}/{kn.get('vote_total')})"
+            if kn.get("vote") is not None
+            else "—"
+        )
+        lines.append(
+            f"| {m} | {_fmt(kn.get('subject'), True)} | {_fmt(kn.get('prompt'), True)} | "
+            f"{_fmt(kn.get('answer'), True)} | {_fmt(tk.get('prompt'), True)} | {_fmt(tk.get('answer'), True)} "
+            f"| {vote_k} | {_fmt(tk.get('vote'), True)} |"
+        )
     if results["k_sweep"]:
-        lines += ["", "## LAG's k (knowledge library)", "",
-                  "| k | token (% of Oracle) | sequence (% of Oracle) | subject tokens to gold (%) | vote gold (%) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## LAG's k (knowledge library)",
+            "",
+            "| k | token (% of Oracle) | sequence (% of Oracle) | subject tokens to gold (%) | vote gold (%) |",
+            "|---|---|---|---|---|",
+        ]
         for row in results["k_sweep"]:
-            lines.append(f"| {row['k']} | {_fmt(row['token'])} | {_fmt(row['sequence'])} | "
-                         f"{_fmt(row['subject_routing'], True)} | {_fmt(row['vote'], True)} |")
+            lines.append(
+                f"| {row['k']} | {_fmt(row['token'])} | {_fmt(row['sequence'])} | "
+                f"{_fmt(row['subject_routing'], True)} | {_fmt(row['vote'], True)} |"
+            )
     if f and "error" not in f:
         lines += ["", "## Findings", "", *finding_lines(f)]
-    lines += ["", "## Settings", "", f"- {s['p_lag_definition']}", f"- {s.get('task_training', '')}",
-              f"- {s['answer_checking']}",
-              "- lag@k with k ≥ N is SpectR over the whole library; it reuses `spectral`'s answers.",
-              f"- Answered in {s.get('eval_dtype', 'float32')} (training in float32; routing in the libraries' "
-              f"dtype) by {s.get('eval_workers', 1)} process(es) of {s.get('torch_threads', '?')} torch thread(s) "
-              "in all.",
-              "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()
-                                              if isinstance(v, (int, float))), ""]
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"- {s['p_lag_definition']}",
+        f"- {s.get('task_training', '')}",
+        f"- {s['answer_checking']}",
+        "- lag@k with k ≥ N is SpectR over the whole library; it reuses `spectral`'s answers.",
+        f"- Answered in {s.get('eval_dtype', 'float32')} (training in float32; routing in the libraries' "
+        f"dtype) by {s.get('eval_workers', 1)} process(es) of {s.get('torch_threads', '?')} torch thread(s) "
+        "in all.",
+        "",
+        "Timings (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items() if isinstance(v, (int, float))),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def finding_lines(f: dict) -> list[str]:
     """The findings as markdown bullets (report and terminal)."""
-    lines = [f"- Per-token LAG ({f['lag']}): {_fmt(f['lag_avg'])}% of the Oracle, gain fraction "
-             f"{_fmt(f['lag_gain'])}%; by sequence vote {_fmt(f['lag_seq_avg'])}%. Arrow {_fmt(f['arrow_avg'])}% "
-             f"(gain {_fmt(f['arrow_gain'])}%), base (the floor) {_fmt(f['base_avg'])}%."]
+    lines = [
+        f"- Per-token LAG ({f['lag']}): {_fmt(f['lag_avg'])}% of the Oracle, gain fraction "
+        f"{_fmt(f['lag_gain'])}%; by sequence vote {_fmt(f['lag_seq_avg'])}%. Arrow {_fmt(f['arrow_avg'])}% "
+        f"(gain {_fmt(f['arrow_gain'])}%), base (the floor) {_fmt(f['base_avg'])}%."
+    ]
     if f.get("prefix"):
-        lines.append(f"- lag-prefix ({f['prefix']}): {_fmt(f['prefix_avg'])}% of the Oracle, gain fraction "
-                     f"{_fmt(f['prefix_gain'])}%.")
+        lines.append(
+            f"- lag-prefix ({f['prefix']}): {_fmt(f['prefix_avg'])}% of the Oracle, gain fraction "
+            f"{_fmt(f['prefix_gain'])}%."
+        )
     for key in ("lag", "prefix"):
         sub, ans = f.get(f"{key}_subject_tokens_to_gold"), f.get(f"{key}_answer_tokens_to_gold")
         if sub is not None:
-            lines.append(f"- {f[key]} routes {_fmt(sub, True)}% of subject-mention decisions and {_fmt(ans, True)}% "
-                         "of answer-position decisions to the gold knowledge adapter.")
+            lines.append(
+                f"- {f[key]} routes {_fmt(sub, True)}% of subject-mention decisions and {_fmt(ans, True)}% "
+                "of answer-position decisions to the gold knowledge adapter."
+            )
     if f.get("lag_vote_gold_count"):
         hits, total = f["lag_vote_gold_count"]
         lines.append(f"- The sequence vote picks the gold knowledge adapter for {hits}/{total} questions.")
     for name, t in f.get("targets", {}).items():
         if "target_avg" in t:
-            lines.append(f"- Target {name} ≥ {t['target_avg']:.0f}% of the Oracle with gain ≥ {t['target_gain']:.0f}%: "
-                         f"{'met' if t['met'] else 'missed'} ({_fmt(t['avg'])}%, gain {_fmt(t['gain'])}%).")
+            lines.append(
+                f"- Target {name} ≥ {t['target_avg']:.0f}% of the Oracle with gain ≥ {t['target_gain']:.0f}%: "
+                f"{'met' if t['met'] else 'missed'} ({_fmt(t['avg'])}%, gain {_fmt(t['gain'])}%)."
+            )
         else:
             lines.append(f"- Target {name}: {'met' if t['met'] else 'missed'}.")
     return lines
@@ -277,8 +361,12 @@ def plot_k_sweep(results: dict, path: Path) -> Path:
         if any(r["token"] is not None for r in rows):
             ax.plot(ks, [r["token"] if r["token"] is not None else math.nan for r in rows], "o-", label="LAG per token")
         if any(r["sequence"] is not None for r in rows):
-            ax.plot(ks, [r["sequence"] if r["sequence"] is not None else math.nan for r in rows], "s--",
-                    label="LAG per sequence (vote)")
+            ax.plot(
+                ks,
+                [r["sequence"] if r["sequence"] is not None else math.nan for r in rows],
+                "s--",
+                label="LAG per sequence (vote)",
+            )
         ax.set_xscale("log")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -305,21 +393,40 @@ def plot_routing(results: dict, path: Path, layers: int) -> Path:
     routing = results["routing"]
     lag = headline_lag(results)
     x = list(range(layers))
-    for name, color in ((lag, "tab:blue"), (headline_prefix(results), "tab:red"), ("arrow", "tab:orange"),
-                        ("spectral", "tab:green")):
+    for name, color in (
+        (lag, "tab:blue"),
+        (headline_prefix(results), "tab:red"),
+        ("arrow", "tab:orange"),
+        ("spectral", "tab:green"),
+    ):
         if not name or name not in routing:
             continue
         if name == "spectral" and lag in routing and routing[lag] == routing[name]:
             continue  # the headline LAG is SpectR here (k >= N): one line, not two on top of each other
         kn, tk = routing[name].get("knowledge"), routing[name].get("task")
         if kn:
-            ax_k.plot(x, [v if v is not None else math.nan for v in kn["subject_by_layer"]], "-", color=color,
-                      label=f"{name}: subject tokens")
-            ax_k.plot(x, [v if v is not None else math.nan for v in kn.get("answer_by_layer") or [None] * layers], "--",
-                      color=color, label=f"{name}: answer positions")
+            ax_k.plot(
+                x,
+                [v if v is not None else math.nan for v in kn["subject_by_layer"]],
+                "-",
+                color=color,
+                label=f"{name}: subject tokens",
+            )
+            ax_k.plot(
+                x,
+                [v if v is not None else math.nan for v in kn.get("answer_by_layer") or [None] * layers],
+                "--",
+                color=color,
+                label=f"{name}: answer positions",
+            )
         if tk:
-            ax_t.plot(x, [v if v is not None else math.nan for v in tk["prompt_by_layer"]], "-", color=color,
-                      label=f"{name}: prompt tokens")
+            ax_t.plot(
+                x,
+                [v if v is not None else math.nan for v in tk["prompt_by_layer"]],
+                "-",
+                color=color,
+                label=f"{name}: prompt tokens",
+            )
     n = results["settings"]["n_knowledge_adapters"]
     ax_k.axhline(1 / n, color="grey", lw=0.8, ls="--", label=f"chance (1/{n})")
     ax_t.axhline(1 / max(1, len(results["settings"]["task_adapters"])), color="grey", lw=0.8, ls="--", label="chance")
@@ -344,7 +451,9 @@ def print_summary(results: dict, console) -> None:
         console.print(f"[yellow]normalised scores not computed:[/] {norm['error']}")
     else:
         gain = results.get("gain") or {}
-        t = Table(title="LAMA bench: % of the Oracle (gain: share of the floor-to-Oracle distance)", header_style="bold")
+        t = Table(
+            title="LAMA bench: % of the Oracle (gain: share of the floor-to-Oracle distance)", header_style="bold"
+        )
         fams = families_of(norm)
         t.add_column("method")
         for fam in fams:

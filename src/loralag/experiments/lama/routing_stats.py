@@ -90,13 +90,21 @@ class RoutingStats:
     def _slot(self, method: str, lib: str, layers: int) -> dict:
         d = self.data.setdefault(method, {}).setdefault(lib, {})
         if not d:
-            d.update(subject_hits=[0] * layers, subject_total=[0] * layers, prompt_hits=[0] * layers,
-                     prompt_total=[0] * layers, answer_hits=[0] * layers, answer_total=[0] * layers,
-                     vote_hits=0, vote_total=0)
+            d.update(
+                subject_hits=[0] * layers,
+                subject_total=[0] * layers,
+                prompt_hits=[0] * layers,
+                prompt_total=[0] * layers,
+                answer_hits=[0] * layers,
+                answer_total=[0] * layers,
+                vote_hits=0,
+                vote_total=0,
+            )
         return d
 
-    def add_trace(self, method: str, lib: str, trace, gold: list[str], prompt_mask, subj_mask, layers: int,
-                  answer=None) -> None:
+    def add_trace(
+        self, method: str, lib: str, trace, gold: list[str], prompt_mask, subj_mask, layers: int, answer=None
+    ) -> None:
         import torch
 
         d = self._slot(method, lib, layers)
@@ -127,6 +135,7 @@ class RoutingStats:
         out = {}
         for method, libs in self.data.items():
             for lib, d in libs.items():
+
                 def share(h, t):
                     return [hh / tt if tt else None for hh, tt in zip(h, t)]
 

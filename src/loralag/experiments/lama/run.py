@@ -105,18 +105,28 @@ def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, 
     from loralag.library.store import build_library, module_shapes
 
     path = cache / "libraries" / f"{kind}-{len(paths)}-{_fingerprint(paths)}"
-    lib = build_library(path, paths, base_model=model_spec, shapes=module_shapes(model), replace=True,
-                        progress=progress)
+    lib = build_library(
+        path, paths, base_model=model_spec, shapes=module_shapes(model), replace=True, progress=progress
+    )
     stale = sorted(set(lib.names) - {p.name for p in paths})
     if stale:
         lib.remove(stale)
     return lib
 
 
-def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | None = None,
-              out_dir: str | Path | None = None, model_spec: str = "default", cache_dir: str | Path | None = None,
-              progress: bool = True, console=None, model_and_tokenizer=None, threads: int | None = None,
-              workers: int | None = None, **overrides) -> dict:
+def run_bench(
+    size: str | dict | BenchConfig = "tiny",
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    model_spec: str = "default",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    console=None,
+    model_and_tokenizer=None,
+    threads: int | None = None,
+    workers: int | None = None,
+    **overrides,
+) -> dict:
     """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
     method, and write the results folder. Returns the results dict (also written as results.json).
 
@@ -135,14 +145,16 @@ def run_bench(size: str | dict | BenchConfig = "tiny", data_dir: str | Path | No
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
-                    overrides)
+        return _run(
+            size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides
+        )
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers,
-         overrides) -> dict:
+def _run(
+    size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides
+) -> dict:
     import torch
 
     from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
@@ -162,13 +174,24 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
     # -- data ------------------------------------------------------------------------------------------------
     t = time.perf_counter()
-    data = build_data(data_dir, cfg.n_entities, cfg.questions_per_dataset, cfg.n_train_pairs, cfg.seed,
-                      cfg.max_article_chars, context_every=cfg.context_every, fc_bare_facts=cfg.fc_bare_facts,
-                      fc_form=cfg.fc_form)
+    data = build_data(
+        data_dir,
+        cfg.n_entities,
+        cfg.questions_per_dataset,
+        cfg.n_train_pairs,
+        cfg.seed,
+        cfg.max_article_chars,
+        context_every=cfg.context_every,
+        fc_bare_facts=cfg.fc_bare_facts,
+        fc_form=cfg.fc_form,
+    )
     timings["data"] = time.perf_counter() - t
     n = len(data.entities)
-    say(f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
-        + ", ".join(f"{len(q)} {d}" for d, q in data.questions.items()) + f" questions; data from {data_dir}")
+    say(
+        f"[bold]LAMA bench[/] ({size_name}): {n} knowledge entities, "
+        + ", ".join(f"{len(q)} {d}" for d, q in data.questions.items())
+        + f" questions; data from {data_dir}"
+    )
 
     t = time.perf_counter()
     if model_and_tokenizer is not None:
@@ -181,8 +204,9 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     # fact_checking_pairs); twice the other families' pairs, since each fact gives two
     t = time.perf_counter()
     known = known_claims(model, tokenizer, data.claims)
-    fc = fact_checking_pairs(data.claims, 2 * cfg.n_train_pairs, cfg.context_every, cfg.fc_bare_facts, known,
-                             form=cfg.fc_form)
+    fc = fact_checking_pairs(
+        data.claims, 2 * cfg.n_train_pairs, cfg.context_every, cfg.fc_bare_facts, known, form=cfg.fc_form
+    )
     data.task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     data.fc_under = [under for _, _, under in fc]
     claims_known = sum(known) / len(known) if known else None
@@ -190,9 +214,16 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
 
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
-    kcfg = TrainConfig(target_modules=list(KNOWLEDGE_MODULES), r=cfg.know_r, alpha=cfg.know_alpha,
-                       steps=cfg.know_steps, batch_size=cfg.know_batch, lr=cfg.know_lr, seed=cfg.seed,
-                       shared_init=cfg.shared_init)
+    kcfg = TrainConfig(
+        target_modules=list(KNOWLEDGE_MODULES),
+        r=cfg.know_r,
+        alpha=cfg.know_alpha,
+        steps=cfg.know_steps,
+        batch_size=cfg.know_batch,
+        lr=cfg.know_lr,
+        seed=cfg.seed,
+        shared_init=cfg.shared_init,
+    )
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
     know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
@@ -201,24 +232,48 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
     t = time.perf_counter()
     fc_entities = sorted({e for e in data.fc_under if e is not None})
-    say(f"[bold]Knowledge adapters of fact-checking training entities[/]: {len(fc_entities)} "
-        f"(cached in {cache / 'train-knowledge'})")
+    say(
+        f"[bold]Knowledge adapters of fact-checking training entities[/]: {len(fc_entities)} "
+        f"(cached in {cache / 'train-knowledge'})"
+    )
     pool = {e.name: e for e in data.train_entities}
     fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
-    under = dict(zip(fc_entities, train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg,
-                                                 progress=progress)))
+    under = dict(
+        zip(fc_entities, train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress))
+    )
     timings["train_fc_knowledge"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tcfg = TrainConfig(target_modules=list(TASK_MODULES), r=cfg.task_r, alpha=cfg.task_alpha, steps=cfg.task_steps,
-                       batch_size=cfg.task_batch, lr=cfg.task_lr, seed=cfg.seed, shared_init=cfg.shared_init)
-    task_items = [QAPairs(FAMILY_OF[d], data.task_pairs[d],
-                          [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None) for d in DATASETS]
+    tcfg = TrainConfig(
+        target_modules=list(TASK_MODULES),
+        r=cfg.task_r,
+        alpha=cfg.task_alpha,
+        steps=cfg.task_steps,
+        batch_size=cfg.task_batch,
+        lr=cfg.task_lr,
+        seed=cfg.seed,
+        shared_init=cfg.shared_init,
+    )
+    task_items = [
+        QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None)
+        for d in DATASETS
+    ]
     fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
-    say(f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
-        f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities")
-    task_paths = [train_adapters(model, tokenizer, [item], cache / "task", fc_cfg if item.name == FAMILY_OF[FACT_CHECKING]
-                                 else tcfg, progress=progress)[0] for item in task_items]
+    say(
+        f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
+        f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities"
+    )
+    task_paths = [
+        train_adapters(
+            model,
+            tokenizer,
+            [item],
+            cache / "task",
+            fc_cfg if item.name == FAMILY_OF[FACT_CHECKING] else tcfg,
+            progress=progress,
+        )[0]
+        for item in task_items
+    ]
     timings["train_task"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -243,9 +298,19 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     # -- evaluation ------------------------------------------------------------------------------------------
     methods = method_list(cfg, n)
     layers = model.config.num_hidden_layers
-    job = AnswerJob(methods, ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,), questions,
-                    retrieved, rag_prompts, order_plain, order_rag, mentions, cfg, layers,
-                    {"task": str(task_lib.path), "knowledge": str(know_lib.path)})
+    job = AnswerJob(
+        methods,
+        ("token", "sequence") if cfg.granularity == "both" else (cfg.granularity,),
+        questions,
+        retrieved,
+        rag_prompts,
+        order_plain,
+        order_rag,
+        mentions,
+        cfg,
+        layers,
+        {"task": str(task_lib.path), "knowledge": str(know_lib.path)},
+    )
     dtype = getattr(torch, cfg.eval_dtype)
     eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
     workers = default_workers(math.ceil(len(questions) / cfg.batch_size)) if workers is None else workers
@@ -282,10 +347,13 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
             for i in idx:
                 text = raw[i] or ""
                 # a verdict may follow a recalled object that holds a period ("St. Louis, so SUPPORTS"): whole line
-                cleaned[questions[i].example.id] = (fc_label(text.strip().split("\n")[0]) if d == FACT_CHECKING
-                                                    else clean_answer(text))
-            final = {k: credited(v, ex.answers) if cfg.credit_prefix and d != FACT_CHECKING else v
-                     for (k, v), ex in zip(cleaned.items(), examples)}
+                cleaned[questions[i].example.id] = (
+                    fc_label(text.strip().split("\n")[0]) if d == FACT_CHECKING else clean_answer(text)
+                )
+            final = {
+                k: credited(v, ex.answers) if cfg.credit_prefix and d != FACT_CHECKING else v
+                for (k, v), ex in zip(cleaned.items(), examples)
+            }
             metric = "em" if d in (SLOT_FILLING, QA) else "accuracy"  # KILT's: FEVER, AIDA and WNED by accuracy
             res = score_dataset(examples, final, task=d, metric=metric)
             strict = score_dataset(examples, cleaned, task=d, metric=metric)
@@ -297,25 +365,47 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
             with open(pred_dir / slug_name / f"{d}.generations.jsonl", "w", encoding="utf-8") as fh:
                 for i in idx:
                     q = questions[i]
-                    fh.write(json.dumps({"id": q.example.id, "prompt": rag_prompts[i] if name.startswith(("rag", "r-lag"))
-                                         else q.prompt, "generation": raw[i], "answer": final[q.example.id],
-                                         "gold": q.example.answers, "entity": q.entity,
-                                         "retrieved": retrieved[i], **({"served": served[name][i]} if i in
-                                         served.get(name, {}) else {})}, ensure_ascii=False) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "id": q.example.id,
+                                "prompt": rag_prompts[i] if name.startswith(("rag", "r-lag")) else q.prompt,
+                                "generation": raw[i],
+                                "answer": final[q.example.id],
+                                "gold": q.example.answers,
+                                "entity": q.entity,
+                                "retrieved": retrieved[i],
+                                **({"served": served[name][i]} if i in served.get(name, {}) else {}),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
     normalised, zero = normalise(table)
     gain = gain_fractions(normalised)
     routing = stats.summary()
     timings["total"] = time.perf_counter() - t_all
 
-    settings = {"size": size_name, "config": _jsonable(asdict(cfg)), "data_dir": str(data_dir), "out_dir": str(out),
-                "cache_dir": str(cache), "model": model_spec, "knowledge_library": str(know_lib.path),
-                "task_library": str(task_lib.path), "n_knowledge_adapters": len(know_lib),
-                "task_adapters": task_lib.names, "methods": list(answers), "p_lag_definition": PLAG_NOTE,
-                "task_training": _TRAINING_NOTE,
-                "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
-                "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
-                "torch_threads": torch.get_num_threads(), "eval_workers": workers,
-                "eval_dtype": cfg.eval_dtype}
+    settings = {
+        "size": size_name,
+        "config": _jsonable(asdict(cfg)),
+        "data_dir": str(data_dir),
+        "out_dir": str(out),
+        "cache_dir": str(cache),
+        "model": model_spec,
+        "knowledge_library": str(know_lib.path),
+        "task_library": str(task_lib.path),
+        "n_knowledge_adapters": len(know_lib),
+        "task_adapters": task_lib.names,
+        "methods": list(answers),
+        "p_lag_definition": PLAG_NOTE,
+        "task_training": _TRAINING_NOTE,
+        "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
+        "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
+        "torch_threads": torch.get_num_threads(),
+        "eval_workers": workers,
+        "eval_dtype": cfg.eval_dtype,
+    }
     results = {
         "settings": settings,
         "data": describe(data),
@@ -342,19 +432,23 @@ def _run(size, data_dir, out_dir, model_spec, cache_dir, progress, console, mode
     return results
 
 
-_TRAINING_NOTE = ("Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
-                  "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
-                  "the same fact (twice the other families' pairs, fc_steps steps), answered in fc_form (the bare "
-                  "label, or the recalled object then the verdict). Of those without context, the first fc_bare_facts "
-                  "are trained under the training entity's own knowledge adapter (frozen), so the adapter learns to "
-                  "check a claim against what a knowledge adapter injects, as at test time; the rest only for facts "
-                  "the base model already ranks right (log p(true) > log p(false)), without an adapter. Entity "
-                  "linking trains on other entities' evidence sentences with a mention marked.")
-_CHECKING_NOTE = ("Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
-                  "entity linking: KILT accuracy (the cut answer equals the subject's title); fact checking: the "
-                  "verdict (SUPPORTS/REFUTES, any case, at the start of the answer's first line, else the last one it "
-                  "names) must equal the gold label; an answer without one is wrong. Gold answers: obj_label plus the "
-                  "article's surface forms that name it in full.")
+_TRAINING_NOTE = (
+    "Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
+    "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
+    "the same fact (twice the other families' pairs, fc_steps steps), answered in fc_form (the bare "
+    "label, or the recalled object then the verdict). Of those without context, the first fc_bare_facts "
+    "are trained under the training entity's own knowledge adapter (frozen), so the adapter learns to "
+    "check a claim against what a knowledge adapter injects, as at test time; the rest only for facts "
+    "the base model already ranks right (log p(true) > log p(false)), without an adapter. Entity "
+    "linking trains on other entities' evidence sentences with a mention marked."
+)
+_CHECKING_NOTE = (
+    "Slot filling and QA: KILT exact match of the answer cut at its first line and sentence end; "
+    "entity linking: KILT accuracy (the cut answer equals the subject's title); fact checking: the "
+    "verdict (SUPPORTS/REFUTES, any case, at the start of the answer's first line, else the last one it "
+    "names) must equal the gold label; an answer without one is wrong. Gold answers: obj_label plus the "
+    "article's surface forms that name it in full."
+)
 
 
 def _jsonable(x):
