@@ -56,6 +56,7 @@ class _Command(TyperCommand):
         return [re.sub(r"^\{(.+)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        args = _ray_value(args)
         flags = {opt for p in self.params if getattr(p, "is_flag", False) for opt in (*p.opts, *p.secondary_opts)}
         for flag, value in zip(args, args[1:]):
             if flag == "--":
@@ -65,6 +66,18 @@ class _Command(TyperCommand):
                     f"a flag takes no value: write '{flag}' alone, not '{flag} {value}'", ctx=ctx, param_hint=flag
                 )
         return super().parse_args(ctx, args)
+
+
+def _ray_value(args: list[str]) -> list[str]:
+    """`--ray` takes an optional ADDRESS (HOST:PORT, ray://HOST:PORT: always with a colon); alone it means "auto"."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--":
+            return out + args[i + 1 :]
+        if arg == "--ray" and (i + 1 == len(args) or ":" not in args[i + 1]):
+            out.append("auto")
+    return out
 
 
 class _App(typer.Typer):
@@ -100,7 +113,10 @@ class Granularity(str, Enum):
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message's own brackets (pip install "loralag[ray]", a list of names) are text, not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -229,14 +245,14 @@ def _prepare_model(spec: str, status) -> None:
     _quiet_warnings()
     from loralag import models
 
-    if spec == "default":
-        target = models.cache_dir() / "models" / models.DEFAULT_MODEL_NAME
+    if spec in models.BUNDLED:
+        target = models.cache_dir() / "models" / models.BUNDLED[spec].name
         if not all((target / name).is_file() for name in models._CONVERTED_FILES):
             status.update(
-                f"First use of the default model: converting the bundled {models.DEFAULT_GGUF_FILE} "
+                f"First use of model '{spec}': converting the bundled {models.BUNDLED[spec].gguf_file} "
                 f"into {target} (once, about half a minute) …"
             )
-            models.default_model_dir()
+            models.bundled_model_dir(spec)
 
 
 def load_model_waiting(spec: str, dtype: str = "float32"):
@@ -286,6 +302,24 @@ LIBRARY_HELP = "Library folder (made by `loralag build`)."
 ADAPTERS_HELP = "PEFT LoRA folders, or folders holding them."
 REPLACE_HELP = "Replace adapters of the same name whose weights differ (default: refuse them)."
 CHUNK_HELP = "Adapters aligned and stored per segment file."
+
+
+def _ray_option(what: str):
+    """`--ray [ADDRESS]`: run on a Ray cluster (loralag.cluster); alone, the one in $RAY_ADDRESS or on this machine."""
+    return typer.Option(
+        None,
+        "--ray",
+        metavar="[ADDRESS]",
+        help=f"{what} on a Ray cluster: its ADDRESS (HOST:PORT or ray://HOST:10001), or alone for $RAY_ADDRESS, "
+        'a cluster started here with `ray start`, else a local one. Needs pip install "loralag[ray]".',
+    )
+
+
+def _check_ray(address: str | None) -> None:
+    if address is not None:
+        from loralag.cluster.connect import require_ray
+
+        require_ray()
 
 
 @app.command()
@@ -450,10 +484,12 @@ def train(
         "LoRA (the same adapters as one at a time; not faster on CPU, see "
         "benchmarks/results/train.md).",
     ),
+    ray: Optional[str] = _ray_option("Train the adapters"),
 ):
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
         raise LoralagError("give --steps or --epochs, not both")
+    _check_ray(ray)
     targets = [t.strip() for t in target_modules.split(",") if t.strip()]
     if not targets:
         raise LoralagError("--target-modules names no module")
@@ -482,7 +518,7 @@ def train(
     done = {}
     for n_steps, bucket in by_steps.items():
         cfg = TrainConfig(**{**base.__dict__, "steps": n_steps})
-        trained = train_adapters(model_, tokenizer, bucket, out, cfg, progress=True, group_size=group_size)
+        trained = train_adapters(model_, tokenizer, bucket, out, cfg, progress=True, group_size=group_size, ray=ray)
         done.update({item.name: path for item, path in zip(bucket, trained)})
     paths = [done[item.name] for item in items]
     console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
@@ -601,12 +637,28 @@ def serve(
     request_timeout: float = typer.Option(
         120.0, "--request-timeout", min=0.0, help="Seconds before a request is ended."
     ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORALAG_API_KEY; "
+        "unset: no key, with a warning when --host is not this machine).",
+        show_default=False,
+    ),
+    metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
+    max_body_mib: float = typer.Option(
+        2.0, "--max-body-mib", min=0.001, help="Largest request body, in MiB (413 beyond, checked as it streams in)."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.1, help="Seconds a client may take to send a request's body (408 after)."
+    ),
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions) routing every request."""
     _check_router(router, refused=NO_FIXED_SERVE)
     for path in library or []:
         _check_library(path)
     _check_model(model)
+    if api_key is not None and (not api_key or not api_key.isprintable() or api_key != api_key.strip()):
+        fail("--api-key must be a non-empty printable key without surrounding spaces")
     with waiting(f"Loading the server and model '{model}' …") as status:
         _prepare_model(model, status)
         import uvicorn  # noqa: F401  (imported here, behind the spinner)
@@ -626,6 +678,10 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         request_timeout=request_timeout,
+        api_key=api_key,
+        metrics_public=metrics_public,
+        max_body_bytes=int(max_body_mib * 2**20),
+        body_timeout=body_timeout,
     )
 
 
@@ -932,6 +988,24 @@ def _eval_generate(
     finally:
         detach(model_)
     return out_preds
+
+
+# -- lm-evaluation-harness -------------------------------------------------------------------------------------
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@user_errors
+def lm_eval_command(ctx: typer.Context):
+    """lm-evaluation-harness with the `loralag` model registered (`--model loralag` unless another is given): every
+    argument goes to lm-eval, e.g. --model_args pretrained=default,libraries=task:LIB1;knowledge:LIB2,router=lag,k=20
+    --tasks TASKS. `loralag lm-eval -h` shows lm-eval's own help."""
+    try:
+        from loralag.evaluation.lm_eval import run_cli
+    except ImportError as e:
+        fail(f"lm-eval is not installed ({e}); install it with: pip install 'loralag[lm-eval]'")
+    run_cli(ctx.args)
 
 
 # -- demo --------------------------------------------------------------------------------------------------

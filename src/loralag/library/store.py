@@ -80,10 +80,10 @@ def shapes_for_model(spec: str) -> dict[str, list]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loralag.errors import ModelError
-    from loralag.models import default_model_dir
+    from loralag.models import model_source
 
     try:
-        config = AutoConfig.from_pretrained(default_model_dir() if spec == "default" else spec)
+        config = AutoConfig.from_pretrained(model_source(spec))
     except OSError as e:  # neither a local folder with config.json nor reachable on the hub
         raise ModelError(f"cannot read the config of base model '{spec}': {e}") from e
     with torch.device("meta"):
