@@ -269,8 +269,12 @@ def train_adapters(
     config: TrainConfig | None = None,
     progress: bool = True,
     group_size: int = 1,
+    ray: str | bool | None = None,
 ) -> list[Path]:
     """Train (or find up to date on disk) one LoRA adapter per item; return their folders.
+
+    ray: train on a Ray cluster instead (True: the one this process is connected to, $RAY_ADDRESS or a local
+    one; a string: its address), the same adapters tensor for tensor; see loralag.cluster.train.
 
     group_size > 1 trains the items that are not up to date that many at a time in one pass
     (see `_train_group`); each adapter comes out as it would one at a time, and the cache
@@ -278,6 +282,12 @@ def train_adapters(
     numbers in a mixed batch, so then the items are trained one at a time instead.
     """
     config = config or TrainConfig()
+    if ray is not None and ray is not False:
+        from loralag.cluster.train import train_on_ray
+
+        return train_on_ray(
+            model, tokenizer, items, out_dir, config, address=ray, progress=progress, group_size=group_size
+        ).paths
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise LoralagError(f"group_size must be a positive integer, got {group_size!r}")
     names = [item.name for item in items]
