@@ -31,7 +31,9 @@ from test_serve import (  # noqa: F401
 
 from loralag import open_library
 from loralag.serve import app as serve_mod
+from loralag.serve import endpoints
 from loralag.serve import engine as serve_engine
+from loralag.serve import requests as serve_requests
 from loralag.serve.app import create_app, warn_if_exposed
 
 KEY = "s3cret-key"
@@ -164,7 +166,7 @@ def test_a_failed_sampling_ends_its_request_alone(server, monkeypatch):
 )
 def test_sampling_values_are_checked_before_tokenising(server, monkeypatch, raw, param):
     calls = []
-    monkeypatch.setattr(serve_mod, "_completion_prompts", lambda *a: calls.append(a) or [[5]])
+    monkeypatch.setattr(endpoints, "completion_prompts", lambda *a: calls.append(a) or [[5]])
     if isinstance(raw, bytes):
         r = server.http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         err = _check_error(r, 400)
@@ -264,10 +266,10 @@ def test_a_body_a_little_over_the_limit_gets_its_413(server):
 def test_prompts_longer_than_the_context_are_refused_before_validation_or_tokenising(server, monkeypatch):
     ctx = server.app.state.ctx
     parsed, tokenised = [], []
-    real_parse = serve_mod._parse
-    monkeypatch.setattr(serve_mod, "_parse", lambda *a: parsed.append(1) or real_parse(*a))
-    monkeypatch.setattr(serve_mod, "_completion_prompts", lambda *a: tokenised.append(1) or [[5]])
-    monkeypatch.setattr(serve_mod, "_chat_prompt", lambda *a: tokenised.append(1) or [5])
+    real_parse = serve_requests.validate
+    monkeypatch.setattr(serve_requests, "validate", lambda *a: parsed.append(1) or real_parse(*a))
+    monkeypatch.setattr(endpoints, "completion_prompts", lambda *a: tokenised.append(1) or [[5]])
+    monkeypatch.setattr(endpoints, "chat_prompt", lambda *a: tokenised.append(1) or [5])
     chars = ctx.max_prompt_chars
     assert chars < LIMIT
     cases = [
@@ -352,19 +354,19 @@ def test_health_answers_while_the_largest_bodies_are_read(server):
     assert grown < 400 * 2**20
 
 
-@pytest.mark.parametrize("step", ["_read_request", "_completion_prompts"])
+@pytest.mark.parametrize("step", ["read_request", "completion_prompts"])
 def test_health_answers_while_a_request_is_parsed_or_tokenised(server, monkeypatch, step):
     """The parse (JSON, validation) and the tokenising of a request run off the event loop: held there on purpose,
     they leave /health answering. On the loop, /health would wait for them (and time out here)."""
     entered, release = threading.Event(), threading.Event()
-    original = getattr(serve_mod, step)
+    original = getattr(endpoints, step)
 
     def held(*args):
         entered.set()
         release.wait(30)
         return original(*args)
 
-    monkeypatch.setattr(serve_mod, step, held)
+    monkeypatch.setattr(endpoints, step, held)
     answer = {}
     thread = threading.Thread(
         target=lambda: answer.update(r=server.http.post("/v1/completions", json=completion("who")))

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loralag.routing.state import STATE_ATTR
+from loralag.routing.state import state_of
 from loralag.serve.metrics import ServerMetrics
 
-log = logging.getLogger("loralag.serve.app")
+log = logging.getLogger("loralag.serve")
 
 PREFILL_TOKEN_BUDGET = 16384  # padded prompt tokens per prefill pass, bounding its memory
 _ids = itertools.count()
@@ -189,7 +189,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_model_len = max_model_len or model_context_length(model)
         self.metrics = metrics or ServerMetrics()
-        self.state = getattr(model, STATE_ATTR, None)
+        self.state = state_of(model)
         self.libraries = list(self.state.specs) if self.state is not None else []
         self.base_specs = dict(self.state.specs) if self.state is not None else {}
         self.adapter_names = {lib: list(self.state.libraries[lib].names) for lib in self.libraries}
@@ -361,9 +361,9 @@ class Engine:
                     )
 
     # -- forward passes ------------------------------------------------------------------------------------
-    def _apply_specs(self, key: tuple, routings: list[Routing]) -> None:
-        if self.state is None:
-            return
+    def _group_specs(self, key: tuple, routings: list[Routing]) -> dict:
+        """The RouteSpec of every library for one routing group's forward pass."""
+        specs = {}
         for lib, mode in key:
             base = self.base_specs[lib]  # keeps the server's other settings (temperature, nprobe, ...)
             if mode[0] == "route":
@@ -374,17 +374,17 @@ class Engine:
                     spec = replace(base, router="none", fixed=None)
                 else:
                     spec = replace(base, router="fixed", fixed=names)
-            self.state.specs[lib] = spec
+            specs[lib] = spec
+        return specs
 
     def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask):
         """Run the model; return last-position logits (B, V) float and per-row routed counts {lib: (B, N)}."""
         t0 = time.perf_counter()
-        self._apply_specs(key, routings)
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         if self.state is not None:
-            with self.state.tracing() as trace:
+            with self.state.configure(self._group_specs(key, routings)), self.state.tracing() as trace:
                 out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
             counts = self._routed_counts(trace, token_mask)
         else:

@@ -1,5 +1,5 @@
 """Training knowledge and task adapters as PEFT LoRA folders (train) and training them with some adapters'
 rows frozen in place (frozen_rows).
 
-Imports loralag.routing (module swapping), loralag.models and loralag.errors.
+Imports loralag.library and loralag.errors; never generation, serving, evaluation or experiments.
 """
