@@ -7,6 +7,7 @@ from conftest import save_lora, tiny_gpt2, tiny_llama
 from loralag import attach, build_library, detach
 from loralag.errors import LibraryError
 from loralag.library.store import module_shapes
+from loralag.routing.routers import RouteSpec
 
 
 def make_library(model, path, n, seed, targets, r=4):
@@ -200,7 +201,7 @@ def test_sequence_vote_picks_the_majority_adapter(setup):
             expected[lib].append(sorted(n for n, v in c.items() if v == top)[0])
     votes = state.fix_by_vote(ids, mask)
     assert votes == expected
-    assert state.specs["know"].router == "fixed" and state.specs["know"].fixed == expected["know"]
+    assert state.specs["know"].router == "fixed" and state.specs["know"].fixed == tuple(expected["know"])
     with torch.no_grad():
         voted = model(input_ids=ids, attention_mask=mask).logits
     detach(model)
@@ -211,3 +212,61 @@ def test_sequence_vote_picks_the_majority_adapter(setup):
         ref = model(input_ids=ids, attention_mask=mask).logits
     detach(model)
     torch.testing.assert_close(voted, ref, atol=0, rtol=0)
+
+
+def test_routing_settings_are_values_changed_through_the_state(setup):
+    """RouteSpecs cannot be edited in place, the state's mapping is read-only, and a router other than `fixed`
+    drops the adapters named for it."""
+    model, task, _ = setup
+    state = attach(model, task, router="lag", k=2)
+    try:
+        spec = state.specs[task.name]
+        with pytest.raises(AttributeError):
+            spec.k = 3
+        with pytest.raises(TypeError):
+            state.specs[task.name] = RouteSpec("arrow")
+        state.fix(task.name, [task.names[1], None])
+        assert state.specs[task.name].fixed == (task.names[1], None)
+        state.set_router(task.name, "lag", k=3)
+        assert state.specs[task.name] == RouteSpec("lag", k=3)
+    finally:
+        detach(model)
+
+
+def test_configure_routes_the_block_then_restores_even_after_an_error(setup):
+    """Inside configure() the model computes what a model attached with those settings computes; afterwards (also
+    when the block raised) it computes what it did before."""
+    model, task, know = setup
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    reference = {}
+    for router in ("lag", "arrow"):
+        attach(model, {"task": task, "know": know}, router=router, k=2)
+        reference[router] = logits()
+        detach(model)
+    state = attach(model, {"task": task, "know": know}, router="lag", k=2)
+    try:
+        before = dict(state.specs)
+        torch.testing.assert_close(logits(), reference["lag"], rtol=0, atol=0)
+        with state.configure(router="arrow"):
+            torch.testing.assert_close(logits(), reference["arrow"], rtol=0, atol=0)
+        assert dict(state.specs) == before
+        with pytest.raises(RuntimeError, match="inside"):
+            with state.configure({"task": RouteSpec("arrow", k=2), "know": RouteSpec("arrow", k=2)}):
+                torch.testing.assert_close(logits(), reference["arrow"], rtol=0, atol=0)
+                raise RuntimeError("inside")
+        assert dict(state.specs) == before
+        torch.testing.assert_close(logits(), reference["lag"], rtol=0, atol=0)
+        with pytest.raises(LibraryError, match="no library named 'nope'"):
+            with state.configure({"nope": RouteSpec("arrow")}):
+                pass
+        with pytest.raises(LibraryError, match="no adapter named 'zzz'"):
+            with state.configure(library="task", router="fixed", fixed=["zzz", None]):
+                pass
+        assert dict(state.specs) == before
+    finally:
+        detach(model)

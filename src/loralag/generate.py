@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from loralag.errors import LoralagError
-from loralag.routing.state import STATE_ATTR
+from loralag.routing.state import state_of
 
 
 # -- generation ----------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def generate(
         raise LoralagError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if granularity not in ("token", "sequence"):
         raise LoralagError(f"granularity must be 'token' or 'sequence', got {granularity!r}")
-    state = getattr(model, STATE_ATTR, None)
+    state = state_of(model)
     vote = granularity == "sequence" and state is not None
     enc = encode_prompts(tokenizer, prompts, chat, content_mask=vote)
     device = next(model.parameters()).device
@@ -209,14 +209,11 @@ def generate(
     cfg = _generation_config(model, tokenizer, max_new_tokens, greedy, gen_kwargs)
     recorded = None
     if vote:
-        saved = dict(state.specs)
-        # only the user's own words vote: the chat template's tokens (a system prompt, role markers) would
-        # otherwise outnumber a short question's and pick whichever adapter they happen to prefer
-        state.fix_by_vote(input_ids, mask, count_mask=enc["content_mask"])
-        try:
+        with state.configure():  # the caller's settings come back afterwards
+            # only the user's own words vote: the chat template's tokens (a system prompt, role markers) would
+            # otherwise outnumber a short question's and pick whichever adapter they happen to prefer
+            state.fix_by_vote(input_ids, mask, count_mask=enc["content_mask"])
             return generate(model, tokenizer, prompts, max_new_tokens, chat, greedy, trace, stop, "token", **gen_kwargs)
-        finally:
-            state.specs.update(saved)
     extra = (
         {"tokenizer": tokenizer} if getattr(cfg, "stop_strings", None) else {}
     )  # HF matches these through the tokenizer

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -627,36 +628,37 @@ def generate_predictions(
     attached); a fixed library with no adapter for an example runs as the base model there.
     progress: called with the number of examples done after each batch."""
     from loralag.generate import generate
-    from loralag.routing.state import STATE_ATTR
+    from loralag.routing.state import state_of
 
     if batch_size < 1:
         raise LoralagError(f"batch size must be at least 1, got {batch_size}")
     if template is not None and "{input}" not in template:
         raise LoralagError("the prompt template must contain {input}")
-    state = getattr(model, STATE_ATTR, None)
+    state = state_of(model)
     fixed_libs = [lib for lib, spec in (state.specs.items() if state else ()) if spec.router == "fixed"]
     prompts = [build_prompt(ex, dataset, template, max_input_chars) for ex in dataset.examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     answers: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        for lib in fixed_libs:
-            names = []
-            for i in idx:
-                ex_id = dataset.examples[i].id.strip()
-                names.append((fixed_per_example or {}).get(ex_id, {}).get(lib, (fixed or {}).get(lib)))
-            state.set_router(lib, "fixed", fixed=names)
-        texts = generate(
-            model,
-            tokenizer,
-            [prompts[i] for i in idx],
-            max_new_tokens=max_new_tokens,
-            chat=chat,
-            greedy=True,
-            granularity=granularity,
-        )
-        for i, text in zip(idx, texts):
-            answers[i] = clean_prediction(text, dataset)
-        if progress is not None:
-            progress(len(answers))
+    with state.configure() if state is not None else nullcontext():  # the caller's settings come back
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for lib in fixed_libs:
+                names = []
+                for i in idx:
+                    ex_id = dataset.examples[i].id.strip()
+                    names.append((fixed_per_example or {}).get(ex_id, {}).get(lib, (fixed or {}).get(lib)))
+                state.set_router(lib, "fixed", fixed=names)
+            texts = generate(
+                model,
+                tokenizer,
+                [prompts[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                chat=chat,
+                greedy=True,
+                granularity=granularity,
+            )
+            for i, text in zip(idx, texts):
+                answers[i] = clean_prediction(text, dataset)
+            if progress is not None:
+                progress(len(answers))
     return {dataset.examples[i].id: answers[i] for i in range(len(dataset.examples))}

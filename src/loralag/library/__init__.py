@@ -2,5 +2,5 @@
 (alignment), crash-safe files (storage), the library itself (store: manifest, segments, names), the per-module
 banks the routers read (bank) and the optional arrow index (arrow_index).
 
-Imports only loralag.errors and loralag.routing.kernels (the native scan used by the arrow index).
+Imports only loralag.errors and loralag.models (where a named base model lives); never routing or above.
 """

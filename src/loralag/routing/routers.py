@@ -41,17 +41,20 @@ DENSE_CHUNK = 256  # adapters per block in the dense routers
 HALF_TOKENS = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouteSpec:
-    """How one library is routed: the router's name and its parameters."""
+    """How one library is routed: the router's name and its parameters. A value: a model's routing changes by
+    putting a new RouteSpec in its RoutingState (set_router, fix, configure), never by editing one."""
 
     router: str = "lag"
     k: int = 20
     temperature: float = 1.0
-    fixed: list | None = None  # per sequence: an adapter name or None (set through RoutingState.fix)
+    fixed: tuple | None = None  # per sequence: an adapter name or None (set through RoutingState.fix)
     nprobe: int | None = None  # search the library's arrow index, scanning this many clusters (None: exact)
 
     def __post_init__(self):
+        if self.fixed is not None and not isinstance(self.fixed, tuple):
+            object.__setattr__(self, "fixed", tuple(self.fixed))
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router '{self.router}'; choose one of {sorted(ROUTERS)}")
         if not isinstance(self.k, int) or self.k < 1:

@@ -1,8 +1,13 @@
-"""attach / detach: put routed layers on any Hugging Face model, and take them off bit for bit."""
+"""attach / detach: put routed layers on any Hugging Face model, and take them off bit for bit; RoutingState,
+the one owner of a model's routing settings (a RouteSpec per library): set_router / fix change them, configure()
+changes them for a block and puts the previous ones back. No module outside routing/ writes them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import replace
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -23,13 +28,18 @@ class RoutingState:
     def __init__(self, model: nn.Module, libraries: dict[str, Library], specs: dict[str, RouteSpec]):
         self.model = model
         self.libraries = libraries
-        self.specs = specs
+        self._specs = dict(specs)
         self.trace: RoutingTrace | None = None
         self.originals: dict[str, nn.Module] = {}
         self.layers: dict[str, RoutedLinear] = {}
         # lag-prefix: each sequence's LAG picks so far, per library (reset when a forward starts a fresh cache)
         self.evidence = {lib: PrefixEvidence(len(library.names)) for lib, library in libraries.items()}
         self.hooks: list = []
+
+    @property
+    def specs(self) -> Mapping[str, RouteSpec]:
+        """Each library's routing settings (read-only: change them through set_router, fix or configure)."""
+        return MappingProxyType(self._specs)
 
     def members(self, library: str, bank) -> torch.Tensor | None:
         """The library indices of a bank's adapters, or None when the bank holds the library in its own order."""
@@ -64,12 +74,38 @@ class RoutingState:
         """Change the router or its parameters (k, temperature, ...) of one library, or of all. Adapters named in
         `fixed` must be in the library (see `fix`)."""
         for lib in self._libs(library):
-            old = self.specs[lib]
-            fields = dict(router=old.router, k=old.k, temperature=old.temperature, fixed=old.fixed, nprobe=old.nprobe)
-            fields.update({key: v for key, v in dict(router=router, **params).items() if v is not None})
-            if params.get("fixed") is not None:
-                self._check_names(lib, params["fixed"])
-            self.specs[lib] = RouteSpec(**fields)
+            changes = {key: v for key, v in dict(router=router, **params).items() if v is not None}
+            if changes.get("fixed") is not None:
+                self._check_names(lib, changes["fixed"])
+            elif router is not None and router != "fixed":
+                changes["fixed"] = None  # adapters named for `fixed` do not outlive it
+            self._specs[lib] = replace(self._specs[lib], **changes)
+
+    @contextmanager
+    def configure(
+        self,
+        specs: Mapping[str, RouteSpec] | None = None,
+        library: str | None = None,
+        router: str | None = None,
+        **params,
+    ):
+        """Routing settings for the block only: `specs` (whole RouteSpecs by library, taken as given: the serving
+        engine's per-request names are checked when the request arrives) and/or set_router's arguments (checked);
+        every library's previous settings come back when the block ends, however it ends."""
+        saved = dict(self._specs)
+        try:
+            for lib, spec in (specs or {}).items():
+                self._libs(lib)
+                if not isinstance(spec, RouteSpec):
+                    raise TypeError(
+                        f"configure: the settings of '{lib}' must be a RouteSpec, got {type(spec).__name__}"
+                    )
+                self._specs[lib] = spec
+            if router is not None or params:
+                self.set_router(library, router, **params)
+            yield self
+        finally:
+            self._specs = saved
 
     def fix(self, library: str, adapters: list[str | None]) -> None:
         """Route each sequence of the batch to a named adapter of `library` (None: the base model).
@@ -237,8 +273,13 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def state_of(model: nn.Module) -> RoutingState | None:
+    """The model's routing state, or None when no library is attached."""
+    return getattr(model, STATE_ATTR, None)
+
+
 def routing_state(model: nn.Module) -> RoutingState:
-    state = getattr(model, STATE_ATTR, None)
+    state = state_of(model)
     if state is None:
         raise RuntimeError("no libraries are attached to this model; call loralag.attach first")
     return state

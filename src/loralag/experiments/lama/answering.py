@@ -167,25 +167,8 @@ def _answer_share(job: AnswerJob, model, tokenizer, libs: dict, share: int, shar
             for name in names:
                 answers[name] = [None] * len(job.questions)
             batches = list(_batches(job.order_rag if m.rag else job.order_plain, job.cfg.batch_size))[share::shares]
-            _run_method(
-                m,
-                names,
-                job.grans,
-                state,
-                model,
-                tokenizer,
-                job.questions,
-                job.retrieved,
-                job.rag_prompts,
-                batches,
-                job.mentions,
-                job.cfg,
-                stats,
-                answers,
-                job.layers,
-                memo,
-                served,
-            )
+            with state.configure():  # each method routes as it says, then hands the state back as it was
+                _run_method(_Share(job, model, tokenizer, state, stats, memo, answers, served), m, names, batches)
             seconds[m.name] = time.perf_counter() - t
     finally:
         detach(model)
@@ -211,25 +194,21 @@ def _merge_shares(shares: list[AnswerShare], n: int) -> AnswerShare:
     return AnswerShare(answers, stats.data, served, sum(sh.reused for sh in shares), seconds)
 
 
-def _run_method(
-    m: Method,
-    names,
-    grans,
-    state,
-    model,
-    tokenizer,
-    questions,
-    retrieved,
-    rag_prompts,
-    batches,
-    mentions,
-    cfg: BenchConfig,
-    stats: RoutingStats,
-    answers,
-    layers,
-    memo: FixedGenerations,
-    served: dict,
-) -> None:
+@dataclass
+class _Share:
+    """One worker's answering: the job, the model with its routing state, and what it has gathered so far."""
+
+    job: AnswerJob
+    model: object
+    tokenizer: object
+    state: object  # RoutingState
+    stats: RoutingStats
+    memo: FixedGenerations
+    answers: dict  # answer column -> per question text
+    served: dict  # sequence-mode method -> question -> the adapters it served
+
+
+def _run_method(share: _Share, m: Method, names: list[str], batches: list[list[int]]) -> None:
     """Answer the questions of `batches` (lists of question indices) with method m, per token and/or per sequence,
     recording routing statistics.
 
@@ -238,6 +217,11 @@ def _run_method(
     each such generation runs once; in another batch the padding differs, which greedy decoding is
     insensitive to up to float rounding. served: per sequence-mode method and question, the adapters it served."""
     from loralag.generate import encode_prompts, generate
+
+    job, state, model, tokenizer = share.job, share.state, share.model, share.tokenizer
+    questions, retrieved, rag_prompts, mentions = job.questions, job.retrieved, job.rag_prompts, job.mentions
+    cfg, layers = job.cfg, job.layers
+    stats, answers, memo, served = share.stats, share.answers, share.memo, share.served
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False, stop=list(ANSWER_STOP))
     token_name = names[0] if not names[0].endswith("/seq") else None
@@ -342,10 +326,8 @@ def _configure(state, m: Method, cfg: BenchConfig, gold_know, gold_task, retriev
             state.fix(lib, retrieved)
         else:
             k = m.k if lib == "knowledge" else cfg.k
-            state.set_router(lib, router, k=k, fixed=None)
-            state.specs[lib].fixed = None
+            state.set_router(lib, router, k=k)  # a router other than fixed drops the fixed adapters
     if m.plag:
         state.fix("prag", retrieved)
     else:
         state.set_router("prag", "none")
-        state.specs["prag"].fixed = None
