@@ -436,3 +436,51 @@ def output_words(text: str) -> list[str]:
     import re
 
     return re.sub(r"[\u2500-\u257f.?,]", " ", text).split()
+
+
+def test_serve_takes_an_api_key_and_public_metrics(world, lib):
+    """`loralag serve --api-key KEY --metrics-public` as a user starts it: /v1 needs the key, /health and /metrics
+    do not; without --metrics-public /metrics needs it too."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    def start(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "LORALAG_API_KEY": ""}
+        cmd = [sys.executable, "-m", "loralag.cli", "serve", "--model", str(world / "model"), "--library", str(lib)]
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+
+    for public in (True, False):
+        proc, url = start("--api-key", "k3y", *(["--metrics-public"] if public else []))
+        try:
+            assert httpx.get(url + "/v1/models").status_code == 401
+            assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3y"}).status_code == 200
+            assert httpx.get(url + "/metrics").status_code == (200 if public else 401)
+            assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer k3y"}).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_serve_refuses_an_empty_api_key_before_loading():
+    result = invoke("serve", "--api-key", " ")
+    assert result.exit_code != 0 and "--api-key must be a non-empty" in output(result)
