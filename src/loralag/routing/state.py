@@ -17,6 +17,7 @@ from loralag.library.store import Library, module_shapes
 from loralag.routing.layer import RoutedLinear
 from loralag.routing.prefix_evidence import PrefixEvidence
 from loralag.routing.routers import RouteSpec
+from loralag.routing.swap import ModuleSwaps
 from loralag.routing.trace import RoutingTrace
 
 STATE_ATTR = "_loralag_state"
@@ -30,6 +31,7 @@ class RoutingState:
         self.libraries = libraries
         self._specs = dict(specs)
         self.trace: RoutingTrace | None = None
+        self.swaps = ModuleSwaps(model)
         self.originals: dict[str, nn.Module] = {}
         self.layers: dict[str, RoutedLinear] = {}
         # lag-prefix: each sequence's LAG picks so far, per library (reset when a forward starts a fresh cache)
@@ -244,12 +246,8 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
                 )
             targets.setdefault(module, {})[lib_name] = lib.bank(module)
     for module, banks in targets.items():
-        parent_name, _, child = module.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        original = getattr(parent, child)
-        layer = RoutedLinear(original, module, banks, state)
-        setattr(parent, child, layer)
-        state.originals[module] = original
+        layer = state.swaps.swap(module, lambda original, m=module, b=banks: RoutedLinear(original, m, b, state))
+        state.originals[module] = layer.base
         state.layers[module] = layer
     state.hooks = [
         model.register_forward_pre_hook(state._forward_starts, with_kwargs=True),
@@ -264,9 +262,7 @@ def detach(model: nn.Module) -> nn.Module:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
-    for module, original in state.originals.items():
-        parent_name, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, original)
+    state.swaps.restore()
     for hook in state.hooks:
         hook.remove()
     object.__delattr__(model, STATE_ATTR)

@@ -16,6 +16,7 @@ from torch import nn
 
 from loralag.errors import LoralagError
 from loralag.library.adapters import LoraAdapter
+from loralag.routing.swap import ModuleSwaps
 
 
 class _Rows:
@@ -57,7 +58,7 @@ def frozen_adapters(model: nn.Module, adapters: list[LoraAdapter]):
     modules = sorted({m for a in adapters for m in a.modules})
     named = dict(model.named_modules())
     rows = _Rows()
-    originals = []
+    swaps = ModuleSwaps(model)
     try:
         for module in modules:
             if module not in named:
@@ -82,15 +83,12 @@ def frozen_adapters(model: nn.Module, adapters: list[LoraAdapter]):
                     )
                 A[f, : lora.rank] = lora.A
                 B[f, :, : lora.rank] = lora.B * lora.scale
-            parent_name, _, child = module.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            wrapper = _FrozenRowsLinear(base, A.to(_device(base)), B.to(_device(base)), rows)
-            setattr(parent, child, wrapper)
-            originals.append((parent, child, base))
+            swaps.swap(
+                module, lambda base, A=A, B=B: _FrozenRowsLinear(base, A.to(_device(base)), B.to(_device(base)), rows)
+            )
         yield rows
     finally:
-        for parent, child, base in reversed(originals):
-            setattr(parent, child, base)
+        swaps.restore()
         rows.index = None
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralag.errors import LoralagError
+from loralag.routing.swap import ModuleSwaps
 from loralag.training.frozen_rows import frozen_adapters
 
 log = logging.getLogger(__name__)
@@ -652,30 +653,19 @@ def _grouped_lora(model, inits: list[dict]):
     Afterwards the base modules, requires_grad flags and train/eval mode are exactly as before."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    originals = []
+    swaps = ModuleSwaps(model)
     rows = _Rows()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         wrappers = {}
         for name, (_, _, scale) in inits[0].items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
-            wrapper = _GroupedLoRALinear(
-                base,
-                torch.stack([init[name][0] for init in inits]),
-                torch.stack([init[name][1] for init in inits]),
-                scale,
-                rows,
-            )
-            originals.append((parent, child, base))
-            setattr(parent, child, wrapper)
-            wrappers[name] = wrapper
+            A = torch.stack([init[name][0] for init in inits])
+            B = torch.stack([init[name][1] for init in inits])
+            wrappers[name] = swaps.swap(name, lambda base, A=A, B=B, s=scale: _GroupedLoRALinear(base, A, B, s, rows))
         yield rows, wrappers
     finally:
-        for parent, child, base in reversed(originals):
-            setattr(parent, child, base)
+        swaps.restore()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
