@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 ray = pytest.importorskip("ray")
 
 from conftest import invoke, output  # noqa: E402
+from test_lama_bench import lama_dir, routed  # noqa: E402, F401  (fixtures)
 
 from loralag.cluster.train import train_on_ray  # noqa: E402
 from loralag.training.train import Document, QAPairs, TrainConfig, train_adapters  # noqa: E402
@@ -203,3 +204,140 @@ def test_a_wrong_address_is_refused_in_one_line():
         _reachable("127.0.0.1:1")
     with pytest.raises(LoralagError, match="not HOST:PORT"):
         _reachable("no-port")
+
+
+# -- building a library --------------------------------------------------------------------------------------------
+def test_build_with_ray_writes_the_library_a_local_build_writes(cluster, model_dir, tmp_path):
+    from conftest import save_lora, tiny_llama
+
+    from loralag.library.store import open_library
+
+    base = tiny_llama()
+    for i in range(7):  # mixed ranks and modules: pieces of a chunk meet modules in another order
+        modules = ("q_proj", "v_proj") if i % 2 else ("q_proj", "o_proj")
+        save_lora(base, tmp_path / "adapters" / f"a{i}", seed=i, r=2 + i % 3, target_modules=modules)
+    local = invoke("build", tmp_path / "local", tmp_path / "adapters", "--model", model_dir, "--chunk-size", 3)
+    assert local.exit_code == 0, output(local)
+    on_ray = invoke("build", tmp_path / "ray", tmp_path / "adapters", "--model", model_dir, "--chunk-size", 3, "--ray")
+    assert on_ray.exit_code == 0, output(on_ray)
+
+    want, got = open_library(tmp_path / "local"), open_library(tmp_path / "ray")
+    assert got.names == want.names and len(got) == 7
+    strip = [{k: v for k, v in a.items() if k != "segment"} for a in want.adapters]
+    assert [{k: v for k, v in a.items() if k != "segment"} for a in got.adapters] == strip
+    assert len({a["segment"] for a in got.adapters}) == 3  # one segment per chunk, as locally
+    for name in want.names:
+        a, b = got.adapter_factors(name), want.adapter_factors(name)
+        assert a.keys() == b.keys()
+        for module in a:
+            assert torch.equal(a[module][0], b[module][0]) and torch.equal(a[module][1], b[module][1]), name
+    for module in want.target_modules:
+        assert torch.equal(got.bank(module).arrows, want.bank(module).arrows)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory):
+    """A tiny model folder with a word tokenizer, a library of three adapters, and an NQ file of nine questions."""
+    from conftest import save_lora, tiny_llama
+    from test_eval import kilt_rec, write_jsonl
+    from tiny_text import WORDS as TEXT_WORDS
+    from tiny_text import tiny_tokenizer
+
+    from loralag.library.store import build_library, module_shapes
+
+    tmp = tmp_path_factory.mktemp("eval-world")
+    base = tiny_llama()
+    base.save_pretrained(tmp / "model")
+    tiny_tokenizer().save_pretrained(tmp / "model")
+    for i in range(3):
+        save_lora(base, tmp / "adapters" / f"a{i}", seed=i, target_modules=("q_proj", "v_proj", "up_proj"))
+    build_library(tmp / "lib", [tmp / "adapters"], base_model="tiny", shapes=module_shapes(base), progress=False)
+    questions = [" ".join(TEXT_WORDS[(3 * i + j) % len(TEXT_WORDS)] for j in range(2 + i % 4)) for i in range(9)]
+    write_jsonl(tmp / "nq-dev-kilt.jsonl", [kilt_rec(f"q{i}", q, ["x"]) for i, q in enumerate(questions)])
+    return tmp
+
+
+def test_eval_with_ray_gives_the_local_predictions(cluster, eval_world, tmp_path):
+    w = eval_world
+    common = ("--model", w / "model", "--library", w / "lib", "--k", "2", "--batch-size", "2", "--no-chat")
+    common += ("--max-new-tokens", "4")
+    local = invoke("eval", w / "nq-dev-kilt.jsonl", *common, "--out", tmp_path / "local")
+    assert local.exit_code == 0, output(local)
+    on_ray = invoke("eval", w / "nq-dev-kilt.jsonl", *common, "--out", tmp_path / "ray", "--ray")
+    assert on_ray.exit_code == 0, output(on_ray)
+    want = (tmp_path / "local" / "nq-dev-kilt.jsonl").read_text()
+    assert (tmp_path / "ray" / "nq-dev-kilt.jsonl").read_text() == want
+    assert len({json.loads(line)["output"][0]["answer"] for line in want.splitlines()}) > 1  # not one answer for all
+    assert (
+        json.loads((tmp_path / "ray" / "scores.json").read_text())["scores"]
+        == json.loads((tmp_path / "local" / "scores.json").read_text())["scores"]
+    )
+
+
+def test_answerer_spreads_one_dataset_over_the_workers(cluster, eval_world):
+    """Spans of single batches, every worker used, the same answers as generate_predictions here."""
+    from loralag.cluster.evaluate import RayAnswerer
+    from loralag.evaluation import evaluate as ev
+    from loralag.library.store import open_library
+    from loralag.models import load_model
+    from loralag.routing.state import attach, detach
+
+    model, tokenizer = load_model(str(eval_world / "model"))
+    [ds] = ev.load_datasets([eval_world / "nq-dev-kilt.jsonl"])
+    libs = {"lib": open_library(eval_world / "lib")}
+    options = dict(batch_size=2, max_new_tokens=4, chat=False)
+    with RayAnswerer(model, tokenizer, libs, "lag", 2, address=True, workers=2, batches_per_task=1) as answerer:
+        on_ray = answerer.generate_predictions(ds, **options)
+        pids = set(ray.get([actor.pid.remote() for actor in answerer.pool.actors]))
+    attach(model, libs, router="lag", k=2)
+    try:
+        local = ev.generate_predictions(model, tokenizer, ds, **options)
+    finally:
+        detach(model)
+    assert on_ray == local and len(pids) == 2
+
+
+def test_bench_shares_on_ray_answer_as_one_process(cluster, routed, lama_dir):  # noqa: F811
+    """The LAMA bench's answer shares (every other batch of every method) as Ray tasks give exactly the answers,
+    routing counts, served adapters and memo reuse of one in-process pass."""
+    from dataclasses import replace
+
+    from test_lama_bench import DATASETS, build_data, method_list, size_config
+    from tiny_text import tiny_tokenizer
+
+    from loralag.cluster.evaluate import bench_shares
+    from loralag.experiments.lama.answering import AnswerJob, answer_questions
+    from loralag.experiments.lama.config import BASE_METHODS
+
+    model, libs = routed
+    data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
+    methods = tuple(m for m in BASE_METHODS if m != "oracle")
+    cfg = size_config(dict(n_entities=4, k=2, k_sweep=(1,), batch_size=2, max_new_tokens=3, methods=methods))
+    names = libs["knowledge"].names
+    as_adapter = {e.name: names[i % len(names)] for i, e in enumerate(data.entities)}
+    questions = [replace(q, entity=as_adapter[q.entity]) for d in DATASETS for q in data.questions[d]]
+    order = list(range(len(questions)))
+    job = AnswerJob(
+        method_list(cfg, n=len(names)),
+        ("token", "sequence"),
+        questions,
+        [names[i % len(names)] for i in range(len(questions))],
+        [f"context {q.prompt}" for q in questions],
+        order,
+        order[::-1],
+        {as_adapter[e.name]: e.mentions for e in data.entities},
+        cfg,
+        model.config.num_hidden_layers,
+        {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)},
+    )
+    tok = tiny_tokenizer()
+    one = answer_questions(job, model, tok, workers=1)
+    two = answer_questions(job, model, tok, workers=2, runner=bench_shares(True))
+    assert set(one.answers) == set(two.answers) and "lag@2/seq" in one.answers
+    for name, texts in one.answers.items():
+        assert None not in texts, name
+        assert two.answers[name] == texts, name
+    assert two.stats == one.stats
+    assert two.served == one.served
+    assert two.reused == one.reused > 0

@@ -432,8 +432,14 @@ class Library:
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest
 
-    def add(self, paths, replace: bool = False, chunk_size: int = 128, progress: bool = True) -> list[str]:
-        """Align and add adapter folders; returns the names added. Already-present identical ones are skipped."""
+    def add(
+        self, paths, replace: bool = False, chunk_size: int = 128, progress: bool = True, map_chunks=map
+    ) -> list[str]:
+        """Align and add adapter folders; returns the names added. Already-present identical ones are skipped.
+
+        map_chunks(fn, chunks): how the chunks are read and aligned, `map` by default; any map that yields
+        fn(chunk) in order works (loralag.cluster.build aligns them on Ray workers). This process alone writes
+        each chunk's segment and commits it, in order."""
         folders = find_adapter_folders(paths)
         added = []
         with self._writing():
@@ -450,11 +456,9 @@ class Library:
                     )
                 todo.append(folder)
             bar = tqdm(total=len(todo), desc=f"aligning into {self.path.name}", unit="adapter", disable=not progress)
-            for start in range(0, len(todo), chunk_size):
-                chunk = [read_adapter(f) for f in todo[start : start + chunk_size]]
-                for adapter in chunk:
-                    check_fits(adapter, self.shapes)
-                seg = self._write_segment(chunk)
+            chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+            for chunk, aligned in map_chunks(functools.partial(align_chunk, shapes=self.shapes), chunks):
+                seg = self._write_segment(aligned)
                 names = {a.name for a in chunk}
                 kept = [a for a in self.adapters if a["name"] not in names]
                 self._commit(kept + [_entry(a, seg) for a in chunk])
@@ -463,11 +467,7 @@ class Library:
             bar.close()
         return added
 
-    def _write_segment(self, adapters: list[LoraAdapter]) -> str:
-        aligned: dict[str, list] = {}
-        for adapter in adapters:
-            for module, lm in adapter.modules.items():
-                aligned.setdefault(module, []).append((adapter.name, *align(lm.A, lm.B, lm.scale)))
+    def _write_segment(self, aligned: dict[str, list]) -> str:
         tensors, rows = {}, {}
         for module, items in aligned.items():
             for name, a, b in items:  # e.g. a huge alpha: finite factors whose product overflows float32 / float16
@@ -577,6 +577,19 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def align_chunk(folders: list[Path], shapes: dict[str, list]) -> tuple[list[LoraAdapter], dict[str, list]]:
+    """Read adapter folders, check they fit `shapes` and align them: (the adapters, and per module
+    [(name, A*, B*)] in folder order). What a chunk of `Library.add` needs before its segment."""
+    adapters = [read_adapter(f) for f in folders]
+    for adapter in adapters:
+        check_fits(adapter, shapes)
+    aligned: dict[str, list] = {}
+    for adapter in adapters:
+        for module, lm in adapter.modules.items():
+            aligned.setdefault(module, []).append((adapter.name, *align(lm.A, lm.B, lm.scale)))
+    return adapters, aligned
+
+
 def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
@@ -651,8 +664,10 @@ def build_library(
     replace: bool = False,
     chunk_size: int = 128,
     progress: bool = True,
+    map_chunks=map,
 ) -> Library:
     """Build (or resume, or extend) the library at `out` from adapter folders for one base model.
+    map_chunks: how chunks are aligned (see Library.add).
 
     A build that fails before storing any adapter leaves nothing behind: no library bound to the model."""
     shapes = shapes if shapes is not None else shapes_for_model(base_model)
@@ -661,7 +676,7 @@ def build_library(
     fresh = not (out / MANIFEST).is_file()
     lib = create_library(out, base_model, shapes, dtype)
     try:
-        lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=progress)
+        lib.add(adapters, replace=replace, chunk_size=chunk_size, progress=progress, map_chunks=map_chunks)
     except BaseException:
         try:
             if fresh and len(Library(out)) == 0:

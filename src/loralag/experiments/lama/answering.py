@@ -111,12 +111,19 @@ def answer_names(m: Method, grans) -> list[str]:
     return names
 
 
-def answer_questions(job: AnswerJob, model, tokenizer, workers: int = 1, libs: dict | None = None) -> AnswerShare:
+def answer_questions(
+    job: AnswerJob, model, tokenizer, workers: int | None = 1, libs: dict | None = None, runner=None
+) -> AnswerShare:
     """Every method's answers (methods that reuse another's are left to the caller). With workers > 1, each of
     that many spawned processes takes every workers-th batch of every method, so a question's sequence-mode
     generations stay in one process's memo; the model's weights are shared with them, not copied.
-    libs: the job's libraries already open here (one process uses them; workers open their own)."""
+    libs: the job's libraries already open here (one process uses them; workers open their own).
+    runner(job, model, tokenizer, workers): answers the shares elsewhere and returns them instead of processes
+    here (loralag.cluster.evaluate.bench_shares: as Ray tasks; workers None: as many as the cluster holds)."""
     import torch
+
+    if runner is not None:
+        return _merge_shares(runner(job, model, tokenizer, workers), len(job.questions))
 
     if workers <= 1:
         return _answer_share(job, model, tokenizer, libs or _open_libraries(job), 0, 1)

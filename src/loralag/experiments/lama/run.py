@@ -125,6 +125,7 @@ def run_bench(
     model_and_tokenizer=None,
     threads: int | None = None,
     workers: int | None = None,
+    ray: str | bool | None = None,
     **overrides,
 ) -> dict:
     """Train (cached) the knowledge and task adapters, build the libraries, answer every question with every
@@ -138,7 +139,9 @@ def run_bench(
     threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
     workers: processes that answer the questions, each on its share of the batches with threads // workers
     threads (default_workers: two for 8+ batches per method); the results do not depend on it beyond float
-    rounding. With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn)."""
+    rounding. With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn).
+    ray: train the adapters and answer the questions' shares on a Ray cluster instead (True or its address;
+    workers default to as many as its CPUs hold), see loralag.cluster."""
     import torch
 
     old_threads = torch.get_num_threads()
@@ -146,14 +149,24 @@ def run_bench(
         torch.set_num_threads(threads)
     try:
         return _run(
-            size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides
+            size,
+            data_dir,
+            out_dir,
+            model_spec,
+            cache_dir,
+            progress,
+            console,
+            model_and_tokenizer,
+            workers,
+            overrides,
+            ray,
         )
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run(
-    size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides
+    size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides, ray=None
 ) -> dict:
     import torch
 
@@ -226,7 +239,7 @@ def _run(
     )
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
-    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
+    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress, ray=ray)
     timings["train_knowledge"] = time.perf_counter() - t
 
     # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
@@ -239,7 +252,10 @@ def _run(
     pool = {e.name: e for e in data.train_entities}
     fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
     under = dict(
-        zip(fc_entities, train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress))
+        zip(
+            fc_entities,
+            train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress, ray=ray),
+        )
     )
     timings["train_fc_knowledge"] = time.perf_counter() - t
 
@@ -271,6 +287,7 @@ def _run(
             cache / "task",
             fc_cfg if item.name == FAMILY_OF[FACT_CHECKING] else tcfg,
             progress=progress,
+            ray=ray,
         )[0]
         for item in task_items
     ]
@@ -313,9 +330,16 @@ def _run(
     )
     dtype = getattr(torch, cfg.eval_dtype)
     eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
+    runner = None
+    if ray is not None and ray is not False:
+        from loralag.cluster.connect import connect, worker_count
+        from loralag.cluster.evaluate import bench_shares
+
+        connect(ray)
+        workers, runner = worker_count(workers, 1), bench_shares(ray)
     workers = default_workers(math.ceil(len(questions) / cfg.batch_size)) if workers is None else workers
     t = time.perf_counter()
-    share = answer_questions(job, eval_model, tokenizer, workers, libs=library_set(task_lib, know_lib))
+    share = answer_questions(job, eval_model, tokenizer, workers, libs=library_set(task_lib, know_lib), runner=runner)
     timings["evaluate"] = time.perf_counter() - t
     answers, served, stats, method_time = share.answers, share.served, RoutingStats(share.stats), share.seconds
     for m in methods:
