@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from loralag.errors import LoralagError
@@ -662,3 +663,83 @@ def generate_predictions(
             if progress is not None:
                 progress(len(answers))
     return {dataset.examples[i].id: answers[i] for i in range(len(dataset.examples))}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `loralag eval --model` answers: the routing of its libraries and the generation settings."""
+
+    router: str = "lag"
+    k: int = 20
+    nprobe: int | None = None
+    granularity: str = "token"
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    template: str | None = None
+    max_input_chars: int = 2000
+    chat: bool = True
+
+
+def generate_method(
+    model,
+    tokenizer,
+    datasets: list[Dataset],
+    libraries: list,
+    options: GenerationOptions,
+    adapters: list[str] = (),
+    adapter_map: Mapping | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: Callable[[Dataset, int], None] | None = None,
+    done: Callable[[Dataset, dict, Path | None, float], None] | None = None,
+    remote: Callable | None = None,
+) -> dict[str, dict[str, str]]:
+    """One method's predictions for every dataset: the libraries attached with `options` (libraries named by
+    `adapters` "LIB/NAME" or `adapter_map` {example id: ...} run as `fixed`), answers generated and, with
+    `out_dir`, written as OUT/<dataset>.jsonl. progress(dataset, answered) after each batch; done(dataset,
+    answers, path, seconds) after each dataset. The model is handed back as it came (detached).
+    remote: answer elsewhere instead (e.g. loralag.cluster.evaluate.RayAnswerer): called as remote(model,
+    tokenizer, libraries, routers, k, nprobe), it returns a context manager whose generate_predictions(dataset,
+    ...) stands for this module's; the model is then not attached here."""
+    import time
+
+    from loralag.evaluation.kilt import write_kilt_predictions
+    from loralag.routing.routers import RouteSpec
+    from loralag.routing.state import attach, detach, library_names
+
+    RouteSpec(router=options.router, k=options.k, nprobe=options.nprobe)  # checks the settings up front
+    named = library_names(list(libraries))
+    fixed, per_example = fixed_adapters(named, list(adapters), adapter_map)
+    fixed_libs = set(fixed) | {lib for m in per_example.values() for lib in m}
+    routers = {lib: ("fixed" if lib in fixed_libs or options.router == "fixed" else options.router) for lib in named}
+    if remote is not None:
+        answerer = remote(model, tokenizer, named, routers, options.k, options.nprobe)
+        answer = answerer.generate_predictions
+    else:
+        answerer = attach(model, named, router=routers, k=options.k, nprobe=options.nprobe) if named else None
+        answer = partial(generate_predictions, model, tokenizer)
+    out = {}
+    try:
+        for ds in datasets:
+            start = time.perf_counter()
+            answers = answer(
+                ds,
+                batch_size=options.batch_size,
+                max_new_tokens=options.max_new_tokens,
+                template=options.template,
+                chat=options.chat,
+                granularity=options.granularity,
+                max_input_chars=options.max_input_chars,
+                fixed=fixed,
+                fixed_per_example=per_example,
+                progress=None if progress is None else (lambda n, ds=ds: progress(ds, n)),
+            )
+            path = write_kilt_predictions(Path(out_dir) / f"{ds.name}.jsonl", answers) if out_dir else None
+            out[ds.name] = answers
+            if done is not None:
+                done(ds, answers, path, time.perf_counter() - start)
+    finally:
+        if remote is not None:
+            answerer.close()
+        elif named:
+            detach(model)
+    return out

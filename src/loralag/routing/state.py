@@ -205,6 +205,11 @@ def _library_dict(libraries) -> dict[str, Library]:
     return out
 
 
+def library_names(libraries: list[Library]) -> dict[str, Library]:
+    """Libraries by the name they route under: the folder name, or the path where two folders share a name."""
+    return {(str(lib.path) if sum(o.name == lib.name for o in libraries) > 1 else lib.name): lib for lib in libraries}
+
+
 def _per_library(value, libs, what):
     if isinstance(value, dict):
         unknown = set(value) - set(libs)

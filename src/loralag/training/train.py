@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -260,6 +261,34 @@ def item_loss(model, tokenizer: PreTrainedTokenizerBase, item: TrainItem, config
     batch = _collate(build_examples(tokenizer, item, config), _pad_id(tokenizer))
     batch = {k: v.to(model.device) for k, v in batch.items()}
     return model(**batch).loss.item()
+
+
+def train_for_epochs(
+    model,
+    tokenizer,
+    items: list,
+    out_dir: str | Path,
+    config: TrainConfig,
+    epochs: float | None = None,
+    progress: bool = True,
+    group_size: int = 1,
+    ray: str | bool | None = None,
+) -> list[Path]:
+    """train_adapters, with each item's steps taken from `epochs` passes over its own examples when given
+    (items with the same step count train together); the folders come back in the items' order."""
+    if epochs is None:
+        return train_adapters(model, tokenizer, items, out_dir, config, progress, group_size, ray)
+    by_steps: dict[int, list] = {}
+    for item in items:
+        n = len(build_examples(tokenizer, item, config))
+        by_steps.setdefault(max(1, math.ceil(epochs * n / min(n, config.batch_size))), []).append(item)
+    done = {}
+    for steps, bucket in by_steps.items():
+        paths = train_adapters(
+            model, tokenizer, bucket, out_dir, replace(config, steps=steps), progress, group_size, ray
+        )
+        done.update({item.name: path for item, path in zip(bucket, paths)})
+    return [done[item.name] for item in items]
 
 
 def train_adapters(
