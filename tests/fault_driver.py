@@ -1,6 +1,7 @@
 """Kills a library write at every file-system step it takes (run as a subprocess by test_hardening_library.py).
 
     python fault_driver.py WORK ADAPTERS_DIR
+    python fault_driver.py WORK --train     (training: an outdated adapter retrained and a new one, killed alike)
 
 For each operation (build, add, remove, compact, index) it makes the library the operation starts from, counts
 the steps the operation takes (opening, writing, syncing, renaming, removing a file, making a folder), then for
@@ -121,5 +122,53 @@ def main(work: Path, ads: Path) -> None:
     print(json.dumps(report))
 
 
+def train_main(work: Path) -> None:
+    """Training into a folder that holds one finished adapter: it is retrained (its settings changed) and a second
+    one is added. Prints the steps and, per kill point, the folder and whether the run was killed."""
+    from tiny_text import tiny_tokenizer
+
+    from loralag.training.train import Document, TrainConfig, train_adapters
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    docs = [Document("d0", "the cat sat on the mat"), Document("d1", "a dog ran in the park")]
+    old = TrainConfig(target_modules=["up_proj"], steps=1, batch_size=1)
+    new = TrainConfig(target_modules=["up_proj"], steps=2, batch_size=1)
+    pristine = work / "pristine"
+    train_adapters(model, tok, docs[:1], pristine, old, progress=False)
+
+    def run(out):
+        train_adapters(model, tok, docs, out, new, progress=False)
+
+    shutil.copytree(pristine, work / "probe")
+    counter = Steps()
+    pid = os.fork()
+    if pid == 0:
+        counter.install()
+        run(work / "probe")
+        (work / "steps").write_text(str(counter.n))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    steps = int((work / "steps").read_text())
+    runs = []
+    for n in range(1, steps + 2):
+        dst = work / f"kill{n}"
+        shutil.copytree(pristine, dst)
+        pid = os.fork()
+        if pid == 0:
+            Steps(kill_at=n).install()
+            try:
+                run(dst)
+            except BaseException:
+                os._exit(3)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        runs.append({"dir": str(dst), "step": n, "killed": killed, "exit": None if killed else os.WEXITSTATUS(status)})
+    print(json.dumps({"steps": steps, "probe": str(work / "probe"), "runs": runs}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[2] == "--train":
+        train_main(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

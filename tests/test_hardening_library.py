@@ -422,3 +422,43 @@ def test_a_stray_temporary_manifest_is_swept_at_open(tmp_path, ads):
         assert open_library(lib.path).names == ["a0"]
     finally:
         os.chmod(lib.path, 0o755)
+
+
+def test_kill_9_at_every_step_of_training_then_a_rerun_finishes_it(tmp_path):
+    """Training killed at each of its file-system steps (retraining an outdated adapter, adding one): every
+    adapter folder left is whole (the old or the new one), a rerun sweeps the killed run's temporary folders and
+    finishes, and its adapters equal an uninterrupted run's, tensor for tensor."""
+    from safetensors.torch import load_file
+    from tiny_text import tiny_tokenizer
+
+    from loralag.library.adapters import read_adapter
+    from loralag.training.train import Document, TrainConfig, train_adapters
+
+    run = subprocess.run(
+        [sys.executable, str(HERE / "fault_driver.py"), str(tmp_path), "--train"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    probe = Path(report["probe"])
+    model, tok = tiny_llama(), tiny_tokenizer()
+    docs = [Document("d0", "the cat sat on the mat"), Document("d1", "a dog ran in the park")]
+    config = TrainConfig(target_modules=["up_proj"], steps=2, batch_size=1)
+    killed = 0
+    for one in report["runs"]:
+        out = Path(one["dir"])
+        killed += one["killed"]
+        assert one["killed"] or one["exit"] == 0, one
+        for folder in out.iterdir():
+            if not folder.name.startswith("."):
+                read_adapter(folder)  # whole: the config, weights and marker of one adapter
+        train_adapters(model, tok, docs, out, config, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["d0", "d1"], (one, sorted(out.iterdir()))
+        for name in ("d0", "d1"):
+            got = load_file(out / name / "adapter_model.safetensors")
+            want = load_file(probe / name / "adapter_model.safetensors")
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), (one, name)
+    print(f"\ntraining: {report['steps']} kill -9 points, {killed} kills")
+    assert killed >= 5 and report["runs"][-1]["killed"] is False

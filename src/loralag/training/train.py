@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -323,6 +325,8 @@ def train_adapters(
     names = [item.name for item in items]
     if len(set(names)) != len(names):
         raise LoralagError(f"adapter names must be unique, got duplicates in {names}")
+    for stray in sweep_strays(Path(out_dir)):
+        log.info("removed %s, left by a run that was killed", stray)
     if group_size > 1:
         return _train_adapters_grouped(model, tokenizer, items, Path(out_dir), config, progress, group_size)
     paths = []
@@ -424,7 +428,7 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
     """Build the adapter folder in a temp folder next to the target (`fill(tmp)` writes the
     PEFT files and returns (first, final) loss), add the marker, then move it in whole."""
     job.target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=job.target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-{_OWNER}-", dir=job.target.parent))
     try:
         first, final = fill(tmp)
         info = {
@@ -825,11 +829,38 @@ def _read_marker(folder: Path) -> dict:
         return {}
 
 
+# Temporary folders are named after their writer (host and pid), so a later run can tell the ones a killed
+# writer left (its pid gone on this host) from ones another live process (a Ray worker too) is filling.
+_OWNER = f"{socket.gethostname()}.{os.getpid()}"
+_STRAY = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[^.]+(?:\.[^.]+)*)\.(?P<pid>\d+)-[^/]*$")
+
+
+def sweep_strays(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders that writers killed on this host left in `out_dir`; return them."""
+    host, gone = socket.gethostname(), []
+    for p in out_dir.iterdir() if out_dir.is_dir() else ():
+        m = _STRAY.match(p.name)
+        if m and p.is_dir() and m["host"] == host and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move finished folder `src` to `dst`; an outdated `dst` is moved aside first, so
     `dst` is always either absent or complete, never half written."""
     if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{_OWNER}-", dir=dst.parent))
         os.replace(dst, trash / dst.name)
         os.replace(src, dst)
         shutil.rmtree(trash, ignore_errors=True)
