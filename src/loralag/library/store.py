@@ -47,6 +47,7 @@ from loralag.library.storage import (
     TMP_PREFIX,
     atomic_save_safetensors,
     atomic_write_json,
+    fsync_dir,
     mmap_safetensors,
     read_tensor,
 )
@@ -466,6 +467,49 @@ class Library:
                 bar.update(len(chunk))
             bar.close()
         return added
+
+    def add_segment(self, file: str | Path, source: str = "segment") -> list[str]:
+        """Add the adapters of a segment file written outside the library, as they are (no alignment): factors
+        already aligned and scaled (A* with orthonormal rows, B* = U·S, arrow = A*[0]), in the segment format of
+        this module's docstring. For adapters made at scale without PEFT folders, e.g. a file streamed tensor by
+        tensor, beside the library (not in its segments/, where a file the manifest does not name is swept). The
+        file is checked like every segment (header, rows table, shapes and dtype against the library), then moved
+        in (a rename on the library's file system) and committed. Each adapter targets the
+        modules whose rows name it; its rank is its largest there, its alpha that rank (the scale is in B*).
+        Returns the names added, in the file's order; a name the library already holds is refused."""
+        file = Path(file)
+        with self._writing():
+            tensors, meta = mmap_safetensors(file)
+            try:
+                rows = json.loads(meta["rows"])
+            except (KeyError, ValueError, RecursionError):
+                raise LibraryError(f"{file} is not a segment: its metadata holds no valid 'rows' table") from None
+            problem = self._rows_problem(tensors, rows)
+            del tensors  # the map: only its header was read
+            if problem:
+                raise LibraryError(f"{file} does not fit library {self.path}: {problem}")
+            ranks: dict[str, int] = {}
+            targets: dict[str, list[str]] = {}
+            for module, table in rows.items():
+                names = [name for name, _ in table]
+                if len(set(names)) != len(names):
+                    raise LibraryError(f"{file}: module '{module}' names an adapter twice")
+                for name, rank in table:
+                    problem = name_problem(name)
+                    if problem:
+                        raise LibraryError(f"{file}: adapter {name!r}: {problem}")
+                    ranks[name] = max(ranks.get(name, 0), rank)
+                    targets.setdefault(name, []).append(module)
+            taken = sorted(set(ranks) & set(self.names))
+            if taken:
+                raise LibraryError(f"library {self.path} already holds {taken[:5]}; remove them first")
+            seg = uuid.uuid4().hex[:16]
+            shutil.move(file, self._segment_path(seg))
+            fsync_dir(self.path / SEGMENTS)
+            entry = {"source": source, "checksum": "-", "use_rslora": False, "segment": seg}
+            new = [dict(name=n, rank=r, alpha=r, target_modules=sorted(targets[n]), **entry) for n, r in ranks.items()]
+            self._commit(self.adapters + new)
+        return list(ranks)
 
     def _write_segment(self, aligned: dict[str, list]) -> str:
         tensors, rows = {}, {}
