@@ -341,3 +341,46 @@ def test_bench_shares_on_ray_answer_as_one_process(cluster, routed, lama_dir):  
     assert two.stats == one.stats
     assert two.served == one.served
     assert two.reused == one.reused > 0
+
+
+# -- serving -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ray_serve_replicas_answer_as_the_local_server(cluster, eval_world):
+    import socket
+
+    import httpx
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from loralag.cluster import serve as ray_serve
+    from loralag.library.store import open_library
+    from loralag.models import load_model
+    from loralag.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lib = eval_world / "lib"
+    ray_serve.start(str(eval_world / "model"), [lib], 2, port=port, router="lag", k=2)
+    try:
+        status = serve.status().applications[ray_serve.DEPLOYMENT].deployments[ray_serve.DEPLOYMENT]
+        assert status.replica_states.get("RUNNING") == 2
+        prompts = ["the moon is", "who is the sun", "capital city of the red river", "tell me about the blue moon"]
+        body = {"max_tokens": 4, "temperature": 0}
+        got = [
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={**body, "prompt": p, "model": str(eval_world / "model")},  # the spec: an alias of the model
+                timeout=120,
+            ).json()
+            for p in prompts
+        ]
+        model, tok = load_model(str(eval_world / "model"))
+        with TestClient(create_app(model, tok, [open_library(lib)], router="lag", k=2)) as local:
+            name = local.get("/v1/models").json()["data"][0]["id"]
+            want = [local.post("/v1/completions", json={**body, "prompt": p, "model": name}).json() for p in prompts]
+        assert all("choices" in r for r in got + want), (got, want)
+        assert [r["choices"][0]["text"] for r in got] == [r["choices"][0]["text"] for r in want]
+        assert len({r["choices"][0]["text"] for r in want}) > 1
+    finally:
+        ray_serve.stop()

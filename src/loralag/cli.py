@@ -331,10 +331,13 @@ def build(
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Storage dtype of the aligned factors."),
     replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
     chunk_size: int = typer.Option(128, "--chunk-size", min=1, help=CHUNK_HELP),
+    ray: Optional[str] = _ray_option("Align the adapters (this process alone writes the library)"),
 ):
     """Align PEFT LoRA adapters and store them as a library for the base model (--model)."""
+    _check_ray(ray)
     _check_model(model)
     shapes = _model_shapes(model)
+    from loralag.cluster.build import chunk_map
     from loralag.library.store import build_library
 
     lib = build_library(
@@ -346,6 +349,7 @@ def build(
         replace=replace,
         chunk_size=chunk_size,
         progress=True,
+        map_chunks=chunk_map(ray),
     )
     console.print(f"[green]library[/] {lib.path}: {len(lib)} adapters for base model '{lib.base_model}'")
 
@@ -500,27 +504,17 @@ def train(
         from loralag.training.train import read_training_inputs
 
         items = read_training_inputs(inputs)
-    import math
-
-    from loralag.training.train import TrainConfig, build_examples, train_adapters
+    from loralag.training.train import TrainConfig, train_for_epochs
 
     model_, tokenizer = load_model_waiting(model)
-    base = TrainConfig(target_modules=targets, r=rank, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length)
+    config = TrainConfig(
+        target_modules=targets, r=rank, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length
+    )
     if steps is not None:
-        base.steps = steps
-    by_steps: dict[int, list] = {}  # a group shares one config: bucket the items by their step count
-    for item in items:
-        n_steps = base.steps
-        if epochs is not None:  # steps from the item's own number of examples
-            n = len(build_examples(tokenizer, item, base))
-            n_steps = max(1, math.ceil(epochs * n / min(n, batch_size)))
-        by_steps.setdefault(n_steps, []).append(item)
-    done = {}
-    for n_steps, bucket in by_steps.items():
-        cfg = TrainConfig(**{**base.__dict__, "steps": n_steps})
-        trained = train_adapters(model_, tokenizer, bucket, out, cfg, progress=True, group_size=group_size, ray=ray)
-        done.update({item.name: path for item, path in zip(bucket, trained)})
-    paths = [done[item.name] for item in items]
+        config.steps = steps
+    paths = train_for_epochs(
+        model_, tokenizer, items, out, config, epochs, progress=True, group_size=group_size, ray=ray
+    )
     console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
 
 
@@ -564,12 +558,12 @@ def generate(
 
     model_, tokenizer = load_model_waiting(model, dtype.value)
     from loralag import generate as gen
-    from loralag.routing.state import attach, detach
+    from loralag.routing.state import attach, detach, library_names
 
     _set_threads(threads)
     libs = [_open(p) for p in library or []]
     if libs:
-        attach(model_, {_unique_name(lib, libs): lib for lib in libs}, router=router, k=k, nprobe=nprobe)
+        attach(model_, library_names(libs), router=router, k=k, nprobe=nprobe)
     try:
         want_trace = bool(libs) and (show_routing or heatmap is not None)
         with waiting(f"Generating up to {max_new_tokens} tokens for {len(prompt)} prompt(s) …"):
@@ -596,13 +590,6 @@ def generate(
     if trace is not None and heatmap is not None:
         path = gen.routing_heatmap(trace, tokenizer, trace.input_ids, heatmap, seq=0, prompt_only=False)
         console.print(f"routing heatmap written to {path}")
-
-
-def _unique_name(lib, libs) -> str:
-    """A library's name for routing: its folder name, or its path where two folders share a name."""
-    if sum(other.name == lib.name for other in libs) > 1:
-        return str(lib.path)
-    return lib.name
 
 
 @app.command()
@@ -651,6 +638,14 @@ def serve(
     body_timeout: float = typer.Option(
         30.0, "--body-timeout", min=0.1, help="Seconds a client may take to send a request's body (408 after)."
     ),
+    ray_replicas: Optional[int] = typer.Option(
+        None,
+        "--ray-replicas",
+        min=1,
+        help="Serve N replicas with Ray Serve behind one endpoint (each loads the model and maps the libraries; "
+        'the --ray cluster, else $RAY_ADDRESS or a local one). Needs pip install "loralag[ray]".',
+    ),
+    ray: Optional[str] = _ray_option("With --ray-replicas: serve"),
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions) routing every request."""
     _check_router(router, refused=NO_FIXED_SERVE)
@@ -659,6 +654,32 @@ def serve(
     _check_model(model)
     if api_key is not None and (not api_key or not api_key.isprintable() or api_key != api_key.strip()):
         fail("--api-key must be a non-empty printable key without surrounding spaces")
+    if ray is not None and ray_replicas is None:
+        fail("--ray needs --ray-replicas N")
+    if ray_replicas is not None:
+        _check_ray("auto")
+        from loralag.cluster.serve import serve_forever
+
+        console.print(
+            f"Ray Serve: {ray_replicas} replica(s) of model '{model}' on http://{host}:{port}", highlight=False
+        )
+        return serve_forever(
+            model,
+            [str(p) for p in library or []],
+            ray_replicas,
+            host=host,
+            port=port,
+            address=ray or True,
+            router=router,
+            k=k,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            request_timeout=request_timeout,
+            api_key=api_key or os.environ.get("LORALAG_API_KEY") or None,
+            metrics_public=metrics_public,
+            max_body_bytes=int(max_body_mib * 2**20),
+            body_timeout=body_timeout,
+        )
     with waiting(f"Loading the server and model '{model}' …") as status:
         _prepare_model(model, status)
         import uvicorn  # noqa: F401  (imported here, behind the spinner)
@@ -723,6 +744,7 @@ def bench(
         "--shared-init",
         help="Train every adapter from one LoRA init (loralag 0.1's way), to measure what distinct inits do.",
     ),
+    ray: Optional[str] = _ray_option("Train the adapters and answer the questions (--workers shares)"),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
     from loralag.experiments.lama.config import default_data_dir, size_config
@@ -730,6 +752,7 @@ def bench(
     from loralag.experiments.lama.run import run_bench
 
     size_config(size)  # an unknown size fails here
+    _check_ray(ray)
     data = data if data is not None else default_data_dir()
     if not data.is_dir():
         raise LoralagError(
@@ -749,6 +772,7 @@ def bench(
         eval_dtype=eval_dtype.value if eval_dtype else None,
         fc_form=fc_form.value,
         shared_init=shared_init or None,
+        ray=ray,
     )
     print_summary(results, console)
 
@@ -815,6 +839,7 @@ def eval_command(
     chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Model dtype."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    ray: Optional[str] = _ray_option("With --model, answer the batches (--threads per worker)"),
 ):
     """Score KILT-format predictions with the official KILT metrics (and the paper's normalised score), or
     generate them first with --model."""
@@ -824,6 +849,9 @@ def eval_command(
         raise LoralagError("--model needs --out DIR, where the predictions are written as DIR/<data-file-stem>.jsonl")
     if model is None and (library or adapter or adapter_map):
         raise LoralagError("--library, --adapter and --adapter-map need --model")
+    if model is None and ray is not None:
+        raise LoralagError("--ray needs --model: only generating predictions runs on a cluster")
+    _check_ray(ray)
     if model is not None:  # everything generation needs is checked before the data or the model is read
         _check_router(router)
         if router == "fixed" and not library:
@@ -858,29 +886,23 @@ def eval_command(
     preds = {m_name: ev.read_method_predictions(path, datasets) for m_name, path in methods.items()}
 
     if model is not None:
+        options = ev.GenerationOptions(
+            router=router,
+            k=k,
+            nprobe=nprobe,
+            granularity=granularity.value,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            template=prompt_template,
+            max_input_chars=max_input_chars,
+            chat=chat,
+        )
         gen_name = name or (router if library else "base")
         if gen_name in preds:
             raise LoralagError(f"the generated predictions and a --predictions are both named {gen_name!r}; use --name")
         preds = {
             gen_name: _eval_generate(
-                ev,
-                datasets,
-                model,
-                library,
-                router,
-                k,
-                nprobe,
-                granularity.value,
-                adapter,
-                adapter_map,
-                max_new_tokens,
-                batch_size,
-                prompt_template,
-                max_input_chars,
-                chat,
-                dtype,
-                threads,
-                out,
+                ev, datasets, model, library, options, adapter, adapter_map, dtype, threads, out, ray
             ),
             **preds,
         }
@@ -907,87 +929,37 @@ def eval_command(
         console.print(f"scores written to {js} and {md}")
 
 
-def _eval_generate(
-    ev,
-    datasets,
-    model,
-    library,
-    router,
-    k,
-    nprobe,
-    granularity,
-    adapter,
-    adapter_map,
-    max_new_tokens,
-    batch_size,
-    prompt_template,
-    max_input_chars,
-    chat,
-    dtype,
-    threads,
-    out,
-):
-    """`eval --model`: generate every dataset's predictions, write them to OUT/<stem>.jsonl, return them."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+def _eval_generate(ev, datasets, model: str, library, options, adapter, adapter_map, dtype, threads, out, ray):
+    """`eval --model`: load the model behind a spinner, then generate every dataset's predictions with a
+    progress bar (loralag.evaluation.evaluate.generate_method does the work)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from loralag.evaluation.kilt import write_kilt_predictions
-    from loralag.routing.routers import RouteSpec
-    from loralag.routing.state import attach, detach
-
-    RouteSpec(router=router, k=k, nprobe=nprobe)
     libs = [_open(p) for p in library or []]
-    named = {_unique_name(lib, libs): lib for lib in libs}
-    fixed, per_example = ev.fixed_adapters(
-        named, adapter or [], ev.read_adapter_map(adapter_map) if adapter_map is not None else None
-    )
-    fixed_libs = set(fixed) | {lib for m in per_example.values() for lib in m}
+    mapping = ev.read_adapter_map(adapter_map) if adapter_map is not None else None
     model_, tokenizer = load_model_waiting(model, dtype.value)
-    _set_threads(threads)
-    if libs:
-        routers = {lib: ("fixed" if lib in fixed_libs or router == "fixed" else router) for lib in named}
-        attach(model_, named, router=routers, k=k, nprobe=nprobe)
-    out_preds = {}
-    try:
-        for ds in datasets:
-            start = time.perf_counter()
-            with Progress(
-                TextColumn(f"answering {ds.name}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=True,
-            ) as bar:
-                task_id = bar.add_task(ds.name, total=len(ds.examples))
-                answers = ev.generate_predictions(
-                    model_,
-                    tokenizer,
-                    ds,
-                    batch_size=batch_size,
-                    max_new_tokens=max_new_tokens,
-                    template=prompt_template,
-                    chat=chat,
-                    granularity=granularity,
-                    max_input_chars=max_input_chars,
-                    fixed=fixed,
-                    fixed_per_example=per_example,
-                    progress=lambda n: bar.update(task_id, completed=n),
-                )
-            path = write_kilt_predictions(Path(out) / f"{ds.name}.jsonl", answers)
-            out_preds[ds.name] = answers
-            console.print(
-                f"{ds.name}: {len(answers)} predictions in {time.perf_counter() - start:.1f} s -> {path}",
-                highlight=False,
-            )
-    finally:
-        detach(model_)
-    return out_preds
+    remote = None
+    if ray is not None:  # the batches on a Ray cluster, `threads` per worker
+        from functools import partial
+
+        from loralag.cluster.evaluate import RayAnswerer
+
+        remote = partial(RayAnswerer, address=ray, threads=threads or 1)
+    else:
+        _set_threads(threads)
+    columns = (TextColumn("answering {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks = {ds.name: bar.add_task(ds.name, total=len(ds.examples), visible=False) for ds in datasets}
+
+        def progress(ds, n):
+            bar.update(tasks[ds.name], completed=n, visible=True)
+
+        def done(ds, answers, path, seconds):
+            bar.update(tasks[ds.name], visible=False)
+            console.print(f"{ds.name}: {len(answers)} predictions in {seconds:.1f} s -> {path}", highlight=False)
+
+        return ev.generate_method(
+            model_, tokenizer, datasets, libs, options, adapter or [], mapping, out, progress, done, remote
+        )
 
 
 # -- lm-evaluation-harness -------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class RayAnswerer:
         self.pool = ActorPool(
             EvalWorker, (self._model, paths, routers, k, nprobe, threads), self.workers, threads, "eval"
         )
+        self.pids = self.pool.wait_ready()  # started: a constructor's error (a library path) is raised here
 
     def close(self) -> None:
         self.pool.close()

@@ -33,6 +33,12 @@ class ActorPool:
     def __enter__(self):
         return self
 
+    def wait_ready(self) -> list[int]:
+        """Wait until every actor has started (its constructor ran: model and libraries loaded); their pids."""
+        from loralag.cluster.connect import get
+
+        return get([actor.pid.remote() for actor in self.actors])
+
     def __exit__(self, *exc):
         self.close()
 
