@@ -32,8 +32,8 @@ from test_serve import (  # noqa: F401
 from loralag import open_library
 from loralag.serve import app as serve_mod
 from loralag.serve import endpoints
-from loralag.serve import engine as serve_engine
 from loralag.serve import requests as serve_requests
+from loralag.serve import sampling as serve_sampling
 from loralag.serve.app import create_app, warn_if_exposed
 
 KEY = "s3cret-key"
@@ -126,14 +126,14 @@ def test_nan_logits_end_their_request_alone(server, poison, after, stream):
 
 
 def test_a_failed_sampling_ends_its_request_alone(server, monkeypatch):
-    real = serve_engine._draw
+    real = serve_sampling.draw
 
     def draw(logits, sp, generator):
         if sp.seed == 777:
             raise RuntimeError("invalid multinomial distribution")
         return real(logits, sp, generator)
 
-    monkeypatch.setattr(serve_engine, "_draw", draw)
+    monkeypatch.setattr(serve_sampling, "draw", draw)
     requests = [("completion", prompt_of(20 + i), False, None) for i in range(4)]
     alone = _sequential(server, requests)
 

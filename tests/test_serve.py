@@ -26,7 +26,7 @@ from loralag.generate import generate
 from loralag.library.store import module_shapes
 from loralag.models import load_model
 from loralag.serve.app import create_app, server_config
-from loralag.serve.engine import _holdback
+from loralag.serve.sampling import holdback
 
 MODEL = "tiny-llama"
 CONTEXT = 4096  # long enough that a request can run for seconds (timeouts, disconnects)
@@ -397,9 +397,9 @@ def test_stop_sequences(server):
 
 
 def test_holdback_of_partial_stop_strings():
-    assert _holdback("hello wor", ["world"]) == 3
-    assert _holdback("hello", ["xyz"]) == 0
-    assert _holdback("ab\ufffd", []) == 1
+    assert holdback("hello wor", ["world"]) == 3
+    assert holdback("hello", ["xyz"]) == 0
+    assert holdback("ab\ufffd", []) == 1
 
 
 # -- routing options --------------------------------------------------------------------------------------------

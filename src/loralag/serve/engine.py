@@ -36,12 +36,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from loralag.routing.state import state_of
+from loralag.serve.groups import Routing, RoutingGroup, group_specs
 from loralag.serve.metrics import ServerMetrics
+from loralag.serve.sampling import SamplingParams, holdback, sample_tokens
 
 log = logging.getLogger("loralag.serve")
 
@@ -55,45 +57,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is not running (shutting down, or its thread died)."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Per attached library, in attach order: ("route", router, k) or ("fixed", adapter name or None)."""
-
-    modes: tuple[tuple[str, tuple], ...]
-
-    @property
-    def key(self) -> tuple:
-        """Sequences with equal keys share forward passes (fixed adapters may differ row by row)."""
-        return tuple((lib, mode if mode[0] == "route" else ("fixed",)) for lib, mode in self.modes)
-
-    def fixed(self, lib: str) -> str | None:
-        for name, mode in self.modes:
-            if name == lib and mode[0] == "fixed":
-                return mode[1]
-        return None
-
-    def describe(self) -> dict[str, dict]:
-        out = {}
-        for lib, mode in self.modes:
-            if mode[0] == "route":
-                out[lib] = {"router": mode[1]} | ({"k": mode[2]} if mode[1] in ("lag", "arrow-mix") else {})
-            elif mode[1] is None:
-                out[lib] = {"router": "none"}
-            else:
-                out[lib] = {"router": "fixed", "adapter": mode[1]}
-        return out
 
 
 class EngineRequest:
@@ -158,15 +121,6 @@ class _Seq:
     uid: int = field(default_factory=lambda: next(_ids))
 
 
-class _Group:
-    def __init__(self, key):
-        self.key = key
-        self.seqs: list[_Seq] = []
-        self.cache = None
-        self.members: list[int] = []  # uids of the cache's rows, in order
-        self.cache_len = 0
-
-
 class Engine:
     """Continuous batching over one model with its attached libraries. Thread-safe `submit` / `cancel`."""
 
@@ -214,7 +168,7 @@ class Engine:
         self._logits_to_keep = "logits_to_keep" in params
         self._cv = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
-        self._groups: dict[tuple, _Group] = {}
+        self._groups: dict[tuple, RoutingGroup] = {}
         self._running = 0  # unfinished sequences in groups
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -362,20 +316,7 @@ class Engine:
 
     # -- forward passes ------------------------------------------------------------------------------------
     def _group_specs(self, key: tuple, routings: list[Routing]) -> dict:
-        """The RouteSpec of every library for one routing group's forward pass."""
-        specs = {}
-        for lib, mode in key:
-            base = self.base_specs[lib]  # keeps the server's other settings (temperature, nprobe, ...)
-            if mode[0] == "route":
-                spec = replace(base, router=mode[1], k=mode[2], fixed=None)
-            else:
-                names = [r.fixed(lib) for r in routings]
-                if all(n is None for n in names):
-                    spec = replace(base, router="none", fixed=None)
-                else:
-                    spec = replace(base, router="fixed", fixed=names)
-            specs[lib] = spec
-        return specs
+        return group_specs(key, routings, self.base_specs)
 
     def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask):
         """Run the model; return last-position logits (B, V) float and per-row routed counts {lib: (B, N)}."""
@@ -478,7 +419,7 @@ class Engine:
             return
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(key)
+            group = self._groups[key] = RoutingGroup(key)
         for r, (req, p, ids) in enumerate(rows):
             if req.failed or req.cancelled:
                 continue
@@ -503,7 +444,7 @@ class Engine:
                 group.seqs.append(seq)
                 self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
 
-    def _rebuild(self, group: _Group, live: list[_Seq]) -> None:
+    def _rebuild(self, group: RoutingGroup, live: list[_Seq]) -> None:
         """Restack the group's cache for `live`: each row's real positions at the right end, zeros before."""
         from transformers import DynamicCache
 
@@ -580,37 +521,11 @@ class Engine:
 
     # -- sampling and text ---------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int | None]:
-        """One token per row of `logits` (B, V), which this may change in place: greedy rows by one argmax.
-
-        A row whose logits hold NaN or +Inf (or nothing but -Inf), or whose sampling fails, fails its own
-        request alone (None in its place); the other rows are sampled exactly as if it were not there."""
-        eos = [i for i in self.eos_ids if i < logits.shape[1]]
-        ignore = [i for i, s in enumerate(seqs) if s.req.sampling.ignore_eos]
-        if eos and ignore:
-            logits[torch.tensor(ignore).unsqueeze(1), torch.tensor(eos).unsqueeze(0)] = float("-inf")
-        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(1) | torch.isneginf(logits).all(1)
-        tokens: list[int | None] = logits.argmax(dim=-1).tolist()
-        for i, s in enumerate(seqs):
-            sp = s.req.sampling
-            if broken[i]:
-                tokens[i] = None
-                self._fail_alone(
-                    s.req,
-                    "numerical_error",
-                    "the model's output for this request holds NaN or infinite "
-                    "values, so it was stopped (the server's other requests are not affected)",
-                )
-            elif sp.temperature > 0:
-                try:
-                    tokens[i] = _draw(logits[i], sp, s.generator)
-                except (RuntimeError, ValueError) as e:
-                    tokens[i] = None
-                    self._fail_alone(
-                        s.req,
-                        "sampling_error",
-                        f"sampling failed for this request ({e}), so it was "
-                        "stopped (the server's other requests are not affected)",
-                    )
+        """One token per sequence (sampling.sample_tokens); a row that fails fails its own request alone."""
+        params = [s.req.sampling for s in seqs]
+        tokens, failures = sample_tokens(logits, params, [s.generator for s in seqs], self.eos_ids)
+        for i, (code, message) in failures.items():
+            self._fail_alone(seqs[i].req, code, message)
         return tokens
 
     def _fail_alone(self, req: EngineRequest, code: str, message: str) -> None:
@@ -640,7 +555,7 @@ class Engine:
                 return self._finish(seq, "stop", text, end=min(hits))
         if len(seq.tokens) >= sp.max_tokens or seq.length >= self.max_model_len:
             return self._finish(seq, "length", text)
-        safe = len(text) - _holdback(text, sp.stop)
+        safe = len(text) - holdback(text, sp.stop)
         if safe > seq.emitted:
             req.emit("text", seq.index, text[seq.emitted : safe])
             seq.emitted = safe
@@ -689,36 +604,6 @@ class Engine:
                 if not s.finished:
                     reqs[id(s.req)] = s.req
         return list(reqs.values())
-
-
-def _draw(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator | None) -> int:
-    """Sample one token from one row of logits (V,) at sp.temperature, within nucleus sp.top_p.
-
-    In float64 and shifted by the row's maximum: a tiny temperature (1e-300) divides differences of
-    logits, never the logits themselves, so the distribution tends to the argmax instead of turning NaN."""
-    x = logits.double()
-    probs = torch.softmax((x - x.max()) / sp.temperature, dim=-1)
-    if sp.top_p < 1.0:
-        p, idx = probs.sort(descending=True)
-        drop = (p.cumsum(0) - p) > sp.top_p  # keep the smallest head whose mass reaches top_p
-        p = p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, idx, p)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-        raise ValueError("the token probabilities are not finite")
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _holdback(text: str, stops) -> int:
-    """Characters at the end of `text` not to send yet: an unfinished UTF-8 character, or a stop string's start."""
-    n = 0
-    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
-        n += 1
-    if stops:
-        for k in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in stops):
-                return max(n, k)
-    return n
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

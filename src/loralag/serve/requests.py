@@ -15,9 +15,8 @@ from loralag.serve.engine import (
     Routing,
     SamplingParams,
 )
+from loralag.serve.groups import ROUTERS_WITH_K
 from loralag.serve.protocol import APIError, ChatMessage, decode_json, validate
-
-ROUTERS_WITH_K = ("lag", "lag-prefix", "arrow-mix")
 
 
 def _check_sizes(ctx: ServerContext, data: dict) -> None:
