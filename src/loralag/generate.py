@@ -30,12 +30,21 @@ def format_prompts(tokenizer, prompts: list[str], chat: bool = True) -> tuple[li
     With `chat` and a tokenizer that has a chat template, each prompt becomes one user turn
     followed by the assistant header (the template already holds the special tokens)."""
     if chat and getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        return texts, False
+        return [chat_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts], False
     return list(prompts), True
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the model reads it: the tokenizer's chat template with the assistant's header opened
+    (generate, eval and the server's chat endpoint all prompt this way)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def first_stop(text: str, stops, start: int = 0) -> int | None:
+    """Where the first of the stop strings begins in `text` (looking from `start`), or None: the one stopping
+    rule of generate, eval and the server."""
+    hits = [i for i in (text.find(s, start) for s in stops or ()) if i >= 0]
+    return min(hits) if hits else None
 
 
 def encode_prompts(
@@ -158,15 +167,12 @@ class _StopOnStrings:
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        return torch.tensor([first_stop(t, self.stops) is not None for t in texts], device=input_ids.device)
 
 
 def _cut(text: str, stops) -> str:
-    for s in stops or ():
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
+    end = first_stop(text, stops)
+    return text if end is None else text[:end]
 
 
 @torch.no_grad()

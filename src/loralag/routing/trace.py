@@ -8,6 +8,16 @@ from collections import Counter, defaultdict
 import torch
 
 
+def shares_and_entropy(counts) -> tuple[dict, float]:
+    """{adapter: share of the routed decisions}, most used first (ties by name), and the entropy of the shares in
+    nats: the one summary of a routing that generate, eval and the server all report."""
+    total = sum(counts.values())
+    if not total:
+        return {}, 0.0
+    shares = {n: v / total for n, v in sorted(((n, v) for n, v in counts.items() if v), key=lambda kv: (-kv[1], kv[0]))}
+    return shares, max(0.0, -sum(p * math.log(p) for p in shares.values()))  # one adapter: 0, not -0
+
+
 class RoutingTrace:
     """Collects winners per (module, library) across forward calls (prefill, then each decoding step)."""
 
@@ -61,10 +71,8 @@ class RoutingTrace:
         out = {}
         for lib in self.libraries():
             c = self.counts(lib, seq, mask)
-            total = sum(c.values())
-            shares = {n: v / total for n, v in c.most_common()} if total else {}
-            entropy = max(0.0, -sum(p * math.log(p) for p in shares.values()))  # one adapter: 0, not -0
-            out[lib] = {"adapters": len(shares), "shares": shares, "entropy": entropy, "routed": total}
+            shares, entropy = shares_and_entropy(c)
+            out[lib] = {"adapters": len(shares), "shares": shares, "entropy": entropy, "routed": sum(c.values())}
         return out
 
     def summary_lines(

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loralag.generate import first_stop
 from loralag.routing.state import state_of
 from loralag.serve.groups import Routing, RoutingGroup, group_specs
 from loralag.serve.metrics import ServerMetrics
@@ -549,10 +550,9 @@ class Engine:
         seq.text_ids.append(token)
         text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if sp.stop:
-            start = max(0, seq.emitted - max(len(s) for s in sp.stop))
-            hits = [j for j in (text.find(s, start) for s in sp.stop) if j >= 0]
-            if hits:
-                return self._finish(seq, "stop", text, end=min(hits))
+            end = first_stop(text, sp.stop, start=max(0, seq.emitted - max(len(s) for s in sp.stop)))
+            if end is not None:
+                return self._finish(seq, "stop", text, end=end)
         if len(seq.tokens) >= sp.max_tokens or seq.length >= self.max_model_len:
             return self._finish(seq, "length", text)
         safe = len(text) - holdback(text, sp.stop)

@@ -9,6 +9,7 @@ import gc
 
 from pydantic import BaseModel
 
+from loralag.generate import chat_text
 from loralag.routing.routers import ROUTERS
 from loralag.serve.context import ServerContext
 from loralag.serve.engine import (
@@ -312,7 +313,7 @@ def chat_prompt(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
             content = m.content or ""
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     try:
-        text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        text = chat_text(tok, plain)
     except Exception as e:  # the template itself rejects the conversation (roles out of order, ...)
         raise APIError(
             400,

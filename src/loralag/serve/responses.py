@@ -18,6 +18,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 
+from loralag.routing.trace import shares_and_entropy
 from loralag.serve.context import ServerContext
 from loralag.serve.engine import (
     EngineRequest,
@@ -268,26 +269,22 @@ def routing_summary(
     routing: Routing, counts: dict[str, torch.Tensor], names: dict[str, list[str]], top: int = ROUTING_TOP
 ) -> dict:
     """Per library: how it was routed, the tokens routed (once per adapted module), the adapters used and
-    their share (the `top` largest by name, the rest as 'other'), and the entropy of the shares in nats."""
+    their share (the `top` largest by name, the rest as 'other'), and the entropy of the shares in nats
+    (routing.trace.shares_and_entropy, as generate and eval report them)."""
     out = {}
     for lib, desc in routing.describe().items():
         entry = dict(desc)
         c = counts.get(lib)
         total = int(c.sum()) if c is not None else 0
         entry["routed_tokens"] = total
+        used = {names[lib][i]: int(c[i]) for i in c.nonzero().squeeze(1).tolist()} if total else {}
+        shares, entropy = shares_and_entropy(used)
+        listed = dict(list(shares.items())[:top])
+        entry["adapters_used"] = len(shares)
+        entry["shares"] = {n: round(s, 6) for n, s in listed.items()}
+        if len(shares) > top:
+            entry["shares"]["other"] = round(sum(shares.values()) - sum(listed.values()), 6)
         if total:
-            idx = c.nonzero().squeeze(1)
-            vals, order = torch.sort(c[idx], descending=True, stable=True)
-            idx = idx[order]
-            p = vals.double() / total
-            entry["adapters_used"] = len(idx)
-            shares = {names[lib][i]: round(float(s), 6) for i, s in zip(idx[:top].tolist(), p[:top])}
-            if len(idx) > top:
-                shares["other"] = round(float(p[top:].sum()), 6)
-            entry["shares"] = shares
-            entry["entropy"] = round(abs(float((p * p.log()).sum())), 6)
-        else:
-            entry["adapters_used"] = 0
-            entry["shares"] = {}
+            entry["entropy"] = round(entropy, 6)
         out[lib] = entry
     return out
