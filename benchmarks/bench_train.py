@@ -20,6 +20,7 @@ whole group, one-at-a-time rows only to the longest of their own batch.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -164,26 +165,28 @@ def make_docs(n: int, seed: int = 0) -> list[lt.Document]:
     return docs
 
 
-def slots(jobs_examples: list[list], names: list[str], config: lt.TrainConfig, group_size: int) -> tuple[int, int]:
-    """(token slots computed, real tokens) over the whole training: replays each adapter's batches and the
-    grouping (sorted by longest example, as train_adapters does)."""
-    order = sorted(range(len(jobs_examples)), key=lambda j: max(len(ids) for ids, _ in jobs_examples[j]))
-    computed = real = 0
-    for start in range(0, len(order), group_size):
-        group = [jobs_examples[j] for j in order[start : start + group_size]]
-        batches = [
-            lt._batches(len(jobs_examples[j]), config, lt.adapter_seed(config.seed, names[j]))
-            for j in order[start : start + group_size]
-        ]
-        for _ in range(config.steps):
-            picked = [[ex[i] for i in next(b)] for ex, b in zip(group, batches)]
-            if len(group) == 1:  # a lone leftover trains one at a time
-                widths = [max(len(ids) for ids, _ in picked[0])]
-            else:
-                widths = [max(len(ids) for rows in picked for ids, _ in rows)]
-            computed += sum(len(rows) for rows in picked) * widths[0]
-            real += sum(len(ids) for rows in picked for ids, _ in rows)
-    return computed, real
+class TokenCounter:
+    """(token slots computed, real tokens) of every forward through `model`'s transformer: input_ids' size and the
+    attention mask's sum, read by a forward pre-hook (one-at-a-time training goes through PEFT's wrapper, grouped
+    training calls the model itself; both reach its inner transformer). Counts what training actually ran."""
+
+    def __init__(self, model):
+        self.slots = self.real = 0
+        self.handle = model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        self.slots += ids.numel()
+        self.real += int(mask.sum()) if mask is not None else ids.numel()
+
+    def close(self) -> tuple[int, int]:
+        self.handle.remove()
+        return self.slots, self.real
+
+
+def read_marker(folder: Path) -> dict:
+    """The marker `train_adapters` writes beside each adapter (its losses among others)."""
+    return json.loads((folder / lt.MARKER_FILE).read_text())
 
 
 def extra(p):
@@ -221,6 +224,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     samples = {m: [] for m in methods}
     loads = {m: [] for m in methods}
+    tokens = {m: set() for m in methods}  # (token slots, real tokens) of each run: one value per method
     kept = {}
     try:
         for rep in range(reps):
@@ -228,9 +232,11 @@ def main():
             for m in names[rep % len(names) :] + names[: rep % len(names)]:
                 out = root / f"{m}-{rep}"
                 load_before = os.getloadavg()[0]
+                counter = TokenCounter(model)
                 t = time.perf_counter()
                 lt.train_adapters(model, tok, docs, out, config, progress=False, group_size=methods[m])
                 dt = time.perf_counter() - t
+                tokens[m].add(counter.close())
                 samples[m].append(dt / n_docs)
                 loads[m].append(round((load_before + os.getloadavg()[0]) / 2, 2))
                 C.log(f"[train] rep {rep} {m}: {dt:.1f} s, {dt / n_docs:.2f} s/adapter, load {loads[m][-1]}")
@@ -250,19 +256,17 @@ def main():
                     load_file(folder / d.name / "adapter_model.safetensors"),
                 )
                 dw = max(dw, max((wa[k] - wb[k]).abs().max().item() for k in wa))
-                la, lb = lt._read_marker(ref / d.name), lt._read_marker(folder / d.name)
+                la, lb = read_marker(ref / d.name), read_marker(folder / d.name)
                 dl = max(dl, abs(la["final_loss"] - lb["final_loss"]))
             agree[m] = {"max_abs_weight_diff": dw, "max_abs_final_loss_diff": dl}
-        losses = [
-            (lt._read_marker(ref / d.name)["first_loss"], lt._read_marker(ref / d.name)["final_loss"]) for d in docs
-        ]
+        losses = [(read_marker(ref / d.name)["first_loss"], read_marker(ref / d.name)["final_loss"]) for d in docs]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     med = {m: C.median(s) for m, s in samples.items()}
     rows, data_rows = [], []
     for m, g in methods.items():
-        computed, real = slots(examples, [d.name for d in docs], config, g)
+        [(computed, real)] = tokens[m]  # every run of a method computes the same batches
         ratio = med[m] / med["one-at-a-time"]
         rows.append(
             [

@@ -307,8 +307,6 @@ def write_synthetic_library(
     `seg_size` adapters each (128 is what `loralag build` writes by default). The adapters depend only on
     (seed, module, adapter index), not on seg_size, so two layouts of one seed hold identical adapters.
     Reused when a complete one is already there."""
-    import uuid
-
     import torch
 
     from loralag.library import store as L
@@ -326,7 +324,6 @@ def write_synthetic_library(
     tdt = L.DTYPES[dtype]
     code = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
     gen = 64  # adapters generated per call, fixed so the values do not depend on seg_size
-    entries = []
     for s in range(0, n, seg_size):
         m = min(seg_size, n - s)
         names = [f"syn{i:06d}" for i in range(s, s + m)]
@@ -357,22 +354,10 @@ def write_synthetic_library(
                 cache[module] = {"A": A.to(tdt), "B": B.to(tdt), "arrow": A[:, 0].to(tdt)}
             return cache[module][part]
 
-        seg = uuid.uuid4().hex[:16]
-        stream_safetensors(lib.path / L.SEGMENTS / f"{seg}.safetensors", specs, produce, {"rows": json.dumps(rows)})
-        entries += [
-            {
-                "name": nm,
-                "source": "synthetic",
-                "checksum": "-",
-                "rank": max(modules.values()),
-                "alpha": max(modules.values()),
-                "use_rslora": False,
-                "target_modules": sorted(modules),
-                "segment": seg,
-            }
-            for nm in names
-        ]
-    lib._commit(entries)
+        # streamed beside the library, then checked, moved in and committed as one segment
+        incoming = path.with_name(f"{path.name}.incoming.safetensors")
+        stream_safetensors(incoming, specs, produce, {"rows": json.dumps(rows)})
+        lib.add_segment(incoming, source="synthetic")
     return L.Library(path)
 
 
