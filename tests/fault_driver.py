@@ -64,6 +64,28 @@ class Steps:
         pathlib.Path.mkdir = wrap(pathlib.Path.mkdir)
 
 
+def kill_at_every_step(run, root: Path, steps: int, pristine: Path | None) -> list[dict]:
+    """For every step N (and one past the last), a forked child runs `run` on root/killN (a copy of `pristine`)
+    and SIGKILLs itself just before step N; returns each run's folder and how it ended."""
+    runs = []
+    for n in range(1, steps + 2):
+        dst = root / f"kill{n}"
+        if pristine is not None:
+            shutil.copytree(pristine, dst)
+        pid = os.fork()
+        if pid == 0:
+            Steps(kill_at=n).install()
+            try:
+                run(dst)
+            except BaseException:
+                os._exit(3)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        runs.append({"dir": str(dst), "step": n, "killed": killed, "exit": None if killed else os.WEXITSTATUS(status)})
+    return runs
+
+
 def main(work: Path, ads: Path) -> None:
     a = [ads / f"a{i}" for i in range(4)]
     starts = {
@@ -96,28 +118,7 @@ def main(work: Path, ads: Path) -> None:
         os.waitpid(pid, 0)
         steps = int((root / "steps").read_text())
         new = open_library(probe).names
-        runs = []
-        for n in range(1, steps + 2):
-            dst = root / f"kill{n}"
-            if make is not None:
-                shutil.copytree(pristine, dst)
-            pid = os.fork()
-            if pid == 0:
-                Steps(kill_at=n).install()
-                try:
-                    run(dst)
-                except BaseException:
-                    os._exit(3)
-                os._exit(0)
-            _, status = os.waitpid(pid, 0)
-            runs.append(
-                {
-                    "dir": str(dst),
-                    "step": n,
-                    "killed": os.WIFSIGNALED(status),
-                    "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                }
-            )
+        runs = kill_at_every_step(run, root, steps, pristine if make is not None else None)
         report[op] = {"old": old, "new": new, "steps": steps, "runs": runs}
     print(json.dumps(report))
 
@@ -149,21 +150,7 @@ def train_main(work: Path) -> None:
         os._exit(0)
     os.waitpid(pid, 0)
     steps = int((work / "steps").read_text())
-    runs = []
-    for n in range(1, steps + 2):
-        dst = work / f"kill{n}"
-        shutil.copytree(pristine, dst)
-        pid = os.fork()
-        if pid == 0:
-            Steps(kill_at=n).install()
-            try:
-                run(dst)
-            except BaseException:
-                os._exit(3)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        killed = os.WIFSIGNALED(status)
-        runs.append({"dir": str(dst), "step": n, "killed": killed, "exit": None if killed else os.WEXITSTATUS(status)})
+    runs = kill_at_every_step(run, work, steps, pristine)
     print(json.dumps({"steps": steps, "probe": str(work / "probe"), "runs": runs}))
 
 
