@@ -17,7 +17,7 @@ Routing options go in the request body next to the OpenAI fields (`extra_body=` 
                     of the routed tokens (each token counts once per adapted module)
     ignore_eos      true: keep generating past the end-of-sequence token (benchmarks)
 
-Requests arriving together share forward passes (continuous batching, see serve_engine.py); requests
+Requests arriving together share forward passes (continuous batching, see engine.py); requests
 with different routing settings run as separate groups within each step.
 """
 
