@@ -18,6 +18,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import save_lora
+from prometheus_client.parser import text_string_to_metric_families
 from tiny_text import WORDS, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -98,11 +99,13 @@ class Server:
         self.thread.join(30)
 
     def metric(self, name: str, **labels) -> float:
-        text = self.http.get("/metrics").text
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
-        m = re.search(pattern, text, re.M)
-        return float(m.group(1)) if m else 0.0
+        """The sample `name{labels}` of /metrics as prometheus_client's parser reads it (0 when absent)."""
+        want = {k: str(v) for k, v in labels.items()}
+        for family in text_string_to_metric_families(self.http.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == want:
+                    return sample.value
+        return 0.0
 
     def healthy(self) -> bool:
         r = self.http.get("/health")

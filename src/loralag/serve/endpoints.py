@@ -5,10 +5,11 @@ Errors are answered in OpenAI's shape by the handlers `add_error_handlers` insta
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loralag.serve.context import ServerContext
@@ -49,6 +50,14 @@ CHAT_DEFAULTS = {
 }
 
 
+# The routing explorer (GET /ui): static files shipped in the package, no data of their own. They are served without
+# the API key (a browser cannot send one when it opens a page); everything the page shows comes from the API, to
+# which it sends the key the user types as `Authorization: Bearer`.
+UI_DIR = Path(__file__).parent / "ui"
+UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+UI_PATHS = {"/ui", "/ui/"} | {f"/ui/{name}" for name in UI_FILES}
+
+
 def _ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
 
@@ -71,7 +80,21 @@ async def health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return PlainTextResponse(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = _ctx(request).metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
+
+
+@router.get("/ui", include_in_schema=False)
+async def ui_redirect():
+    return RedirectResponse("/ui/", status_code=307)  # relative links (app.js, style.css) resolve under /ui/
+
+
+@router.get("/ui/", include_in_schema=False)
+@router.get("/ui/{name}", include_in_schema=False)
+async def ui(name: str = "index.html"):
+    if name not in UI_FILES:
+        raise APIError(404, f"Unknown path /ui/{name}: the routing explorer is GET /ui", code="not_found")
+    return FileResponse(UI_DIR / name, media_type=UI_FILES[name], headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/v1/models")
@@ -152,7 +175,7 @@ def add_error_handlers(app: FastAPI) -> None:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         message = {
             404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/completions, "
-            "POST /v1/chat/completions, GET /health, GET /metrics, GET /openapi.json",
+            "POST /v1/chat/completions, GET /health, GET /metrics, GET /openapi.json, GET /ui",
             405: f"Method {request.method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
         return APIError(exc.status_code, message, type_, None, None, dict(exc.headers or {})).response()
