@@ -23,7 +23,9 @@ routing settings and each group runs its own forward pass with its specs set. Pe
 is either routed (`router`, `k`: the group key holds them) or fixed to one adapter (or to none): all
 fixed/none sequences share one group whatever their adapters, through the `fixed` router's per-row
 adapter list (dimension 0 of the routed layer's input is the row). Every forward pass is traced to
-count, per sequence, the tokens routed to each adapter (once per adapted module).
+count, per sequence, the tokens routed to each adapter (once per adapted module); a request that asks for its
+per-token routing (`token_routing`) also keeps, per sequence, every position's winner and score at every adapted
+module (only then: it costs memory in proportion to tokens × modules).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class EngineRequest:
 
     Events put on `events` (an asyncio.Queue of the caller's loop):
       ("text", index, delta)                                  new text of choice `index`
-      ("done", index, finish_reason, completion_tokens, counts)   counts: {library: LongTensor (n_adapters,)}
+      ("done", index, finish_reason, completion_tokens, counts, tokens)
+                                   counts: {library: LongTensor (n_adapters,)}; tokens: None, or when the request
+                                   asked for `token_routing` its sequence's per-token routing (Engine._token_record)
       ("error", status, type, code, message)                  the whole request failed
     """
 
@@ -77,8 +81,10 @@ class EngineRequest:
         routing: Routing,
         timeout: float,
         loop: asyncio.AbstractEventLoop | None = None,
+        token_routing: bool = False,
     ):
         self.id = next(_ids)
+        self.token_routing = token_routing  # keep every position's winners and scores (costs memory)
         self.prompts = prompts
         self.n = n
         self.sampling = sampling
@@ -113,6 +119,7 @@ class _Seq:
     kv: list | None  # own cache [(K, V)] per layer while not yet in a group's batched cache
     counts: dict = field(default_factory=dict)  # library -> LongTensor (n_adapters,)
     evidence: dict = field(default_factory=dict)  # library -> lag-prefix's counts for this sequence, like its KV cache
+    routes: dict | None = None  # when its request wants token routing: library -> [(winners, scores) (modules, t)]
     generator: torch.Generator | None = None
     tokens: list = field(default_factory=list)  # generated ids, eos included
     text_ids: list = field(default_factory=list)  # generated ids that make text
@@ -150,6 +157,7 @@ class Engine:
         self.adapter_names = {lib: list(self.state.libraries[lib].names) for lib in self.libraries}
         # bank index -> library-wide adapter index: per library one table of every module's bank, at offsets
         self._offsets: dict[str, dict[str, int]] = {lib: {} for lib in self.libraries}
+        self.modules: dict[str, list[str]] = {lib: [] for lib in self.libraries}  # adapted modules, in model order
         self._tables: dict[str, torch.Tensor] = {}
         if self.state is not None:
             parts: dict[str, list] = {lib: [] for lib in self.libraries}
@@ -157,7 +165,11 @@ class Engine:
                 for lib, bank in layer.banks.items():
                     where = {n: i for i, n in enumerate(self.adapter_names[lib])}
                     self._offsets[lib][module] = sum(len(p) for p in parts[lib])
+                    self.modules[lib].append(module)
                     parts[lib].append([where[n] for n in bank.names])
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+            for mods in self.modules.values():
+                mods.sort(key=lambda m: order.get(m, len(order)))  # layer by layer, as the model runs them
             for lib in self.libraries:  # the last entry (-1) is where "no adapter" points
                 self._tables[lib] = torch.tensor([i for p in parts[lib] for i in p] + [-1], dtype=torch.long)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -319,8 +331,9 @@ class Engine:
     def _group_specs(self, key: tuple, routings: list[Routing]) -> dict:
         return group_specs(key, routings, self.base_specs)
 
-    def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask):
-        """Run the model; return last-position logits (B, V) float and per-row routed counts {lib: (B, N)}."""
+    def _forward(self, kind, key, routings, input_ids, mask, position_ids, cache, token_mask, tokens=False):
+        """Run the model; return last-position logits (B, V) float, per-row routed counts {lib: (B, N)} and, when
+        `tokens`, every position's routing {lib: (winners, scores)} (`_token_routing`; else None)."""
         t0 = time.perf_counter()
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
@@ -329,14 +342,15 @@ class Engine:
             with self.state.configure(self._group_specs(key, routings)), self.state.tracing() as trace:
                 out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
             counts = self._routed_counts(trace, token_mask)
+            routes = self._token_routing(trace, len(input_ids)) if tokens else None
         else:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
-            counts = {}
+            counts, routes = {}, ({} if tokens else None)
         logits = out.logits[:, -1].float()
         self.metrics.forward_passes.inc(kind=kind)
         self.metrics.batch_size.observe(len(input_ids), kind=kind)
         self.metrics.forward_seconds.observe(time.perf_counter() - t0, kind=kind)
-        return logits, counts
+        return logits, counts, routes
 
     def _set_evidence(self, seqs: list[_Seq]) -> None:
         """lag-prefix's per-sequence counts for a decoding step, in the batch's row order (prefill starts them
@@ -378,6 +392,55 @@ class Engine:
                 self.metrics.routed.inc(int(total[i]), library=lib, adapter=self.adapter_names[lib][i])
         return out
 
+    def _token_routing(self, trace, B: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{library: (winners, scores)}, each (B, modules, tokens) over `self.modules[library]`: the library-wide
+        index of the adapter each position chose at each module (-1: none) and the router's score of it (NaN
+        where none was chosen). Libraries that made no decision in this pass (router "none") are left out."""
+        out = {}
+        for lib in self.libraries:
+            mods, table, offsets = self.modules[lib], self._tables[lib], self._offsets[lib]
+            recorded = [(m, trace.winners.get((m, lib)), trace.scores.get((m, lib))) for m in mods]
+            shape = next((w[0].reshape(B, -1).shape for _, w, _ in recorded if w), None)
+            if shape is None:
+                continue
+            W = torch.full((len(mods), *shape), -1, dtype=torch.long)
+            S = torch.full((len(mods), *shape), float("nan"))
+            for i, (m, w, sc) in enumerate(recorded):
+                if w:  # one record per module and forward pass
+                    bank_w = w[-1].reshape(shape)
+                    at = torch.where(bank_w >= 0, bank_w + offsets[m], len(table) - 1)
+                    W[i] = table[at]
+                    S[i] = sc[-1].reshape(shape).float()
+            S.masked_fill_(W < 0, float("nan"))
+            out[lib] = (W.transpose(0, 1), S.transpose(0, 1))
+        return out
+
+    @staticmethod
+    def _keep_routes(seq: _Seq, routes: dict | None, row: int, n: int) -> None:
+        """Append row `row`'s last `n` positions of a pass's token routing to the sequence's own."""
+        if routes is None or seq.routes is None:
+            return
+        for lib, (W, S) in routes.items():
+            seq.routes.setdefault(lib, []).append((W[row, :, -n:].clone(), S[row, :, -n:].clone()))
+
+    def _token_record(self, seq: _Seq) -> dict | None:
+        """What a "done" event carries of a sequence's token routing: its token ids (prompt, then generated) and
+        per library the modules, winners (modules, positions) and scores; one position per token fed to the model
+        (the last generated token never is)."""
+        if seq.routes is None:
+            return None
+        req = seq.req
+        libs = {}
+        for lib, parts in seq.routes.items():
+            libs[lib] = {
+                "modules": self.modules[lib],
+                "winners": torch.cat([w for w, _ in parts], dim=1),
+                "scores": torch.cat([s for _, s in parts], dim=1),
+            }
+        prompt = req.prompts[seq.index // req.n]
+        fed = len(prompt) + max(0, len(seq.tokens) - 1)
+        return {"token_ids": (list(prompt) + seq.tokens)[:fed], "prompt_tokens": len(prompt), "libraries": libs}
+
     def _prefill(self, admitted: list[EngineRequest]) -> None:
         rows_by_key: dict[tuple, list] = {}
         for req in admitted:
@@ -409,8 +472,16 @@ class Engine:
 
         cache = DynamicCache()
         try:
-            logits, counts = self._forward(
-                "prefill", key, [req.routing for req, _, _ in rows], input_ids, mask, position_ids, cache, mask
+            logits, counts, routes = self._forward(
+                "prefill",
+                key,
+                [req.routing for req, _, _ in rows],
+                input_ids,
+                mask,
+                position_ids,
+                cache,
+                mask,
+                tokens=any(req.token_routing for req, _, _ in rows),
             )
         except Exception:
             log.exception("prefill failed")
@@ -440,7 +511,9 @@ class Engine:
                     {lib: c[r].clone() for lib, c in counts.items()},
                     generator=gen,
                     evidence=self._evidence_rows(r),
+                    routes={} if req.token_routing else None,
                 )
+                self._keep_routes(seq, routes, r, n)
                 self._running += 1
                 group.seqs.append(seq)
                 self._accept(seq, self._sample(logits[r : r + 1].clone(), [seq])[0])
@@ -493,7 +566,7 @@ class Engine:
             position_ids = lengths.unsqueeze(1)
             try:
                 self._set_evidence(live)
-                logits, counts = self._forward(
+                logits, counts, routes = self._forward(
                     "decode",
                     key,
                     [s.req.routing for s in live],
@@ -502,6 +575,7 @@ class Engine:
                     position_ids,
                     group.cache,
                     torch.ones(B, 1, dtype=torch.long),
+                    tokens=any(s.req.token_routing for s in live),
                 )
             except Exception:
                 log.exception("decoding step failed")
@@ -515,6 +589,7 @@ class Engine:
             for i, s in enumerate(live):
                 s.evidence = self._evidence_rows(i)
                 s.length += 1
+                self._keep_routes(s, routes, i, 1)
                 for lib, c in counts.items():
                     s.counts[lib] = s.counts[lib] + c[i] if lib in s.counts else c[i].clone()
                 if not s.finished:  # a sibling's failure may have ended it
@@ -568,7 +643,7 @@ class Engine:
         if end > seq.emitted:
             req.emit("text", seq.index, text[seq.emitted : end])
             seq.emitted = end
-        req.emit("done", seq.index, reason, len(seq.tokens), seq.counts)
+        req.emit("done", seq.index, reason, len(seq.tokens), seq.counts, self._token_record(seq))
         self._end(seq)
 
     def _finish_quietly(self, seq: _Seq) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import (
     JSONResponse,
 )
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/openapi.json"}
 
@@ -67,7 +67,12 @@ class _Common(_Body):
     k: int | None = None
     libraries: list[str] | None = None
     adapters: str | list[str] | dict[str, str | None] | None = None
-    return_routing: bool | None = False
+    return_routing: bool | Literal["tokens"] | None = Field(
+        False,
+        description='true: `routing`, per library the adapters used and their shares; "tokens": also, per choice, '
+        "`token_routing`: its tokens (prompt, then generated) and per library its adapted modules, `winners[m][t]` "
+        "(an index into `adapters`) and `scores[m][t]` for every module m and position t, and the prompt's vote",
+    )
     ignore_eos: bool | None = False
 
 

@@ -103,6 +103,8 @@ def model_card(ctx: ServerContext) -> dict:
         "created": ctx.created,
         "owned_by": "loralag",
         "max_model_len": ctx.max_model_len,
+        "routers": sorted(ROUTERS),  # what a request's `router` may name ("fixed" wants `adapters`)
+        "routers_with_k": list(ROUTERS_WITH_K),
         "libraries": [
             {
                 "name": name,

@@ -1,5 +1,6 @@
 """Running a request on the engine and answering it: JSON or server-sent events, stop strings held back
-across chunks, usage, the routing summary, and a client that hangs up ends its sequences.
+across chunks, usage, the routing summary (and with `return_routing: "tokens"` every position's routing), and a
+client that hangs up ends its sequences.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 
@@ -58,7 +60,8 @@ async def run_request(
             code="invalid_value",
         )
     sampling = sampling_params(ctx, body, prompts, max_tokens, default_max, max_tokens_param)
-    ereq = EngineRequest(prompts, n, sampling, routing, ctx.request_timeout)
+    tokens = body.return_routing == "tokens"
+    ereq = EngineRequest(prompts, n, sampling, routing, ctx.request_timeout, token_routing=tokens)
     try:
         ctx.engine.submit(ereq)
     except QueueFull as e:
@@ -104,6 +107,7 @@ class _Generation:
         self.reasons: list[str | None] = [None] * size
         self.tokens = [0] * size
         self.counts: list[dict] = [{} for _ in range(size)]
+        self.token_records: list[dict | None] = [None] * size
         self.done = 0
         self.want_routing = bool(body.return_routing)
         self.checked = time.monotonic()
@@ -132,8 +136,9 @@ class _Generation:
             if event[0] == "text":
                 self.texts[event[1]] += event[2]
             elif event[0] == "done":
-                _, i, reason, ntok, counts = event
+                _, i, reason, ntok, counts, record = event
                 self.reasons[i], self.tokens[i], self.counts[i] = reason, ntok, counts
+                self.token_records[i] = record
                 self.done += 1
                 if self.done == self.ereq.size:
                     self._record()
@@ -160,6 +165,11 @@ class _Generation:
                 total[lib] = total[lib] + c if lib in total else c.clone()
         return routing_summary(self.ereq.routing, total, self.ctx.engine.adapter_names)
 
+    def token_routing(self, i: int) -> dict:
+        return token_routing(
+            self.ereq.routing, self.token_records[i], self.ctx.engine.adapter_names, self.ctx.tokenizer
+        )
+
     async def collect(self) -> dict:
         try:
             while self.done < self.ereq.size:
@@ -180,6 +190,8 @@ class _Generation:
                 choice = {"index": i, "text": text, "logprobs": None, "finish_reason": self.reasons[i]}
             if self.want_routing:
                 choice["routing"] = self.routing([i])
+            if self.token_records[i] is not None:
+                choice["token_routing"] = self.token_routing(i)
             choices.append(choice)
         out = {
             "id": self.id,
@@ -232,6 +244,8 @@ class _Generation:
                     choice = self._choice(event[1], None, event[2])
                     if self.want_routing:
                         choice["routing"] = self.routing([event[1]])
+                    if self.token_records[event[1]] is not None:
+                        choice["token_routing"] = self.token_routing(event[1])
                     yield self._chunk([choice])
                 if self.done == self.ereq.size:
                     break
@@ -288,3 +302,48 @@ def routing_summary(
             entry["entropy"] = round(entropy, 6)
         out[lib] = entry
     return out
+
+
+def _score(x: float) -> float | None:
+    return round(x, 5) if math.isfinite(x) else None  # JSON has no NaN: no decision is null
+
+
+def token_routing(routing: Routing, record: dict, names: dict[str, list[str]], tokenizer) -> dict:
+    """One choice's routing per position (`return_routing: "tokens"`): its tokens (the prompt's, then the generated
+    ones fed back: the last generated token is never fed), and per library its routing, its adapted modules in
+    model order, `winners[m][t]` (an index into `adapters`, null: no adapter) and `scores[m][t]` (the router's
+    score of the winner) for module m and position t, and the sequence vote: the adapter that won the most
+    (position, module) decisions over the prompt (a tie goes to the name that sorts first, as
+    RoutingState.vote; a chat template's tokens vote too). Libraries that were off have no matrices."""
+    ids = record["token_ids"]
+    prompt = record["prompt_tokens"]
+    libraries = {}
+    for lib, desc in routing.describe().items():
+        entry = dict(desc)
+        data = record["libraries"].get(lib)
+        if data is None:
+            libraries[lib] = entry | {"modules": [], "adapters": [], "winners": [], "scores": [], "vote": None}
+            continue
+        W, S = data["winners"], data["scores"]
+        used = sorted(set(W[W >= 0].tolist()))
+        local = {g: j for j, g in enumerate(used)}
+        counts = torch.bincount(W[:, :prompt][W[:, :prompt] >= 0].flatten(), minlength=len(names[lib]))
+        votes = {names[lib][g]: int(counts[g]) for g in counts.nonzero().squeeze(1).tolist()}
+        vote = None
+        if votes:
+            best = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+            vote = {"adapter": best[0], "decisions": best[1], "share": round(best[1] / sum(votes.values()), 6)}
+        entry |= {
+            "modules": data["modules"],
+            "adapters": [names[lib][g] for g in used],
+            "winners": [[local[g] if g >= 0 else None for g in row] for row in W.tolist()],
+            "scores": [[_score(x) for x in row] for row in S.tolist()],
+            "vote": vote,
+        }
+        libraries[lib] = entry
+    return {
+        "tokens": [tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids],
+        "token_ids": ids,
+        "prompt_tokens": prompt,
+        "libraries": libraries,
+    }
