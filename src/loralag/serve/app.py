@@ -135,7 +135,7 @@ def create_app(
             KeyMiddleware,
             key=api_key,
             metrics=metrics,
-            open_paths={"/health"} | ({"/metrics"} if metrics_public else set()),
+            open_paths={"/health"} | endpoints.UI_PATHS | ({"/metrics"} if metrics_public else set()),
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
