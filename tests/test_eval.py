@@ -39,6 +39,9 @@ def write_preds(path: Path, preds: dict) -> Path:
     return write_jsonl(path, [{"id": k, "output": [{"answer": v}]} for k, v in preds.items()])
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def scores_json(out: Path) -> dict:
     return json.loads((out / "scores.json").read_text())
 
@@ -177,6 +180,12 @@ def test_hand_computed_metrics_through_the_cli(tmp_path):
     assert r["em"] == pytest.approx(100 * 2 / 5)
     assert r["f1"] == pytest.approx(100 * (1 + 1 + 6 / 7) / 5)
     assert r["rougel"] == pytest.approx(100 * (2 / (2 + 1e-8) + rouge3) / 5, rel=1e-12)
+    # no oracle, no normalised table: the plot shows each method's primary score per dataset
+    assert (out / "scores.png").read_bytes()[:8] == PNG_MAGIC
+    drawn = ev.plot_scores(scores_json(out), tmp_path / "plot.png")
+    assert drawn["groups"] == ["nq-dev-kilt"] and drawn["values"] == {
+        "mine": {"nq-dev-kilt": pytest.approx(r["score"])}
+    }
     assert r["metric"] == "em" and r["score"] == r["em"]
 
     # --strict: a missing prediction is an error, as in the official scorer
@@ -238,6 +247,13 @@ def test_normalised_table_is_eq9_by_hand(tmp_path):
     assert "Normalised score" in output(result) and "AVG" in output(result)
     md = (out / "scores.md").read_text()
     assert "| b | 100.00 | 66.67 | 83.33 |" in md  # fact_checking comes first in the paper's family order
+    assert (out / "scores.png").read_bytes()[:8] == PNG_MAGIC and "scores.png" in output(result)
+    # the plot draws the table: the bars' heights, read back from the figure, are the report's numbers
+    drawn = ev.plot_scores(report, tmp_path / "again.png")
+    assert drawn["groups"] == ["fact_checking", "open_domain_qa", "AVG"]
+    assert set(drawn["values"]) == set(norm["families"])
+    for m, fams in norm["families"].items():
+        assert {g: v for g, v in drawn["values"][m].items() if v is not None} == pytest.approx(fams), m
 
     # another oracle, named explicitly: each method relative to b
     result = invoke(

@@ -925,14 +925,21 @@ def eval_command(
             f"[yellow]warning:[/] no normalised table: {report['normalised_error']}", highlight=False, soft_wrap=True
         )
     if out is not None:
-        js, md = ev.write_report(out, report)
-        console.print(f"scores written to {js} and {md}")
+        js, md, png = ev.write_report(out, report)
+        console.print(f"scores written to {js} and {md}, plotted in {png}")
 
 
 def _eval_generate(ev, datasets, model: str, library, options, adapter, adapter_map, dtype, threads, out, ray):
     """`eval --model`: load the model behind a spinner, then generate every dataset's predictions with a
     progress bar (loralag.evaluation.evaluate.generate_method does the work)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     libs = [_open(p) for p in library or []]
     mapping = ev.read_adapter_map(adapter_map) if adapter_map is not None else None
@@ -946,12 +953,22 @@ def _eval_generate(ev, datasets, model: str, library, options, adapter, adapter_
         remote = partial(RayAnswerer, address=ray, threads=threads or 1)
     else:
         _set_threads(threads)
-    columns = (TextColumn("answering {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("answering {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),  # rich's speed columns are in bytes: examples/s from the task's speed
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err_console, transient=True) as bar:
-        tasks = {ds.name: bar.add_task(ds.name, total=len(ds.examples), visible=False) for ds in datasets}
+        tasks = {ds.name: bar.add_task(ds.name, total=len(ds.examples), visible=False, rate="") for ds in datasets}
 
         def progress(ds, n):
             bar.update(tasks[ds.name], completed=n, visible=True)
+            speed = next(t.speed for t in bar.tasks if t.id == tasks[ds.name])
+            bar.update(tasks[ds.name], rate="" if speed is None else f"{speed:.2f} ex/s")
 
         def done(ds, answers, path, seconds):
             bar.update(tasks[ds.name], visible=False)

@@ -447,16 +447,63 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
-    """Write scores.json and scores.md into out_dir."""
+def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path, Path]:
+    """Write scores.json, scores.md and scores.png (plot_scores) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "scores.json", out / "scores.md"
+    js, md, png = out / "scores.json", out / "scores.md", out / "scores.png"
     tmp = js.with_name(js.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, js)
     md.write_text(report_markdown(report), encoding="utf-8")
-    return js, md
+    plot_scores(report, png)
+    return js, md, png
+
+
+def plot_scores(report: dict, path: str | os.PathLike) -> dict:
+    """A grouped bar chart of the report, written as a PNG: each method's normalised score per family and AVG
+    (percent of the oracle, a line at 100) when the report has the normalised table, else each method's
+    primary score per dataset. Returns what was drawn, read back from the bars: {"groups": [...], "unit": ...,
+    "values": {method: {group: height, or None where the table has no value}}}."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    norm = report.get("normalised")
+    if norm:
+        table = norm["families"]
+        groups = [f for f in kilt.KILT_FAMILIES if any(f in v for v in table.values())] + ["AVG"]
+        unit = f"normalised score, % of the oracle '{norm['oracle']}'"
+        title = "Normalised score per family (Eq. 9)"
+    else:
+        table = {m: {ds: r["score"] for ds, r in per.items()} for m, per in report["scores"].items()}
+        groups = list(report["datasets"])
+        unit = "primary metric, %"
+        title = "Score per dataset"
+    methods = list(table)
+    width = 0.8 / max(1, len(methods))
+    fig = Figure(figsize=(max(5.0, 1.2 + len(groups) * (0.5 + 0.3 * len(methods))), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = {}
+    for i, method in enumerate(methods):
+        heights = [table[method].get(g) for g in groups]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
+        bars = ax.bar(xs, [float("nan") if h is None else h for h in heights], width, label=method)
+        drawn[method] = {
+            g: (None if h is None else float(b.get_height())) for g, h, b in zip(groups, heights, bars.patches)
+        }
+    if norm:
+        ax.axhline(100, color="black", lw=0.8)
+    top = max([h for per in drawn.values() for h in per.values() if h is not None] + [100.0 if norm else 1.0])
+    ax.set_ylim(0, top * 1.2)  # room for the legend above the tallest bar
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=min(len(methods), 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return {"groups": groups, "unit": unit, "values": drawn}
 
 
 def rich_tables(report: dict) -> list:
