@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Union
@@ -515,6 +515,7 @@ def _train_into(
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
             batches = _batches(len(examples), config, seed)
+            steps_bar = stack.enter_context(_steps_bar(bar, config.steps))
             for step in range(config.steps):
                 picked = next(batches)
                 if rows is not None:
@@ -529,11 +530,25 @@ def _train_into(
                 losses.append(loss.item())
                 if bar is not None:
                     bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1]:.3f}")
+                steps_bar.update(1)
             peft_model.save_pretrained(folder)
     return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
 
 
 # ---------------------------------------------------------------- grouped training
+
+
+def _steps_bar(bar, steps: int):
+    """Under the adapters' bar (adapters/s, ETA of the run), a transient bar of the current adapter's or
+    group's steps (steps/s, ETA of the adapter); nothing when the adapters' bar is off or not a tqdm."""
+    if not isinstance(bar, tqdm) or bar.disable:
+        return nullcontext(_NoBar())
+    return tqdm(total=steps, unit="step", desc="  steps", leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _train_adapters_grouped(
@@ -734,7 +749,11 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
     """Train len(group) adapters in one pass and write each one's folder like `train_adapter`."""
     n = len(group)
     losses = []  # per step: (G,) losses
-    with torch.random.fork_rng(), _grouped_lora(model, inits) as (rows, wrappers):
+    with (
+        torch.random.fork_rng(),
+        _grouped_lora(model, inits) as (rows, wrappers),
+        _steps_bar(bar, config.steps) as steps_bar,
+    ):
         model.train()
         params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -755,6 +774,7 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
             losses.append(loss.detach().cpu())
             if bar is not None:
                 bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1].mean().item():.3f}")
+            steps_bar.update(1)
         rows.sizes = None
         trained = {name: (w.lora_A.detach().clone(), w.lora_B.detach().clone()) for name, w in wrappers.items()}
     _save_group(model, group, config, trained, losses)
