@@ -8,6 +8,8 @@ import concurrent.futures
 import time
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from loralag.evaluation.answers import ANSWER_STOP
 from loralag.experiments.lama.config import BenchConfig, Method
 from loralag.experiments.lama.data import FAMILY_OF
@@ -78,6 +80,7 @@ class AnswerJob:
     cfg: BenchConfig
     layers: int
     library_paths: dict  # "task", "knowledge" -> library folder
+    progress: bool = False  # a bar of the batches answered (share 0's when several share the work)
 
 
 @dataclass
@@ -165,19 +168,29 @@ def _answer_share(job: AnswerJob, model, tokenizer, libs: dict, share: int, shar
     served: dict[str, dict[int, dict]] = {}  # sequence-mode method -> question -> the adapters it served
     seconds: dict[str, float] = {}
     state = attach(model, libs, router="none", k=job.cfg.k)
+    run = [m for m in job.methods if m.reuse is None]
+    batches = {
+        m.name: list(_batches(job.order_rag if m.rag else job.order_plain, job.cfg.batch_size))[share::shares]
+        for m in run
+    }
+    where = "" if shares == 1 else f" (share 1 of {shares})"
+    bar = tqdm(
+        total=sum(map(len, batches.values())), unit="batch", disable=not (job.progress and share == 0), leave=False
+    )
     try:
-        for m in job.methods:
-            if m.reuse is not None:
-                continue
+        for m in run:
             t = time.perf_counter()
+            bar.set_description(f"answering: {m.name}{where}")
             names = answer_names(m, job.grans)
             for name in names:
                 answers[name] = [None] * len(job.questions)
-            batches = list(_batches(job.order_rag if m.rag else job.order_plain, job.cfg.batch_size))[share::shares]
             with state.configure():  # each method routes as it says, then hands the state back as it was
-                _run_method(_Share(job, model, tokenizer, state, stats, memo, answers, served), m, names, batches)
+                _run_method(
+                    _Share(job, model, tokenizer, state, stats, memo, answers, served), m, names, batches[m.name], bar
+                )
             seconds[m.name] = time.perf_counter() - t
     finally:
+        bar.close()
         detach(model)
     return AnswerShare(answers, stats.data, served, memo.reused, seconds)
 
@@ -215,7 +228,15 @@ class _Share:
     served: dict  # sequence-mode method -> question -> the adapters it served
 
 
-def _run_method(share: _Share, m: Method, names: list[str], batches: list[list[int]]) -> None:
+def _ticking(items, bar):
+    """The items, moving `bar` on by one as each is done (also when the loop body `continue`s)."""
+    for item in items:
+        yield item
+        if bar is not None:
+            bar.update(1)
+
+
+def _run_method(share: _Share, m: Method, names: list[str], batches: list[list[int]], bar=None) -> None:
     """Answer the questions of `batches` (lists of question indices) with method m, per token and/or per sequence,
     recording routing statistics.
 
@@ -233,7 +254,7 @@ def _run_method(share: _Share, m: Method, names: list[str], batches: list[list[i
     kw = dict(max_new_tokens=cfg.max_new_tokens, chat=False, stop=list(ANSWER_STOP))
     token_name = names[0] if not names[0].endswith("/seq") else None
     seq_name = f"{m.name}/seq" if f"{m.name}/seq" in names else None
-    for batch in batches:
+    for batch in _ticking(batches, bar):
         prompts = [rag_prompts[i] if m.rag else questions[i].prompt for i in batch]
         gold_know = [questions[i].entity for i in batch]
         gold_task = [FAMILY_OF[questions[i].dataset] for i in batch]

@@ -327,6 +327,7 @@ def _run(
         cfg,
         layers,
         {"task": str(task_lib.path), "knowledge": str(know_lib.path)},
+        progress=progress,
     )
     dtype = getattr(torch, cfg.eval_dtype)
     eval_model = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)  # the caller's model stays
