@@ -100,6 +100,14 @@ def test_token_routing_streamed_fixed_off_and_only_when_asked(server):
     assert all(w == 0 for row in alpha["winners"] for w in row) and alpha["vote"]["adapter"] == "a2"
     assert len(alpha["winners"][0]) == len(fixed["tokens"])
     assert beta == {"router": "none", "modules": [], "adapters": [], "winners": [], "scores": [], "vote": None}
+    # several prompts, n each: every choice has its own prompt's positions and its own answer's
+    many = _complete(server, prompt=[PROMPT, "tell me about the sun"], n=2, max_tokens=3, return_routing="tokens")
+    assert len(many["choices"]) == 4
+    for choice in many["choices"]:
+        tr = choice["token_routing"]
+        assert tr["prompt_tokens"] == (4 if choice["index"] < 2 else 5)
+        assert all(len(row) == len(tr["tokens"]) for lib in tr["libraries"].values() for row in lib["winners"])
+        assert choice["routing"]["alpha"]["routed_tokens"] == len(tr["tokens"]) * 6
     # two routers on one prompt, as the page compares them
     arrow = _complete(server, router="arrow", return_routing="tokens")["choices"][0]["token_routing"]
     assert arrow["libraries"]["alpha"]["router"] == "arrow"
