@@ -3,7 +3,8 @@
     loralag serve --model default --library lib/ [--library lib2/] --router lag --k 20 --port 8000
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both streaming, as
-server-sent events ending with `data: [DONE]`, and not), GET /health, GET /metrics (Prometheus).
+server-sent events ending with `data: [DONE]`, and not), GET /health, GET /metrics (Prometheus), GET /ui (the
+routing explorer page).
 
 Routing options go in the request body next to the OpenAI fields (`extra_body=` in the openai client):
 
@@ -14,7 +15,8 @@ Routing options go in the request body next to the OpenAI fields (`extra_body=` 
                     library), or {"library": "name"}; libraries without one are off unless listed in
                     `libraries`
     return_routing  true: the response holds `routing`, per library the adapters used and their share
-                    of the routed tokens (each token counts once per adapted module)
+                    of the routed tokens (each token counts once per adapted module); "tokens": each choice
+                    also holds `token_routing`, every position's winner and score per module, and the vote
     ignore_eos      true: keep generating past the end-of-sequence token (benchmarks)
 
 Requests arriving together share forward passes (continuous batching, see engine.py); requests
