@@ -458,14 +458,16 @@ class Library:
                 todo.append(folder)
             bar = tqdm(total=len(todo), desc=f"aligning into {self.path.name}", unit="adapter", disable=not progress)
             chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
-            for chunk, aligned in map_chunks(functools.partial(align_chunk, shapes=self.shapes), chunks):
-                seg = self._write_segment(aligned)
-                names = {a.name for a in chunk}
-                kept = [a for a in self.adapters if a["name"] not in names]
-                self._commit(kept + [_entry(a, seg) for a in chunk])
-                added += [a.name for a in chunk]
-                bar.update(len(chunk))
-            bar.close()
+            try:  # tqdm: adapters/s and an ETA, moved on per chunk (each aligned whole, maybe on another machine)
+                for chunk, aligned in map_chunks(functools.partial(align_chunk, shapes=self.shapes), chunks):
+                    seg = self._write_segment(aligned)
+                    names = {a.name for a in chunk}
+                    kept = [a for a in self.adapters if a["name"] not in names]
+                    self._commit(kept + [_entry(a, seg) for a in chunk])
+                    added += [a.name for a in chunk]
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
         return added
 
     def add_segment(self, file: str | Path, source: str = "segment") -> list[str]:
