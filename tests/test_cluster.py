@@ -115,8 +115,10 @@ def test_training_on_the_cluster_matches_a_local_run_and_resumes(cluster, model,
     assert (first.trained, first.cached, first.workers) == (3, 0, 2)
     before = {name: folder_state(tmp_path / "ray" / name) for name in names[:3]}
     (tmp_path / "ray" / ".doc4.tmp-killed").mkdir()  # what a killed write leaves: ignored
-    # the same call as a local run, with ray= (True: the cluster this process is connected to)
-    paths = train_adapters(model, tok, items, tmp_path / "ray", FAST, progress=False, ray=True)
+    # the same call as a local run, on the cluster (address True: the one this process is connected to)
+    from loralag.cluster.train import train_adapters as train_on_cluster
+
+    paths = train_on_cluster(model, tok, items, tmp_path / "ray", FAST, progress=False, address=True)
 
     assert [p.name for p in paths] == [p.name for p in local] == names
     assert {name: folder_state(tmp_path / "ray" / name) for name in names[:3]} == before  # never trained again
@@ -306,8 +308,7 @@ def test_bench_shares_on_ray_answer_as_one_process(cluster, routed, lama_dir):  
     from test_lama_bench import DATASETS, build_data, method_list, size_config
     from tiny_text import tiny_tokenizer
 
-    from loralag.cluster.evaluate import bench_shares
-    from loralag.experiments.lama.answering import AnswerJob, answer_questions
+    from loralag.experiments.lama.answering import AnswerJob, answer_questions, bench_shares
     from loralag.experiments.lama.config import BASE_METHODS
 
     model, libs = routed

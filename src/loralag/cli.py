@@ -512,9 +512,14 @@ def train(
     )
     if steps is not None:
         config.steps = steps
-    paths = train_for_epochs(
-        model_, tokenizer, items, out, config, epochs, progress=True, group_size=group_size, ray=ray
-    )
+    train = None
+    if ray is not None:  # the same adapters, trained on the cluster
+        from functools import partial
+
+        from loralag.cluster.train import train_adapters as train_on_cluster
+
+        train = partial(train_on_cluster, address=ray)
+    paths = train_for_epochs(model_, tokenizer, items, out, config, epochs, group_size=group_size, train=train)
     console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
 
 

@@ -1,5 +1,5 @@
 """Answering questions on a Ray cluster: `loralag eval --model ... --ray` (a dataset's batches over a pool of
-workers) and `loralag bench --ray` (the LAMA bench's answer shares as Ray tasks).
+workers; the LAMA bench's shares as Ray tasks are experiments.lama.answering.bench_shares).
 
 eval: each worker actor takes the model from the object store once, opens the libraries itself (by memory
 map, from the same paths: a shared filesystem) and attaches them with the driver's routers. A dataset's
@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 
-from loralag.cluster.connect import connect, get, setup_worker, worker_count
+from loralag.cluster.connect import connect, setup_worker, worker_count
 from loralag.cluster.pool import ActorPool
 
 
@@ -110,26 +110,3 @@ class RayAnswerer:
 
         self.pool.run(pieces, lambda actor, piece: actor.answer.remote(piece, options), done)
         return {ex.id: answers[ex.id] for ex in dataset.examples}
-
-
-# -- the LAMA bench ------------------------------------------------------------------------------------------------
-def _bench_share(job, model_and_tokenizer, share: int, shares: int, threads: int):
-    from loralag.experiments.lama.answering import _answer_share, _open_libraries
-
-    setup_worker(threads)
-    model, tokenizer = model_and_tokenizer
-    return _answer_share(job, model, tokenizer, _open_libraries(job), share, shares)
-
-
-def bench_shares(address: str | bool | None = True, workers: int | None = None, threads: int = 1):
-    """A `shares` runner for `answer_questions`: runner(job, model, tokenizer, n) answers shares 0..n-1 as Ray
-    tasks (n: `workers`, default as many as the cluster's CPUs hold) and returns their AnswerShares."""
-
-    def run(job, model, tokenizer, n: int | None = None):
-        ray = connect(address)
-        n = worker_count(workers if n is None else n, threads)
-        remote = ray.remote(num_cpus=threads, max_retries=3)(_bench_share)
-        model_ref = ray.put((model, tokenizer))
-        return get([remote.remote(job, model_ref, share, n, threads) for share in range(n)])
-
-    return run

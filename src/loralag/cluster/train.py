@@ -128,6 +128,34 @@ def train_on_ray(
     return run
 
 
+def train_adapters(
+    model,
+    tokenizer,
+    items,
+    out_dir,
+    config=None,
+    progress: bool = True,
+    group_size: int = 1,
+    *,
+    address: str | bool | None = True,
+    workers: int | None = None,
+) -> list[Path]:
+    """loralag.training.train.train_adapters on the Ray cluster at `address` (True: the one this process is
+    connected to, $RAY_ADDRESS or a local one): the same arguments, the same folders, tensor for tensor."""
+    run = train_on_ray(
+        model,
+        tokenizer,
+        items,
+        out_dir,
+        config,
+        address=address,
+        workers=workers,
+        group_size=group_size,
+        progress=progress,
+    )
+    return run.paths
+
+
 def _absolute_under(item):
     """The item with its frozen adapters' folders made absolute (the cache key holds their checksums, not paths)."""
     under = getattr(item, "under", None)

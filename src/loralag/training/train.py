@@ -274,21 +274,21 @@ def train_for_epochs(
     epochs: float | None = None,
     progress: bool = True,
     group_size: int = 1,
-    ray: str | bool | None = None,
+    train=None,
 ) -> list[Path]:
-    """train_adapters, with each item's steps taken from `epochs` passes over its own examples when given
-    (items with the same step count train together); the folders come back in the items' order."""
+    """train_adapters (or `train`, a function called like it, e.g. loralag.cluster.train.train_adapters bound to
+    an address), with each item's steps taken from `epochs` passes over its own examples when given (items with
+    the same step count train together); the folders come back in the items' order."""
+    train = train or train_adapters
     if epochs is None:
-        return train_adapters(model, tokenizer, items, out_dir, config, progress, group_size, ray)
+        return train(model, tokenizer, items, out_dir, config, progress, group_size)
     by_steps: dict[int, list] = {}
     for item in items:
         n = len(build_examples(tokenizer, item, config))
         by_steps.setdefault(max(1, math.ceil(epochs * n / min(n, config.batch_size))), []).append(item)
     done = {}
     for steps, bucket in by_steps.items():
-        paths = train_adapters(
-            model, tokenizer, bucket, out_dir, replace(config, steps=steps), progress, group_size, ray
-        )
+        paths = train(model, tokenizer, bucket, out_dir, replace(config, steps=steps), progress, group_size)
         done.update({item.name: path for item, path in zip(bucket, paths)})
     return [done[item.name] for item in items]
 
@@ -301,12 +301,9 @@ def train_adapters(
     config: TrainConfig | None = None,
     progress: bool = True,
     group_size: int = 1,
-    ray: str | bool | None = None,
 ) -> list[Path]:
-    """Train (or find up to date on disk) one LoRA adapter per item; return their folders.
-
-    ray: train on a Ray cluster instead (True: the one this process is connected to, $RAY_ADDRESS or a local
-    one; a string: its address), the same adapters tensor for tensor; see loralag.cluster.train.
+    """Train (or find up to date on disk) one LoRA adapter per item; return their folders. (On a Ray cluster:
+    loralag.cluster.train.train_adapters, the same adapters tensor for tensor.)
 
     group_size > 1 trains the items that are not up to date that many at a time in one pass
     (see `_train_group`); each adapter comes out as it would one at a time, and the cache
@@ -314,12 +311,6 @@ def train_adapters(
     numbers in a mixed batch, so then the items are trained one at a time instead.
     """
     config = config or TrainConfig()
-    if ray is not None and ray is not False:
-        from loralag.cluster.train import train_on_ray
-
-        return train_on_ray(
-            model, tokenizer, items, out_dir, config, address=ray, progress=progress, group_size=group_size
-        ).paths
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise LoralagError(f"group_size must be a positive integer, got {group_size!r}")
     names = [item.name for item in items]

@@ -122,7 +122,7 @@ def answer_questions(
     generations stay in one process's memo; the model's weights are shared with them, not copied.
     libs: the job's libraries already open here (one process uses them; workers open their own).
     runner(job, model, tokenizer, workers): answers the shares elsewhere and returns them instead of processes
-    here (loralag.cluster.evaluate.bench_shares: as Ray tasks; workers None: as many as the cluster holds)."""
+    here (bench_shares: as Ray tasks; workers None: as many as the cluster holds)."""
     import torch
 
     if runner is not None:
@@ -359,3 +359,28 @@ def _configure(state, m: Method, cfg: BenchConfig, gold_know, gold_task, retriev
         state.fix("prag", retrieved)
     else:
         state.set_router("prag", "none")
+
+
+# -- on a Ray cluster ---------------------------------------------------------------------------------------------
+def _bench_share(job, model_and_tokenizer, share: int, shares: int, threads: int):
+    from loralag.cluster.connect import setup_worker
+
+    setup_worker(threads)
+    model, tokenizer = model_and_tokenizer
+    return _answer_share(job, model, tokenizer, _open_libraries(job), share, shares)
+
+
+def bench_shares(address: str | bool | None = True, workers: int | None = None, threads: int = 1):
+    """A `shares` runner for `answer_questions`: runner(job, model, tokenizer, n) answers shares 0..n-1 as Ray
+    tasks (n: `workers`, default as many as the cluster's CPUs hold) and returns their AnswerShares."""
+
+    def run(job, model, tokenizer, n: int | None = None):
+        from loralag.cluster.connect import connect, get, worker_count
+
+        ray = connect(address)
+        n = worker_count(workers if n is None else n, threads)
+        remote = ray.remote(num_cpus=threads, max_retries=3)(_bench_share)
+        model_ref = ray.put((model, tokenizer))
+        return get([remote.remote(job, model_ref, share, n, threads) for share in range(n)])
+
+    return run

@@ -175,6 +175,12 @@ def _run(
     from loralag.models import load_model
     from loralag.training.train import Document, QAPairs, TrainConfig, train_adapters
 
+    if ray is not None and ray is not False:  # the same adapters, trained on the cluster
+        from functools import partial
+
+        from loralag.cluster.train import train_adapters as train_on_cluster
+
+        train_adapters = partial(train_on_cluster, address=ray)
     cfg = size_config(size, **overrides)
     size_name = size if isinstance(size, str) else "custom"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -239,7 +245,7 @@ def _run(
     )
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
-    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress, ray=ray)
+    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
 
     # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
@@ -254,7 +260,7 @@ def _run(
     under = dict(
         zip(
             fc_entities,
-            train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress, ray=ray),
+            train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress),
         )
     )
     timings["train_fc_knowledge"] = time.perf_counter() - t
@@ -287,7 +293,6 @@ def _run(
             cache / "task",
             fc_cfg if item.name == FAMILY_OF[FACT_CHECKING] else tcfg,
             progress=progress,
-            ray=ray,
         )[0]
         for item in task_items
     ]
@@ -334,7 +339,7 @@ def _run(
     runner = None
     if ray is not None and ray is not False:
         from loralag.cluster.connect import connect, worker_count
-        from loralag.cluster.evaluate import bench_shares
+        from loralag.experiments.lama.answering import bench_shares
 
         connect(ray)
         workers, runner = worker_count(workers, 1), bench_shares(ray)
