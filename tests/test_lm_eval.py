@@ -373,3 +373,80 @@ def test_bad_model_args_are_refused_in_one_line(setup, args, message):
 def test_cli_help_is_lm_evals(setup):
     result = invoke("lm-eval", "-h")
     assert "--model_args" in output(result) and "--include_path" in output(result)
+
+
+# -- the server: prompt scoring for lm-eval's local-completions ------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(setup):
+    from test_serve import Server
+
+    from loralag.serve.app import create_app
+
+    tok = AutoTokenizer.from_pretrained(setup["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(setup["model_dir"], dtype=torch.float32).eval()
+    server = Server(create_app(model, tok, setup["libs"], router="lag", k=2, model_name="tiny"))
+    yield server
+    server.stop()
+
+
+def test_the_server_scores_prompts_as_the_routed_model(setup, served):
+    """echo + logprobs on /v1/completions: every prompt token's log probability, its top alternatives and the
+    greedy next token equal the routed model's own forward pass (the Reference attaches the same libraries)."""
+    ref = Reference(setup["model_dir"], setup["libs"])
+    try:
+        prompts = [ref.tok("Claim: the sky is green\nLabel:").input_ids, ref.tok("who wrote it").input_ids]
+        body = {"model": "tiny", "prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+        r = served.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        for ids, choice in zip(prompts, r.json()["choices"]):
+            with torch.no_grad():
+                lp = torch.log_softmax(ref.model(torch.tensor([ids])).logits[0].double(), -1)
+            got = choice["logprobs"]
+            nxt = int(lp[-1].argmax())
+            assert got["token_logprobs"][0] is None and len(got["token_logprobs"]) == len(ids) + 1
+            want = [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))] + [float(lp[-1, nxt])]
+            assert got["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+            assert got["tokens"] == [ref.tok.decode([t]) for t in [*ids, nxt]]
+            for i, top in enumerate(got["top_logprobs"][1:]):
+                values, index = lp[i].topk(2)
+                want_top = {}
+                for j, v in zip(index.tolist(), values.tolist()):  # keyed by text, as OpenAI's
+                    want_top.setdefault(ref.tok.decode([j]), v)
+                assert top.keys() == want_top.keys() and list(top.values()) == pytest.approx(list(want_top.values()))
+            assert choice["text"] == ref.tok.decode([*ids, nxt])
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"echo": True}, "logprobs"),
+        ({"logprobs": 1}, "echo"),
+        ({"echo": True, "logprobs": 1, "max_tokens": 2}, "max_tokens"),
+        ({"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.7}, "temperature"),
+        ({"echo": True, "logprobs": 9, "max_tokens": 0}, "logprobs"),
+        ({"echo": True, "logprobs": 1, "max_tokens": 0, "stream": True}, "stream"),
+    ],
+)
+def test_scoring_options_are_checked(served, extra, param):
+    r = served.http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_lm_eval_local_completions_on_the_server_equals_loralag(setup, served):
+    """lm-eval's own `local-completions` model pointed at `loralag serve`: its loglikelihoods on the multiple-choice
+    task equal the routed model's (lm-eval reads them from echo + logprobs)."""
+    args = (
+        f"model=tiny,base_url={served.url}/v1/completions,tokenizer={setup['model_dir']},"
+        "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1"
+    )
+    samples = evaluate(setup, "local-completions", args, 1, tasks=("loralag_test_fever",))["samples"]
+    fever = loglikelihoods(samples["loralag_test_fever"])
+    assert len(fever) == N_DOCS * len(LABELS)
+    ref = Reference(setup["model_dir"], setup["libs"])
+    try:
+        for (ctx, cont), ll in fever.items():
+            assert ll == pytest.approx(ref.loglikelihood(ctx, cont), abs=1e-4), (ctx, cont)
+    finally:
+        ref.close()

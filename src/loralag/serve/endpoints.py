@@ -26,14 +26,13 @@ from loralag.serve.requests import (
     resolve_routing,
 )
 from loralag.serve.responses import run_request
+from loralag.serve.scoring import check_scoring, score_request
 from loralag.serve.transport import ClientGone, read_body
 
 log = logging.getLogger("loralag.serve")  # one logger for the whole server
 router = APIRouter()
 
 COMPLETION_DEFAULTS = {  # OpenAI fields this server does not implement, with the values that mean "not used"
-    "echo": False,
-    "logprobs": None,
     "suffix": None,
     "presence_penalty": 0,
     "frequency_penalty": 0,
@@ -121,8 +120,11 @@ async def completions(request: Request):
         raise APIError(
             400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter"
         )
+    scoring = check_scoring(body)  # echo + logprobs: the prompt's token logprobs (lm-eval's local-completions)
     routing = resolve_routing(ctx, body)
     prompts = await ctx.off_loop(completion_prompts, ctx, body.prompt)
+    if scoring:
+        return await score_request(ctx, body, prompts, routing)
     return await run_request(request, ctx, "text_completion", body, prompts, body.max_tokens, 16, routing)
 
 

@@ -31,6 +31,7 @@ module (only then: it costs memory in proportion to tokens × modules).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import itertools
 import logging
@@ -181,6 +182,7 @@ class Engine:
         self._logits_to_keep = "logits_to_keep" in params
         self._cv = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
+        self._jobs: deque = deque()  # (fn, future): work run on this thread between steps (run_on_engine)
         self._groups: dict[tuple, RoutingGroup] = {}
         self._running = 0  # unfinished sequences in groups
         self._stopping = False
@@ -251,15 +253,40 @@ class Engine:
             self._cv.notify_all()
 
     # -- the loop -------------------------------------------------------------------------------------------
+    def run_on_engine(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the engine's thread between two steps (the model is used by one thread only, and its
+        routing settings are the engine's to change); the future holds what it returns or raises."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            self.start()
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            self._jobs.append((fn, future))
+            self._cv.notify_all()
+        return future
+
+    def _run_jobs(self, jobs: list) -> None:
+        for fn, future in jobs:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # the job's own error, answered to its caller; the engine goes on
+                    future.set_exception(e)
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._jobs:
                     self._cv.wait(timeout=1.0)
                 if self._stopping:
+                    for _, future in self._jobs:
+                        future.cancel()
                     return
                 admitted = self._admit()
+                jobs, self._jobs = list(self._jobs), deque()
+            self._run_jobs(jobs)
             try:
                 self._reap()
                 if admitted:
