@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a minute")
+    config.addinivalue_line("markers", "slow: takes more than a minute; left out by default (pyproject addopts), run with -m slow")
 
 
 def tiny_llama(seed: int = 0):

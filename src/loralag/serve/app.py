@@ -127,6 +127,7 @@ def create_app(
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            ctx.close()
 
     app = FastAPI(title="loralag", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     schema = openapi_schema()

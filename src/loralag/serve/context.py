@@ -64,6 +64,10 @@ class ServerContext:
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
+    def close(self) -> None:
+        """The tokenizing thread ends with the server (a process that starts many servers keeps none of them)."""
+        self._tokenizing.shutdown(wait=False)
+
 
 def _longest_token(tokenizer) -> int:
     """Characters of the tokenizer's longest vocabulary entry (at least 16): a bound on the characters one token
