@@ -421,8 +421,8 @@ def test_the_server_scores_prompts_as_the_routed_model(setup, served):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"echo": True}, "logprobs"),
-        ({"logprobs": 1}, "echo"),
+        ({"echo": True}, "echo"),
+        ({"logprobs": 1}, "logprobs"),
         ({"echo": True, "logprobs": 1, "max_tokens": 2}, "max_tokens"),
         ({"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.7}, "temperature"),
         ({"echo": True, "logprobs": 9, "max_tokens": 0}, "logprobs"),

@@ -27,7 +27,7 @@ def check_scoring(body) -> bool:
     if not body.echo and body.logprobs is None:
         return False
     if not body.echo or body.logprobs is None:
-        field = "logprobs" if body.echo else "echo"
+        field = "echo" if body.echo else "logprobs"  # the one given where it cannot be honoured
         raise APIError(
             400,
             "this server returns logprobs for prompt scoring only: echo true with logprobs N",
