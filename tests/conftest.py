@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a minute; left out by default (pyproject addopts), run with -m slow")
+    # left out by default (pyproject's addopts); run them with -m slow
+    config.addinivalue_line("markers", "slow: takes more than a minute")
 
 
 def tiny_llama(seed: int = 0):
