@@ -691,7 +691,8 @@ def serve(
 
         from loralag.serve.app import serve as run_server
     console.print(
-        f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port}",
+        f"loading model '{model}' and {len(library or [])} library(ies), then serving on http://{host}:{port} "
+        f"(the routing explorer: http://{host}:{port}/ui)",
         highlight=False,
     )
     run_server(
