@@ -303,45 +303,15 @@ def test_answerer_spreads_one_dataset_over_the_workers(cluster, eval_world):
 def test_bench_shares_on_ray_answer_as_one_process(cluster, routed, lama_dir):  # noqa: F811
     """The LAMA bench's answer shares (every other batch of every method) as Ray tasks give exactly the answers,
     routing counts, served adapters and memo reuse of one in-process pass."""
-    from dataclasses import replace
-
-    from test_lama_bench import DATASETS, build_data, method_list, size_config
+    from test_lama_bench import assert_same_shares, share_job
     from tiny_text import tiny_tokenizer
 
-    from loralag.experiments.lama.answering import AnswerJob, answer_questions, bench_shares
-    from loralag.experiments.lama.config import BASE_METHODS
+    from loralag.experiments.lama.answering import answer_questions, bench_shares
 
-    model, libs = routed
-    data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
-    methods = tuple(m for m in BASE_METHODS if m != "oracle")
-    cfg = size_config(dict(n_entities=4, k=2, k_sweep=(1,), batch_size=2, max_new_tokens=3, methods=methods))
-    names = libs["knowledge"].names
-    as_adapter = {e.name: names[i % len(names)] for i, e in enumerate(data.entities)}
-    questions = [replace(q, entity=as_adapter[q.entity]) for d in DATASETS for q in data.questions[d]]
-    order = list(range(len(questions)))
-    job = AnswerJob(
-        method_list(cfg, n=len(names)),
-        ("token", "sequence"),
-        questions,
-        [names[i % len(names)] for i in range(len(questions))],
-        [f"context {q.prompt}" for q in questions],
-        order,
-        order[::-1],
-        {as_adapter[e.name]: e.mentions for e in data.entities},
-        cfg,
-        model.config.num_hidden_layers,
-        {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)},
-    )
-    tok = tiny_tokenizer()
-    one = answer_questions(job, model, tok, workers=1)
-    two = answer_questions(job, model, tok, workers=2, runner=bench_shares(True))
-    assert set(one.answers) == set(two.answers) and "lag@2/seq" in one.answers
-    for name, texts in one.answers.items():
-        assert None not in texts, name
-        assert two.answers[name] == texts, name
-    assert two.stats == one.stats
-    assert two.served == one.served
-    assert two.reused == one.reused > 0
+    job, tok = share_job(routed, lama_dir), tiny_tokenizer()
+    one = answer_questions(job, routed[0], tok, workers=1)
+    two = answer_questions(job, routed[0], tok, workers=2, runner=bench_shares(True))
+    assert_same_shares(one, two)
 
 
 # -- serving -------------------------------------------------------------------------------------------------------

@@ -332,34 +332,22 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         detach(model)
 
 
-def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
-    """answer_questions with two spawned workers (each every other batch, weights shared) gives exactly the
-    answers, routing counts, served adapters and memo reuse of one in-process pass."""
-    from tiny_text import tiny_tokenizer
-
-    from loralag.experiments.lama.answering import AnswerJob, answer_questions
+def share_job(routed, lama_dir):
+    """An AnswerJob over the tiny libraries, every method but the Oracle (its gold task adapters are named by
+    family; these are task0..task2), each entity's gold standing for one of the library's adapters."""
+    from loralag.experiments.lama.answering import AnswerJob
     from loralag.experiments.lama.config import BASE_METHODS
 
     model, libs = routed
     data = build_data(lama_dir, n_entities=4, questions_per_dataset=3, n_train_pairs=4, seed=0)
-    questions = [q for d in DATASETS for q in data.questions[d]]
-    # every method but the Oracle (its gold task adapters are named by family; these are task0..task2)
-    cfg = size_config(
-        dict(
-            n_entities=4,
-            k=2,
-            k_sweep=(1,),
-            batch_size=2,
-            max_new_tokens=3,
-            methods=tuple(m for m in BASE_METHODS if m != "oracle"),
-        )
-    )
+    methods = tuple(m for m in BASE_METHODS if m != "oracle")
+    cfg = size_config(dict(n_entities=4, k=2, k_sweep=(1,), batch_size=2, max_new_tokens=3, methods=methods))
     names = libs["knowledge"].names
     as_adapter = {e.name: names[i % len(names)] for i, e in enumerate(data.entities)}  # gold = an adapter here
-    questions = [replace(q, entity=as_adapter[q.entity]) for q in questions]
+    questions = [replace(q, entity=as_adapter[q.entity]) for d in DATASETS for q in data.questions[d]]
     retrieved = [names[i % len(names)] for i in range(len(questions))]  # what BM25 would have picked
     order = list(range(len(questions)))
-    job = AnswerJob(
+    return AnswerJob(
         method_list(cfg, n=len(names)),
         ("token", "sequence"),
         questions,
@@ -372,9 +360,10 @@ def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
         model.config.num_hidden_layers,
         {"task": str(libs["task"].path), "knowledge": str(libs["knowledge"].path)},
     )
-    tok = tiny_tokenizer()
-    one = answer_questions(job, model, tok, workers=1)
-    two = answer_questions(job, model, tok, workers=2)
+
+
+def assert_same_shares(one, two) -> None:
+    """Two ways of answering a job gave exactly the same answers, routing counts, served adapters and reuse."""
     assert set(one.answers) == set(two.answers) and "lag@2/seq" in one.answers
     for name, texts in one.answers.items():
         assert None not in texts, name
@@ -382,6 +371,19 @@ def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
     assert two.stats == one.stats
     assert two.served == one.served
     assert two.reused == one.reused > 0
+
+
+def test_worker_processes_answer_as_one_process(routed, lama_dir, one_thread):
+    """answer_questions with two spawned workers (each every other batch, weights shared) gives exactly the
+    answers, routing counts, served adapters and memo reuse of one in-process pass."""
+    from tiny_text import tiny_tokenizer
+
+    from loralag.experiments.lama.answering import answer_questions
+
+    job, tok = share_job(routed, lama_dir), tiny_tokenizer()
+    one = answer_questions(job, routed[0], tok, workers=1)
+    two = answer_questions(job, routed[0], tok, workers=2)
+    assert_same_shares(one, two)
     assert set(two.seconds) == set(one.seconds)
 
 
