@@ -17,17 +17,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a minute")
 
 
+# The tiny Llama's shape; tests that need another vocabulary or context override just those keys.
+TINY_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = LlamaConfig(**TINY_LLAMA)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 

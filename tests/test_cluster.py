@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 ray = pytest.importorskip("ray")
 
-from conftest import invoke, output  # noqa: E402
+from conftest import TINY_LLAMA, invoke, output  # noqa: E402
 from test_lama_bench import lama_dir, routed  # noqa: E402, F401  (fixtures)
 
 from loralag.cluster.train import train_on_ray  # noqa: E402
@@ -55,15 +55,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok)})
     return AutoModelForCausalLM.from_config(config).eval()
 
 

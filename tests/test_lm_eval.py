@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, invoke, output, save_lora
+from conftest import DATA, TINY_LLAMA, invoke, output, save_lora
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -52,13 +52,7 @@ def setup(tmp_path_factory):
     tok = byte_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 512},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_lora, tiny_gpt2, tiny_llama
+from conftest import TINY_LLAMA, save_lora, tiny_gpt2, tiny_llama
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from loralag import attach, build_library, detach
 from loralag.library.store import module_shapes
 
-COMMON = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+COMMON = TINY_LLAMA  # every family at the tiny Llama's size
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 FAMILIES = {

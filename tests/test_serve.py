@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import save_lora
+from conftest import TINY_LLAMA, save_lora
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_text import WORDS, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -37,13 +37,7 @@ PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
 def tiny_long_llama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
+        **{**TINY_LLAMA, "max_position_embeddings": CONTEXT},
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
