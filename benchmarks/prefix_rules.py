@@ -77,24 +77,15 @@ def main():
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix-rules"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    from loralag.experiments.lama.config import size_config
-    from loralag.experiments.lama.data import QA, SLOT_FILLING, build_data
+    from loralag.experiments.lama.config import bench_data, size_config
+    from loralag.experiments.lama.data import QA, SLOT_FILLING
     from loralag.library.store import open_library
     from loralag.models import load_model
 
     torch.set_num_threads(args.threads)
     settings = json.loads((args.results / "settings.json").read_text())
     cfg = size_config(settings["config"] | {"k_sweep": tuple(settings["config"]["k_sweep"])})
-    data = build_data(
-        settings["data_dir"],
-        cfg.n_entities,
-        cfg.questions_per_dataset,
-        cfg.n_train_pairs,
-        cfg.seed,
-        cfg.max_article_chars,
-        context_every=cfg.context_every,
-        fc_bare_facts=cfg.fc_bare_facts,
-    )
+    data = bench_data(cfg, settings["data_dir"])  # the run's own data, questions included
     lib = open_library(settings["knowledge_library"])
     model, tok = load_model(settings["model"], dtype=torch.float32)
     per = max(1, args.questions // 2)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from loralag.errors import LoralagError
-from loralag.experiments.lama.data import FC_FORMS
+from loralag.experiments.lama.data import FC_FORMS, build_data
 
 PLAG_NOTE = (
     "P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
@@ -132,6 +132,21 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
         if unknown:
             raise LoralagError(f"unknown methods {sorted(unknown)}; choose from {BASE_METHODS}")
     return cfg
+
+
+def bench_data(cfg: BenchConfig, data_dir: str | Path):
+    """The benchmark's data (entities, questions, training pairs) as a run with `cfg` builds it from `data_dir`."""
+    return build_data(
+        data_dir,
+        cfg.n_entities,
+        cfg.questions_per_dataset,
+        cfg.n_train_pairs,
+        cfg.seed,
+        cfg.max_article_chars,
+        context_every=cfg.context_every,
+        fc_bare_facts=cfg.fc_bare_facts,
+        fc_form=cfg.fc_form,
+    )
 
 
 def default_data_dir() -> Path:

@@ -60,6 +60,7 @@ from loralag.experiments.lama.config import (
     PLAG_NOTE,
     TASK_MODULES,
     BenchConfig,
+    bench_data,
     default_cache_dir,
     default_data_dir,
     method_list,
@@ -72,7 +73,6 @@ from loralag.experiments.lama.data import (
     QA,
     SLOT_FILLING,
     Question,
-    build_data,
     describe,
     fact_checking_pairs,
     rag_prompt,
@@ -193,17 +193,7 @@ def _run(
 
     # -- data ------------------------------------------------------------------------------------------------
     t = time.perf_counter()
-    data = build_data(
-        data_dir,
-        cfg.n_entities,
-        cfg.questions_per_dataset,
-        cfg.n_train_pairs,
-        cfg.seed,
-        cfg.max_article_chars,
-        context_every=cfg.context_every,
-        fc_bare_facts=cfg.fc_bare_facts,
-        fc_form=cfg.fc_form,
-    )
+    data = bench_data(cfg, data_dir)
     timings["data"] = time.perf_counter() - t
     n = len(data.entities)
     say(
