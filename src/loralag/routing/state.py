@@ -32,11 +32,15 @@ class RoutingState:
         self._specs = dict(specs)
         self.trace: RoutingTrace | None = None
         self.swaps = ModuleSwaps(model)
-        self.originals: dict[str, nn.Module] = {}
         self.layers: dict[str, RoutedLinear] = {}
         # lag-prefix: each sequence's LAG picks so far, per library (reset when a forward starts a fresh cache)
         self.evidence = {lib: PrefixEvidence(len(library.names)) for lib, library in libraries.items()}
         self.hooks: list = []
+
+    @property
+    def originals(self) -> dict[str, nn.Module]:
+        """The modules the routed layers stand in for, by name (what detach puts back)."""
+        return dict(self.swaps.originals)
 
     @property
     def specs(self) -> Mapping[str, RouteSpec]:
@@ -252,7 +256,6 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
             targets.setdefault(module, {})[lib_name] = lib.bank(module)
     for module, banks in targets.items():
         layer = state.swaps.swap(module, lambda original, m=module, b=banks: RoutedLinear(original, m, b, state))
-        state.originals[module] = layer.base
         state.layers[module] = layer
     state.hooks = [
         model.register_forward_pre_hook(state._forward_starts, with_kwargs=True),

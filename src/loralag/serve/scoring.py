@@ -59,51 +59,50 @@ def check_scoring(body) -> bool:
 
 
 def score_prompts(engine, tokenizer, prompts: list[list[int]], routing: Routing, top: int, next_token: bool):
-    """On the engine's thread: per prompt, the OpenAI `logprobs` object of the prompt (and the next token)."""
+    """On the engine's thread: per prompt, the OpenAI `logprobs` object of the prompt (and the next token), all
+    under the request's routing (set once for the whole request)."""
     state = engine.state
     specs = group_specs(routing.key, [routing], engine.base_specs) if state is not None else {}
+    device = next(engine.model.parameters()).device
     out = []
-    for ids in prompts:
-        with state.configure(specs) if state is not None else nullcontext(), torch.no_grad():
-            device = next(engine.model.parameters()).device
+    with state.configure(specs) if state is not None else nullcontext(), torch.no_grad():
+        for ids in prompts:  # one at a time: a prompt's (tokens × vocabulary) log-probabilities can be large
             logits = engine.model(input_ids=torch.tensor([ids], device=device)).logits[0]
-        lp = torch.log_softmax(logits.double(), dim=-1)
-        given = lp[:-1].gather(1, torch.tensor(ids[1:], device=lp.device).unsqueeze(1)).squeeze(1)
-        token_ids = list(ids)
-        logprobs: list[float | None] = [None, *given.tolist()]
-        rows = lp[:-1]
-        if next_token:
-            token_ids.append(int(lp[-1].argmax()))
-            logprobs.append(float(lp[-1, token_ids[-1]]))
-            rows = lp
-        tops: list[dict | None] = [None]
-        if top:
-            values, index = rows.topk(top, dim=-1)
-            for i, vs in zip(index.tolist(), values.tolist()):
-                top_row: dict[str, float] = {}
-                for j, v in zip(i, vs):  # two tokens that read the same keep the likelier's value
-                    top_row.setdefault(tokenizer.decode([j]), float(v))
-                tops.append(top_row)
-        else:
-            tops += [{} for _ in range(len(rows))]
-        pieces = [tokenizer.decode([t]) for t in token_ids]
-        offsets, at = [], 0
-        for piece in pieces:
-            offsets.append(at)
-            at += len(piece)
-        out.append(
-            {
-                "text": tokenizer.decode(token_ids),
-                "logprobs": {
-                    "tokens": pieces,
-                    "token_logprobs": logprobs,
-                    "top_logprobs": tops,
-                    "text_offset": offsets,
-                },
-                "completion_tokens": len(token_ids) - len(ids),
-            }
-        )
+            out.append(_scored(tokenizer, ids, torch.log_softmax(logits.double(), dim=-1), top, next_token))
     return out
+
+
+def _scored(tokenizer, ids: list[int], lp: torch.Tensor, top: int, next_token: bool) -> dict:
+    """One prompt's choice: its text, OpenAI's `logprobs` object from the log-probabilities `lp` (tokens ×
+    vocabulary), and how many tokens were generated (the greedy next one, or none)."""
+    given = lp[:-1].gather(1, torch.tensor(ids[1:], device=lp.device).unsqueeze(1)).squeeze(1)
+    token_ids = list(ids)
+    logprobs: list[float | None] = [None, *given.tolist()]
+    rows = lp[:-1]
+    if next_token:
+        token_ids.append(int(lp[-1].argmax()))
+        logprobs.append(float(lp[-1, token_ids[-1]]))
+        rows = lp
+    tops: list[dict | None] = [None]
+    if top:
+        values, index = rows.topk(top, dim=-1)
+        for i, vs in zip(index.tolist(), values.tolist()):
+            top_row: dict[str, float] = {}
+            for j, v in zip(i, vs):  # two tokens that read the same keep the likelier's value
+                top_row.setdefault(tokenizer.decode([j]), float(v))
+            tops.append(top_row)
+    else:
+        tops += [{} for _ in range(len(rows))]
+    pieces = [tokenizer.decode([t]) for t in token_ids]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "text": tokenizer.decode(token_ids),
+        "logprobs": {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets},
+        "completion_tokens": len(token_ids) - len(ids),
+    }
 
 
 async def score_request(ctx, body, prompts: list[list[int]], routing: Routing) -> dict:
@@ -112,7 +111,9 @@ async def score_request(ctx, body, prompts: list[list[int]], routing: Routing) -
         lambda: score_prompts(ctx.engine, ctx.tokenizer, prompts, routing, body.logprobs, body.max_tokens == 1)
     )
     scored = await asyncio.wrap_future(job)
-    ctx.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(s["completion_tokens"] for s in scored)
+    ctx.metrics.prompt_tokens.inc(prompt_tokens)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -123,8 +124,8 @@ async def score_request(ctx, body, prompts: list[list[int]], routing: Routing) -
             for i, s in enumerate(scored)
         ],
         "usage": {
-            "prompt_tokens": sum(len(p) for p in prompts),
-            "completion_tokens": sum(s["completion_tokens"] for s in scored),
-            "total_tokens": sum(len(p) for p in prompts) + sum(s["completion_tokens"] for s in scored),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
     }
