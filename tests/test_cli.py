@@ -321,6 +321,14 @@ def test_every_option_and_argument_is_described():
     assert missing == []
 
 
+def test_help_text_in_brackets_is_shown_not_taken_for_markup():
+    # rich reads `[ray]` as a style tag and drops it: `pip install "loralag"` would be printed
+    for name in ("build", "train", "serve", "bench", "eval"):
+        text = output(invoke(name, "--help")).replace(" ", "")
+        assert 'pipinstall"loralag[ray]"' in text, name
+    assert "LIB/NAMEor[..]" in output(invoke("eval", "--help")).replace(" ", "")
+
+
 def test_help_shows_flags_as_flags_and_readable_usage():
     for name, _cmd in _commands().items():
         if name == "lm-eval":  # forwards --help to lm-eval's own parser: its text is lm-eval's

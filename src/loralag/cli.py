@@ -25,6 +25,7 @@ from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from typer.core import TyperCommand  # noqa: E402
 
 from loralag.errors import LoralagError
@@ -45,6 +46,8 @@ class _Command(TyperCommand):
         for param in self.params:
             if getattr(param, "is_flag", False):
                 param.metavar = ""
+            if param.help:  # help is text: rich would eat `loralag[ray]` as a markup tag
+                param.help = escape(param.help)
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
