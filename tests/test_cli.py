@@ -207,7 +207,7 @@ def test_index_then_generate_with_nprobe_and_sequence_routing(world, lib, tmp_pa
     assert bad.exit_code == 2 and "granularity" in output(bad)
 
 
-def test_train_one_at_a_time_and_grouped_write_the_same_adapters(world, tmp_path):
+def test_train_one_at_a_time_grouped_and_in_workers_write_the_same_adapters(world, tmp_path):
     from safetensors.torch import load_file
 
     docs = tmp_path / "docs"
@@ -218,15 +218,18 @@ def test_train_one_at_a_time_and_grouped_write_the_same_adapters(world, tmp_path
     args = ("--model", world / "model", "-t", "up_proj", "--epochs", "2", "--batch-size", "2", "--lr", "5e-3")
     one = invoke("train", tmp_path / "one", docs, *args)
     grouped = invoke("train", tmp_path / "grouped", docs, *args, "--group-size", "2")
+    workers = invoke("train", tmp_path / "workers", docs, *args, "--workers", "2")
     assert one.exit_code == 0 and grouped.exit_code == 0, output(one) + output(grouped)
-    assert "3 adapter(s)" in output(grouped)
+    assert workers.exit_code == 0, output(workers)
+    assert "3 adapter(s)" in output(grouped) and "3 adapter(s)" in output(workers)
     for name in ("zarn", "quill", "pairs"):
         a = load_file(tmp_path / "one" / name / "adapter_model.safetensors")
-        b = load_file(tmp_path / "grouped" / name / "adapter_model.safetensors")
-        assert a.keys() == b.keys() and a
-        for key in a:
-            gap = (a[key] - b[key]).abs().max().item()
-            assert gap < 1e-5, (name, key, gap)
+        for other in ("grouped", "workers"):
+            b = load_file(tmp_path / other / name / "adapter_model.safetensors")
+            assert a.keys() == b.keys() and a
+            for key in a:
+                gap = (a[key] - b[key]).abs().max().item()
+                assert gap < 1e-5, (name, other, key, gap)
     files = sorted((tmp_path / "grouped").glob("*/adapter_model.safetensors"))
     stamps = [f.stat().st_mtime_ns for f in files]
     again = invoke("train", tmp_path / "grouped", docs, *args, "--group-size", "2")
@@ -272,6 +275,7 @@ BAD_ARGS = [
     (["eval", "{tmp}/missing.jsonl", "-p", "x"], "missing.jsonl"),
     (["eval", "{tmp}/data.jsonl", "--model", "default", "--out", "{tmp}/o", "--router", "lagg"], "lagg"),
     (["train", "{tmp}/out", "{tmp}/nodocs"], "nodocs"),
+    (["train", "{tmp}/out", "{tmp}", "--workers", "2", "--group-size", "2"], "--workers"),
     (["build", "{tmp}/lib", "{tmp}/noadapters"], "noadapters"),
     (["index", "{tmp}/nolib"], "nolib"),
     (["bench", "--size", "huge"], "huge"),

@@ -527,3 +527,45 @@ def test_bad_under(model, tok, tmp_path):
         with pytest.raises(LoralagError, match=message):
             lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_workers_train_the_same_adapters_as_one_process(model, tok, tmp_path, one_thread):
+    items = group_items()
+    single = lt.train_adapters(model, tok, items, tmp_path / "single", GROUP_CFG, progress=False)
+    (tmp_path / "workers").mkdir()
+    lt.train_adapters(model, tok, items[:1], tmp_path / "workers", GROUP_CFG, progress=False)  # already there
+    kept = (tmp_path / "workers" / items[0].name / lt.MARKER_FILE).stat().st_mtime_ns
+    torch.set_num_threads(2)  # each of the 2 workers gets 1 thread, as the one-process run had
+    paths = lt.train_adapters(model, tok, items, tmp_path / "workers", GROUP_CFG, progress=False, workers=2)
+    assert [p.name for p in paths] == [item.name for item in items]
+    assert (paths[0] / lt.MARKER_FILE).stat().st_mtime_ns == kept  # up to date: not trained again
+    for a, b in zip(single, paths):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0)
+        assert lt._read_marker(a)["key"] == lt._read_marker(b)["key"]
+    assert sorted(p.name for p in (tmp_path / "workers").iterdir()) == sorted(item.name for item in items)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_workers(model, tok, tmp_path, bad):
+    with pytest.raises(LoralagError, match="workers must be a positive integer"):
+        lt.train_adapters(model, tok, [Document("d", TEXT)], tmp_path, FAST, progress=False, workers=bad)
+    with pytest.raises(LoralagError, match="choose one"):
+        lt.train_adapters(model, tok, [Document("d", TEXT)], tmp_path, FAST, progress=False, workers=2, group_size=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loss_over_the_learned_positions_is_hfs_loss(model, tok):
+    # pairs learn only their answers, a document every token: the union of learned positions differs per row
+    config = TrainConfig()
+    examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
+    batch = lt._collate(examples, lt._pad_id(tok))
+    logits, targets = lt._learned_logits(model, model, batch)
+    assert logits.shape[1] < batch["input_ids"].shape[1]  # the LM head skipped positions nothing learns from
+    ours = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+    hf = model(**batch).loss
+    torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-6)

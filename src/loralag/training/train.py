@@ -15,6 +15,7 @@ tokens, its own gradient clipping, AdamW), so the folders and cache keys are the
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -301,9 +302,14 @@ def train_adapters(
     config: TrainConfig | None = None,
     progress: bool = True,
     group_size: int = 1,
+    workers: int = 1,
 ) -> list[Path]:
     """Train (or find up to date on disk) one LoRA adapter per item; return their folders. (On a Ray cluster:
     loralag.cluster.train.train_adapters, the same adapters tensor for tensor.)
+
+    workers > 1 trains that many adapters at a time in spawned processes on this machine's CPU cores, each
+    with threads // workers torch threads (see loralag.training.processes); a calling script needs the usual
+    `if __name__ == "__main__":` guard.
 
     group_size > 1 trains the items that are not up to date that many at a time in one pass
     (see `_train_group`); each adapter comes out as it would one at a time, and the cache
@@ -311,8 +317,11 @@ def train_adapters(
     numbers in a mixed batch, so then the items are trained one at a time instead.
     """
     config = config or TrainConfig()
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise LoralagError(f"group_size must be a positive integer, got {group_size!r}")
+    for value, what in ((group_size, "group_size"), (workers, "workers")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LoralagError(f"{what} must be a positive integer, got {value!r}")
+    if group_size > 1 and workers > 1:
+        raise LoralagError("group_size and workers are two ways to train several adapters at once: choose one")
     names = [item.name for item in items]
     if len(set(names)) != len(names):
         raise LoralagError(f"adapter names must be unique, got duplicates in {names}")
@@ -320,6 +329,13 @@ def train_adapters(
         log.info("removed %s, left by a run that was killed", stray)
     if group_size > 1:
         return _train_adapters_grouped(model, tokenizer, items, Path(out_dir), config, progress, group_size)
+    if workers > 1:
+        from loralag.training.processes import train_in_processes
+
+        for item in items:
+            _check_name(item.name, "training item")
+        _check_targets(model, config.target_modules)
+        return train_in_processes(model, tokenizer, items, Path(out_dir), config, workers, progress)
     paths = []
     bar = tqdm(total=len(items), unit="adapter", disable=not progress)
     try:
@@ -471,6 +487,19 @@ def _peft_attached(model, lora: LoraConfig):
         raise RuntimeError("LoRA layers were left in the base model after training")  # a bug, not user error
 
 
+def _learned_logits(base, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model`'s logits at the positions whose next token some row learns, and those next tokens (the labels
+    shifted left; -100 where a row learns none). HF's causal LM loss over them is its loss over every
+    position, but the LM head (a vocabulary-wide matmul and softmax per position) skips the prompts:
+    a task adapter's pairs with an article in front learn a few answer tokens after a hundred of context."""
+    shift = nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:  # a model without it: every position
+        return model(**inputs).logits, shift
+    keep = (shift != -100).any(dim=0).nonzero().squeeze(1)
+    return model(**inputs, logits_to_keep=keep).logits, shift[:, keep]
+
+
 def _batches(n_examples: int, config: TrainConfig, seed: int) -> Iterator[list[int]]:
     """Indices of the examples of each step: all of them when they fit in a batch, else
     batch_size at a time from a queue refilled with permutations seeded by the adapter's seed."""
@@ -513,7 +542,10 @@ def _train_into(
                     rows.index = torch.tensor([under[1][i] for i in picked], device=model.device)
                 batch = _collate([examples[i] for i in picked], pad_id)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                loss = peft_model(**batch).loss
+                logits, targets = _learned_logits(model, peft_model, batch)
+                loss = nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+                )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -712,10 +744,9 @@ def _grouped_lora(model, inits: list[dict]):
         raise RuntimeError("grouped LoRA layers were left in the base model after training")  # a bug
 
 
-def _per_adapter_loss(logits, labels, owner, n_adapters: int) -> torch.Tensor:
-    """(G,) mean token loss of each adapter over its own rows' label tokens, computed as HF's
-    causal LM loss does (float logits, labels shifted left, -100 ignored)."""
-    shift = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+def _per_adapter_loss(logits, shift, owner, n_adapters: int) -> torch.Tensor:
+    """(G,) mean token loss of each adapter over its own rows' target tokens (`_learned_logits`), computed as
+    HF's causal LM loss does (float logits, -100 ignored)."""
     token_loss = nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shift.shape)
@@ -755,8 +786,8 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
             rows.sizes = [len(rows_g) for rows_g in picked]
             batch = _collate([ex for rows_g in picked for ex in rows_g], pad_id)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss = _per_adapter_loss(logits, batch["labels"], owner, n)
+            logits, targets = _learned_logits(model, model, batch)
+            loss = _per_adapter_loss(logits, targets, owner, n)
             del logits
             loss.sum().backward()  # adapters share no parameter: each gets its own loss's gradient
             _clip_per_adapter(params, 1.0)

@@ -137,9 +137,10 @@ def run_bench(
     out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
     shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
     threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
-    workers: processes that answer the questions, each on its share of the batches with threads // workers
-    threads (default_workers: two for 8+ batches per method); the results do not depend on it beyond float
-    rounding. With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn).
+    workers: processes that train the knowledge adapters (default: two on 2+ threads) and that answer the
+    questions, each on its share of the batches with threads // workers threads (default_workers: two for 8+
+    batches per method); the results do not depend on it beyond float rounding. With workers > 1 a calling
+    script needs the usual `if __name__ == "__main__":` guard (spawn).
     ray: train the adapters and answer the questions' shares on a Ray cluster instead (True or its address;
     workers default to as many as its CPUs hold), see loralag.cluster."""
     import torch
@@ -168,6 +169,8 @@ def run_bench(
 def _run(
     size, data_dir, out_dir, model_spec, cache_dir, progress, console, model_and_tokenizer, workers, overrides, ray=None
 ) -> dict:
+    from functools import partial
+
     import torch
 
     from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
@@ -176,11 +179,11 @@ def _run(
     from loralag.training.train import Document, QAPairs, TrainConfig, train_adapters
 
     if ray is not None and ray is not False:  # the same adapters, trained on the cluster
-        from functools import partial
-
         from loralag.cluster.train import train_adapters as train_on_cluster
 
-        train_adapters = partial(train_on_cluster, address=ray)
+        train_adapters = train_many = partial(train_on_cluster, address=ray)
+    else:  # the knowledge adapters, many alike, in worker processes (training.processes)
+        train_many = partial(train_adapters, workers=workers or (2 if torch.get_num_threads() >= 2 else 1))
     cfg = size_config(size, **overrides)
     size_name = size if isinstance(size, str) else "custom"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -235,7 +238,7 @@ def _run(
     )
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
-    know_paths = train_adapters(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
+    know_paths = train_many(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
 
     # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
@@ -250,7 +253,7 @@ def _run(
     under = dict(
         zip(
             fc_entities,
-            train_adapters(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress),
+            train_many(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress),
         )
     )
     timings["train_fc_knowledge"] = time.perf_counter() - t

@@ -1,0 +1,71 @@
+"""Training on one machine's cores in worker processes: `train_adapters(..., workers=N)`.
+
+Each worker holds the model (its weights shared with this process, not copied) and trains whole adapters with
+threads // N torch threads, one adapter at a time as `train_adapter` does, writing each folder atomically. On
+2 cores two single-threaded workers trained 8 knowledge adapters in 90 s against 107 s for one process of two
+threads (1.19x): a training step's matmuls are small enough that one thread each wastes less than two threads
+sharing one. Which adapters a worker takes changes nothing in them (each depends on its own seed and examples);
+the thread count does change float rounding, as it does in one process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+_WORKER: dict = {}
+
+
+def train_in_processes(model, tokenizer, items, out_dir: Path, config, workers: int, progress: bool) -> list[Path]:
+    """The folders of `items`, in order: the up-to-date ones found here, the others trained by `workers`
+    spawned processes (fewer when fewer adapters are left to train)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from loralag.training.train import _finished, _job, train_adapter
+
+    out_dir = Path(out_dir)
+    todo = [i for i, item in enumerate(items) if _finished(_job(model, tokenizer, item, out_dir, config)) is None]
+    bar = tqdm(total=len(items), unit="adapter", disable=not progress)
+    try:
+        bar.update(len(items) - len(todo))
+        if len(todo) < 2 or model.device.type != "cpu":  # nothing to share out, or one accelerator to feed
+            for i in todo:
+                bar.set_description(items[i].name)
+                train_adapter(model, tokenizer, items[i], out_dir, config)
+                bar.update(1)
+            return [out_dir / item.name for item in items]
+        n = min(workers, len(todo))
+        threads = max(1, torch.get_num_threads() // n)
+        model.share_memory()
+        ctx = torch.multiprocessing.get_context("spawn")  # fork would copy a process whose OpenMP threads run
+        # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
+        with concurrent.futures.ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=_start_worker, initargs=(model, tokenizer, threads)
+        ) as pool:
+            futures = {pool.submit(_train_one, items[i], out_dir, config): i for i in todo}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()  # a worker's error (a bad item, a full disk) stops the run here
+                    bar.set_description(items[futures[future]].name)
+                    bar.update(1)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+    return [out_dir / item.name for item in items]
+
+
+def _start_worker(model, tokenizer, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(model=model, tokenizer=tokenizer)
+
+
+def _train_one(item, out_dir: Path, config) -> Path:
+    from loralag.training.train import train_adapter
+
+    return train_adapter(_WORKER["model"], _WORKER["tokenizer"], item, out_dir, config).path
