@@ -1,7 +1,8 @@
 import copy
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -569,3 +570,71 @@ def test_loss_over_the_learned_positions_is_hfs_loss(model, tok):
     )
     hf = model(**batch).loss
     torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-6)
+
+
+def _inputs_alone(model, examples, targets):
+    """Reference: every target Linear's inputs, each example run alone (no padding), stacked."""
+    seen: dict[str, list] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(a[0][0].double()))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    with torch.no_grad():
+        for ids, _ in examples:
+            model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {name: torch.cat(xs).numpy() for name, xs in seen.items()}
+
+
+def test_activation_rows_span_the_items_own_inputs(model, tok):
+    import numpy as np
+
+    from loralag.training.activation_init import activation_rows
+
+    config = TrainConfig(r=3, batch_size=3)
+    examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
+    rows = activation_rows(model, examples, ["q_proj", "down_proj"], 3, lt._pad_id(tok), batch_size=3)  # padded
+    ref = _inputs_alone(model, examples, ["q_proj", "down_proj"])
+    assert rows.keys() == ref.keys() and len(rows) == 4
+    for name, x in ref.items():
+        v = np.linalg.svd(x, full_matrices=False)[2][:3]
+        ours = rows[name].double().numpy()
+        np.testing.assert_allclose(np.abs(ours @ v.T), np.eye(3), atol=1e-4)  # the same directions, in order
+        assert (ours[np.arange(3), np.abs(ours).argmax(1)] > 0).all()  # signed: largest entry positive
+
+
+def test_activations_init_starts_from_the_base_model_and_trains(model, tok, tmp_path, one_thread):
+    from loralag.training.activation_init import activation_rows
+
+    config = replace(GROUP_CFG, init="activations")
+    item = group_items()[0]
+    examples = lt.build_examples(tok, item, config)
+    init = lt._lora_init(model, config, lt.adapter_seed(0, item.name), examples, lt._pad_id(tok))
+    peft_rows = lt._lora_init(model, GROUP_CFG, lt.adapter_seed(0, item.name))
+    rows = activation_rows(model, examples, GROUP_CFG.target_modules, GROUP_CFG.r, lt._pad_id(tok), 4)
+    for name, (A, B, _) in init.items():
+        norm = peft_rows[name][0].norm(dim=1).mean()
+        torch.testing.assert_close(A, rows[name] * norm)
+        assert B.abs().max() == 0  # the model starts as the base model
+    grouped = lt.train_adapters(model, tok, group_items(), tmp_path / "g", config, progress=False, group_size=2)
+    single = lt.train_adapters(model, tok, group_items(), tmp_path / "s", config, progress=False)
+    peft = lt.train_adapters(model, tok, group_items()[:1], tmp_path / "p", GROUP_CFG, progress=False)
+    for a, b in zip(single, grouped):
+        wa, wb = weights(a), weights(b)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+        assert lt._read_marker(a)["final_loss"] < lt._read_marker(a)["first_loss"]
+    assert lt._read_marker(single[0])["key"] != lt._read_marker(peft[0])["key"]  # another init, another adapter
+    assert lt._read_marker(single[0])["config"]["init"] == "activations"
+
+
+def test_the_default_init_keeps_earlier_cache_keys(model, tok):
+    item = group_items()[0]
+    key = lt._job(model, tok, item, Path("x"), GROUP_CFG).key
+    old = lt._key_config(GROUP_CFG)
+    assert "init" not in old  # a key without the field, as before `init` existed
+    assert key == lt._job(model, tok, item, Path("x"), replace(GROUP_CFG, init="peft")).key
+    with pytest.raises(LoralagError, match="init must be one of"):
+        lt.train_adapters(model, tok, [item], Path("x"), replace(GROUP_CFG, init="eva"), progress=False)

@@ -110,6 +110,17 @@ class FcForm(str, Enum):  # lama_data.FC_FORMS
     recall = "recall"
 
 
+class Init(str, Enum):  # loralag.training.INITS
+    peft = "peft"
+    activations = "activations"
+
+
+INIT_HELP = (
+    "LoRA A's init: 'peft' (PEFT's random one, from the adapter's own seed) or 'activations' (the top-r "
+    "directions of the base model's inputs over the adapter's own text; see the README's 'Distinct inits')."
+)
+
+
 class Granularity(str, Enum):
     token = "token"
     sequence = "sequence"
@@ -491,6 +502,7 @@ def train(
         "LoRA (the same adapters as one at a time; not faster on CPU, see "
         "benchmarks/results/train.md).",
     ),
+    init: Init = typer.Option(Init.peft, "--init", help=INIT_HELP),
     workers: int = typer.Option(
         1,
         "--workers",
@@ -520,7 +532,13 @@ def train(
 
     model_, tokenizer = load_model_waiting(model)
     config = TrainConfig(
-        target_modules=targets, r=rank, alpha=alpha, batch_size=batch_size, lr=lr, max_length=max_length
+        target_modules=targets,
+        r=rank,
+        alpha=alpha,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        init=init.value,
     )
     if steps is not None:
         config.steps = steps
@@ -767,6 +785,8 @@ def bench(
         "--shared-init",
         help="Train every adapter from one LoRA init (loralag 0.1's way), to measure what distinct inits do.",
     ),
+    know_init: Init = typer.Option(Init.peft, "--know-init", help="The knowledge adapters' " + INIT_HELP),
+    task_init: Init = typer.Option(Init.peft, "--task-init", help="The task adapters' " + INIT_HELP),
     ray: Optional[str] = _ray_option("Train the adapters and answer the questions (--workers shares)"),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
@@ -795,6 +815,8 @@ def bench(
         eval_dtype=eval_dtype.value if eval_dtype else None,
         fc_form=fc_form.value,
         shared_init=shared_init or None,
+        know_init=know_init.value,
+        task_init=task_init.value,
         ray=ray,
     )
     print_summary(results, console)

@@ -3,3 +3,6 @@ rows frozen in place (frozen_rows).
 
 Imports loralag.library and loralag.errors; never generation, serving, evaluation or experiments.
 """
+
+# A LoRA init of TrainConfig.init (train.py, activation_init.py); here, so settings are checked without torch
+INITS = ("peft", "activations")

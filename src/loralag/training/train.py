@@ -40,6 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loralag.errors import LoralagError
 from loralag.routing.swap import ModuleSwaps
+from loralag.training import INITS
 from loralag.training.frozen_rows import frozen_adapters
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class TrainConfig:
     append_eos: bool = True  # end each answer with eos so the adapter learns to stop
     seed: int = 0  # the base seed: each adapter's own seed is adapter_seed(seed, name), see there
     shared_init: bool = False  # every adapter from the one init of `seed` (loralag 0.1's way; for comparisons)
+    # A's init: "peft" (PEFT's, random from the adapter's seed) or "activations" (the top-r directions of the
+    # base model's inputs over the item's own tokens, see training/activation_init.py); B starts at 0 either way
+    init: str = "peft"
 
 
 def adapter_seed(base_seed: int, name: str) -> int:
@@ -317,6 +321,8 @@ def train_adapters(
     numbers in a mixed batch, so then the items are trained one at a time instead.
     """
     config = config or TrainConfig()
+    if config.init not in INITS:
+        raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
     for value, what in ((group_size, "group_size"), (workers, "workers")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoralagError(f"{what} must be a positive integer, got {value!r}")
@@ -529,8 +535,10 @@ def _train_into(
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
     with torch.random.fork_rng(), ExitStack() as stack:
         torch.manual_seed(seed)
+        init = _init_rows(model, examples, config, pad_id)  # of the base model alone, as at the first step
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         with _peft_attached(model, _lora_config(config)) as peft_model:
+            _set_init_rows(model, init)
             peft_model.train()
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -615,7 +623,14 @@ def _train_adapters_grouped(
                     lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar, job.under, job.seed),
                 )
             else:
-                _train_group(model, group, config, pad_id, [_lora_init(model, config, job.seed) for job in group], bar)
+                _train_group(
+                    model,
+                    group,
+                    config,
+                    pad_id,
+                    [_lora_init(model, config, job.seed, job.examples, pad_id) for job in group],
+                    bar,
+                )
             bar.update(len(group))
     finally:
         bar.close()
@@ -663,12 +678,35 @@ def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
     return None
 
 
-def _lora_init(model, config: TrainConfig, seed: int) -> dict:
-    """PEFT's own initial LoRA factors for an adapter's seed: {module name: (A, B, scale)}, taken from
-    get_peft_model exactly as `_train_into` seeds it."""
+def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None:
+    if config.init not in INITS:
+        raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
+    if config.init == "peft":
+        return None
+    from loralag.training.activation_init import activation_rows
+
+    return activation_rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
+
+
+@torch.no_grad()
+def _set_init_rows(model, init: dict | None) -> None:
+    """Replace PEFT's A of every LoRA layer by the init's rows, at the mean norm of PEFT's own rows."""
+    if init is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            A = module.lora_A["default"].weight
+            A.copy_(init[name].to(A) * A.norm(dim=1).mean())
+
+
+def _lora_init(model, config: TrainConfig, seed: int, examples=None, pad_id: int = 0) -> dict:
+    """The initial LoRA factors for an adapter's seed (and, for init="activations", its examples):
+    {module name: (A, B, scale)}, taken from get_peft_model exactly as `_train_into` seeds it."""
+    init = _init_rows(model, examples, config, pad_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         with _peft_attached(model, _lora_config(config)):
+            _set_init_rows(model, init)
             return {
                 name: (
                     module.lora_A["default"].weight.detach().clone(),
@@ -861,6 +899,8 @@ def _key_config(config: TrainConfig) -> dict:
     out = asdict(config)
     if not out["shared_init"]:
         del out["shared_init"]
+    if out["init"] == "peft":  # likewise for adapters trained before `init` existed
+        del out["init"]
     return out
 
 

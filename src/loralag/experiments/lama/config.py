@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import FC_FORMS, build_data
+from loralag.training import INITS
 
 PLAG_NOTE = (
     "P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
@@ -40,12 +41,14 @@ class BenchConfig:
     know_steps: int = 12
     know_lr: float = 2e-3
     know_batch: int = 4
+    know_init: str = "peft"  # A's init (TrainConfig.init): "peft" or "activations"
     # task adapters
     task_r: int = 8
     task_alpha: int = 16
     task_steps: int = 80
     task_lr: float = 2e-3
     task_batch: int = 4
+    task_init: str = "peft"
     # evaluation
     k: int = 20  # the headline LAG's k
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
@@ -123,6 +126,9 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
         raise LoralagError(f"eval_dtype must be one of {EVAL_DTYPES}, got {cfg.eval_dtype!r}")
     if cfg.granularity not in GRANULARITIES:
         raise LoralagError(f"granularity must be one of {GRANULARITIES}, got {cfg.granularity!r}")
+    for init in (cfg.know_init, cfg.task_init):
+        if init not in INITS:
+            raise LoralagError(f"an adapter init must be one of {INITS}, got {init!r}")
     if cfg.fc_form not in FC_FORMS:
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
     if cfg.n_entities < 2:

@@ -235,6 +235,7 @@ def _run(
         lr=cfg.know_lr,
         seed=cfg.seed,
         shared_init=cfg.shared_init,
+        init=cfg.know_init,
     )
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
@@ -268,6 +269,7 @@ def _run(
         lr=cfg.task_lr,
         seed=cfg.seed,
         shared_init=cfg.shared_init,
+        init=cfg.task_init,
     )
     task_items = [
         QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None)

@@ -1,0 +1,60 @@
+"""A data-aware LoRA init: `TrainConfig(init="activations")`.
+
+PEFT's default init draws each adapter's A at random (B = 0). After a few dozen steps A has barely moved, so an
+adapter's A* rows, which LAG's routers read (the arrow `|a·x|`, SpectR's `‖A*x‖`), are mostly the random
+draw's directions: they say little about what the adapter learned. Here A's rows start as the top-r right
+singular vectors of the base model's own inputs to that module over the item's training tokens (the
+directions its text occupies most), at the norm PEFT gives A's rows; B stays 0, so training starts from the
+base model exactly as with PEFT's init. The directions depend only on the base model and the item, never on
+the other adapters or the training order. (PEFT's EVA init is the same idea for one fine-tuning run: it
+centres the inputs and redistributes ranks across layers, and fits them by incremental PCA over a stream of
+batches; an adapter's own few examples are decomposed here exactly, in one pass, uncentred: a text's mean
+direction is part of what tells it apart.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def activation_rows(
+    model, examples, targets: list[str], r: int, pad_id: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """{module name: (r, d_in) float32}: per target nn.Linear of `model`, the top-r right singular vectors of
+    its inputs at every real token of `examples` ((ids, labels) pairs), rows of unit norm, each signed so its
+    largest entry is positive. A module that saw fewer than r distinct directions keeps them and zero rows."""
+    from loralag.training.train import _collate
+
+    inputs: dict[str, list[torch.Tensor]] = {}
+    real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens, which the hooks keep
+
+    def keeper(name):
+        return lambda module, args: inputs.setdefault(name, []).append(args[0][real["mask"]].float().cpu())
+
+    hooks = [
+        module.register_forward_pre_hook(keeper(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = _collate(examples[start : start + batch_size], pad_id)
+            real["mask"] = batch["attention_mask"].bool().to(model.device)
+            model(input_ids=batch["input_ids"].to(model.device), attention_mask=real["mask"].long(), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    rows = {}
+    for name, chunks in inputs.items():
+        x = torch.cat(chunks).double()
+        v = torch.linalg.svd(x, full_matrices=False).Vh[:r]
+        sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
+        out = torch.zeros(r, x.shape[1], dtype=torch.float64)
+        out[: len(v)] = v * sign
+        rows[name] = out.float()
+    return rows
