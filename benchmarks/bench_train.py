@@ -1,4 +1,5 @@
-"""Training many adapters: one at a time vs grouped (G adapters per forward/backward), SmolLM2-135M.
+"""Training many adapters: one at a time vs grouped (G adapters per forward/backward) vs worker processes
+(W adapters at a time, each in its own process with threads / W torch threads), SmolLM2-135M.
 
 `loralag.training.train.train_adapters(..., group_size=G)` trains G adapters per pass: each step is one
 forward/backward over the concatenation of the G adapters' own batches, each row through its own adapter.
@@ -9,10 +10,12 @@ Workload: N knowledge-style documents about made-up entities (≈ 100–165 toke
 4 examples per adapter), batch 4, rank 6 on gate_proj/up_proj/down_proj, the default base model
 (SmolLM2-135M-Instruct, float32), torch threads 1 unless --threads.
 
-Methods: `one-at-a-time` (group_size=1, PEFT's get_peft_model per adapter) and `G=2`, `G=4`, `G=8`
-(group_size=G). Each run trains all N adapters into a fresh folder (nothing cached) and includes saving the
-PEFT folders. Runs are interleaved rep by rep (the starting method rotates) and the median per method is
-reported; there is no separate warm-up run (a run is minutes long; the model is loaded once beforehand).
+Methods: `one-at-a-time` (group_size=1, PEFT's get_peft_model per adapter), `G=2`, `G=4`, `G=8` (group_size=G)
+and `workers=2` (workers=2: with `--threads 2` on 2 cores, two one-thread processes against one process of two
+threads; the worker processes' start, imports included, is in their time). Each run trains all N adapters into
+a fresh folder (nothing cached) and includes saving the PEFT folders. Runs are interleaved rep by rep (the
+starting method rotates) and the median per method is reported; there is no separate warm-up run (a run is
+minutes long; the model is loaded once beforehand).
 
 "Token slots / real tokens" is the padding overhead: grouped rows are padded to the longest example of the
 whole group, one-at-a-time rows only to the longest of their own batch.
@@ -194,6 +197,7 @@ def extra(p):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default 5; quick 2)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (default 2; quick 1)")
     p.add_argument("--groups", type=str, default=None, help="comma-separated group sizes (default 2,4,8; quick 2,4)")
+    p.add_argument("--workers", type=str, default="2", help="comma-separated worker-process counts (default 2)")
 
 
 def main():
@@ -220,7 +224,9 @@ def main():
         f"text tokens {min(n[0] for n in lengths)}–{max(n[0] for n in lengths)}; steps {steps}; reps {reps}"
     )
 
-    methods = {"one-at-a-time": 1, **{f"G={g}": g for g in groups}}
+    workers = [int(w) for w in args.workers.split(",") if w]
+    methods = {"one-at-a-time": (1, 1), **{f"G={g}": (g, 1) for g in groups}}
+    methods.update({f"workers={w}": (1, w) for w in workers})
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     samples = {m: [] for m in methods}
     loads = {m: [] for m in methods}
@@ -234,7 +240,8 @@ def main():
                 load_before = os.getloadavg()[0]
                 counter = TokenCounter(model)
                 t = time.perf_counter()
-                lt.train_adapters(model, tok, docs, out, config, progress=False, group_size=methods[m])
+                g, w = methods[m]
+                lt.train_adapters(model, tok, docs, out, config, progress=False, group_size=g, workers=w)
                 dt = time.perf_counter() - t
                 tokens[m].add(counter.close())
                 samples[m].append(dt / n_docs)
@@ -265,7 +272,7 @@ def main():
 
     med = {m: C.median(s) for m, s in samples.items()}
     rows, data_rows = [], []
-    for m, g in methods.items():
+    for m, (g, w) in methods.items():
         [(computed, real)] = tokens[m]  # every run of a method computes the same batches
         ratio = med[m] / med["one-at-a-time"]
         rows.append(
@@ -274,7 +281,7 @@ def main():
                 C.fmt_time(med[m]),
                 f"{ratio:.2f}",
                 ", ".join(f"{s:.2f}" for s in samples[m]),
-                f"{computed / real:.2f}",
+                f"{computed / real:.2f}" if real else "— (in the workers)",
                 f"{agree[m]['max_abs_weight_diff']:.1e}",
                 f"{agree[m]['max_abs_final_loss_diff']:.1e}",
                 ", ".join(str(x) for x in loads[m]),
@@ -284,6 +291,7 @@ def main():
             {
                 "method": m,
                 "group_size": g,
+                "workers": w,
                 "median_s_per_adapter": med[m],
                 "ratio_vs_one": ratio,
                 "samples_s_per_adapter": samples[m],
@@ -304,7 +312,7 @@ def main():
             f"{best_ratio:.2f}; differences under 5% are within this machine's noise), so "
             "`train_adapters` keeps `group_size=1` as its default."
         )
-    g_max = max(methods.values())
+    g_max = max(g for g, _ in methods.values())
     rows_max = g_max * min(config.batch_size, max(map(len, lengths)))
     logits_gib = rows_max * max(map(max, lengths)) * model.config.vocab_size * 4 / C.GiB
     text_tok = [n[0] for n in lengths]
@@ -372,7 +380,7 @@ def main():
     C.write_report(
         args.out,
         "train",
-        "Training many adapters: one at a time vs grouped",
+        "Training many adapters: one at a time vs grouped vs worker processes",
         "\n".join(body),
         info,
         data,

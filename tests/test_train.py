@@ -595,9 +595,10 @@ def test_activation_rows_span_the_items_own_inputs(model, tok):
 
     config = TrainConfig(r=3, batch_size=3)
     examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
-    rows = activation_rows(model, examples, ["q_proj", "down_proj"], 3, lt._pad_id(tok), batch_size=3)  # padded
-    ref = _inputs_alone(model, examples, ["q_proj", "down_proj"])
-    assert rows.keys() == ref.keys() and len(rows) == 4
+    targets = ["q_proj", "k_proj", "down_proj"]  # q and k read one tensor: kept and decomposed once
+    rows = activation_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded
+    ref = _inputs_alone(model, examples, targets)
+    assert rows.keys() == ref.keys() and len(rows) == 6
     for name, x in ref.items():
         v = np.linalg.svd(x, full_matrices=False)[2][:3]
         ours = rows[name].double().numpy()

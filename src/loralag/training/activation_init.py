@@ -29,9 +29,18 @@ def activation_rows(
 
     inputs: dict[str, list[torch.Tensor]] = {}
     real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens, which the hooks keep
+    # this forward's inputs by identity (q/k/v, gate/up read one tensor: kept and decomposed once), each held
+    # with its tensor so that no other tensor can take its id during the forward
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keeper(name):
-        return lambda module, args: inputs.setdefault(name, []).append(args[0][real["mask"]].float().cpu())
+        def keep(module, args):
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = (x, x[real["mask"]].float().cpu())
+            inputs.setdefault(name, []).append(seen[id(x)][1])
+
+        return keep
 
     hooks = [
         module.register_forward_pre_hook(keeper(name))
@@ -45,16 +54,20 @@ def activation_rows(
             batch = _collate(examples[start : start + batch_size], pad_id)
             real["mask"] = batch["attention_mask"].bool().to(model.device)
             model(input_ids=batch["input_ids"].to(model.device), attention_mask=real["mask"].long(), use_cache=False)
+            seen.clear()
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    rows = {}
+    rows, done = {}, {}
     for name, chunks in inputs.items():
-        x = torch.cat(chunks).double()
-        v = torch.linalg.svd(x, full_matrices=False).Vh[:r]
-        sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
-        out = torch.zeros(r, x.shape[1], dtype=torch.float64)
-        out[: len(v)] = v * sign
-        rows[name] = out.float()
+        key = tuple(map(id, chunks))
+        if key not in done:
+            x = torch.cat(chunks).double()
+            v = torch.linalg.svd(x, full_matrices=False).Vh[:r]
+            sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
+            out = torch.zeros(r, x.shape[1], dtype=torch.float64)
+            out[: len(v)] = v * sign
+            done[key] = out.float()
+        rows[name] = done[key]
     return rows
