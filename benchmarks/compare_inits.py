@@ -1,8 +1,11 @@
-"""What distinct adapter inits do: two `loralag bench` runs that differ only in `shared_init`, side by side.
+"""What an adapter init does: two `loralag bench` runs that differ only in their adapters' init, side by side.
 
     loralag bench --size small --shared-init --out results/small-shared
     loralag bench --size small --out results/small-distinct
     python benchmarks/compare_inits.py results/small-shared results/small-distinct --out benchmarks/results/inits
+
+    loralag bench --size small --task-init activations --out results/small-task-act
+    python benchmarks/compare_inits.py results/small-distinct results/small-task-act --out benchmarks/results/inits-task
 
 Writes inits.md (and inits.json): every method's normalised score and gain fraction in both runs, knowledge
 routing to the gold adapter (subject tokens, answer positions, per layer) and how alike the knowledge library's
@@ -47,21 +50,39 @@ def shared_subspace(library, rank: int | None = None) -> float:
     return sum(out) / len(out)
 
 
+INIT_FIELDS = ("shared_init", "know_init", "task_init")
+
+
+def init_label(config: dict) -> str:
+    """How a run's adapters started: one shared seed or their own, and any library's non-PEFT init."""
+    label = "shared init" if config.get("shared_init") else "distinct inits"
+    other = [
+        f"{lib}: {config[f'{key}_init']}"
+        for key, lib in (("know", "knowledge"), ("task", "task"))
+        if config.get(f"{key}_init", "peft") != "peft"
+    ]
+    return ", ".join(other) if other and not config.get("shared_init") else ", ".join([label, *other])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("shared", type=Path, help="results folder of the shared-init run")
-    p.add_argument("distinct", type=Path, help="results folder of the distinct-init run")
+    p.add_argument("a", type=Path, help="results folder of one run")
+    p.add_argument("b", type=Path, help="results folder of a run that differs only in its adapters' init")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/inits"))
     args = p.parse_args()
     from loralag.library.store import open_library
 
-    runs = {
-        name: json.loads((folder / "results.json").read_text())
-        for name, folder in (("shared", args.shared), ("distinct", args.distinct))
-    }
-    for name, r in runs.items():
-        if r["settings"]["config"].get("shared_init", False) != (name == "shared"):
-            raise SystemExit(f"{name}: that run's shared_init is {r['settings']['config'].get('shared_init')}")
+    raw = [json.loads((folder / "results.json").read_text()) for folder in (args.a, args.b)]
+    configs = [r["settings"]["config"] for r in raw]
+    other = sorted(
+        k for k in set(configs[0]) | set(configs[1]) if k not in INIT_FIELDS and configs[0].get(k) != configs[1].get(k)
+    )
+    if other:
+        raise SystemExit(f"the two runs differ in more than their init: {other}")
+    names = [init_label(c) for c in configs]
+    if names[0] == names[1]:
+        raise SystemExit(f"both runs have {names[0]}")
+    runs = dict(zip(names, raw))
     stats = {}
     for name, r in runs.items():
         lib = open_library(r["settings"]["knowledge_library"])
@@ -70,53 +91,65 @@ def main():
             "shared_subspace": shared_subspace(lib),
             "adapters": len(lib),
         }
-    methods = [m for m in runs["distinct"]["normalised"] if m in runs["shared"]["normalised"]]
+    a, b = names
+    methods = [m for m in runs[b]["normalised"] if m in runs[a]["normalised"]]
     lines = [
-        "# Distinct vs shared LoRA inits",
+        f"# {a} vs {b}",
         "",
-        f"Two `loralag bench --size {runs['distinct']['settings']['size']}` runs that differ only in the "
-        "adapters' init: one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
-        "(`adapter_seed(seed, name)`).",
+        f"Two `loralag bench --size {runs[b]['settings']['size']}` runs that differ only in the adapters' init: "
+        "one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
+        "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one "
+        "or the top-r directions of the base model's inputs over the adapter's own text).",
         "",
-        "| knowledge library | shared | distinct |",
+        f"| knowledge library | {a} | {b} |",
         "|---|---|---|",
-        f"| mean \\|cos\\| between two adapters' arrows | {stats['shared']['arrow_abs_cos']:.3f} | "
-        f"{stats['distinct']['arrow_abs_cos']:.3f} |",
+        f"| mean \\|cos\\| between two adapters' arrows | {stats[a]['arrow_abs_cos']:.3f} | "
+        f"{stats[b]['arrow_abs_cos']:.3f} |",
         f"| share of an adapter's A* in the library's top-r common subspace | "
-        f"{stats['shared']['shared_subspace']:.3f} | {stats['distinct']['shared_subspace']:.3f} |",
+        f"{stats[a]['shared_subspace']:.3f} | {stats[b]['shared_subspace']:.3f} |",
         "",
         "## Normalised score (AVG, % of the Oracle) and gain fraction",
         "",
-        "| method | shared: AVG | distinct: AVG | shared: gain | distinct: gain |",
+        f"| method | {a}: AVG | {b}: AVG | {a}: gain | {b}: gain |",
         "|---|---|---|---|---|",
     ]
     for m in methods:
         cells = []
         for key in ("normalised", "gain"):
-            for name in ("shared", "distinct"):
+            for name in names:
                 v = (runs[name].get(key) or {}).get(m, {}).get("AVG")
                 cells.append("—" if v is None else f"{v:.1f}")
         lines.append(f"| {m} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    by_layer = {}
+    for lib in ("knowledge", "task"):
+        lines += [
+            "",
+            f"## {lib.capitalize()} routing to the gold adapter (%; the sequence vote: questions)",
+            "",
+            f"| method | {a}: subject tokens | {b}: subject tokens | {a}: answer | {b}: answer |",
+            "|---|---|---|---|---|",
+        ]
+        for m in runs[b]["routing"]:
+            st = {name: runs[name]["routing"].get(m, {}).get(lib) for name in names}
+            if not all(st.values()):
+                continue
+            if st[b].get("subject") is None:  # a sequence vote
+                if st[b].get("vote_total"):
+                    votes = [f"{st[n]['vote_hits']}/{st[n]['vote_total']}" for n in names]
+                    lines.append(f"| {m} (vote) | {votes[0]} | {votes[1]} | | |")
+                continue
+            fmt = [
+                f"{100 * st[n][key]:.1f}" if st[n].get(key) is not None else "—"
+                for key in ("subject", "answer")
+                for n in names
+            ]
+            lines.append(f"| {m} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {fmt[3]} |")
+            if lib == "knowledge":
+                by_layer[m] = {n: st[n]["subject_by_layer"] for n in names}
     lines += [
         "",
-        "## Knowledge routing to the gold adapter (%)",
-        "",
-        "| method | shared: subject tokens | distinct: subject tokens | shared: answer | distinct: answer |",
-        "|---|---|---|---|---|",
+        "Knowledge subject tokens to gold per layer: `inits.json` (`subject_by_layer`), plotted in `inits.png`.",
     ]
-    by_layer = {}
-    for m in runs["distinct"]["routing"]:
-        kn = {name: runs[name]["routing"].get(m, {}).get("knowledge") for name in runs}
-        if not all(kn.values()) or kn["distinct"].get("subject") is None:
-            continue
-        fmt = [
-            f"{100 * kn[n][key]:.1f}" if kn[n].get(key) is not None else "—"
-            for key in ("subject", "answer")
-            for n in ("shared", "distinct")
-        ]
-        lines.append(f"| {m} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {fmt[3]} |")
-        by_layer[m] = {n: kn[n]["subject_by_layer"] for n in kn}
-    lines += ["", "Subject tokens to gold per layer: `inits.json` (`subject_by_layer`), plotted in `inits.png`."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inits.md").write_text("\n".join(lines) + "\n")
     (args.out / "inits.json").write_text(json.dumps({"library": stats, "subject_by_layer": by_layer}, indent=1) + "\n")
@@ -138,9 +171,9 @@ def plot(by_layer: dict, path: Path) -> None:
     ):
         if m not in by_layer:
             continue
-        for name, style in (("shared", ":"), ("distinct", "-")):
+        for name, style in zip(by_layer[m], (":", "-")):
             ys = [float("nan") if v is None else v for v in by_layer[m][name]]
-            ax.plot(range(len(ys)), ys, style, color=color, label=f"{m}, {name} init")
+            ax.plot(range(len(ys)), ys, style, color=color, label=f"{m}, {name}")
     ax.set_xlabel("layer")
     ax.set_ylabel("subject-token decisions to the gold adapter")
     ax.set_ylim(0, 1.02)

@@ -761,6 +761,13 @@ def bench(
         help="Folder of LAMA T-REx relation files (default $LORALAG_LAMA_DATA, else ../shared/data/lama-trex).",
     ),
     out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
+    entities: Optional[int] = typer.Option(
+        None,
+        "--entities",
+        min=2,
+        help="Knowledge adapters (one per subject entity, one question per entity and family) instead of the "
+        "size's (small 12, full 200); the size's other settings stay.",
+    ),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     workers: Optional[int] = typer.Option(
@@ -817,6 +824,7 @@ def bench(
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,
+        n_entities=entities,
         ray=ray,
     )
     print_summary(results, console)
