@@ -280,6 +280,8 @@ BAD_ARGS = [
     (["index", "{tmp}/nolib"], "nolib"),
     (["bench", "--size", "huge"], "huge"),
     (["bench", "--data", "{tmp}/nolama"], "nolama"),
+    (["bench", "--entities", "1"], "--entities"),
+    (["train", "{tmp}/out", "{tmp}", "--init", "eva"], "eva"),
 ]
 
 CHECK_SCRIPT = """
