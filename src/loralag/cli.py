@@ -508,7 +508,7 @@ def train(
         "--workers",
         min=1,
         help="Adapters trained at a time, each in its own process with threads / N torch threads (the same "
-        "adapters up to float rounding; 2 on 2 cores: 1.19x faster than one process).",
+        "adapters up to float rounding; for many cores: on 2, two train no faster than one process).",
     ),
     ray: Optional[str] = _ray_option("Train the adapters"),
 ):
@@ -774,8 +774,8 @@ def bench(
         None,
         "--workers",
         min=1,
-        help="Processes training the knowledge adapters (default: 2 when torch has 2+ threads) and answering the "
-        "questions (default: 2 when torch has 2+ threads and there are 8+ batches).",
+        help="Processes training the knowledge adapters (default 1) and answering the questions (default: 2 when "
+        "torch has 2+ threads and there are 8+ batches).",
     ),
     eval_dtype: Optional[Dtype] = typer.Option(
         None, "--eval-dtype", help="The model's dtype while answering (default: the size's; full: bfloat16)."

@@ -1,11 +1,12 @@
 """Training on one machine's cores in worker processes: `train_adapters(..., workers=N)`.
 
 Each worker holds the model (its weights shared with this process, not copied) and trains whole adapters with
-threads // N torch threads, one adapter at a time as `train_adapter` does, writing each folder atomically. On
-2 cores two single-threaded workers trained 8 knowledge adapters in 90 s against 107 s for one process of two
-threads (1.19x): a training step's matmuls are small enough that one thread each wastes less than two threads
-sharing one. Which adapters a worker takes changes nothing in them (each depends on its own seed and examples);
-the thread count does change float rounding, as it does in one process.
+threads // N torch threads, one adapter at a time as `train_adapter` does, writing each folder atomically.
+Which adapters a worker takes changes nothing in them (each depends on its own seed and examples); the thread
+count does change float rounding, as it does in one process. It is for machines with many cores, where one
+process's threads scale worse over a small model's matmuls (not measured here); on 2 cores two one-thread
+workers took 1.11x the time per adapter of one process of two threads (benchmarks/results/train-workers), whose
+two threads a training step's matmuls already keep busy.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class AnswerShare:
 def default_workers(batches: int) -> int:
     """Two processes of half the threads each when torch has two threads or more and each gets a few of the
     `batches` per method: on 2 cores two single-threaded workers answer 1.33x faster than one process with two
-    threads (generation is many small ops; training gains less, 1.19x, see loralag.training.processes).
+    threads (generation is many small ops; training, whose batches keep two threads busy, gains nothing:
+    benchmarks/results/train-workers).
     Starting one costs seconds (imports), so small runs keep one."""
     import torch
 

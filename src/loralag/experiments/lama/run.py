@@ -137,8 +137,8 @@ def run_bench(
     out_dir: the results folder (default results/lama-<size>). cache_dir: trained adapters and libraries,
     shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
     threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
-    workers: processes that train the knowledge adapters (default: two on 2+ threads) and that answer the
-    questions, each on its share of the batches with threads // workers threads (default_workers: two for 8+
+    workers: processes that train the knowledge adapters (default one: on 2 cores two train no faster) and
+    that answer the questions, each on its share of the batches with threads // workers threads (default_workers: two for 8+
     batches per method); the results do not depend on it beyond float rounding. With workers > 1 a calling
     script needs the usual `if __name__ == "__main__":` guard (spawn).
     ray: train the adapters and answer the questions' shares on a Ray cluster instead (True or its address;
@@ -182,8 +182,8 @@ def _run(
         from loralag.cluster.train import train_adapters as train_on_cluster
 
         train_adapters = train_many = partial(train_on_cluster, address=ray)
-    else:  # the knowledge adapters, many alike, in worker processes (training.processes)
-        train_many = partial(train_adapters, workers=workers or (2 if torch.get_num_threads() >= 2 else 1))
+    else:  # the knowledge adapters, many alike, in `workers` processes when asked (training.processes)
+        train_many = partial(train_adapters, workers=workers or 1)
     cfg = size_config(size, **overrides)
     size_name = size if isinstance(size, str) else "custom"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
