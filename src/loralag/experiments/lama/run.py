@@ -138,9 +138,9 @@ def run_bench(
     shared across runs (default <loralag cache>/lama_bench). model_and_tokenizer: an already loaded pair.
     threads: torch CPU threads for the run (default: torch's; 1 is faster on a machine other jobs keep busy).
     workers: processes that train the knowledge adapters (default one: on 2 cores two train no faster) and
-    that answer the questions, each on its share of the batches with threads // workers threads (default_workers: two for 8+
-    batches per method); the results do not depend on it beyond float rounding. With workers > 1 a calling
-    script needs the usual `if __name__ == "__main__":` guard (spawn).
+    that answer the questions, each on its share of the batches with threads // workers threads
+    (default_workers: two for 8+ batches per method); the results do not depend on it beyond float rounding.
+    With workers > 1 a calling script needs the usual `if __name__ == "__main__":` guard (spawn).
     ray: train the adapters and answer the questions' shares on a Ray cluster instead (True or its address;
     workers default to as many as its CPUs hold), see loralag.cluster."""
     import torch
