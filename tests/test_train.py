@@ -639,3 +639,20 @@ def test_the_default_init_keeps_earlier_cache_keys(model, tok):
     assert key == lt._job(model, tok, item, Path("x"), replace(GROUP_CFG, init="peft")).key
     with pytest.raises(LoralagError, match="init must be one of"):
         lt.train_adapters(model, tok, [item], Path("x"), replace(GROUP_CFG, init="eva"), progress=False)
+
+
+def test_activations_init_on_gpt2_conv1d_and_an_item_shorter_than_the_rank(tok):
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    ).eval()
+    config = TrainConfig(target_modules=["c_attn"], r=4, init="activations")
+    short = [([3, 4], [3, 4])]  # two tokens: two directions for a rank of 4
+    init = lt._lora_init(gpt2, config, 7, short, lt._pad_id(tok))
+    peft_rows = lt._lora_init(gpt2, replace(config, init="peft"), 7)
+    assert len(init) == 2  # GPT-2's fused qkv is a transformers Conv1D, read like a Linear
+    for name, (A, _, _) in init.items():
+        assert torch.linalg.matrix_rank(A[:2]) == 2
+        torch.testing.assert_close(A[2:], peft_rows[name][0][2:])  # no direction: PEFT's rows, which train

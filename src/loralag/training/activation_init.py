@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 @torch.no_grad()
@@ -24,7 +25,8 @@ def activation_rows(
 ) -> dict[str, torch.Tensor]:
     """{module name: (r, d_in) float32}: per target nn.Linear of `model`, the top-r right singular vectors of
     its inputs at every real token of `examples` ((ids, labels) pairs), rows of unit norm, each signed so its
-    largest entry is positive. A module that saw fewer than r distinct directions keeps them and zero rows."""
+    largest entry is positive. A module that saw fewer than r tokens gets zero rows after those (PEFT's own
+    rows stay there, see train._set_init_rows)."""
     from loralag.training.train import _collate
 
     inputs: dict[str, list[torch.Tensor]] = {}
@@ -45,7 +47,7 @@ def activation_rows(
     hooks = [
         module.register_forward_pre_hook(keeper(name))
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in targets  # Conv1D: GPT-2's
     ]
     was_training = model.training
     model.eval()

@@ -690,13 +690,16 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None
 
 @torch.no_grad()
 def _set_init_rows(model, init: dict | None) -> None:
-    """Replace PEFT's A of every LoRA layer by the init's rows, at the mean norm of PEFT's own rows."""
+    """Replace PEFT's A of every LoRA layer by the init's rows, at the mean norm of PEFT's own rows (a zero row,
+    where the item had fewer tokens than the rank, keeps PEFT's: a zero row of A would never train)."""
     if init is None:
         return
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             A = module.lora_A["default"].weight
-            A.copy_(init[name].to(A) * A.norm(dim=1).mean())
+            rows = init[name].to(A)
+            found = rows.norm(dim=1) > 0
+            A[found] = rows[found] * A.norm(dim=1).mean()
 
 
 def _lora_init(model, config: TrainConfig, seed: int, examples=None, pad_id: int = 0) -> dict:
