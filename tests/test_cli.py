@@ -281,6 +281,8 @@ BAD_ARGS = [
     (["bench", "--size", "huge"], "huge"),
     (["bench", "--data", "{tmp}/nolama"], "nolama"),
     (["bench", "--entities", "1"], "--entities"),
+    (["bench", "--methods", "lag,lagg"], "lagg"),
+    (["bench", "--methods", " , "], "--methods"),
     (["train", "{tmp}/out", "{tmp}", "--init", "eva"], "eva"),
 ]
 
@@ -500,3 +502,19 @@ def test_serve_takes_an_api_key_and_public_metrics(world, lib):
 def test_serve_refuses_an_empty_api_key_before_loading():
     result = invoke("serve", "--api-key", " ")
     assert result.exit_code != 0 and "--api-key must be a non-empty" in output(result)
+
+
+def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatch):
+    import loralag.cli as cli
+    import loralag.experiments.lama.run as run
+    from loralag.experiments.lama.config import method_list, size_config
+
+    seen = {}
+    monkeypatch.setattr(cli, "_prepare_model", lambda spec, status: None)
+    monkeypatch.setattr(run, "run_bench", lambda size, **kw: seen.update(kw, size=size) or {})
+    monkeypatch.setattr("loralag.experiments.lama.report.print_summary", lambda results, console: None)
+    result = invoke("bench", "--data", tmp_path, "--methods", "base, lag-prefix,rag")
+    assert result.exit_code == 0, output(result)
+    assert seen["methods"] == ("base", "lag-prefix", "rag")
+    cfg = size_config(seen["size"], methods=seen["methods"])
+    assert [m.name for m in method_list(cfg, 200)] == ["base", "lag-prefix@20", "rag"]

@@ -794,6 +794,12 @@ def bench(
     ),
     know_init: Init = typer.Option(Init.peft, "--know-init", help="The knowledge adapters' " + INIT_HELP),
     task_init: Init = typer.Option(Init.peft, "--task-init", help="The task adapters' " + INIT_HELP),
+    methods: Optional[str] = typer.Option(
+        None,
+        "--methods",
+        help="Only these methods, comma-separated (default: all): base, oracle, arrow, lag, lag-prefix, spectral, "
+        "arrow-mix, rag, prag, r-lag, p-lag, k-sweep.",
+    ),
     ray: Optional[str] = _ray_option("Train the adapters and answer the questions (--workers shares)"),
 ):
     """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
@@ -801,7 +807,10 @@ def bench(
     from loralag.experiments.lama.report import print_summary
     from loralag.experiments.lama.run import run_bench
 
-    size_config(size)  # an unknown size fails here
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None
+    if chosen is not None and not chosen:
+        raise LoralagError("--methods needs at least one method")
+    size_config(size, methods=chosen)  # an unknown size or method fails here
     _check_ray(ray)
     data = data if data is not None else default_data_dir()
     if not data.is_dir():
@@ -825,6 +834,7 @@ def bench(
         know_init=know_init.value,
         task_init=task_init.value,
         n_entities=entities,
+        methods=chosen,
         ray=ray,
     )
     print_summary(results, console)
