@@ -26,21 +26,29 @@ def activation_rows(
     """{module name: (r, d_in) float32}: per target nn.Linear of `model`, the top-r right singular vectors of
     its inputs at every real token of `examples` ((ids, labels) pairs), rows of unit norm, each signed so its
     largest entry is positive. A module that saw fewer than r tokens gets zero rows after those (PEFT's own
-    rows stay there, see train._set_init_rows)."""
+    rows stay there, see train._set_init_rows).
+
+    The right singular vectors of the inputs X are the eigenvectors of XᵀX, which is summed batch by batch
+    in float64: memory d_in² per distinct input, whatever the item's length (keeping X would take tokens ×
+    d_in per module and layer: gigabytes for a long document)."""
     from loralag.training.train import _collate
 
-    inputs: dict[str, list[torch.Tensor]] = {}
-    real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens, which the hooks keep
-    # this forward's inputs by identity (q/k/v, gate/up read one tensor: kept and decomposed once), each held
-    # with its tensor so that no other tensor can take its id during the forward
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    gram: dict[str, torch.Tensor] = {}  # per reading module: the sum of xᵀx over real tokens, float64
+    tokens: dict[str, int] = {}
+    reads: dict[str, str] = {}  # module -> the module whose Gram matrix it shares (q/k/v, gate/up: one input)
+    real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens
+    # this forward's inputs by identity, each held with its tensor so that no other tensor takes its id
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
 
     def keeper(name):
         def keep(module, args):
             x = args[0]
             if id(x) not in seen:
-                seen[id(x)] = (x, x[real["mask"]].float().cpu())
-            inputs.setdefault(name, []).append(seen[id(x)][1])
+                seen[id(x)] = (x, name)
+                rows = x[real["mask"]].double().cpu()
+                gram[name] = gram.get(name, 0) + rows.T @ rows
+                tokens[name] = tokens.get(name, 0) + len(rows)
+            reads[name] = seen[id(x)][1]
 
         return keep
 
@@ -61,15 +69,11 @@ def activation_rows(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    rows, done = {}, {}
-    for name, chunks in inputs.items():
-        key = tuple(map(id, chunks))
-        if key not in done:
-            x = torch.cat(chunks).double()
-            v = torch.linalg.svd(x, full_matrices=False).Vh[:r]
-            sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
-            out = torch.zeros(r, x.shape[1], dtype=torch.float64)
-            out[: len(v)] = v * sign
-            done[key] = out.float()
-        rows[name] = done[key]
-    return rows
+    done: dict[str, torch.Tensor] = {}
+    for owner, g in gram.items():
+        v = torch.linalg.eigh(g).eigenvectors.flip(1).T[: min(r, tokens[owner])]  # largest eigenvalues first
+        sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
+        out = torch.zeros(r, g.shape[0], dtype=torch.float64)
+        out[: len(v)] = v * sign
+        done[owner] = out.float()
+    return {name: done[owner] for name, owner in reads.items()}
