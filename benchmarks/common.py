@@ -374,3 +374,58 @@ _T0 = time.perf_counter()
 
 def log(*a):
     print(f"[{time.perf_counter() - _T0:7.1f}s]", *a, file=sys.stderr, flush=True)
+
+
+# -- knowledge routing, teacher-forced -------------------------------------------------------------------
+def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: str, k: int, oracle: bool = False):
+    """Knowledge library only: each question's prompt is prefilled with the KV cache, then its gold answer is
+    fed token by token (as generation feeds its own tokens). Returns the share of routing decisions
+    (token × module) on the gold adapter at the answer positions (those that produce an answer token) and on
+    the subject's mention, per layer too, and the gold answer's mean negative log-likelihood. oracle: every
+    token on the gold adapter (the adapters' own quality)."""
+    import torch
+    from transformers import DynamicCache
+
+    from loralag import attach, detach
+    from loralag.experiments.lama.routing_stats import subject_mask
+
+    state = attach(model, {"knowledge": lib}, router=router, k=k)
+    answer, subject, layers, nll = [0, 0], [0, 0], {}, 0.0
+    try:
+        for q in questions:
+            gold = lib.names.index(q.entity)
+            if oracle:
+                state.fix("knowledge", [q.entity])
+            p_ids = tok(q.prompt, return_tensors="pt").input_ids
+            a_ids = tok(" " + q.example.answers[0], add_special_tokens=False).input_ids
+            with state.tracing() as trace, torch.no_grad():
+                out = model(input_ids=p_ids, past_key_values=DynamicCache(), use_cache=True)
+                logits = [out.logits[0, -1]]
+                for t in a_ids[:-1]:
+                    out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+                    logits.append(out.logits[0, -1])
+            lp = torch.stack(logits).float().log_softmax(-1)
+            nll -= float(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum())
+            P = p_ids.shape[1]
+            smask = subject_mask(tok, [q.prompt], [mentions[q.entity]], P)[0]
+            for module in trace.modules("knowledge"):
+                w = trace.winner_matrix(module, "knowledge")[0]
+                hits, n = int((w[P - 1 :] == gold).sum()), len(w) - (P - 1)
+                answer[0] += hits
+                answer[1] += n
+                layer = next((int(p) for p in module.split(".") if p.isdigit()), -1)
+                layers.setdefault(layer, [0, 0])
+                layers[layer][0] += hits
+                layers[layer][1] += n
+                subject[0] += int(((w[:P] == gold) & smask).sum())
+                subject[1] += int(smask.sum())
+    finally:
+        detach(model)
+    return {
+        "router": "oracle" if oracle else router,
+        "k": k,
+        "answer_to_gold": answer[0] / answer[1],
+        "subject_to_gold": subject[0] / max(1, subject[1]),
+        "answer_by_layer": [layers[layer][0] / layers[layer][1] for layer in sorted(layers)],
+        "answer_nll": nll / len(questions),
+    }

@@ -24,47 +24,16 @@ RULES = (("lag", 0.5), ("lag-prefix", 0.5), ("lag-prefix", 4.0), ("lag-prefix", 
 
 
 def measure(model, tok, lib, questions, mentions, router, own, k):
-    from transformers import DynamicCache
-
     import loralag.routing.prefix_evidence as PE
-    from loralag import attach, detach
-    from loralag.experiments.lama.routing_stats import subject_mask
+    from common import teacher_forced_routing
 
     tie, PE.TIE = PE.TIE, own
-    state = attach(model, {"knowledge": lib}, router=router, k=k)
-    ans = [0, 0]
-    sub = [0, 0]
-    nll = 0.0
     try:
-        for q in questions:
-            gold = lib.names.index(q.entity)
-            p_ids = tok(q.prompt, return_tensors="pt").input_ids
-            a_ids = tok(" " + q.example.answers[0], add_special_tokens=False).input_ids
-            with state.tracing() as trace, torch.no_grad():
-                out = model(input_ids=p_ids, past_key_values=DynamicCache(), use_cache=True)
-                logits = [out.logits[0, -1]]
-                for t in a_ids[:-1]:
-                    out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
-                    logits.append(out.logits[0, -1])
-            lp = torch.stack(logits).log_softmax(-1)
-            nll -= float(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum())
-            P = p_ids.shape[1]
-            smask = subject_mask(tok, [q.prompt], [mentions[q.entity]], P)[0]
-            for module in trace.modules("knowledge"):
-                w = trace.winner_matrix(module, "knowledge")[0]
-                ans[0] += int((w[P - 1 :] == gold).sum())
-                ans[1] += len(w) - (P - 1)
-                sub[0] += int(((w[:P] == gold) & smask).sum())
-                sub[1] += int(smask.sum())
+        row = teacher_forced_routing(model, tok, lib, questions, mentions, router, k)
     finally:
-        detach(model)
         PE.TIE = tie
-    return {
-        "router": router,
-        "own": own,
-        "answer_to_gold": ans[0] / ans[1],
-        "subject_to_gold": sub[0] / sub[1],
-        "answer_nll": nll / len(questions),
+    return {"router": router, "own": own} | {
+        key: row[key] for key in ("answer_to_gold", "subject_to_gold", "answer_nll")
     }
 
 

@@ -656,3 +656,32 @@ def test_activations_init_on_gpt2_conv1d_and_an_item_shorter_than_the_rank(tok):
     for name, (A, _, _) in init.items():
         assert torch.linalg.matrix_rank(A[:2]) == 2
         torch.testing.assert_close(A[2:], peft_rows[name][0][2:])  # no direction: PEFT's rows, which train
+
+
+def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok):
+    import numpy as np
+
+    from loralag.training import activation_init as ai
+
+    config = TrainConfig(r=3, batch_size=3)
+    examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
+    targets = ["q_proj", "down_proj"]
+    rows = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded
+    reference = ai.reference_examples(model)
+    assert reference == ai.reference_examples(model)  # the base model's own samples under a fixed seed
+    assert [len(ids) for ids, _ in reference] == [ai.REFERENCE_LENGTH] * ai.REFERENCE_SEQUENCES
+    item, ref = _inputs_alone(model, examples, targets), _inputs_alone(model, reference, targets)
+    assert rows.keys() == item.keys() and len(rows) == 4
+    for name, x in item.items():
+        sigma, sigma_ref = x.T @ x / len(x), ref[name].T @ ref[name] / len(ref[name])
+        d = len(sigma)
+        sigma_ref = sigma_ref + ai.CONTRAST_SHRINK * np.trace(sigma_ref) / d * np.eye(d)
+        values, vectors = np.linalg.eig(np.linalg.solve(sigma_ref, sigma))  # Σ_ref⁻¹ Σ v = λ v, brute force
+        top = vectors[:, np.argsort(-values.real)[:3]].real.T
+        top /= np.linalg.norm(top, axis=1, keepdims=True)
+        ours = rows[name].double().numpy()
+        np.testing.assert_allclose(np.abs((ours * top).sum(1)), 1, atol=1e-4)  # the same directions, in order
+        ratio = lambda v: (v @ sigma @ v) / (v @ sigma_ref @ v)  # noqa: E731
+        assert ratio(ours[0]) > ratio(np.linalg.svd(x, full_matrices=False)[2][0])  # beats the plain top direction
+    init = lt._lora_init(model, replace(GROUP_CFG, init="contrast"), 5, examples[:2], lt._pad_id(tok))
+    assert all(B.abs().max() == 0 for _, B, _ in init.values())  # starts as the base model

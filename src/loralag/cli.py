@@ -113,11 +113,13 @@ class FcForm(str, Enum):  # lama_data.FC_FORMS
 class Init(str, Enum):  # loralag.training.INITS
     peft = "peft"
     activations = "activations"
+    contrast = "contrast"
 
 
 INIT_HELP = (
-    "LoRA A's init: 'peft' (PEFT's random one, from the adapter's own seed) or 'activations' (the top-r "
-    "directions of the base model's inputs over the adapter's own text; see the README's 'Distinct inits')."
+    "LoRA A's init: 'peft' (PEFT's random one, from the adapter's own seed), 'activations' (the top-r "
+    "directions of the base model's inputs over the adapter's own text) or 'contrast' (those with the most "
+    "energy relative to generic text); see the README's 'Distinct inits'."
 )
 
 

@@ -1,4 +1,4 @@
-"""A data-aware LoRA init: `TrainConfig(init="activations")`.
+"""Data-aware LoRA inits: `TrainConfig(init="activations")` and `init="contrast"`.
 
 PEFT's default init draws each adapter's A at random (B = 0). After a few dozen steps A has barely moved, so an
 adapter's A* rows, which LAG's routers read (the arrow `|a·x|`, SpectR's `‖A*x‖`), are mostly the random
@@ -10,6 +10,11 @@ the other adapters or the training order. (PEFT's EVA init is the same idea for 
 centres the inputs and redistributes ranks across layers, and fits them by incremental PCA over a stream of
 batches; an adapter's own few examples are decomposed here exactly, in one pass, uncentred: a text's mean
 direction is part of what tells it apart.)
+
+init="contrast" keeps the idea but reads the directions where the item's inputs have the most energy
+*relative to generic text* (the base model's own samples): the top directions of a text's inputs are mostly
+those every text shares, so "activations" makes all adapters' arrows alike; "contrast" aims at what is the
+item's own.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+
+# contrast_rows' reference: the base model's own samples, and how much of Σ_ref's mean eigenvalue is added to it
+REFERENCE_SEQUENCES, REFERENCE_LENGTH = 8, 256
+CONTRAST_SHRINK = 0.1
 
 
 @torch.no_grad()
@@ -31,11 +41,96 @@ def activation_rows(
     The right singular vectors of the inputs X are the eigenvectors of XᵀX, which is summed batch by batch
     in float64: memory d_in² per distinct input, whatever the item's length (keeping X would take tokens ×
     d_in per module and layer: gigabytes for a long document)."""
+    grams, tokens, reads = input_grams(model, examples, targets, pad_id, batch_size)
+    done = {}
+    for owner, g in grams.items():
+        v = torch.linalg.eigh(g).eigenvectors.flip(1).T[: min(r, tokens[owner])]  # largest eigenvalues first
+        done[owner] = _signed_rows(v, r)
+    return {name: done[owner] for name, owner in reads.items()}
+
+
+@torch.no_grad()
+def contrast_rows(
+    model, examples, targets: list[str], r: int, pad_id: int, batch_size: int, shrink: float = CONTRAST_SHRINK
+) -> dict[str, torch.Tensor]:
+    """{module name: (r, d_in) float32}: per target module, the r directions v where the item's inputs have
+    the most energy relative to generic text's, max vᵀΣ_item v / vᵀ(Σ_ref + δI) v (the top generalised
+    eigenvectors; Σ: second moments per token, Σ_ref over reference_examples(model), δ = shrink × the mean
+    eigenvalue of Σ_ref), rows of unit norm, signed as activation_rows'. What the item shares with any text
+    (the model's large common directions) scores low; what is its own scores high."""
+    grams, tokens, reads = input_grams(model, examples, targets, pad_id, batch_size)
+    ref, ref_tokens, ref_reads = _reference_grams(model, tuple(targets), batch_size)
+    done = {}
+    for owner, g in grams.items():
+        sigma_ref = ref[ref_reads[owner]] / ref_tokens[ref_reads[owner]]
+        d = sigma_ref.shape[0]
+        L = torch.linalg.cholesky(sigma_ref + shrink * sigma_ref.trace() / d * torch.eye(d, dtype=torch.float64))
+        white = torch.linalg.solve_triangular(L, g / tokens[owner], upper=False)  # L⁻¹ Σ
+        m = torch.linalg.solve_triangular(L, white.T, upper=False)  # L⁻¹ Σ L⁻ᵀ (Σ symmetric)
+        u = torch.linalg.eigh((m + m.T) / 2).eigenvectors.flip(1)[:, : min(r, tokens[owner])]
+        v = torch.linalg.solve_triangular(L.T, u, upper=True).T  # back from the whitened space: v = L⁻ᵀ u
+        done[owner] = _signed_rows(v / v.norm(dim=1, keepdim=True), r)
+    return {name: done[owner] for name, owner in reads.items()}
+
+
+def _signed_rows(v: torch.Tensor, r: int) -> torch.Tensor:
+    """v's rows, each signed so its largest entry is positive, padded with zero rows to r; float32."""
+    sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
+    out = torch.zeros(r, v.shape[1], dtype=torch.float64)
+    out[: len(v)] = v * sign
+    return out.float()
+
+
+def reference_examples(model, sequences: int = REFERENCE_SEQUENCES, length: int = REFERENCE_LENGTH):
+    """Generic text for contrast_rows: the base model's own samples from its BOS token (plain sampling at
+    temperature 1 under a fixed seed), as (ids, labels) examples; they depend on the base model alone."""
+    config = model.config
+    start = next((t for t in (config.bos_token_id, config.eos_token_id) if t is not None), 0)
+    start = start[0] if isinstance(start, (list, tuple)) else start
+    ids = torch.full((sequences, 1), int(start), dtype=torch.long, device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                repetition_penalty=1.0,
+                max_new_tokens=length - 1,
+                min_new_tokens=length - 1,  # a fixed length: no padding, every token counts
+                pad_token_id=int(start),
+            )
+    finally:
+        model.train(was_training)
+    return [(row.tolist(), row.tolist()) for row in out.cpu()]
+
+
+_REFERENCE: dict = {}  # (id(model), targets) -> the reference's Gram matrices; one model at a time
+
+
+def _reference_grams(model, targets: tuple, batch_size: int):
+    key = (id(model), targets)
+    if key not in _REFERENCE:
+        _REFERENCE.clear()
+        _REFERENCE[key] = input_grams(model, reference_examples(model), list(targets), 0, batch_size)
+    return _REFERENCE[key]
+
+
+@torch.no_grad()
+def input_grams(model, examples, targets: list[str], pad_id: int, batch_size: int):
+    """Per target nn.Linear (or GPT-2's Conv1D) of `model`, over every real token of `examples`: the sum of
+    xᵀx of its inputs (float64), keyed by the first module that reads each input (q/k/v, gate/up read one
+    tensor: summed once). Returns (grams, tokens per gram, {module: the module whose gram it reads})."""
     from loralag.training.train import _collate
 
-    gram: dict[str, torch.Tensor] = {}  # per reading module: the sum of xᵀx over real tokens, float64
+    gram: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    reads: dict[str, str] = {}  # module -> the module whose Gram matrix it shares (q/k/v, gate/up: one input)
+    reads: dict[str, str] = {}
     real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens
     # this forward's inputs by identity, each held with its tensor so that no other tensor takes its id
     seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -69,11 +164,4 @@ def activation_rows(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    done: dict[str, torch.Tensor] = {}
-    for owner, g in gram.items():
-        v = torch.linalg.eigh(g).eigenvectors.flip(1).T[: min(r, tokens[owner])]  # largest eigenvalues first
-        sign = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))
-        out = torch.zeros(r, g.shape[0], dtype=torch.float64)
-        out[: len(v)] = v * sign
-        done[owner] = out.float()
-    return {name: done[owner] for name, owner in reads.items()}
+    return gram, tokens, reads

@@ -87,8 +87,9 @@ class TrainConfig:
     append_eos: bool = True  # end each answer with eos so the adapter learns to stop
     seed: int = 0  # the base seed: each adapter's own seed is adapter_seed(seed, name), see there
     shared_init: bool = False  # every adapter from the one init of `seed` (loralag 0.1's way; for comparisons)
-    # A's init: "peft" (PEFT's, random from the adapter's seed) or "activations" (the top-r directions of the
-    # base model's inputs over the item's own tokens, see training/activation_init.py); B starts at 0 either way
+    # A's init: "peft" (PEFT's, random from the adapter's seed), "activations" (the top-r directions of the
+    # base model's inputs over the item's own tokens) or "contrast" (those with the most energy relative to
+    # generic text), see training/activation_init.py; B starts at 0 either way
     init: str = "peft"
 
 
@@ -683,9 +684,10 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None
         raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
     if config.init == "peft":
         return None
-    from loralag.training.activation_init import activation_rows
+    from loralag.training import activation_init
 
-    return activation_rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
+    rows = activation_init.contrast_rows if config.init == "contrast" else activation_init.activation_rows
+    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
 
 
 @torch.no_grad()
