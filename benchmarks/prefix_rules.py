@@ -24,8 +24,9 @@ RULES = (("lag", 0.5), ("lag-prefix", 0.5), ("lag-prefix", 4.0), ("lag-prefix", 
 
 
 def measure(model, tok, lib, questions, mentions, router, own, k):
-    import loralag.routing.prefix_evidence as PE
     from common import teacher_forced_routing
+
+    import loralag.routing.prefix_evidence as PE
 
     tie, PE.TIE = PE.TIE, own
     try:

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
 # contrast_rows' reference: the base model's own samples, and how much of Σ_ref's mean eigenvalue is added to it
 REFERENCE_SEQUENCES, REFERENCE_LENGTH = 8, 256
 CONTRAST_SHRINK = 0.1
