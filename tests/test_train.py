@@ -659,18 +659,29 @@ def test_activations_init_on_gpt2_conv1d_and_an_item_shorter_than_the_rank(tok):
 
 
 def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok):
-    import numpy as np
 
     from loralag.training import activation_init as ai
 
     config = TrainConfig(r=3, batch_size=3)
     examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
     targets = ["q_proj", "down_proj"]
-    rows = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded
     reference = ai.reference_examples(model)
     assert reference == ai.reference_examples(model)  # the base model's own samples under a fixed seed
     assert [len(ids) for ids, _ in reference] == [ai.REFERENCE_LENGTH] * ai.REFERENCE_SEQUENCES
-    item, ref = _inputs_alone(model, examples, targets), _inputs_alone(model, reference, targets)
+    ref = _inputs_alone(model, reference, targets)
+    for subset in (examples, [([5, 6, 7, 8, 9], [5, 6, 7, 8, 9])]):  # more tokens than d_in (XᵀX), fewer (rows)
+        _check_contrast(model, tok, subset, targets, ref)
+    init = lt._lora_init(model, replace(GROUP_CFG, init="contrast"), 5, examples[:2], lt._pad_id(tok))
+    assert all(B.abs().max() == 0 for _, B, _ in init.values())  # starts as the base model
+
+
+def _check_contrast(model, tok, examples, targets, ref):
+    import numpy as np
+
+    from loralag.training import activation_init as ai
+
+    rows = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded
+    item = _inputs_alone(model, examples, targets)
     assert rows.keys() == item.keys() and len(rows) == 4
     for name, x in item.items():
         sigma, sigma_ref = x.T @ x / len(x), ref[name].T @ ref[name] / len(ref[name])
@@ -683,5 +694,3 @@ def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok)
         np.testing.assert_allclose(np.abs((ours * top).sum(1)), 1, atol=1e-4)  # the same directions, in order
         ratio = lambda v: (v @ sigma @ v) / (v @ sigma_ref @ v)  # noqa: E731
         assert ratio(ours[0]) > ratio(np.linalg.svd(x, full_matrices=False)[2][0])  # beats the plain top direction
-    init = lt._lora_init(model, replace(GROUP_CFG, init="contrast"), 5, examples[:2], lt._pad_id(tok))
-    assert all(B.abs().max() == 0 for _, B, _ in init.values())  # starts as the base model

@@ -35,16 +35,9 @@ def activation_rows(
     """{module name: (r, d_in) float32}: per target nn.Linear of `model`, the top-r right singular vectors of
     its inputs at every real token of `examples` ((ids, labels) pairs), rows of unit norm, each signed so its
     largest entry is positive. A module that saw fewer than r tokens gets zero rows after those (PEFT's own
-    rows stay there, see train._set_init_rows).
-
-    The right singular vectors of the inputs X are the eigenvectors of XᵀX, which is summed batch by batch
-    in float64: memory d_in² per distinct input, whatever the item's length (keeping X would take tokens ×
-    d_in per module and layer: gigabytes for a long document)."""
-    grams, tokens, reads = input_grams(model, examples, targets, pad_id, batch_size)
-    done = {}
-    for owner, g in grams.items():
-        v = torch.linalg.eigh(g).eigenvectors.flip(1).T[: min(r, tokens[owner])]  # largest eigenvalues first
-        done[owner] = _signed_rows(v, r)
+    rows stay there, see train._set_init_rows)."""
+    moments, reads = input_moments(model, examples, targets, pad_id, batch_size)
+    done = {owner: _signed_rows(m.top(r), r) for owner, m in moments.items()}
     return {name: done[owner] for name, owner in reads.items()}
 
 
@@ -57,19 +50,58 @@ def contrast_rows(
     eigenvectors; Σ: second moments per token, Σ_ref over reference_examples(model), δ = shrink × the mean
     eigenvalue of Σ_ref), rows of unit norm, signed as activation_rows'. What the item shares with any text
     (the model's large common directions) scores low; what is its own scores high."""
-    grams, tokens, reads = input_grams(model, examples, targets, pad_id, batch_size)
-    ref, ref_tokens, ref_reads = _reference_grams(model, tuple(targets), batch_size)
-    done = {}
-    for owner, g in grams.items():
-        sigma_ref = ref[ref_reads[owner]] / ref_tokens[ref_reads[owner]]
-        d = sigma_ref.shape[0]
-        L = torch.linalg.cholesky(sigma_ref + shrink * sigma_ref.trace() / d * torch.eye(d, dtype=torch.float64))
-        white = torch.linalg.solve_triangular(L, g / tokens[owner], upper=False)  # L⁻¹ Σ
-        m = torch.linalg.solve_triangular(L, white.T, upper=False)  # L⁻¹ Σ L⁻ᵀ (Σ symmetric)
-        u = torch.linalg.eigh((m + m.T) / 2).eigenvectors.flip(1)[:, : min(r, tokens[owner])]
-        v = torch.linalg.solve_triangular(L.T, u, upper=True).T  # back from the whitened space: v = L⁻ᵀ u
-        done[owner] = _signed_rows(v / v.norm(dim=1, keepdim=True), r)
+    moments, reads = input_moments(model, examples, targets, pad_id, batch_size)
+    whiten = _reference_whitening(model, tuple(targets), batch_size, shrink)
+    done = {owner: _signed_rows(m.top(r, whiten[owner]), r) for owner, m in moments.items()}
     return {name: done[owner] for name, owner in reads.items()}
+
+
+class _Moments:
+    """One module's inputs over an item, for their top directions: kept as rows while there are no more than
+    d_in of them (the SVD of those rows is then the cheaper route), else summed as XᵀX in float64, whose
+    eigenvectors are the same directions (memory d_in², whatever the item's length: keeping every row would
+    take tokens × d_in per module and layer, gigabytes for a long document)."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self.gram: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.tokens += len(x)
+        if self.gram is not None:
+            self.gram += x.T @ x
+            return
+        self.rows.append(x)
+        if self.tokens > x.shape[1]:
+            X = torch.cat(self.rows)
+            self.gram, self.rows = X.T @ X, []
+
+    def second_moment(self) -> torch.Tensor:
+        """Σ = XᵀX / tokens."""
+        X = torch.cat(self.rows) if self.gram is None else None
+        return (X.T @ X if X is not None else self.gram) / self.tokens
+
+    def top(self, r: int, whiten: torch.Tensor | None = None) -> torch.Tensor:
+        """The top min(r, tokens) directions of XᵀX, largest first; whiten (a lower-triangular L): those of
+        L⁻¹XᵀXL⁻ᵀ mapped back as v = L⁻ᵀu, i.e. the top generalised eigenvectors of (XᵀX, LLᵀ), unit norm."""
+        solve = torch.linalg.solve_triangular
+        if self.gram is None:
+            X = torch.cat(self.rows)
+            if whiten is not None:
+                X = solve(whiten, X.T, upper=False).T  # rows L⁻¹x
+            v = torch.linalg.svd(X, full_matrices=False).Vh
+        else:
+            G = self.gram
+            if whiten is not None:
+                G = solve(whiten, solve(whiten, G, upper=False).T, upper=False)
+                G = (G + G.T) / 2
+            v = torch.linalg.eigh(G).eigenvectors.flip(1).T  # largest eigenvalues first
+        v = v[: min(r, self.tokens)]
+        if whiten is not None:
+            v = solve(whiten.T, v.T, upper=True).T
+            v = v / v.norm(dim=1, keepdim=True)
+        return v
 
 
 def _signed_rows(v: torch.Tensor, r: int) -> torch.Tensor:
@@ -109,26 +141,32 @@ def reference_examples(model, sequences: int = REFERENCE_SEQUENCES, length: int 
     return [(row.tolist(), row.tolist()) for row in out.cpu()]
 
 
-_REFERENCE: dict = {}  # (id(model), targets) -> the reference's Gram matrices; one model at a time
+_REFERENCE: dict = {}  # (id(model), targets, shrink) -> {module: L}; one model at a time
 
 
-def _reference_grams(model, targets: tuple, batch_size: int):
-    key = (id(model), targets)
+def _reference_whitening(model, targets: tuple, batch_size: int, shrink: float) -> dict[str, torch.Tensor]:
+    """{reading module: L}, the Cholesky factor of Σ_ref + δI over reference_examples(model), once per model."""
+    key = (id(model), targets, shrink)
     if key not in _REFERENCE:
         _REFERENCE.clear()
-        _REFERENCE[key] = input_grams(model, reference_examples(model), list(targets), 0, batch_size)
+        moments, _ = input_moments(model, reference_examples(model), list(targets), 0, batch_size)
+        factors = {}
+        for owner, m in moments.items():
+            sigma = m.second_moment()
+            d = len(sigma)
+            factors[owner] = torch.linalg.cholesky(sigma + shrink * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype))
+        _REFERENCE[key] = factors
     return _REFERENCE[key]
 
 
 @torch.no_grad()
-def input_grams(model, examples, targets: list[str], pad_id: int, batch_size: int):
-    """Per target nn.Linear (or GPT-2's Conv1D) of `model`, over every real token of `examples`: the sum of
-    xᵀx of its inputs (float64), keyed by the first module that reads each input (q/k/v, gate/up read one
-    tensor: summed once). Returns (grams, tokens per gram, {module: the module whose gram it reads})."""
+def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: int):
+    """Per target nn.Linear (or GPT-2's Conv1D) of `model`, its inputs at every real token of `examples` as
+    _Moments, keyed by the first module that reads each input (q/k/v, gate/up read one tensor: kept once).
+    Returns (moments, {module: the module whose moments it reads})."""
     from loralag.training.train import _collate
 
-    gram: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+    moments: dict[str, _Moments] = {}
     reads: dict[str, str] = {}
     real: dict[str, torch.Tensor] = {}  # the batch's real (not padding) tokens
     # this forward's inputs by identity, each held with its tensor so that no other tensor takes its id
@@ -139,9 +177,7 @@ def input_grams(model, examples, targets: list[str], pad_id: int, batch_size: in
             x = args[0]
             if id(x) not in seen:
                 seen[id(x)] = (x, name)
-                rows = x[real["mask"]].double().cpu()
-                gram[name] = gram.get(name, 0) + rows.T @ rows
-                tokens[name] = tokens.get(name, 0) + len(rows)
+                moments.setdefault(name, _Moments()).add(x[real["mask"]].double().cpu())
             reads[name] = seen[id(x)][1]
 
         return keep
@@ -163,4 +199,4 @@ def input_grams(model, examples, targets: list[str], pad_id: int, batch_size: in
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return gram, tokens, reads
+    return moments, reads
