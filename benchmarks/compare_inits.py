@@ -85,12 +85,21 @@ def main():
     runs = dict(zip(names, raw))
     stats = {}
     for name, r in runs.items():
-        lib = open_library(r["settings"]["knowledge_library"])
+        path = Path(r["settings"]["knowledge_library"])
+        if not path.exists():  # a run made on another machine: its scores and routing only
+            print(f"{name}: no knowledge library at {path}; its geometry is left out")
+            stats[name] = None
+            continue
+        lib = open_library(path)
         stats[name] = {
             "arrow_abs_cos": arrow_similarity(lib),
             "shared_subspace": shared_subspace(lib),
             "adapters": len(lib),
         }
+
+    def geometry(name, key):
+        return "— (library not here)" if stats[name] is None else f"{stats[name][key]:.3f}"
+
     a, b = names
     methods = [m for m in runs[b]["normalised"] if m in runs[a]["normalised"]]
     lines = [
@@ -99,14 +108,15 @@ def main():
         f"Two `loralag bench --size {runs[b]['settings']['size']}` runs that differ only in the adapters' init: "
         "one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
         "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one "
-        "or the top-r directions of the base model's inputs over the adapter's own text).",
+        "the top-r directions of the base model's inputs over the adapter's own text, or those with the most energy "
+        "relative to generic text: `activations`, `contrast`).",
         "",
         f"| knowledge library | {a} | {b} |",
         "|---|---|---|",
-        f"| mean \\|cos\\| between two adapters' arrows | {stats[a]['arrow_abs_cos']:.3f} | "
-        f"{stats[b]['arrow_abs_cos']:.3f} |",
+        f"| mean \\|cos\\| between two adapters' arrows | {geometry(a, 'arrow_abs_cos')} | "
+        f"{geometry(b, 'arrow_abs_cos')} |",
         f"| share of an adapter's A* in the library's top-r common subspace | "
-        f"{stats[a]['shared_subspace']:.3f} | {stats[b]['shared_subspace']:.3f} |",
+        f"{geometry(a, 'shared_subspace')} | {geometry(b, 'shared_subspace')} |",
         "",
         "## Normalised score (AVG, % of the Oracle) and gain fraction",
         "",

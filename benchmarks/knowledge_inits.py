@@ -5,7 +5,7 @@
         --inits peft,activations,contrast --out benchmarks/results/knowledge-inits
 
 For each init: the bench's knowledge adapters of --entities entities (its settings: gate/up/down, rank 6, 12
-steps on the article and its restatements; cached where the bench caches them), one library, and for the
+steps on the article and its restatements; cached beside the bench's, a folder per init), one library, and for the
 entities' slot-filling and QA questions the gold answer fed token by token after the prompt (teacher forcing,
 benchmarks/common.teacher_forced_routing). Reported per router (Arrow, SpectR, LAG at k = N/10, and the
 Oracle: the gold adapter on every token): the share of decisions on the gold adapter at the answer positions
@@ -71,7 +71,8 @@ def main():
             init=init,
         )
         t = time.perf_counter()
-        paths = train_adapters(model, tok, docs, cache / "knowledge", kcfg, progress=True)
+        # a folder per init: one folder holds one version of each adapter name, and would retrain it per init
+        paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / init, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
             args.out / "libraries" / init, paths, base_model="default", shapes=module_shapes(model), replace=True

@@ -322,8 +322,7 @@ def train_adapters(
     numbers in a mixed batch, so then the items are trained one at a time instead.
     """
     config = config or TrainConfig()
-    if config.init not in INITS:
-        raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
+    _check_init(config)  # before any worker starts
     for value, what in ((group_size, "group_size"), (workers, "workers")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoralagError(f"{what} must be a positive integer, got {value!r}")
@@ -679,9 +678,13 @@ def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
     return None
 
 
-def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None:
+def _check_init(config: TrainConfig) -> None:
     if config.init not in INITS:
         raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
+
+
+def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None:
+    _check_init(config)  # also for train_adapter called directly
     if config.init == "peft":
         return None
     from loralag.training import activation_init
