@@ -424,7 +424,7 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
     return {
         "router": "oracle" if oracle else router,
         "k": k,
-        "answer_to_gold": answer[0] / answer[1],
+        "answer_to_gold": answer[0] / max(1, answer[1]),  # no decisions (router "none"): 0
         "subject_to_gold": subject[0] / max(1, subject[1]),
         "answer_by_layer": [layers[layer][0] / layers[layer][1] for layer in sorted(layers)],
         "answer_nll": nll / len(questions),

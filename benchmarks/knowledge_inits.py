@@ -4,14 +4,14 @@
     python benchmarks/knowledge_inits.py --data ../shared/data/lama-trex --entities 24 \\
         --inits peft,activations,contrast --out benchmarks/results/knowledge-inits
 
-For each init: the bench's knowledge adapters of --entities entities (its settings: gate/up/down, rank 6, 12
-steps on the article and its restatements; cached beside the bench's, a folder per init), one library, and for the
-entities' slot-filling and QA questions the gold answer fed token by token after the prompt (teacher forcing,
-benchmarks/common.teacher_forced_routing). Reported per router (Arrow, SpectR, LAG at k = N/10, and the
-Oracle: the gold adapter on every token): the share of decisions on the gold adapter at the answer positions
-and at the subject's mention, and the gold answer's NLL. The Oracle's NLL says whether an init still lets
-the adapter learn its document; the routers' shares say whether LAG can find it. Writes knowledge_inits.md /
-.json into --out.
+For each init: the bench's knowledge adapters of --entities entities (its settings: gate/up/down, rank 6,
+12 steps on the article and its restatements; cached beside the bench's, a folder per init), one library, and
+for the entities' slot-filling and QA questions the gold answer fed token by token after the prompt (teacher
+forcing, benchmarks/common.teacher_forced_routing). Reported per router (Arrow, SpectR, LAG at k = N/10, the
+Oracle: the gold adapter on every token; and once the base model without adapters): the share of decisions
+on the gold adapter at the answer positions and at the subject's mention, and the gold answer's NLL. The
+Oracle's NLL says whether an init still lets the adapter learn its document; the routers' shares say whether
+LAG can find it. Writes knowledge_inits.md / .json into --out.
 """
 
 from __future__ import annotations
@@ -75,15 +75,21 @@ def main():
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / init, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
-            args.out / "libraries" / init, paths, base_model="default", shapes=module_shapes(model), replace=True
+            cache / "knowledge-inits" / "libraries" / init,
+            paths,
+            base_model="default",
+            shapes=module_shapes(model),
+            replace=True,
         )
-        for router, kk, oracle in (("arrow", 1, False), ("spectral", n, False), ("lag", k, False), ("fixed", 1, True)):
+        routers = [("none", 1, False)] if init == inits[0] else []  # the base model once
+        routers += [("arrow", 1, False), ("spectral", n, False), ("lag", k, False), ("fixed", 1, True)]
+        for router, kk, oracle in routers:
             t = time.perf_counter()
             row = {"init": init} | teacher_forced_routing(model, tok, lib, questions, mentions, router, kk, oracle)
             rows.append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "answer_by_layer"}), flush=True)
             print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-    name = {"arrow": "Arrow", "spectral": "SpectR", "lag": f"LAG@{k}", "oracle": "Oracle"}
+    name = {"none": "base (no adapter)", "arrow": "Arrow", "spectral": "SpectR", "lag": f"LAG@{k}", "oracle": "Oracle"}
     lines = [
         f"# Knowledge-library inits — {n} knowledge adapters, {len(questions)} slot-filling and QA questions",
         "",
