@@ -671,6 +671,11 @@ def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok)
     ref = _inputs_alone(model, reference, targets)
     for subset in (examples, [([5, 6, 7, 8, 9], [5, 6, 7, 8, 9])]):  # more tokens than d_in (XᵀX), fewer (rows)
         _check_contrast(model, tok, subset, targets, ref)
+    mine = ai._reference_whitening(model, tuple(targets), 3, ai.CONTRAST_SHRINK)
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(model.config).eval()  # another model: its own reference
+    theirs = ai._reference_whitening(other, tuple(targets), 3, ai.CONTRAST_SHRINK)
+    assert not torch.equal(mine["model.layers.0.self_attn.q_proj"], theirs["model.layers.0.self_attn.q_proj"])
     init = lt._lora_init(model, replace(GROUP_CFG, init="contrast"), 5, examples[:2], lt._pad_id(tok))
     assert all(B.abs().max() == 0 for _, B, _ in init.values())  # starts as the base model
 

@@ -19,6 +19,8 @@ item's own.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -141,22 +143,22 @@ def reference_examples(model, sequences: int = REFERENCE_SEQUENCES, length: int 
     return [(row.tolist(), row.tolist()) for row in out.cpu()]
 
 
-_REFERENCE: dict = {}  # (id(model), targets, shrink) -> {module: L}; one model at a time
+_REFERENCE: dict = {}  # "model": a weak reference, "key": (targets, shrink), "factors": {module: L}; one model
 
 
 def _reference_whitening(model, targets: tuple, batch_size: int, shrink: float) -> dict[str, torch.Tensor]:
-    """{reading module: L}, the Cholesky factor of Σ_ref + δI over reference_examples(model), once per model."""
-    key = (id(model), targets, shrink)
-    if key not in _REFERENCE:
-        _REFERENCE.clear()
+    """{reading module: L}, the Cholesky factor of Σ_ref + δI over reference_examples(model), once per model
+    (held by a weak reference: another model at a freed one's address is not taken for it)."""
+    held = _REFERENCE.get("model")
+    if held is None or held() is not model or _REFERENCE["key"] != (targets, shrink):
         moments, _ = input_moments(model, reference_examples(model), list(targets), 0, batch_size)
         factors = {}
         for owner, m in moments.items():
             sigma = m.second_moment()
             d = len(sigma)
             factors[owner] = torch.linalg.cholesky(sigma + shrink * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype))
-        _REFERENCE[key] = factors
-    return _REFERENCE[key]
+        _REFERENCE.update(model=weakref.ref(model), key=(targets, shrink), factors=factors)
+    return _REFERENCE["factors"]
 
 
 @torch.no_grad()
