@@ -107,9 +107,9 @@ def main():
         "",
         f"Two `loralag bench --size {runs[b]['settings']['size']}` runs that differ only in the adapters' init: "
         "one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
-        "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one "
-        "the top-r directions of the base model's inputs over the adapter's own text, or those with the most energy "
-        "relative to generic text: `activations`, `contrast`).",
+        "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one, "
+        "the top-r directions of the base model's inputs over the adapter's own text (`activations`), or those with "
+        "the most energy relative to generic text (`contrast`)).",
         "",
         f"| knowledge library | {a} | {b} |",
         "|---|---|---|",
