@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,12 +37,13 @@ def main():
 
     from common import teacher_forced_routing
 
-    from loralag.experiments.lama.config import KNOWLEDGE_MODULES, bench_data, default_cache_dir, size_config
+    from loralag.experiments.lama.config import bench_data, default_cache_dir, size_config
     from loralag.experiments.lama.data import QA, SLOT_FILLING, rewrites
+    from loralag.experiments.lama.run import knowledge_train_config
     from loralag.library.store import build_library, module_shapes
     from loralag.models import load_model
     from loralag.training import INITS
-    from loralag.training.train import Document, TrainConfig, train_adapters
+    from loralag.training.train import Document, train_adapters
 
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(set(inits) - set(INITS))
@@ -60,16 +62,7 @@ def main():
     cache = default_cache_dir()
     rows, timings = [], {}
     for init in inits:
-        kcfg = TrainConfig(
-            target_modules=list(KNOWLEDGE_MODULES),
-            r=cfg.know_r,
-            alpha=cfg.know_alpha,
-            steps=cfg.know_steps,
-            batch_size=cfg.know_batch,
-            lr=cfg.know_lr,
-            seed=cfg.seed,
-            init=init,
-        )
+        kcfg = knowledge_train_config(replace(cfg, know_init=init))
         t = time.perf_counter()
         # a folder per init: one folder holds one version of each adapter name, and would retrain it per init
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / init, kcfg, progress=True)

@@ -114,6 +114,23 @@ def _library(cache: Path, kind: str, paths: list[Path], model, model_spec: str, 
     return lib
 
 
+def knowledge_train_config(cfg: BenchConfig):
+    """How the bench trains a knowledge adapter (TrainConfig) under the run's settings."""
+    from loralag.training.train import TrainConfig
+
+    return TrainConfig(
+        target_modules=list(KNOWLEDGE_MODULES),
+        r=cfg.know_r,
+        alpha=cfg.know_alpha,
+        steps=cfg.know_steps,
+        batch_size=cfg.know_batch,
+        lr=cfg.know_lr,
+        seed=cfg.seed,
+        shared_init=cfg.shared_init,
+        init=cfg.know_init,
+    )
+
+
 def run_bench(
     size: str | dict | BenchConfig = "tiny",
     data_dir: str | Path | None = None,
@@ -226,17 +243,7 @@ def _run(
 
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
-    kcfg = TrainConfig(
-        target_modules=list(KNOWLEDGE_MODULES),
-        r=cfg.know_r,
-        alpha=cfg.know_alpha,
-        steps=cfg.know_steps,
-        batch_size=cfg.know_batch,
-        lr=cfg.know_lr,
-        seed=cfg.seed,
-        shared_init=cfg.shared_init,
-        init=cfg.know_init,
-    )
+    kcfg = knowledge_train_config(cfg)
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
     know_paths = train_many(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
