@@ -659,7 +659,6 @@ def test_activations_init_on_gpt2_conv1d_and_an_item_shorter_than_the_rank(tok):
 
 
 def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok):
-
     from loralag.training import activation_init as ai
 
     config = TrainConfig(r=3, batch_size=3)

@@ -81,8 +81,10 @@ class _Moments:
 
     def second_moment(self) -> torch.Tensor:
         """Σ = XᵀX / tokens."""
-        X = torch.cat(self.rows) if self.gram is None else None
-        return (X.T @ X if X is not None else self.gram) / self.tokens
+        if self.gram is not None:
+            return self.gram / self.tokens
+        X = torch.cat(self.rows)
+        return X.T @ X / self.tokens
 
     def top(self, r: int, whiten: torch.Tensor | None = None) -> torch.Tensor:
         """The top min(r, tokens) directions of XᵀX, largest first; whiten (a lower-triangular L): those of
