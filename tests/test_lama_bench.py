@@ -14,6 +14,7 @@ from conftest import save_lora, tiny_llama
 
 from loralag import attach, build_library, detach
 from loralag.errors import LoralagError
+from loralag.training.train import INITS
 from loralag.evaluation.answers import clean_answer, credited, fc_label
 from loralag.evaluation.kilt import read_kilt_predictions
 from loralag.experiments.lama.config import (
@@ -271,6 +272,33 @@ def test_method_list_clamps_k_and_reuses_spectral():
         size_config("tiny", steps=3)
     with pytest.raises(LoralagError, match="granularity"):
         size_config("tiny", granularity="word")
+
+
+def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
+    from itertools import product
+
+    from loralag.experiments.lama.run import adapter_folders
+
+    default = size_config("tiny")
+    # the default keeps the folder names caches already on disk use
+    assert {k: p.name for k, p in adapter_folders(tmp_path, default).items()} == {
+        "knowledge": "knowledge",
+        "train-knowledge": "train-knowledge",
+        "task": "task",
+    }
+    seen = {}
+    for know, task, shared in product(INITS, INITS, (False, True)):
+        folders = adapter_folders(tmp_path, replace(default, know_init=know, task_init=task, shared_init=shared))
+        assert all(p.parent == tmp_path for p in folders.values())
+        # knowledge adapters depend on the knowledge init only; task adapters (fact checking trains under
+        # knowledge adapters) on both
+        assert seen.setdefault(("knowledge", know, shared), folders["knowledge"]) == folders["knowledge"]
+        seen[("task", know, task, shared)] = folders["task"]
+    know_folders = [p for k, p in seen.items() if k[0] == "knowledge"]
+    task_folders = [p for k, p in seen.items() if k[0] == "task"]
+    assert len(set(know_folders)) == len(know_folders) == 2 * len(INITS)
+    assert len(set(task_folders)) == len(task_folders) == 2 * len(INITS) ** 2
+    assert not set(know_folders) & set(task_folders)
 
 
 def test_layer_of():

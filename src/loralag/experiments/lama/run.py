@@ -131,6 +131,22 @@ def knowledge_train_config(cfg: BenchConfig):
     )
 
 
+def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
+    """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
+    switching `--know-init`, `--task-init` or `--shared-init` trains into its own folder and switching back
+    finds the earlier adapters instead of retraining them in place. The task adapters depend on the knowledge
+    init too: fact checking trains under knowledge adapters."""
+    shared = "-shared-init" if cfg.shared_init else ""
+    know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}")
+    task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
+    task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
+    return {
+        "knowledge": cache / f"knowledge{know}",
+        "train-knowledge": cache / f"train-knowledge{know}",
+        "task": cache / f"task{task}",
+    }
+
+
 def run_bench(
     size: str | dict | BenchConfig = "tiny",
     data_dir: str | Path | None = None,
@@ -244,9 +260,10 @@ def _run(
     # -- adapters (cached) --------------------------------------------------------------------------------------
     t = time.perf_counter()
     kcfg = knowledge_train_config(cfg)
+    folders = adapter_folders(cache, cfg)
     docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
-    say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {cache / 'knowledge'})")
-    know_paths = train_many(model, tokenizer, docs, cache / "knowledge", kcfg, progress=progress)
+    say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {folders['knowledge']})")
+    know_paths = train_many(model, tokenizer, docs, folders["knowledge"], kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
 
     # bare fact-checking claims train under their (training) entity's own knowledge adapter, trained alike
@@ -254,14 +271,14 @@ def _run(
     fc_entities = sorted({e for e in data.fc_under if e is not None})
     say(
         f"[bold]Knowledge adapters of fact-checking training entities[/]: {len(fc_entities)} "
-        f"(cached in {cache / 'train-knowledge'})"
+        f"(cached in {folders['train-knowledge']})"
     )
     pool = {e.name: e for e in data.train_entities}
     fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
     under = dict(
         zip(
             fc_entities,
-            train_many(model, tokenizer, fc_docs, cache / "train-knowledge", kcfg, progress=progress),
+            train_many(model, tokenizer, fc_docs, folders["train-knowledge"], kcfg, progress=progress),
         )
     )
     timings["train_fc_knowledge"] = time.perf_counter() - t
@@ -292,7 +309,7 @@ def _run(
             model,
             tokenizer,
             [item],
-            cache / "task",
+            folders["task"],
             fc_cfg if item.name == FAMILY_OF[FACT_CHECKING] else tcfg,
             progress=progress,
         )[0]
