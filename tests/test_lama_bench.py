@@ -14,7 +14,6 @@ from conftest import save_lora, tiny_llama
 
 from loralag import attach, build_library, detach
 from loralag.errors import LoralagError
-from loralag.training.train import INITS
 from loralag.evaluation.answers import clean_answer, credited, fc_label
 from loralag.evaluation.kilt import read_kilt_predictions
 from loralag.experiments.lama.config import (
@@ -49,6 +48,7 @@ from loralag.experiments.lama.routing_stats import (
     votes_from_trace,
 )
 from loralag.library.store import module_shapes
+from loralag.training.train import INITS
 
 
 # -- data on a made-up LAMA folder: other relations, a partial relations.json ---------------------------------
