@@ -8,6 +8,7 @@ Every benchmark measures all of its methods for one figure in the same process, 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -389,6 +390,8 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
     from loralag import attach, detach
     from loralag.experiments.lama.routing_stats import subject_mask
 
+    # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated), as the engine does
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     state = attach(model, {"knowledge": lib}, router=router, k=k)
     answer, subject, layers, nll = [0, 0], [0, 0], {}, 0.0
     try:
@@ -398,11 +401,12 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
                 state.fix("knowledge", [q.entity])
             p_ids = tok(q.prompt, return_tensors="pt").input_ids
             a_ids = tok(" " + q.example.answers[0], add_special_tokens=False).input_ids
+            kv = {cache_kw: DynamicCache(), "use_cache": True}  # filled in place, call after call
             with state.tracing() as trace, torch.no_grad():
-                out = model(input_ids=p_ids, past_key_values=DynamicCache(), use_cache=True)
+                out = model(input_ids=p_ids, **kv)
                 logits = [out.logits[0, -1]]
                 for t in a_ids[:-1]:
-                    out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+                    out = model(input_ids=torch.tensor([[t]]), **kv)
                     logits.append(out.logits[0, -1])
             lp = torch.stack(logits).float().log_softmax(-1)
             nll -= float(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum())
