@@ -607,7 +607,11 @@ def test_full_queue_answers_429(small_server):
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    # one running and one waiting are admitted, the rest refused at once; an admitted one may still end in
+    # 408 when a loaded machine keeps it past the 1.5 s limit (the time-limit tests below cover that answer)
+    admitted = [c for c in codes if c != 429]
+    assert codes.count(429) >= 1 and len(admitted) >= 2 and codes.count(200) >= 1, codes
+    assert set(admitted) <= {200, 408}, codes
     err = _check_error(next(r for r in responses if r.status_code == 429), 429)
     assert err["code"] == "rate_limit_exceeded"
     texts = {r.json()["choices"][0]["text"] for r in responses if r.status_code == 200}
