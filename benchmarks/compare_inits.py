@@ -8,7 +8,7 @@
     python benchmarks/compare_inits.py results/small-distinct results/small-task-act --out benchmarks/results/inits-task
 
 Writes inits.md (and inits.json): every method's normalised score and gain fraction in both runs, knowledge
-routing to the gold adapter (subject tokens, answer positions, per layer) and how alike the knowledge library's
+routing to the gold adapter (subject tokens, answer positions, per layer) and how alike each library's
 adapters are: the mean |cos| between two adapters' arrows at the same module (1: indistinguishable to Arrow),
 and the share of an adapter's A* subspace that lies in the span of the others' (see `shared_subspace`).
 """
@@ -75,7 +75,9 @@ def main():
     raw = [json.loads((folder / "results.json").read_text()) for folder in (args.a, args.b)]
     configs = [r["settings"]["config"] for r in raw]
     other = sorted(
-        k for k in set(configs[0]) | set(configs[1]) if k not in INIT_FIELDS and configs[0].get(k) != configs[1].get(k)
+        k
+        for k in set(configs[0]) | set(configs[1])
+        if k not in (*INIT_FIELDS, "methods") and configs[0].get(k) != configs[1].get(k)  # methods: both runs' shown
     )
     if other:
         raise SystemExit(f"the two runs differ in more than their init: {other}")
@@ -83,22 +85,24 @@ def main():
     if names[0] == names[1]:
         raise SystemExit(f"both runs have {names[0]}")
     runs = dict(zip(names, raw))
-    stats = {}
-    for name, r in runs.items():
-        path = Path(r["settings"]["knowledge_library"])
-        if not path.exists():  # a run made on another machine: its scores and routing only
-            print(f"{name}: no knowledge library at {path}; its geometry is left out")
-            stats[name] = None
-            continue
-        lib = open_library(path)
-        stats[name] = {
-            "arrow_abs_cos": arrow_similarity(lib),
-            "shared_subspace": shared_subspace(lib),
-            "adapters": len(lib),
-        }
+    stats = {"knowledge": {}, "task": {}}
+    for kind, per_run in stats.items():
+        for name, r in runs.items():
+            path = Path(r["settings"][f"{kind}_library"])
+            if not path.exists():  # a run made on another machine: its scores and routing only
+                print(f"{name}: no {kind} library at {path}; its geometry is left out")
+                per_run[name] = None
+                continue
+            lib = open_library(path)
+            per_run[name] = {
+                "arrow_abs_cos": arrow_similarity(lib),
+                "shared_subspace": shared_subspace(lib),
+                "adapters": len(lib),
+            }
 
-    def geometry(name, key):
-        return "— (library not here)" if stats[name] is None else f"{stats[name][key]:.3f}"
+    def geometry(kind, name, key):
+        got = stats[kind][name]
+        return "— (library not here)" if got is None else f"{got[key]:.3f}"
 
     a, b = names
     methods = [m for m in runs[b]["normalised"] if m in runs[a]["normalised"]]
@@ -110,13 +114,18 @@ def main():
         "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one, "
         "the top-r directions of the base model's inputs over the adapter's own text (`activations`), or those with "
         "the most energy relative to generic text (`contrast`)).",
-        "",
-        f"| knowledge library | {a} | {b} |",
-        "|---|---|---|",
-        f"| mean \\|cos\\| between two adapters' arrows | {geometry(a, 'arrow_abs_cos')} | "
-        f"{geometry(b, 'arrow_abs_cos')} |",
-        f"| share of an adapter's A* in the library's top-r common subspace | "
-        f"{geometry(a, 'shared_subspace')} | {geometry(b, 'shared_subspace')} |",
+    ]
+    for kind in stats:
+        lines += [
+            "",
+            f"| {kind} library | {a} | {b} |",
+            "|---|---|---|",
+            f"| mean \\|cos\\| between two adapters' arrows | {geometry(kind, a, 'arrow_abs_cos')} | "
+            f"{geometry(kind, b, 'arrow_abs_cos')} |",
+            f"| share of an adapter's A* in the library's top-r common subspace | "
+            f"{geometry(kind, a, 'shared_subspace')} | {geometry(kind, b, 'shared_subspace')} |",
+        ]
+    lines += [
         "",
         "## Normalised score (AVG, % of the Oracle) and gain fraction",
         "",
@@ -162,7 +171,8 @@ def main():
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inits.md").write_text("\n".join(lines) + "\n")
-    (args.out / "inits.json").write_text(json.dumps({"library": stats, "subject_by_layer": by_layer}, indent=1) + "\n")
+    found = {"library": stats["knowledge"], "task_library": stats["task"], "subject_by_layer": by_layer}
+    (args.out / "inits.json").write_text(json.dumps(found, indent=1) + "\n")
     plot(by_layer, args.out / "inits.png")
     print("\n".join(lines))
 
