@@ -280,8 +280,10 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     from loralag.experiments.lama.run import adapter_folders
 
     default = size_config("tiny")
-    # the default keeps the folder names caches already on disk use
-    assert {k: p.name for k, p in adapter_folders(tmp_path, default).items()} == {
+    assert default.know_init == "contrast" and default.task_init == "contrast"
+    # PEFT's init keeps the plain folder names that caches already on disk use
+    peft = replace(default, know_init="peft", task_init="peft")
+    assert {k: p.name for k, p in adapter_folders(tmp_path, peft).items()} == {
         "knowledge": "knowledge",
         "train-knowledge": "train-knowledge",
         "task": "task",

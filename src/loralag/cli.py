@@ -794,8 +794,8 @@ def bench(
         "--shared-init",
         help="Train every adapter from one LoRA init (loralag 0.1's way), to measure what distinct inits do.",
     ),
-    know_init: Init = typer.Option(Init.peft, "--know-init", help="The knowledge adapters' " + INIT_HELP),
-    task_init: Init = typer.Option(Init.peft, "--task-init", help="The task adapters' " + INIT_HELP),
+    know_init: Init = typer.Option(Init.contrast, "--know-init", help="The knowledge adapters' " + INIT_HELP),
+    task_init: Init = typer.Option(Init.contrast, "--task-init", help="The task adapters' " + INIT_HELP),
     methods: Optional[str] = typer.Option(
         None,
         "--methods",

@@ -41,14 +41,15 @@ class BenchConfig:
     know_steps: int = 12
     know_lr: float = 2e-3
     know_batch: int = 4
-    know_init: str = "peft"  # A's init (TrainConfig.init): "peft" or "activations"
+    # A's init (TrainConfig.init): "contrast" routes best at every size measured (README, "Distinct inits")
+    know_init: str = "contrast"
     # task adapters
     task_r: int = 8
     task_alpha: int = 16
     task_steps: int = 80
     task_lr: float = 2e-3
     task_batch: int = 4
-    task_init: str = "peft"
+    task_init: str = "contrast"
     # evaluation
     k: int = 20  # the headline LAG's k
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
