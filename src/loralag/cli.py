@@ -1072,6 +1072,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps per adapter (default 20)."),
     router: str = typer.Option("lag", "--router", help=_router_help("Router of the LAG column", refused=NO_FIXED_DEMO)),
     k: int = typer.Option(20, "--k", min=1, help="Arrow candidates per token."),
+    init: Init = typer.Option(Init.contrast, "--init", help="The adapters' " + INIT_HELP),
     heatmap: Optional[Path] = typer.Option(
         None, "--heatmap", help="Also write LAG's routing heatmap of the first question."
     ),
@@ -1087,7 +1088,7 @@ def demo(
     from loralag.experiments.demo import print_results, run_demo
 
     _set_threads(threads)
-    results = run_demo(workdir, steps=steps, router=router, k=k, model_spec=model, console=console)
+    results = run_demo(workdir, steps=steps, router=router, k=k, init=init.value, model_spec=model, console=console)
     print_results(results, console)
     if heatmap is not None and results["trace"] is not None:
         from loralag import generate as gen

@@ -209,6 +209,7 @@ class DemoConfig:
     k: int = 20
     max_new_tokens: int = 24
     chat: bool = False  # the chat template or the plain "Question: ... Answer:" completion
+    init: str = "contrast"  # A's init (TrainConfig.init): the one that routes best (README, "Distinct inits")
 
 
 def training_texts(entity: dict, chat_tokenizer=None) -> list[str]:
@@ -246,6 +247,7 @@ def run_demo(
     workdir: str | Path | None = None,
     steps: int | None = None,
     router: str = "lag",
+    init: str | None = None,
     k: int = 20,
     model_spec: str = "default",
     config: DemoConfig | None = None,
@@ -268,6 +270,8 @@ def run_demo(
     config = config or DemoConfig()
     if steps is not None:
         config.steps = steps
+    if init is not None:
+        config.init = init
     config.router, config.k = router, k
     if workdir is None:
         workdir = default_workdir()
@@ -299,6 +303,7 @@ def run_demo(
         batch_size=config.batch_size,
         lr=config.lr,
         max_length=config.max_length,
+        init=config.init,
     )
     say(
         f"[bold]Training[/] {len(items)} knowledge adapters ({config.steps} steps each, rank {config.r}, "
