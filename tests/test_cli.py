@@ -170,6 +170,9 @@ def test_demo_pipeline_on_tiny_model(world, tmp_path, monkeypatch):
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
     adapters = sorted(p.name for p in (tmp_path / "demo" / "adapters").iterdir())
     assert len(adapters) == 6 and "velmora" in adapters
+    # the demo trains with the contrastive init unless told otherwise (`--init`)
+    markers = [json.loads((tmp_path / "demo" / "adapters" / a / "loralag_train.json").read_text()) for a in adapters]
+    assert {m["config"]["init"] for m in markers} == {"contrast"}
 
     from loralag.experiments.demo import run_demo
 
@@ -518,3 +521,18 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["methods"] == ("base", "lag-prefix", "rag")
     cfg = size_config(seen["size"], methods=seen["methods"])
     assert [m.name for m in method_list(cfg, 200)] == ["base", "lag-prefix@20", "rag"]
+
+
+@pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])
+def test_demo_init_reaches_the_run(monkeypatch, tmp_path, args, init):
+    import loralag.cli as cli
+    import loralag.experiments.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(cli, "_prepare_model", lambda spec, status: None)
+    monkeypatch.setattr(demo, "run_demo", lambda workdir, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(demo, "print_results", lambda results, console: None)
+    result = invoke("demo", "--workdir", tmp_path, *args)
+    assert result.exit_code == 0, output(result)
+    assert seen["init"] == init
+    assert "--init" in output(invoke("demo", "--help"))
