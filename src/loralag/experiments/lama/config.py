@@ -41,7 +41,8 @@ class BenchConfig:
     know_steps: int = 12
     know_lr: float = 2e-3
     know_batch: int = 4
-    # A's init (TrainConfig.init): "contrast" routes best at every size measured (README, "Distinct inits")
+    # A's init (TrainConfig.init); "contrast" for both libraries routed best of the four full-size settings
+    # measured (README, "Distinct inits")
     know_init: str = "contrast"
     # task adapters
     task_r: int = 8
