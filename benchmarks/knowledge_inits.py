@@ -32,6 +32,7 @@ def main():
     p.add_argument("--inits", default="peft,activations,contrast", help="comma-separated TrainConfig inits")
     p.add_argument("--k", type=int, default=None, help="LAG's k (default: N/10, at least 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the bench's)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha = 2 x rank (default: the bench's)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/knowledge-inits"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -54,8 +55,9 @@ def main():
         torch.set_num_threads(args.threads)
     n = args.entities
     k = args.k or max(2, n // 10)
-    cfg = size_config("full", n_entities=n, questions_per_dataset=n, know_steps=args.steps)
-    default_steps = size_config("full").know_steps
+    alpha = 2 * args.rank if args.rank else None
+    cfg = size_config("full", n_entities=n, questions_per_dataset=n, know_steps=args.steps, know_r=args.rank, know_alpha=alpha)
+    default = size_config("full")
     data = bench_data(cfg, args.data)
     model, tok = load_model("default", dtype=torch.float32)
     questions = data.questions[SLOT_FILLING] + data.questions[QA]
@@ -66,9 +68,10 @@ def main():
     for init in inits:
         kcfg = knowledge_train_config(replace(cfg, know_init=init))
         t = time.perf_counter()
-        # a folder per init (and step count): one folder holds one version of each adapter name, and would
+        # a folder per init (and step count, rank): one folder holds one version of each adapter name, and would
         # retrain it per setting
-        folder = init if cfg.know_steps == default_steps else f"{init}-steps{cfg.know_steps}"
+        folder = init + (f"-steps{cfg.know_steps}" if cfg.know_steps != default.know_steps else "")
+        folder += f"-r{cfg.know_r}" if cfg.know_r != default.know_r else ""
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / folder, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
