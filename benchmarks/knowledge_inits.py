@@ -56,7 +56,9 @@ def main():
     n = args.entities
     k = args.k or max(2, n // 10)
     alpha = 2 * args.rank if args.rank else None
-    cfg = size_config("full", n_entities=n, questions_per_dataset=n, know_steps=args.steps, know_r=args.rank, know_alpha=alpha)
+    cfg = size_config(
+        "full", n_entities=n, questions_per_dataset=n, know_steps=args.steps, know_r=args.rank, know_alpha=alpha
+    )
     default = size_config("full")
     data = bench_data(cfg, args.data)
     model, tok = load_model("default", dtype=torch.float32)

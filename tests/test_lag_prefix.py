@@ -1,5 +1,6 @@
 """lag-prefix against a brute-force reference: dense float64 LAG per (token, module), counted by hand."""
 
+import inspect
 from collections import Counter
 
 import pytest
@@ -26,6 +27,13 @@ def setup(tmp_path_factory):
     )
     adapters = {p.name: read_adapter(p) for p in paths}
     return model, lib, adapters
+
+
+def _kv(model, cache) -> dict:
+    """The KV cache as the model's forward takes it: transformers 5 names it `cache` (`past_key_values` is
+    deprecated), older versions `past_key_values`."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 class Reference:
@@ -55,7 +63,7 @@ class Reference:
         self.call = [[Counter() for _ in range(T)] for _ in range(B)]  # picks per token over this call's modules
         self.mask = mask[:, -T:]
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+            out = self.model(input_ids=ids, attention_mask=mask, **_kv(self.model, cache), use_cache=cache is not None)
         for b in range(B):
             for t in range(T):
                 self.counts[b].update(self.call[b][t])
@@ -119,8 +127,8 @@ def test_prefill_and_decoding_equal_the_reference(setup, batch):
     attach(model, lib, router="lag-prefix", k=2)
     try:
         with torch.no_grad():
-            got1 = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
-            got2 = model(input_ids=nxt, attention_mask=mask2, past_key_values=got1.past_key_values, use_cache=True)
+            got1 = model(input_ids=ids, attention_mask=mask, **_kv(model, DynamicCache()), use_cache=True)
+            got2 = model(input_ids=nxt, attention_mask=mask2, **_kv(model, got1.past_key_values), use_cache=True)
         plain = None
         with torch.no_grad():
             plain = model(input_ids=ids, attention_mask=mask).logits  # no cache: fresh sequences again
@@ -130,7 +138,7 @@ def test_prefill_and_decoding_equal_the_reference(setup, batch):
     torch.testing.assert_close(got1.logits[real], want1.logits[real], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got2.logits, want2.logits, atol=1e-4, rtol=1e-4)
     assert (
-        want2.logits - model(input_ids=nxt, attention_mask=mask2, past_key_values=_plain_cache(model, ids, mask)).logits
+        want2.logits - model(input_ids=nxt, attention_mask=mask2, **_kv(model, _plain_cache(model, ids, mask))).logits
     ).abs().max() > 1e-3
     torch.testing.assert_close(plain[real], want1.logits[real], atol=1e-4, rtol=1e-4)  # the state was reset
 
@@ -162,7 +170,7 @@ def test_many_decoding_steps_after_a_short_prompt_equal_the_reference(setup, bat
     attach(model, lib, router="lag-prefix", k=2)
     try:
         with torch.no_grad():
-            got = run(lambda i, m, c: model(input_ids=i, attention_mask=m, past_key_values=c, use_cache=True))
+            got = run(lambda i, m, c: model(input_ids=i, attention_mask=m, **_kv(model, c), use_cache=True))
     finally:
         detach(model)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -170,7 +178,7 @@ def test_many_decoding_steps_after_a_short_prompt_equal_the_reference(setup, bat
 
 def _plain_cache(model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True).past_key_values
+        return model(input_ids=ids, attention_mask=mask, **_kv(model, DynamicCache()), use_cache=True).past_key_values
 
 
 def test_differs_from_lag_and_counts_lag_picks(setup):
