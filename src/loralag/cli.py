@@ -796,6 +796,11 @@ def bench(
     ),
     know_init: Init = typer.Option(Init.contrast, "--know-init", help="The knowledge adapters' " + INIT_HELP),
     task_init: Init = typer.Option(Init.contrast, "--task-init", help="The task adapters' " + INIT_HELP),
+    know_qa: bool = typer.Option(
+        False,
+        "--know-qa",
+        help="The knowledge adapters also learn each fact restated as a question and answer (README, 'Distinct inits').",
+    ),
     methods: Optional[str] = typer.Option(
         None,
         "--methods",
@@ -835,6 +840,7 @@ def bench(
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,
+        know_qa=know_qa or None,
         n_entities=entities,
         methods=chosen,
         ray=ray,

@@ -44,6 +44,7 @@ class BenchConfig:
     # A's init (TrainConfig.init); "contrast" for both libraries routed best of the four full-size settings
     # measured (README, "Distinct inits")
     know_init: str = "contrast"
+    know_qa: bool = False  # the knowledge texts also restate each fact as a question and answer (data.rewrites)
     # task adapters
     task_r: int = 8
     task_alpha: int = 16

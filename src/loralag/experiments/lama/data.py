@@ -211,10 +211,13 @@ def fill_template(template: str, subject: str, obj: str) -> str:
     return re.sub(r"\s+([.,;:?!])", r"\1", " ".join(text.split()))
 
 
-def rewrites(entity: Entity, relations: dict[str, Relation]) -> list[str]:
+def rewrites(entity: Entity, relations: dict[str, Relation], qa: bool = False) -> list[str]:
     """Templated synthetic continued pretraining: restate the article around each entity it names.
 
-    Per fact: the relation's cloze sentence, the fact stated around the subject and around the object.
+    Per fact: the relation's cloze sentence, the fact stated around the subject and around the object, and
+    with qa a question-and-answer restatement ("Q: What is the place of birth of Ada? A: London."): facts a
+    model has only read as statements it recalls poorly when asked; QA forms of them in training help
+    (Allen-Zhu & Li, "Physics of Language Models 3.1"). Its form is none of the benchmark's prompts.
     Per named entity (the subject and each object): the article's sentences that mention it, introduced
     by that entity."""
     texts = []
@@ -224,6 +227,8 @@ def rewrites(entity: Entity, relations: dict[str, Relation]) -> list[str]:
         texts.append(fill_template(rel.template, s, f.object))
         texts.append(f"The {rel.label} of {s} is {f.object}.")
         texts.append(f"{f.object} is the {rel.label} of {s}.")
+        if qa:
+            texts.append(f"Q: What is the {rel.label} of {s}? A: {f.object}.")
     sentences = [x for f in entity.facts for x in f.sentences]
     named = [s] + [f.object for f in entity.facts]
     for e in dict.fromkeys(named):

@@ -133,13 +133,14 @@ def knowledge_train_config(cfg: BenchConfig):
 
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
-    switching `--know-init`, `--task-init` or `--shared-init` trains into its own folder and switching back
-    finds the earlier adapters instead of retraining them in place. The task adapters depend on the knowledge
-    init too: fact checking trains under knowledge adapters."""
+    switching `--know-init`, `--task-init`, `--shared-init` or `--know-qa` trains into its own folder and
+    switching back finds the earlier adapters instead of retraining them in place. The task adapters depend on
+    the knowledge adapters too: fact checking trains under them."""
     shared = "-shared-init" if cfg.shared_init else ""
-    know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}")
+    know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
     task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
+    task += "-qa" if cfg.know_qa else ""
     return {
         "knowledge": cache / f"knowledge{know}",
         "train-knowledge": cache / f"train-knowledge{know}",
@@ -261,7 +262,7 @@ def _run(
     t = time.perf_counter()
     kcfg = knowledge_train_config(cfg)
     folders = adapter_folders(cache, cfg)
-    docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
+    docs = [Document(e.name, e.article, rewrites(e, data.relations, cfg.know_qa)) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {folders['knowledge']})")
     know_paths = train_many(model, tokenizer, docs, folders["knowledge"], kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
@@ -274,7 +275,9 @@ def _run(
         f"(cached in {folders['train-knowledge']})"
     )
     pool = {e.name: e for e in data.train_entities}
-    fc_docs = [Document(name, pool[name].article, rewrites(pool[name], data.relations)) for name in fc_entities]
+    fc_docs = [
+        Document(name, pool[name].article, rewrites(pool[name], data.relations, cfg.know_qa)) for name in fc_entities
+    ]
     under = dict(
         zip(
             fc_entities,
