@@ -33,6 +33,7 @@ def main():
     p.add_argument("--k", type=int, default=None, help="LAG's k (default: N/10, at least 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the bench's)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha = 2 x rank (default: the bench's)")
+    p.add_argument("--qa", action="store_true", help="each fact also restated as a question and answer (--know-qa)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/knowledge-inits"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -57,23 +58,30 @@ def main():
     k = args.k or max(2, n // 10)
     alpha = 2 * args.rank if args.rank else None
     cfg = size_config(
-        "full", n_entities=n, questions_per_dataset=n, know_steps=args.steps, know_r=args.rank, know_alpha=alpha
+        "full",
+        n_entities=n,
+        questions_per_dataset=n,
+        know_steps=args.steps,
+        know_r=args.rank,
+        know_alpha=alpha,
+        know_qa=args.qa or None,
     )
     default = size_config("full")
     data = bench_data(cfg, args.data)
     model, tok = load_model("default", dtype=torch.float32)
     questions = data.questions[SLOT_FILLING] + data.questions[QA]
     mentions = {e.name: e.mentions for e in data.entities}
-    docs = [Document(e.name, e.article, rewrites(e, data.relations)) for e in data.entities]
+    docs = [Document(e.name, e.article, rewrites(e, data.relations, cfg.know_qa)) for e in data.entities]
     cache = default_cache_dir()
     rows, timings = [], {}
     for init in inits:
         kcfg = knowledge_train_config(replace(cfg, know_init=init))
         t = time.perf_counter()
-        # a folder per init (and step count, rank): one folder holds one version of each adapter name, and would
-        # retrain it per setting
+        # a folder per init (and step count, rank, QA texts): one folder holds one version of each adapter name,
+        # and would retrain it per setting
         folder = init + (f"-steps{cfg.know_steps}" if cfg.know_steps != default.know_steps else "")
         folder += f"-r{cfg.know_r}" if cfg.know_r != default.know_r else ""
+        folder += "-qa" if cfg.know_qa else ""
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / folder, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
@@ -95,7 +103,9 @@ def main():
     lines = [
         f"# Knowledge-library inits — {n} knowledge adapters, {len(questions)} slot-filling and QA questions",
         "",
-        f"Data `{args.data}`; the bench's knowledge settings (rank {cfg.know_r}, {cfg.know_steps} steps). Knowledge"
+        f"Data `{args.data}`; the bench's knowledge settings (rank {cfg.know_r}, {cfg.know_steps} steps"
+        + (", each fact also as a question and answer" if cfg.know_qa else "")
+        + "). Knowledge"
         " library only; prompt prefilled, the gold answer fed token by token with the KV cache. Chance: "
         f"{100 / n:.1f}%.",
         "",

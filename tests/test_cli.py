@@ -521,6 +521,9 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["methods"] == ("base", "lag-prefix", "rag")
     cfg = size_config(seen["size"], methods=seen["methods"])
     assert [m.name for m in method_list(cfg, 200)] == ["base", "lag-prefix@20", "rag"]
+    assert seen["know_qa"] is None  # the config's default
+    result = invoke("bench", "--data", tmp_path, "--know-qa")
+    assert result.exit_code == 0 and seen["know_qa"] is True, output(result)
 
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])

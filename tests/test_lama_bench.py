@@ -289,17 +289,18 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
         "task": "task",
     }
     seen = {}
-    for know, task, shared in product(INITS, INITS, (False, True)):
-        folders = adapter_folders(tmp_path, replace(default, know_init=know, task_init=task, shared_init=shared))
+    for know, task, shared, qa in product(INITS, INITS, (False, True), (False, True)):
+        cfg = replace(default, know_init=know, task_init=task, shared_init=shared, know_qa=qa)
+        folders = adapter_folders(tmp_path, cfg)
         assert all(p.parent == tmp_path for p in folders.values())
-        # knowledge adapters depend on the knowledge init only; task adapters (fact checking trains under
+        # knowledge adapters depend on the knowledge settings only; task adapters (fact checking trains under
         # knowledge adapters) on both
-        assert seen.setdefault(("knowledge", know, shared), folders["knowledge"]) == folders["knowledge"]
-        seen[("task", know, task, shared)] = folders["task"]
+        assert seen.setdefault(("knowledge", know, shared, qa), folders["knowledge"]) == folders["knowledge"]
+        seen[("task", know, task, shared, qa)] = folders["task"]
     know_folders = [p for k, p in seen.items() if k[0] == "knowledge"]
     task_folders = [p for k, p in seen.items() if k[0] == "task"]
-    assert len(set(know_folders)) == len(know_folders) == 2 * len(INITS)
-    assert len(set(task_folders)) == len(task_folders) == 2 * len(INITS) ** 2
+    assert len(set(know_folders)) == len(know_folders) == 4 * len(INITS)
+    assert len(set(task_folders)) == len(task_folders) == 4 * len(INITS) ** 2
     assert not set(know_folders) & set(task_folders)
 
 

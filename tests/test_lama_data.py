@@ -245,6 +245,19 @@ def test_rewrites_restate_each_fact_and_the_article_around_each_entity():
         "About London: Lovelace was born in London.",
         "About Byron: Byron's daughter, Lovelace, wrote notes.",
     ]
+    # qa: each fact also as a question and answer, right after its statements; nothing else changes
+    assert rewrites(ada(), relations, qa=True) == [
+        "Ada Lovelace was born in London.",
+        "The place of birth of Ada Lovelace is London.",
+        "London is the place of birth of Ada Lovelace.",
+        "Q: What is the place of birth of Ada Lovelace? A: London.",
+        "Ada Lovelace knew Byron.",
+        "The P3 of Ada Lovelace is Byron.",
+        "Byron is the P3 of Ada Lovelace.",
+        "Q: What is the P3 of Ada Lovelace? A: Byron.",
+        "About London: Lovelace was born in London.",
+        "About Byron: Byron's daughter, Lovelace, wrote notes.",
+    ]
 
 
 def test_family_items_by_hand():

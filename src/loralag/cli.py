@@ -799,7 +799,7 @@ def bench(
     know_qa: bool = typer.Option(
         False,
         "--know-qa",
-        help="The knowledge adapters also learn each fact restated as a question and answer (README, 'Distinct inits').",
+        help="The knowledge adapters also learn each fact restated as a question and answer (README, LAMA).",
     ),
     methods: Optional[str] = typer.Option(
         None,
