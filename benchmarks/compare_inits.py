@@ -50,7 +50,8 @@ def shared_subspace(library, rank: int | None = None) -> float:
     return sum(out) / len(out)
 
 
-INIT_FIELDS = ("shared_init", "know_init", "task_init")
+# what may differ between the two runs: how the adapters start, and whether the knowledge texts hold QA forms
+INIT_FIELDS = ("shared_init", "know_init", "task_init", "know_qa")
 
 
 def init_label(config: dict) -> str:
@@ -61,13 +62,14 @@ def init_label(config: dict) -> str:
         for key, lib in (("know", "knowledge"), ("task", "task"))
         if config.get(f"{key}_init", "peft") != "peft"
     ]
+    other += ["knowledge texts + QA"] if config.get("know_qa") else []
     return ", ".join(other) if other and not config.get("shared_init") else ", ".join([label, *other])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a", type=Path, help="results folder of one run")
-    p.add_argument("b", type=Path, help="results folder of a run that differs only in its adapters' init")
+    p.add_argument("b", type=Path, help="a run that differs only in its adapters' init (or --know-qa)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/inits"))
     args = p.parse_args()
     from loralag.library.store import open_library
@@ -113,7 +115,8 @@ def main():
         "one seed for every adapter (`--shared-init`, loralag 0.1) or each adapter's own "
         "(`adapter_seed(seed, name)`), and A's init per library (`--know-init`, `--task-init`: PEFT's random one, "
         "the top-r directions of the base model's inputs over the adapter's own text (`activations`), or those with "
-        "the most energy relative to generic text (`contrast`)).",
+        "the most energy relative to generic text (`contrast`)); or in the knowledge adapters' texts (`--know-qa`: "
+        "each fact also restated as a question and answer).",
     ]
     for kind in stats:
         lines += [
