@@ -8,7 +8,6 @@ Every benchmark measures all of its methods for one figure in the same process, 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -389,9 +388,9 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
 
     from loralag import attach, detach
     from loralag.experiments.lama.routing_stats import subject_mask
+    from loralag.models import cache_kwarg
 
-    # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated), as the engine does
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(model)
     state = attach(model, {"knowledge": lib}, router=router, k=k)
     answer, subject, layers, nll = [0, 0], [0, 0], {}, 0.0
     try:

@@ -41,12 +41,12 @@ def main():
     from common import teacher_forced_routing
 
     from loralag.experiments.lama.config import bench_data, default_cache_dir, size_config
-    from loralag.experiments.lama.data import QA, SLOT_FILLING, rewrites
-    from loralag.experiments.lama.run import knowledge_train_config
+    from loralag.experiments.lama.data import QA, SLOT_FILLING
+    from loralag.experiments.lama.run import knowledge_document, knowledge_train_config
     from loralag.library.store import build_library, module_shapes
     from loralag.models import load_model
     from loralag.training import INITS
-    from loralag.training.train import Document, train_adapters
+    from loralag.training.train import train_adapters
 
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(set(inits) - set(INITS))
@@ -71,7 +71,7 @@ def main():
     model, tok = load_model("default", dtype=torch.float32)
     questions = data.questions[SLOT_FILLING] + data.questions[QA]
     mentions = {e.name: e.mentions for e in data.entities}
-    docs = [Document(e.name, e.article, rewrites(e, data.relations, cfg.know_qa)) for e in data.entities]
+    docs = [knowledge_document(e, data.relations, cfg) for e in data.entities]
     cache = default_cache_dir()
     rows, timings = [], {}
     for init in inits:

@@ -1,6 +1,5 @@
 """lag-prefix against a brute-force reference: dense float64 LAG per (token, module), counted by hand."""
 
-import inspect
 from collections import Counter
 
 import pytest
@@ -10,6 +9,7 @@ from transformers import DynamicCache
 
 from loralag import attach, build_library, detach, read_adapter
 from loralag.library.store import module_shapes
+from loralag.models import cache_kwarg
 
 KNOW = ("gate_proj", "up_proj", "down_proj")
 
@@ -30,10 +30,7 @@ def setup(tmp_path_factory):
 
 
 def _kv(model, cache) -> dict:
-    """The KV cache as the model's forward takes it: transformers 5 names it `cache` (`past_key_values` is
-    deprecated), older versions `past_key_values`."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {cache_kwarg(model): cache}
 
 
 class Reference:

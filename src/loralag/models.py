@@ -9,6 +9,7 @@ the cache and load that folder from then on.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -56,6 +57,12 @@ def cache_dir() -> Path:
     """Root of loralag's cache: `$LORALAG_CACHE` if set, else `~/.cache/loralag`."""
     env = os.environ.get("LORALAG_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loralag"
+
+
+def cache_kwarg(model) -> str:
+    """The name under which `model.forward` takes the KV cache: `cache` in transformers 5 (`past_key_values`
+    is deprecated there, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _bundled_gguf(spec: str, scratch: Path) -> Path:

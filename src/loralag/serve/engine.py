@@ -177,8 +177,10 @@ class Engine:
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
         )
+        from loralag.models import cache_kwarg  # transformers is loaded by now: the model is
+
         params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self._logits_to_keep = "logits_to_keep" in params
         self._cv = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()

@@ -131,6 +131,13 @@ def knowledge_train_config(cfg: BenchConfig):
     )
 
 
+def knowledge_document(entity, relations, cfg: BenchConfig):
+    """A knowledge adapter's training item: the entity's article plus its restatements (data.rewrites)."""
+    from loralag.training.train import Document
+
+    return Document(entity.name, entity.article, rewrites(entity, relations, cfg.know_qa))
+
+
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
     switching `--know-init`, `--task-init`, `--shared-init` or `--know-qa` trains into its own folder and
@@ -210,7 +217,7 @@ def _run(
     from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
     from loralag.evaluation.retrieval import BM25Index
     from loralag.models import load_model
-    from loralag.training.train import Document, QAPairs, TrainConfig, train_adapters
+    from loralag.training.train import QAPairs, TrainConfig, train_adapters
 
     if ray is not None and ray is not False:  # the same adapters, trained on the cluster
         from loralag.cluster.train import train_adapters as train_on_cluster
@@ -262,7 +269,7 @@ def _run(
     t = time.perf_counter()
     kcfg = knowledge_train_config(cfg)
     folders = adapter_folders(cache, cfg)
-    docs = [Document(e.name, e.article, rewrites(e, data.relations, cfg.know_qa)) for e in data.entities]
+    docs = [knowledge_document(e, data.relations, cfg) for e in data.entities]
     say(f"[bold]Knowledge adapters[/]: {len(docs)} × {cfg.know_steps} steps (cached in {folders['knowledge']})")
     know_paths = train_many(model, tokenizer, docs, folders["knowledge"], kcfg, progress=progress)
     timings["train_knowledge"] = time.perf_counter() - t
@@ -275,9 +282,7 @@ def _run(
         f"(cached in {folders['train-knowledge']})"
     )
     pool = {e.name: e for e in data.train_entities}
-    fc_docs = [
-        Document(name, pool[name].article, rewrites(pool[name], data.relations, cfg.know_qa)) for name in fc_entities
-    ]
+    fc_docs = [knowledge_document(pool[name], data.relations, cfg) for name in fc_entities]
     under = dict(
         zip(
             fc_entities,
