@@ -14,6 +14,7 @@ ROOT = Path(loralag.__file__).parent
 RANK = {
     "errors": 0,
     "models": 1,
+    "workers": 1,
     "library": 2,
     "routing": 3,
     "training": 4,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 from pathlib import Path
 
+from loralag.workers import spawn_pool
+
 _WORKER: dict = {}
 
 
@@ -39,11 +41,7 @@ def train_in_processes(model, tokenizer, items, out_dir: Path, config, workers: 
         n = min(workers, len(todo))
         threads = max(1, torch.get_num_threads() // n)
         model.share_memory()
-        ctx = torch.multiprocessing.get_context("spawn")  # fork would copy a process whose OpenMP threads run
-        # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
-        with concurrent.futures.ProcessPoolExecutor(
-            n, mp_context=ctx, initializer=_start_worker, initargs=(model, tokenizer, threads)
-        ) as pool:
+        with spawn_pool(n, _start_worker, (model, tokenizer, threads)) as pool:
             futures = {pool.submit(_train_one, items[i], out_dir, config): i for i in todo}
             try:
                 for future in concurrent.futures.as_completed(futures):

@@ -4,7 +4,6 @@ itself and answers a share of the batches).
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from loralag.experiments.lama.routing_stats import (
     subject_mask,
     votes_from_trace,
 )
+from loralag.workers import spawn_pool
 
 
 def torch_no_grad(fn):
@@ -133,9 +133,7 @@ def answer_questions(
         return _answer_share(job, model, tokenizer, libs or _open_libraries(job), 0, 1)
     threads = max(1, torch.get_num_threads() // workers)
     model.share_memory()
-    # an executor, not a Pool: a worker that dies raises here instead of being replaced while the run waits
-    ctx = torch.multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with spawn_pool(workers) as pool:
         shares = list(
             pool.map(_share_worker, *zip(*[(job, model, tokenizer, w, workers, threads) for w in range(workers)]))
         )
