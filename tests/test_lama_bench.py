@@ -574,9 +574,14 @@ def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):
     assert [p for p, _ in fc_r] == [p for p, _ in fc]  # the same claims either way
     with pytest.raises(LoralagError, match="fact-checking form"):
         build_data(lama_dir, n_entities=4, n_train_pairs=8, fc_form="verdict")
+    pages = {e.page for e in data.train_entities}
     for d in DATASETS:
         with_context = [p for p, _ in data.task_pairs[d] if "\n\n" in p]
         assert 0 < len(with_context) < len(data.task_pairs[d])
+        # the retrieved page in front: the entity's title on its first line, then its article (KILT's page form)
+        assert all(p.split("\n\n")[0] in pages for p in with_context)
+    e = data.entities[0]
+    assert e.page.split("\n") == [e.label, e.article]
     none = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, context_every=0)
     assert not any("\n\n" in p for d in DATASETS for p, _ in none.task_pairs[d])
     # bare claims train under a training entity's adapter (never a knowledge-set one), RAG-form ones under none

@@ -28,7 +28,7 @@ class BenchConfig:
     n_entities: int = 200  # knowledge adapters, one per subject entity
     questions_per_dataset: int | None = None  # default: one per knowledge entity
     n_train_pairs: int = 200  # task-adapter training pairs per family
-    context_every: int = 3  # one task-training prompt in this many has its entity's article in front (RAG form)
+    context_every: int = 3  # one task-training prompt in this many has its entity's page in front (RAG form)
     fc_bare_facts: int = 48  # bare fact-checking training facts, each under its entity's own knowledge adapter
     fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
     fc_form: str = "label"  # fact checking answers the bare label (FEVER's); "recall": object, then verdict
@@ -185,7 +185,7 @@ class Method:
     knowledge: str = "none"
     task: str = "none"
     k: int = 20
-    rag: bool = False  # the retrieved article goes in the prompt
+    rag: bool = False  # the retrieved page (title and article) goes in the prompt
     plag: bool = False  # the retrieved article's adapter is added on top of the knowledge routing
     reuse: str | None = None  # identical to another method: reuse its answers
     mixed: bool = False  # also run "<name>/seq-task": task library by vote, knowledge library per token

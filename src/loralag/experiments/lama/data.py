@@ -4,7 +4,8 @@ From LAMA T-REx files (any `*.jsonl` of LAMA records in a folder, plus an option
 with each relation's label and cloze template):
 
 * one **article** per subject entity: its evidence sentences, `[MASK]` replaced by the object's surface
-  form (`obj_surface` where the evidence has one, else `obj_label`);
+  form (`obj_surface` where the evidence has one, else `obj_label`); its **page** (what retrieval indexes and
+  RAG puts in front) is the article under the entity's title, as KILT's Wikipedia pages begin;
 * **synthetic rewrites** of each article (templated synthetic continued pretraining): every fact restated
   around the subject and around the object, and the article's sentences restated around each entity they
   name — what each knowledge adapter learns besides the article itself;
@@ -79,6 +80,12 @@ class Entity:
     article: str = ""
     mentions: list[str] = field(default_factory=list)  # surface forms of the subject (sub_label first)
 
+    @property
+    def page(self) -> str:
+        """What retrieval indexes and RAG puts in front: the article under its title, as a page of KILT's
+        Wikipedia knowledge source begins with its title (the knowledge adapter learns the article itself)."""
+        return f"{self.label}\n{self.article}"
+
 
 @dataclass
 class Question:
@@ -98,7 +105,7 @@ class Claim:
 
     true: str
     false: str
-    article: str
+    page: str  # the entity's page (Entity.page), in front of the claim in RAG form
     entity: str
     obj: str = ""  # the true object: the training answer recalls it before the verdict (fact_checking_pairs)
 
@@ -286,9 +293,9 @@ def linking_item(entity: Entity, i: int) -> tuple[str, list[str]] | None:
     return found[i % len(found)], [entity.label]
 
 
-def rag_prompt(article: str, prompt: str) -> str:
-    """A prompt with a retrieved article in front (RAG form)."""
-    return f"{article}\n\n{prompt}"
+def rag_prompt(page: str, prompt: str) -> str:
+    """A prompt with a retrieved page (Entity.page) in front (RAG form)."""
+    return f"{page}\n\n{prompt}"
 
 
 def _wrong_object(fact: Fact, pool: list[str], true_objects: set[str], rng: random.Random) -> str | None:
@@ -358,7 +365,7 @@ def build_data(
     n_entities: knowledge adapters (one per subject entity). questions_per_dataset: at most this many
     questions per family (default n_entities: one per entity and family). n_train_pairs: prompt/answer
     pairs per family for the task adapters, about other entities; one in `context_every` of them has the
-    entity's article in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
+    entity's page in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
     claim_pool × n_train_pairs claims, at most fc_bare_facts of them bare, answered in fc_form (see
     fact_checking_pairs).
     Entities are picked round-robin over the
@@ -458,9 +465,9 @@ def build_data(
             else:
                 text, answers = family_item(dataset, fact, relations, objects_by_relation, set(), prng)
             prompt = make_prompt(dataset, text)
-            # one fact in `context_every` in RAG form (its article in front), so one task adapter serves both
+            # one fact in `context_every` in RAG form (its page in front), so one task adapter serves both
             with_context = context_every and j % context_every == 0
-            pairs.append((rag_prompt(ent.article, prompt) if with_context else prompt, " " + answers[0]))
+            pairs.append((rag_prompt(ent.page, prompt) if with_context else prompt, " " + answers[0]))
             if ent not in train_entities:
                 train_entities.append(ent)
         task_pairs[dataset] = pairs
@@ -481,7 +488,7 @@ def build_data(
             Claim(
                 fill_template(rel.template, fact.subject, fact.object),
                 fill_template(rel.template, fact.subject, wrong),
-                ent.article,
+                ent.page,
                 ent.name,
                 fact.object,
             )
@@ -504,7 +511,7 @@ def fact_checking_pairs(
     form: str = "label",
 ) -> list[tuple[str, str, str | None]]:
     """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
-    (REFUTES), the first in `context_every` facts in RAG form (its article in front: the verdict is in the
+    (REFUTES), the first in `context_every` facts in RAG form (its page in front: the verdict is in the
     context; under = None), the others bare. form "label" answers the bare label (" SUPPORTS"), as KILT's FEVER
     is scored; form "recall", the harder named variant, recalls the true object first, then gives the verdict
     (" French, so SUPPORTS" / " French, so REFUTES"): a copy and compare that attention does easily, but one
@@ -535,7 +542,7 @@ def fact_checking_pairs(
         for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
             prompt = make_prompt(FACT_CHECKING, text)
             answer = f" {c.obj}, so {label}" if form == "recall" and c.obj else " " + label
-            out.append((rag_prompt(c.article, prompt) if with_context else prompt, answer, under))
+            out.append((rag_prompt(c.page, prompt) if with_context else prompt, answer, under))
     return out[:n_pairs]
 
 

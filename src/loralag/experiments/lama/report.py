@@ -175,7 +175,7 @@ def report_markdown(results: dict) -> str:
         "",
         "Questions: "
         + ", ".join(f"{d} {n}" for d, n in results["data"]["questions"].items())
-        + f". BM25 top-1 retrieval finds the gold article for {100 * results['retrieval_top1']:.1f}% of them.",
+        + f". BM25 top-1 retrieval finds the gold page for {100 * results['retrieval_top1']:.1f}% of them.",
         "",
         "## Scores per dataset",
         "",

@@ -10,7 +10,7 @@ A base LM gets two libraries, routed separately and applied together (Fleshman &
   linking — trained on prompt -> answer pairs about entities *outside* the knowledge set. Fact checking answers
   the bare label, as KILT's FEVER is scored (`fc_form="recall"`, the harder variant, recalls the object
   first); its bare claims train under the training entity's own knowledge adapter (train.QAPairs.under), as at
-  test time, and with the article in front.
+  test time, and with the entity's page (title and article) in front.
 
 Every method answers the same questions about the knowledge-set entities:
 
@@ -21,8 +21,8 @@ Every method answers the same questions about the knowledge-set entities:
     lag-prefix  per token, the adapter LAG picked most over the sequence so far (prefix_evidence.py; ours)
     spectral    SpectR over the whole library (= lag@N, which reuses its answers)
     arrow-mix   PEFT Arrow: softmax-weighted top-k mixture
-    rag         BM25 top-1 article prepended to the prompt; task adapter by LAG, no knowledge adapter
-    prag        BM25 top-1 article's knowledge adapter through `fixed`; task adapter by LAG
+    rag         BM25 top-1 page (title and article) prepended to the prompt; task adapter by LAG, no knowledge adapter
+    prag        BM25 top-1 page's knowledge adapter through `fixed`; task adapter by LAG
     r-lag       RAG's prompt plus LAG on both libraries
     p-lag       LAG on both libraries plus the retrieved article's adapter summed on top (see PLAG_NOTE)
 
@@ -332,12 +332,12 @@ def _run(
 
     # -- questions, retrieval --------------------------------------------------------------------------------------
     questions: list[Question] = [q for d in DATASETS for q in data.questions[d]]
-    articles = {e.name: e.article for e in data.entities}
+    pages = {e.name: e.page for e in data.entities}
     mentions = {e.name: e.mentions for e in data.entities}
-    index = BM25Index([e.article for e in data.entities], [e.name for e in data.entities])
+    index = BM25Index(list(pages.values()), list(pages))
     retrieved = [hits[0][0] for hits in index.search([q.example.input for q in questions], k=1)]
     retrieval_top1 = sum(r == q.entity for r, q in zip(retrieved, questions)) / len(questions)
-    rag_prompts = [rag_prompt(articles[r], q.prompt) for r, q in zip(retrieved, questions)]
+    rag_prompts = [rag_prompt(pages[r], q.prompt) for r, q in zip(retrieved, questions)]
     lengths = [len(tokenizer(q.prompt).input_ids) for q in questions]
     rag_lengths = [len(tokenizer(p).input_ids) for p in rag_prompts]
     order_plain = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
@@ -491,8 +491,8 @@ def _run(
 
 _TRAINING_NOTE = (
     "Task adapters learn from entities outside the knowledge set; one training fact in `context_every` "
-    "comes with its article in front (RAG form). Fact checking trains on true/false claim pairs about "
-    "the same fact (twice the other families' pairs, fc_steps steps), answered in fc_form (the bare "
+    "comes with its page (title, then article) in front (RAG form). Fact checking trains on true/false "
+    "claim pairs about the same fact (twice the other families' pairs, fc_steps steps), answered in fc_form (the bare "
     "label, or the recalled object then the verdict). Of those without context, the first fc_bare_facts "
     "are trained under the training entity's own knowledge adapter (frozen), so the adapter learns to "
     "check a claim against what a knowledge adapter injects, as at test time; the rest only for facts "
