@@ -524,6 +524,9 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["know_qa"] is None  # the config's default
     result = invoke("bench", "--data", tmp_path, "--know-qa")
     assert result.exit_code == 0 and seen["know_qa"] is True, output(result)
+    assert seen["task_seed"] is None
+    result = invoke("bench", "--data", tmp_path, "--task-seed", "3")
+    assert result.exit_code == 0 and seen["task_seed"] == 3, output(result)
 
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])

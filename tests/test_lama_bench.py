@@ -302,6 +302,11 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert len(set(know_folders)) == len(know_folders) == 4 * len(INITS)
     assert len(set(task_folders)) == len(task_folders) == 4 * len(INITS) ** 2
     assert not set(know_folders) & set(task_folders)
+    # another task seed: its own task folder, the same knowledge ones; the run's own seed spelled out: the default
+    for task_seed, same in ((1, False), (default.seed, True)):
+        other = adapter_folders(tmp_path, replace(default, task_seed=task_seed))
+        assert other["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+        assert (other["task"] == adapter_folders(tmp_path, default)["task"]) == same
 
 
 def test_layer_of():

@@ -801,6 +801,12 @@ def bench(
         "--know-qa",
         help="The knowledge adapters also learn each fact restated as a question and answer (README, LAMA).",
     ),
+    task_seed: Optional[int] = typer.Option(
+        None,
+        "--task-seed",
+        help="The task adapters' training seed (default: the run's seed, 0); another retrains only them, into "
+        "their own folder, to measure how much their training moves the scores.",
+    ),
     methods: Optional[str] = typer.Option(
         None,
         "--methods",
@@ -841,6 +847,7 @@ def bench(
         know_init=know_init.value,
         task_init=task_init.value,
         know_qa=know_qa or None,
+        task_seed=task_seed,
         n_entities=entities,
         methods=chosen,
         ray=ray,

@@ -52,6 +52,9 @@ class BenchConfig:
     task_lr: float = 2e-3
     task_batch: int = 4
     task_init: str = "contrast"
+    # the task adapters' training seed (None: seed): another value retrains only them, into their own folder,
+    # to measure how much one training of the task adapters moves the scores (README, LAMA)
+    task_seed: int | None = None
     # evaluation
     k: int = 20  # the headline LAG's k
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")

@@ -142,12 +142,14 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
     switching `--know-init`, `--task-init`, `--shared-init` or `--know-qa` trains into its own folder and
     switching back finds the earlier adapters instead of retraining them in place. The task adapters depend on
-    the knowledge adapters too: fact checking trains under them."""
+    the knowledge adapters too: fact checking trains under them. A --task-seed of its own gets its own task
+    folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
     task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
     task += "-qa" if cfg.know_qa else ""
+    task += f"-seed{cfg.task_seed}" if cfg.task_seed is not None and cfg.task_seed != cfg.seed else ""
     return {
         "knowledge": cache / f"knowledge{know}",
         "train-knowledge": cache / f"train-knowledge{know}",
@@ -299,7 +301,7 @@ def _run(
         steps=cfg.task_steps,
         batch_size=cfg.task_batch,
         lr=cfg.task_lr,
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.task_seed is None else cfg.task_seed,
         shared_init=cfg.shared_init,
         init=cfg.task_init,
     )
