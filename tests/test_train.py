@@ -698,3 +698,23 @@ def _check_contrast(model, tok, examples, targets, ref):
         np.testing.assert_allclose(np.abs((ours * top).sum(1)), 1, atol=1e-4)  # the same directions, in order
         ratio = lambda v: (v @ sigma @ v) / (v @ sigma_ref @ v)  # noqa: E731
         assert ratio(ours[0]) > ratio(np.linalg.svd(x, full_matrices=False)[2][0])  # beats the plain top direction
+
+
+def test_a_bundled_models_adapters_survive_another_cache_root(model, tok, tmp_path):
+    from loralag.models import BUNDLED
+
+    doc = Document("zorblax", TEXT)
+    name = BUNDLED["default"].name
+    model.config._name_or_path = str(tmp_path / "cache-a" / "models" / name)  # as load_model("default") sets it
+    [path] = lt.train_adapters(model, tok, [doc], tmp_path / "out", FAST, progress=False)
+    model.config._name_or_path = str(tmp_path / "cache-b" / "models" / name)  # $LORALAG_CACHE elsewhere
+    assert lt.train_adapter(model, tok, doc, tmp_path / "out", FAST).skipped
+    # an adapter written before (its key held the converted folder's path) is still found there
+    marker = lt._read_marker(path)
+    job = lt._job(model, tok, doc, tmp_path / "out", FAST)
+    marker["key"] = lt._train_key(model, job.examples, FAST, None, job.seed, model.config._name_or_path)
+    (path / lt.MARKER_FILE).write_text(json.dumps(marker))
+    assert lt.train_adapter(model, tok, doc, tmp_path / "out", FAST).skipped
+    # a model of one's own is still known by its path: another folder is another model
+    model.config._name_or_path = str(tmp_path / "mine" / "models" / "my-model")
+    assert not lt.train_adapter(model, tok, doc, tmp_path / "out", FAST).skipped

@@ -388,6 +388,9 @@ class _Job:
     examples: list[tuple[list[int], list[int]]]
     target: Path
     key: str = ""
+    # the key this adapter had before bundled models were named location-free (_base_name): still accepted,
+    # so caches written before stay valid
+    legacy_key: str = ""
     under: tuple[list, list[int]] | None = None  # (frozen LoraAdapters, per example: index into them or -1)
     seed: int = 0  # adapter_seed(config.seed, name)
 
@@ -403,6 +406,9 @@ def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) 
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
     job.key = _train_key(model, job.examples, config, checksums, job.seed)
+    job.legacy_key = _train_key(
+        model, job.examples, config, checksums, job.seed, getattr(model.config, "_name_or_path", "")
+    )
     return job
 
 
@@ -432,7 +438,7 @@ def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] 
 def _finished(job: _Job) -> TrainResult | None:
     """The up-to-date result already on disk for `job`, or None when it must be trained."""
     marker = _read_marker(job.target)
-    if marker.get("key") == job.key and all((job.target / f).is_file() for f in _ADAPTER_FILES):
+    if marker.get("key") in {job.key, job.legacy_key} and all((job.target / f).is_file() for f in _ADAPTER_FILES):
         return TrainResult(job.target, True, marker.get("first_loss"), marker.get("final_loss"))
     return None
 
@@ -879,14 +885,30 @@ def _check_targets(model, target_modules: Sequence[str]) -> None:
         )
 
 
-def _train_key(model, examples, config: TrainConfig, under: list[str | None] | None, seed: int) -> str:
+def _base_name(model) -> str:
+    """The base model's name in the cache key: a bundled model converted into loralag's cache (<cache>/models/
+    <its name>, see loralag.models.BUNDLED) by its name alone, so that moving the cache or setting another
+    $LORALAG_CACHE keeps its adapters; any other model by the name or path it was loaded from."""
+    from loralag.models import BUNDLED
+
+    raw = str(getattr(model.config, "_name_or_path", ""))
+    path = Path(raw)
+    if path.parent.name == "models" and path.name in {b.name for b in BUNDLED.values()}:
+        return f"loralag:{path.name}"
+    return raw
+
+
+def _train_key(
+    model, examples, config: TrainConfig, under: list[str | None] | None, seed: int, base_name: str | None = None
+) -> str:
     # Hash the token ids (so a different tokenizer or text retrains), the config, the adapter's own seed,
-    # the base model's identity and the checksums of frozen adapters the examples train under.
+    # the base model's identity (base_name, default _base_name) and the checksums of frozen adapters the
+    # examples train under.
     base = model.config
     payload = {
         "format": _MARKER_FORMAT,
         "base": [
-            getattr(base, "_name_or_path", ""),
+            _base_name(model) if base_name is None else base_name,
             base.model_type,
             base.hidden_size,
             base.num_hidden_layers,
