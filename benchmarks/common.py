@@ -192,6 +192,14 @@ def write_report(out: Path, name: str, title: str, body: str, info: dict, data, 
     return path
 
 
+def write_tables(out: Path, name: str, lines: list[str], data) -> None:
+    """A study's markdown (`lines`) and its data as <out>/<name>.md and .json; the markdown printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def plt():
     import matplotlib
 

@@ -172,12 +172,11 @@ def main():
         "",
         "Knowledge subject tokens to gold per layer: `inits.json` (`subject_by_layer`), plotted in `inits.png`.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inits.md").write_text("\n".join(lines) + "\n")
+    from common import write_tables
+
     found = {"library": stats["knowledge"], "task_library": stats["task"], "subject_by_layer": by_layer}
-    (args.out / "inits.json").write_text(json.dumps(found, indent=1) + "\n")
+    write_tables(args.out, "inits", lines, found)
     plot(by_layer, args.out / "inits.png")
-    print("\n".join(lines))
 
 
 def plot(by_layer: dict, path: Path) -> None:

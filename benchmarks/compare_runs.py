@@ -54,6 +54,8 @@ def main():
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/compare-runs"))
     args = p.parse_args()
 
+    from common import write_tables
+
     from loralag.evaluation.kilt import exact_match_score, strict_accuracy
     from loralag.experiments.lama.data import FAMILY_OF, QA, SLOT_FILLING
 
@@ -97,10 +99,7 @@ def main():
             f"| {r['method']} | {FAMILY_OF.get(r['dataset'], r['dataset'])} | {r['score_a']} | {r['score_b']} | "
             f"{r['both']} | {r['only_a']} | {r['only_b']} | {r['same_answer']}/{r['questions']} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare_runs.md").write_text("\n".join(lines) + "\n")
-    (args.out / "compare_runs.json").write_text(json.dumps({"normalised": norm, "rows": rows}, indent=1) + "\n")
-    print("\n".join(lines))
+    write_tables(args.out, "compare_runs", lines, {"normalised": norm, "rows": rows})
 
 
 if __name__ == "__main__":

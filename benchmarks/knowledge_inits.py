@@ -38,7 +38,7 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
 
-    from common import teacher_forced_routing
+    from common import teacher_forced_routing, write_tables
 
     from loralag.experiments.lama.config import bench_data, default_cache_dir, size_config
     from loralag.experiments.lama.data import QA, SLOT_FILLING
@@ -118,10 +118,7 @@ def main():
             f"{100 * r['subject_to_gold']:.1f} | {r['answer_nll']:.2f} |"
         )
     lines += ["", "Training time per init (s, 0 when cached): " + ", ".join(f"{i} {t:.0f}" for i, t in timings.items())]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "knowledge_inits.md").write_text("\n".join(lines) + "\n")
-    (args.out / "knowledge_inits.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=1) + "\n")
-    print("\n".join(lines))
+    write_tables(args.out, "knowledge_inits", lines, {"rows": rows, "timings": timings})
 
 
 if __name__ == "__main__":

@@ -79,10 +79,9 @@ def main():
             f"| {r['router']} | {r['own']} | {100 * r['answer_to_gold']:.1f} | "
             f"{100 * r['subject_to_gold']:.1f} | {r['answer_nll']:.2f} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefix_rules.md").write_text("\n".join(lines) + "\n")
-    (args.out / "prefix_rules.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    from common import write_tables
+
+    write_tables(args.out, "prefix_rules", lines, rows)
 
 
 if __name__ == "__main__":
