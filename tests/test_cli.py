@@ -527,6 +527,9 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["task_seed"] is None
     result = invoke("bench", "--data", tmp_path, "--task-seed", "3")
     assert result.exit_code == 0 and seen["task_seed"] == 3, output(result)
+    result = invoke("bench", "--data", tmp_path, "--fc-steps", "480")
+    assert result.exit_code == 0 and seen["fc_steps"] == 480, output(result)
+    assert invoke("bench", "--data", tmp_path, "--fc-steps", "0").exit_code != 0
 
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])

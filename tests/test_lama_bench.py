@@ -307,6 +307,10 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
         other = adapter_folders(tmp_path, replace(default, task_seed=task_seed))
         assert other["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
         assert (other["task"] == adapter_folders(tmp_path, default)["task"]) == same
+    # fact checking's own step count likewise; twice the task steps spelled out is the default
+    for fc_steps, same in ((3 * default.task_steps, False), (2 * default.task_steps, True)):
+        other = adapter_folders(tmp_path, replace(default, fc_steps=fc_steps))
+        assert (other["task"] == adapter_folders(tmp_path, default)["task"]) == same
 
 
 def test_layer_of():

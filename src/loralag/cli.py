@@ -789,6 +789,13 @@ def bench(
         "FEVER is scored (default), or 'recall': the object, then the verdict (harder for "
         "per-token routing).",
     ),
+    fc_steps: Optional[int] = typer.Option(
+        None,
+        "--fc-steps",
+        min=1,
+        help="The fact-checking task adapter's training steps (default: twice the other task adapters', 160 at "
+        "full size); another count trains into its own folder.",
+    ),
     shared_init: bool = typer.Option(
         False,
         "--shared-init",
@@ -843,6 +850,7 @@ def bench(
         console=console,
         eval_dtype=eval_dtype.value if eval_dtype else None,
         fc_form=fc_form.value,
+        fc_steps=fc_steps,
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,
