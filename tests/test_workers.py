@@ -14,7 +14,7 @@ import pytest
 
 PARENT = textwrap.dedent(
     """
-    import sys, time
+    import time
     from loralag.workers import spawn_pool
 
     if __name__ == "__main__":

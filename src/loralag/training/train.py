@@ -406,8 +406,10 @@ def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) 
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
     job.key = _train_key(model, job.examples, config, checksums, job.seed)
-    job.legacy_key = _train_key(
-        model, job.examples, config, checksums, job.seed, getattr(model.config, "_name_or_path", "")
+    raw = str(getattr(model.config, "_name_or_path", ""))
+    # hashed again only where the names differ (a bundled model): elsewhere the old key is this one
+    job.legacy_key = (
+        job.key if _base_name(model) == raw else _train_key(model, job.examples, config, checksums, job.seed, raw)
     )
     return job
 
