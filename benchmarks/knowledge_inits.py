@@ -34,6 +34,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the bench's)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha = 2 x rank (default: the bench's)")
     p.add_argument("--qa", action="store_true", help="each fact also restated as a question and answer (--know-qa)")
+    p.add_argument("--freeze-a", action="store_true", help="train B alone, A kept at its init (--know-freeze-a)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/knowledge-inits"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -65,6 +66,7 @@ def main():
         know_r=args.rank,
         know_alpha=alpha,
         know_qa=args.qa or None,
+        know_freeze_a=args.freeze_a or None,
     )
     default = size_config("full")
     data = bench_data(cfg, args.data)
@@ -82,6 +84,7 @@ def main():
         folder = init + (f"-steps{cfg.know_steps}" if cfg.know_steps != default.know_steps else "")
         folder += f"-r{cfg.know_r}" if cfg.know_r != default.know_r else ""
         folder += "-qa" if cfg.know_qa else ""
+        folder += "-frozen-a" if cfg.know_freeze_a else ""
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / folder, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
@@ -105,6 +108,7 @@ def main():
         "",
         f"Data `{args.data}`; the bench's knowledge settings (rank {cfg.know_r}, {cfg.know_steps} steps"
         + (", each fact also as a question and answer" if cfg.know_qa else "")
+        + (", A frozen at its init" if cfg.know_freeze_a else "")
         + "). Knowledge"
         " library only; prompt prefilled, the gold answer fed token by token with the KV cache. Chance: "
         f"{100 / n:.1f}%.",

@@ -631,6 +631,32 @@ def test_activations_init_starts_from_the_base_model_and_trains(model, tok, tmp_
     assert lt._read_marker(single[0])["config"]["init"] == "activations"
 
 
+def test_freeze_a_trains_b_alone_from_the_init(model, tok, tmp_path, one_thread):
+    """freeze_a: every saved A is its init's, tensor for tensor (one at a time and grouped alike), B is trained
+    and the loss falls; the key differs from the trained-A adapter's, and the default keeps earlier keys."""
+    config = replace(GROUP_CFG, init="contrast", freeze_a=True)
+    items = group_items()
+    single = lt.train_adapters(model, tok, items, tmp_path / "s", config, progress=False)
+    grouped = lt.train_adapters(model, tok, items, tmp_path / "g", config, progress=False, group_size=3)
+    moved = lt.train_adapters(model, tok, items[:1], tmp_path / "m", replace(config, freeze_a=False), progress=False)
+    for item, a, b in zip(items, single, grouped):
+        examples = lt.build_examples(tok, item, config)
+        init = lt._lora_init(model, config, lt.adapter_seed(0, item.name), examples, lt._pad_id(tok))
+        wa, wb = weights(a), weights(b)
+        for name, (A, _, _) in init.items():
+            [key] = [k for k in wa if k.endswith(f"{name}.lora_A.weight")]
+            assert torch.equal(wa[key], A) and torch.equal(wb[key], A)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+        assert any(wa[k].abs().max() > 0.01 for k in wa if "lora_B" in k)
+        assert lt._read_marker(a)["final_loss"] < lt._read_marker(a)["first_loss"]
+        assert lt._read_marker(a)["config"]["freeze_a"] is True
+    wm = weights(moved[0])
+    assert any(not torch.equal(wm[k], weights(single[0])[k]) for k in wm if "lora_A" in k)  # A moves by default
+    assert lt._read_marker(moved[0])["key"] != lt._read_marker(single[0])["key"]
+    assert "freeze_a" not in lt._key_config(GROUP_CFG)
+
+
 def test_the_default_init_keeps_earlier_cache_keys(model, tok):
     item = group_items()[0]
     key = lt._job(model, tok, item, Path("x"), GROUP_CFG).key

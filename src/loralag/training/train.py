@@ -91,6 +91,9 @@ class TrainConfig:
     # base model's inputs over the item's own tokens) or "contrast" (those with the most energy relative to
     # generic text), see training/activation_init.py; B starts at 0 either way
     init: str = "peft"
+    # train B alone, A kept at its init (LoRA-FA, Zhang et al. 2023): the routers read A's row space (A* rows
+    # span it), so a data-aware init's directions reach the library as they were chosen, not moved by training
+    freeze_a: bool = False
 
 
 def adapter_seed(base_seed: int, name: str) -> int:
@@ -548,6 +551,10 @@ def _train_into(
         with _peft_attached(model, _lora_config(config)) as peft_model:
             _set_init_rows(model, init)
             peft_model.train()
+            if config.freeze_a:
+                for name, p in peft_model.named_parameters():
+                    if ".lora_A." in name:
+                        p.requires_grad_(False)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
             batches = _batches(len(examples), config, seed)
@@ -831,7 +838,10 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
         _steps_bar(bar, config.steps) as steps_bar,
     ):
         model.train()
-        params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+        params = [p for w in wrappers.values() for p in ((w.lora_B,) if config.freeze_a else (w.lora_A, w.lora_B))]
+        if config.freeze_a:
+            for w in wrappers.values():
+                w.lora_A.requires_grad_(False)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         batches = [_batches(len(job.examples), config, job.seed) for job in group]
         for step in range(config.steps):
@@ -933,6 +943,8 @@ def _key_config(config: TrainConfig) -> dict:
         del out["shared_init"]
     if out["init"] == "peft":  # likewise for adapters trained before `init` existed
         del out["init"]
+    if not out["freeze_a"]:  # and `freeze_a`
+        del out["freeze_a"]
     return out
 
 

@@ -45,6 +45,7 @@ class BenchConfig:
     # measured (README, "Distinct inits")
     know_init: str = "contrast"
     know_qa: bool = False  # the knowledge texts also restate each fact as a question and answer (data.rewrites)
+    know_freeze_a: bool = False  # train the knowledge adapters' B alone, A kept at its init (TrainConfig.freeze_a)
     # task adapters
     task_r: int = 8
     task_alpha: int = 16

@@ -128,6 +128,7 @@ def knowledge_train_config(cfg: BenchConfig):
         seed=cfg.seed,
         shared_init=cfg.shared_init,
         init=cfg.know_init,
+        freeze_a=cfg.know_freeze_a,
     )
 
 
@@ -140,15 +141,17 @@ def knowledge_document(entity, relations, cfg: BenchConfig):
 
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
-    switching `--know-init`, `--task-init`, `--shared-init` or `--know-qa` trains into its own folder and
+    switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` or `--know-freeze-a` trains into its own folder and
     switching back finds the earlier adapters instead of retraining them in place. The task adapters depend on
     the knowledge adapters too: fact checking trains under them. A --task-seed or --fc-steps of its own gets
     its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
+    know += "-frozen-a" if cfg.know_freeze_a else ""
     task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
     task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
     task += "-qa" if cfg.know_qa else ""
+    task += "-frozen-a" if cfg.know_freeze_a else ""
     task += f"-seed{cfg.task_seed}" if cfg.task_seed is not None and cfg.task_seed != cfg.seed else ""
     task += f"-fc{cfg.fc_steps}" if cfg.fc_steps is not None and cfg.fc_steps != 2 * cfg.task_steps else ""
     return {
