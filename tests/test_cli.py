@@ -508,12 +508,12 @@ def test_serve_refuses_an_empty_api_key_before_loading():
 
 
 def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatch):
-    import loralag.cli as cli
+    import loralag.cli.bench as bench_cli
     import loralag.experiments.lama.run as run
     from loralag.experiments.lama.config import method_list, size_config
 
     seen = {}
-    monkeypatch.setattr(cli, "_prepare_model", lambda spec, status: None)
+    monkeypatch.setattr(bench_cli, "_prepare_model", lambda spec, status: None)
     monkeypatch.setattr(run, "run_bench", lambda size, **kw: seen.update(kw, size=size) or {})
     monkeypatch.setattr("loralag.experiments.lama.report.print_summary", lambda results, console: None)
     result = invoke("bench", "--data", tmp_path, "--methods", "base, lag-prefix,rag")
@@ -534,11 +534,11 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])
 def test_demo_init_reaches_the_run(monkeypatch, tmp_path, args, init):
-    import loralag.cli as cli
+    import loralag.cli.demo as demo_cli
     import loralag.experiments.demo as demo
 
     seen = {}
-    monkeypatch.setattr(cli, "_prepare_model", lambda spec, status: None)
+    monkeypatch.setattr(demo_cli, "_prepare_model", lambda spec, status: None)
     monkeypatch.setattr(demo, "run_demo", lambda workdir, **kw: seen.update(kw) or {})
     monkeypatch.setattr(demo, "print_results", lambda results, console: None)
     result = invoke("demo", "--workdir", tmp_path, *args)

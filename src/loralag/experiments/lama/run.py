@@ -141,10 +141,10 @@ def knowledge_document(entity, relations, cfg: BenchConfig):
 
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
-    switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` or `--know-freeze-a` trains into its own folder and
-    switching back finds the earlier adapters instead of retraining them in place. The task adapters depend on
-    the knowledge adapters too: fact checking trains under them. A --task-seed or --fc-steps of its own gets
-    its own task folder."""
+    switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
+    into its own folder and switching back finds the earlier adapters instead of retraining them in place. The
+    task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed or
+    --fc-steps of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""

@@ -1,0 +1,128 @@
+"""`loralag bench`: the LAMA knowledge benchmark (loralag.experiments.lama)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loralag.cli.app import console, user_errors
+from loralag.cli.checks import _check_model, _check_ray
+from loralag.cli.loading import _prepare_model, waiting
+from loralag.cli.options import INIT_HELP, MODEL_HELP, THREADS_HELP, Dtype, FcForm, Init, _ray_option
+from loralag.errors import LoralagError
+
+
+@user_errors
+def bench(
+    size: str = typer.Option(
+        "tiny",
+        "--size",
+        help="tiny (minutes, in the test suite), small (12 entities) or full "
+        "(200 knowledge adapters, the README's run).",
+    ),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help="Folder of LAMA T-REx relation files (default $LORALAG_LAMA_DATA, else ../shared/data/lama-trex).",
+    ),
+    out: Path = typer.Option(Path("results/lama"), "--out", help="Results folder (tables, plots, predictions)."),
+    entities: Optional[int] = typer.Option(
+        None,
+        "--entities",
+        min=2,
+        help="Knowledge adapters (one per subject entity, one question per entity and family) instead of the "
+        "size's (small 12, full 200); the size's other settings stay.",
+    ),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Processes training the knowledge adapters (default 1) and answering the questions (default: 2 when "
+        "torch has 2+ threads and there are 8+ batches).",
+    ),
+    eval_dtype: Optional[Dtype] = typer.Option(
+        None, "--eval-dtype", help="The model's dtype while answering (default: the size's; full: bfloat16)."
+    ),
+    fc_form: FcForm = typer.Option(
+        FcForm.label,
+        "--fc-form",
+        help="Fact checking's answer: the bare label, as KILT's "
+        "FEVER is scored (default), or 'recall': the object, then the verdict (harder for "
+        "per-token routing).",
+    ),
+    fc_steps: Optional[int] = typer.Option(
+        None,
+        "--fc-steps",
+        min=1,
+        help="The fact-checking task adapter's training steps (default: twice the other task adapters', 160 at "
+        "full size); another count trains into its own folder.",
+    ),
+    shared_init: bool = typer.Option(
+        False,
+        "--shared-init",
+        help="Train every adapter from one LoRA init (loralag 0.1's way), to measure what distinct inits do.",
+    ),
+    know_init: Init = typer.Option(Init.contrast, "--know-init", help="The knowledge adapters' " + INIT_HELP),
+    task_init: Init = typer.Option(Init.contrast, "--task-init", help="The task adapters' " + INIT_HELP),
+    know_qa: bool = typer.Option(
+        False,
+        "--know-qa",
+        help="The knowledge adapters also learn each fact restated as a question and answer (README, LAMA).",
+    ),
+    task_seed: Optional[int] = typer.Option(
+        None,
+        "--task-seed",
+        help="The task adapters' training seed (default: the run's seed, 0); another retrains only them, into "
+        "their own folder, to measure how much their training moves the scores.",
+    ),
+    methods: Optional[str] = typer.Option(
+        None,
+        "--methods",
+        help="Only these methods, comma-separated (default: all): base, oracle, arrow, lag, lag-prefix, spectral, "
+        "arrow-mix, rag, prag, r-lag, p-lag, k-sweep.",
+    ),
+    ray: Optional[str] = _ray_option("Train the adapters and answer the questions (--workers shares)"),
+):
+    """The LAMA knowledge benchmark: every routing method against base model and Oracle, KILT metrics."""
+    from loralag.experiments.lama.config import default_data_dir, size_config
+    from loralag.experiments.lama.report import print_summary
+    from loralag.experiments.lama.run import run_bench
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None
+    if chosen is not None and not chosen:
+        raise LoralagError("--methods needs at least one method")
+    size_config(size, methods=chosen)  # an unknown size or method fails here
+    _check_ray(ray)
+    data = data if data is not None else default_data_dir()
+    if not data.is_dir():
+        raise LoralagError(
+            f"no LAMA data folder at {data} (give --data DIR or set LORALAG_LAMA_DATA; see the README's 'Test data')"
+        )
+    _check_model(model)
+    with waiting(f"Loading torch and model '{model}' …") as status:
+        _prepare_model(model, status)
+    results = run_bench(
+        size,
+        data_dir=data,
+        out_dir=out,
+        model_spec=model,
+        threads=threads,
+        workers=workers,
+        console=console,
+        eval_dtype=eval_dtype.value if eval_dtype else None,
+        fc_form=fc_form.value,
+        fc_steps=fc_steps,
+        shared_init=shared_init or None,
+        know_init=know_init.value,
+        task_init=task_init.value,
+        know_qa=know_qa or None,
+        task_seed=task_seed,
+        n_entities=entities,
+        methods=chosen,
+        ray=ray,
+    )
+    print_summary(results, console)
