@@ -311,6 +311,13 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     for fc_steps, same in ((3 * default.task_steps, False), (2 * default.task_steps, True)):
         other = adapter_folders(tmp_path, replace(default, fc_steps=fc_steps))
         assert (other["task"] == adapter_folders(tmp_path, default)["task"]) == same
+    # the recall form of fact checking: its own task folder (the bare label's adapter is kept), same knowledge
+    recall = adapter_folders(tmp_path, replace(default, fc_form="recall"))
+    assert recall["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+    assert recall["task"] != adapter_folders(tmp_path, default)["task"]
+    # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
+    frozen = adapter_folders(tmp_path, replace(default, know_freeze_a=True))
+    assert all(frozen[k] != adapter_folders(tmp_path, default)[k] for k in frozen)
 
 
 def test_layer_of():

@@ -143,8 +143,8 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
     switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
     into its own folder and switching back finds the earlier adapters instead of retraining them in place. The
-    task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed or
-    --fc-steps of its own gets its own task folder."""
+    task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed,
+    --fc-steps or --fc-form of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
@@ -154,6 +154,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     task += "-frozen-a" if cfg.know_freeze_a else ""
     task += f"-seed{cfg.task_seed}" if cfg.task_seed is not None and cfg.task_seed != cfg.seed else ""
     task += f"-fc{cfg.fc_steps}" if cfg.fc_steps is not None and cfg.fc_steps != 2 * cfg.task_steps else ""
+    task += f"-fc-{cfg.fc_form}" if cfg.fc_form != "label" else ""
     return {
         "knowledge": cache / f"knowledge{know}",
         "train-knowledge": cache / f"train-knowledge{know}",
