@@ -530,6 +530,9 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     result = invoke("bench", "--data", tmp_path, "--fc-steps", "480")
     assert result.exit_code == 0 and seen["fc_steps"] == 480, output(result)
     assert invoke("bench", "--data", tmp_path, "--fc-steps", "0").exit_code != 0
+    assert seen["fc_all_under"] is None  # the last call did not set it: the config's default
+    result = invoke("bench", "--data", tmp_path, "--fc-all-under")
+    assert result.exit_code == 0 and seen["fc_all_under"] is True, output(result)
 
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])

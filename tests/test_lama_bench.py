@@ -19,6 +19,7 @@ from loralag.evaluation.kilt import read_kilt_predictions
 from loralag.experiments.lama.config import (
     BenchConfig,
     default_data_dir,
+    fc_bare_cap,
     method_list,
     size_config,
     sweep_ks,
@@ -315,6 +316,11 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     recall = adapter_folders(tmp_path, replace(default, fc_form="recall"))
     assert recall["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
     assert recall["task"] != adapter_folders(tmp_path, default)["task"]
+    # every bare fact-checking fact under its adapter: its own task folder, the same knowledge ones
+    under = adapter_folders(tmp_path, replace(default, fc_all_under=True))
+    assert fc_bare_cap(default) == default.fc_bare_facts and fc_bare_cap(replace(default, fc_all_under=True)) is None
+    assert under["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+    assert under["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"]}
     # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
     frozen = adapter_folders(tmp_path, replace(default, know_freeze_a=True))
     assert all(frozen[k] != adapter_folders(tmp_path, default)[k] for k in frozen)

@@ -61,6 +61,13 @@ def bench(
         help="The fact-checking task adapter's training steps (default: twice the other task adapters', 160 at "
         "full size); another count trains into its own folder.",
     ),
+    fc_all_under: bool = typer.Option(
+        False,
+        "--fc-all-under",
+        help="Train fact checking on every bare training claim under its entity's knowledge adapter (default: "
+        "the first 48 at full size; the rest only where the base model knows the fact, without an adapter); "
+        "trains into its own folder.",
+    ),
     shared_init: bool = typer.Option(
         False,
         "--shared-init",
@@ -116,6 +123,7 @@ def bench(
         eval_dtype=eval_dtype.value if eval_dtype else None,
         fc_form=fc_form.value,
         fc_steps=fc_steps,
+        fc_all_under=fc_all_under or None,
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,

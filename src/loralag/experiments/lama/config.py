@@ -30,6 +30,7 @@ class BenchConfig:
     n_train_pairs: int = 200  # task-adapter training pairs per family
     context_every: int = 3  # one task-training prompt in this many has its entity's page in front (RAG form)
     fc_bare_facts: int = 48  # bare fact-checking training facts, each under its entity's own knowledge adapter
+    fc_all_under: bool = False  # every bare fact-checking training fact under its entity's adapter (no cap)
     fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
     fc_form: str = "label"  # fact checking answers the bare label (FEVER's); "recall": object, then verdict
     seed: int = 0
@@ -147,6 +148,11 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
     return cfg
 
 
+def fc_bare_cap(cfg: BenchConfig) -> int | None:
+    """How many bare fact-checking training facts train under their entity's knowledge adapter (None: all)."""
+    return None if cfg.fc_all_under else cfg.fc_bare_facts
+
+
 def bench_data(cfg: BenchConfig, data_dir: str | Path):
     """The benchmark's data (entities, questions, training pairs) as a run with `cfg` builds it from `data_dir`."""
     return build_data(
@@ -157,7 +163,7 @@ def bench_data(cfg: BenchConfig, data_dir: str | Path):
         cfg.seed,
         cfg.max_article_chars,
         context_every=cfg.context_every,
-        fc_bare_facts=cfg.fc_bare_facts,
+        fc_bare_facts=fc_bare_cap(cfg),
         fc_form=cfg.fc_form,
     )
 

@@ -63,6 +63,7 @@ from loralag.experiments.lama.config import (
     bench_data,
     default_cache_dir,
     default_data_dir,
+    fc_bare_cap,
     method_list,
     size_config,
 )
@@ -144,7 +145,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
     into its own folder and switching back finds the earlier adapters instead of retraining them in place. The
     task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed,
-    --fc-steps or --fc-form of its own gets its own task folder."""
+    --fc-steps, --fc-form or --fc-all-under of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
@@ -155,6 +156,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     task += f"-seed{cfg.task_seed}" if cfg.task_seed is not None and cfg.task_seed != cfg.seed else ""
     task += f"-fc{cfg.fc_steps}" if cfg.fc_steps is not None and cfg.fc_steps != 2 * cfg.task_steps else ""
     task += f"-fc-{cfg.fc_form}" if cfg.fc_form != "label" else ""
+    task += "-fc-all-under" if cfg.fc_all_under else ""
     return {
         "knowledge": cache / f"knowledge{know}",
         "train-knowledge": cache / f"train-knowledge{know}",
@@ -265,7 +267,7 @@ def _run(
     t = time.perf_counter()
     known = known_claims(model, tokenizer, data.claims)
     fc = fact_checking_pairs(
-        data.claims, 2 * cfg.n_train_pairs, cfg.context_every, cfg.fc_bare_facts, known, form=cfg.fc_form
+        data.claims, 2 * cfg.n_train_pairs, cfg.context_every, fc_bare_cap(cfg), known, form=cfg.fc_form
     )
     data.task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     data.fc_under = [under for _, _, under in fc]
@@ -463,7 +465,8 @@ def _run(
         "task_adapters": task_lib.names,
         "methods": list(answers),
         "p_lag_definition": PLAG_NOTE,
-        "task_training": _TRAINING_NOTE,
+        "task_training": _TRAINING_NOTE
+        + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else ""),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
         "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
         "torch_threads": torch.get_num_threads(),
