@@ -385,12 +385,17 @@ def log(*a):
 
 
 # -- knowledge routing, teacher-forced -------------------------------------------------------------------
-def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: str, k: int, oracle: bool = False):
+def teacher_forced_routing(
+    model, tok, lib, questions, mentions: dict, router: str, k: int, oracle: bool = False, gold_at: str | None = None
+):
     """Knowledge library only: each question's prompt is prefilled with the KV cache, then its gold answer is
     fed token by token (as generation feeds its own tokens). Returns the share of routing decisions
     (token × module) on the gold adapter at the answer positions (those that produce an answer token) and on
     the subject's mention, per layer too, and the gold answer's mean negative log-likelihood. oracle: every
-    token on the gold adapter (the adapters' own quality)."""
+    token on the gold adapter (the adapters' own quality). gold_at: where the routing matters — "prompt": the
+    gold adapter on the prompt's tokens before the last, `router` at the answer positions (the prompt's last
+    token and the fed answer tokens); "answer": the other way round. The prompt's last token then runs in a call
+    of its own after the rest (the same computation, in two calls)."""
     import torch
     from transformers import DynamicCache
 
@@ -410,7 +415,17 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
             a_ids = tok(" " + q.example.answers[0], add_special_tokens=False).input_ids
             kv = {cache_kw: DynamicCache(), "use_cache": True}  # filled in place, call after call
             with state.tracing() as trace, torch.no_grad():
-                out = model(input_ids=p_ids, **kv)
+                if gold_at is None:
+                    out = model(input_ids=p_ids, **kv)
+                else:  # the prompt before its last token on one side, the answer positions on the other
+                    phases = [
+                        lambda: state.fix("knowledge", [q.entity]),
+                        lambda: state.set_router("knowledge", router, k=k),
+                    ]
+                    phases[gold_at == "answer"]()
+                    model(input_ids=p_ids[:, :-1], **kv)
+                    phases[gold_at == "prompt"]()
+                    out = model(input_ids=p_ids[:, -1:], **kv)
                 logits = [out.logits[0, -1]]
                 for t in a_ids[:-1]:
                     out = model(input_ids=torch.tensor([[t]]), **kv)
@@ -435,6 +450,7 @@ def teacher_forced_routing(model, tok, lib, questions, mentions: dict, router: s
     return {
         "router": "oracle" if oracle else router,
         "k": k,
+        "gold_at": gold_at,
         "answer_to_gold": answer[0] / max(1, answer[1]),  # no decisions (router "none"): 0
         "subject_to_gold": subject[0] / max(1, subject[1]),
         "answer_by_layer": [layers[layer][0] / layers[layer][1] for layer in sorted(layers)],

@@ -35,6 +35,11 @@ def main():
     p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha = 2 x rank (default: the bench's)")
     p.add_argument("--qa", action="store_true", help="each fact also restated as a question and answer (--know-qa)")
     p.add_argument("--freeze-a", action="store_true", help="train B alone, A kept at its init (--know-freeze-a)")
+    p.add_argument(
+        "--where",
+        action="store_true",
+        help="also LAG with the gold adapter on the prompt only, and at the answer positions only",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/knowledge-inits"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -88,17 +93,22 @@ def main():
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / folder, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
-            cache / "knowledge-inits" / "libraries" / folder,
+            cache / "knowledge-inits" / "libraries" / f"{folder}-n{n}",  # per count: a library keeps what was added
             paths,
             base_model="default",
             shapes=module_shapes(model),
             replace=True,
         )
         routers = [("none", 1, False)] if init == inits[0] else []  # the base model once
-        routers += [("arrow", 1, False), ("spectral", n, False), ("lag", k, False), ("fixed", 1, True)]
-        for router, kk, oracle in routers:
+        routers = [(r, kk, oracle, None) for r, kk, oracle in routers]
+        routers += [("arrow", 1, False, None), ("spectral", n, False, None), ("lag", k, False, None)]
+        routers += [("lag", k, False, "prompt"), ("lag", k, False, "answer")] if args.where else []
+        routers += [("fixed", 1, True, None)]
+        for router, kk, oracle, gold_at in routers:
             t = time.perf_counter()
-            row = {"init": init} | teacher_forced_routing(model, tok, lib, questions, mentions, router, kk, oracle)
+            row = {"init": init} | teacher_forced_routing(
+                model, tok, lib, questions, mentions, router, kk, oracle, gold_at=gold_at
+            )
             rows.append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "answer_by_layer"}), flush=True)
             print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -116,7 +126,11 @@ def main():
         "| init | router | answer positions to gold (%) | subject tokens to gold (%) | gold answer NLL |",
         "|---|---|---|---|---|",
     ]
+    where = {"prompt": ", the gold adapter on the prompt", "answer": ", the gold adapter at the answer positions"}
     for r in rows:
+        if r.get("gold_at"):  # half the decisions are forced: the shares would mix the two
+            lines.append(f"| {r['init']} | {name[r['router']]}{where[r['gold_at']]} | — | — | {r['answer_nll']:.2f} |")
+            continue
         lines.append(
             f"| {r['init']} | {name[r['router']]} | {100 * r['answer_to_gold']:.1f} | "
             f"{100 * r['subject_to_gold']:.1f} | {r['answer_nll']:.2f} |"
