@@ -726,6 +726,42 @@ def _check_contrast(model, tok, examples, targets, ref):
         assert ratio(ours[0]) > ratio(np.linalg.svd(x, full_matrices=False)[2][0])  # beats the plain top direction
 
 
+def test_salient_rows_weigh_each_input_by_the_loss_on_the_token_it_predicts(model, tok):
+    """salient: contrast's generalised eigenvectors with Σ_item weighted per token by the base model's NLL of the
+    next token where it is a label (0 elsewhere: a QA pair's prompt, the last token), against a brute force that
+    runs each example alone and weighs its inputs by hand."""
+    import numpy as np
+
+    from loralag.training import activation_init as ai
+
+    config = TrainConfig(r=3, batch_size=3)
+    examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
+    targets = ["q_proj", "down_proj"]
+    rows = ai.salient_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded batches
+    ref = _inputs_alone(model, ai.reference_examples(model), targets)
+    item = _inputs_alone(model, examples, targets)
+    weights = []
+    with torch.no_grad():
+        for ids, labels in examples:
+            logp = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+            w = [-float(logp[t, labels[t + 1]]) if labels[t + 1] != -100 else 0.0 for t in range(len(ids) - 1)]
+            weights += w + [0.0]
+    w = np.array(weights)
+    assert (w == 0).sum() > len(examples)  # the QA prompts and last tokens weigh nothing
+    for name, x in item.items():
+        sigma = (x * w[:, None]).T @ x / w.sum()
+        sigma_ref = ref[name].T @ ref[name] / len(ref[name])
+        d = len(sigma)
+        sigma_ref = sigma_ref + ai.CONTRAST_SHRINK * np.trace(sigma_ref) / d * np.eye(d)
+        values, vectors = np.linalg.eig(np.linalg.solve(sigma_ref, sigma))
+        top = vectors[:, np.argsort(-values.real)[:3]].real.T
+        top /= np.linalg.norm(top, axis=1, keepdims=True)
+        ours = rows[name].double().numpy()
+        np.testing.assert_allclose(np.abs((ours * top).sum(1)), 1, atol=1e-4)
+    unweighted = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)
+    assert not torch.allclose(rows["model.layers.0.self_attn.q_proj"], unweighted["model.layers.0.self_attn.q_proj"])
+
+
 def test_a_bundled_models_adapters_survive_another_cache_root(model, tok, tmp_path):
     from loralag.models import BUNDLED
 

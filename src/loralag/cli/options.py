@@ -26,12 +26,14 @@ class Init(str, Enum):  # loralag.training.INITS
     peft = "peft"
     activations = "activations"
     contrast = "contrast"
+    salient = "salient"
 
 
 INIT_HELP = (
     "LoRA A's init: 'peft' (PEFT's random one, from the adapter's own seed), 'activations' (the top-r "
-    "directions of the base model's inputs over the adapter's own text) or 'contrast' (those with the most "
-    "energy relative to generic text); see the README's 'Distinct inits'."
+    "directions of the base model's inputs over the adapter's own text), 'contrast' (those with the most "
+    "energy relative to generic text) or 'salient' (contrast, each token weighted by the base model's loss on "
+    "the token it predicts); see the README's 'Distinct inits'."
 )
 
 

@@ -5,4 +5,4 @@ Imports loralag.library and loralag.errors; never generation, serving, evaluatio
 """
 
 # A LoRA init of TrainConfig.init (train.py, activation_init.py); here, so settings are checked without torch
-INITS = ("peft", "activations", "contrast")
+INITS = ("peft", "activations", "contrast", "salient")

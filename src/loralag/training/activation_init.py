@@ -1,4 +1,4 @@
-"""Data-aware LoRA inits: `TrainConfig(init="activations")` and `init="contrast"`.
+"""Data-aware LoRA inits: `TrainConfig(init="activations")`, `init="contrast"` and `init="salient"`.
 
 PEFT's default init draws each adapter's A at random (B = 0). After a few dozen steps A has barely moved, so an
 adapter's A* rows, which LAG's routers read (the arrow `|a·x|`, SpectR's `‖A*x‖`), are mostly the random
@@ -52,10 +52,53 @@ def contrast_rows(
     eigenvectors; Σ: second moments per token, Σ_ref over reference_examples(model), δ = shrink × the mean
     eigenvalue of Σ_ref), rows of unit norm, signed as activation_rows'. What the item shares with any text
     (the model's large common directions) scores low; what is its own scores high."""
-    moments, reads = input_moments(model, examples, targets, pad_id, batch_size)
+    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted=False)
+
+
+@torch.no_grad()
+def salient_rows(
+    model, examples, targets: list[str], r: int, pad_id: int, batch_size: int, shrink: float = CONTRAST_SHRINK
+) -> dict[str, torch.Tensor]:
+    """contrast_rows with each token's inputs weighted by the base model's loss on the token it predicts (its
+    label's negative log-likelihood; 0 where it predicts none): Σ_item = Σ_t w_t x_t x_tᵀ / Σ_t w_t. The inputs
+    where the item says what the base model does not know (a fact's object after its subject and relation) are
+    those B's first gradients come from, and those the model is in when it must recall the item's knowledge."""
+    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted=True)
+
+
+def _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted: bool) -> dict[str, torch.Tensor]:
+    weights = _label_losses(model, examples, pad_id, batch_size) if weighted else None
+    moments, reads = input_moments(model, examples, targets, pad_id, batch_size, weights)
     whiten = _reference_whitening(model, tuple(targets), batch_size, shrink)
     done = {owner: _signed_rows(m.top(r, whiten[owner]), r) for owner, m in moments.items()}
     return {name: done[owner] for name, owner in reads.items()}
+
+
+@torch.no_grad()
+def _label_losses(model, examples, pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """Per batch of `examples` (as input_moments reads them): (batch, T) float64, at each position the base
+    model's NLL of the next token where that token is a label, else 0."""
+    from loralag.training.train import _collate
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = _collate(examples[start : start + batch_size], pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(model.device),
+                attention_mask=batch["attention_mask"].to(model.device),
+                use_cache=False,
+            ).logits.float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
+            ).masked_fill(labels < 0, 0.0)
+            out.append(torch.nn.functional.pad(nll, (0, 1)).double().cpu())  # the last position predicts nothing
+    finally:
+        model.train(was_training)
+    return out
 
 
 class _Moments:
@@ -68,9 +111,12 @@ class _Moments:
         self.rows: list[torch.Tensor] = []
         self.gram: torch.Tensor | None = None
         self.tokens = 0
+        self.total = 0.0  # the rows' total weight: the second moment's denominator
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: float | None = None) -> None:
+        """x: rows of inputs (each scaled by √w when weighted); weight: their total weight (None: one per row)."""
         self.tokens += len(x)
+        self.total += len(x) if weight is None else weight
         if self.gram is not None:
             self.gram += x.T @ x
             return
@@ -80,11 +126,11 @@ class _Moments:
             self.gram, self.rows = X.T @ X, []
 
     def second_moment(self) -> torch.Tensor:
-        """Σ = XᵀX / tokens."""
+        """Σ = XᵀX / total weight (tokens, unweighted)."""
         if self.gram is not None:
-            return self.gram / self.tokens
+            return self.gram / self.total
         X = torch.cat(self.rows)
-        return X.T @ X / self.tokens
+        return X.T @ X / self.total
 
     def top(self, r: int, whiten: torch.Tensor | None = None) -> torch.Tensor:
         """The top min(r, tokens) directions of XᵀX, largest first; whiten (a lower-triangular L): those of
@@ -164,10 +210,11 @@ def _reference_whitening(model, targets: tuple, batch_size: int, shrink: float) 
 
 
 @torch.no_grad()
-def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: int):
+def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: int, weights=None):
     """Per target nn.Linear (or GPT-2's Conv1D) of `model`, its inputs at every real token of `examples` as
     _Moments, keyed by the first module that reads each input (q/k/v, gate/up read one tensor: kept once).
-    Returns (moments, {module: the module whose moments it reads})."""
+    weights: per batch a (batch, T) tensor of token weights (see _label_losses): each input row is scaled by
+    √w, so the second moment is the w-weighted one. Returns (moments, {module: the module whose moments it reads})."""
     from loralag.training.train import _collate
 
     moments: dict[str, _Moments] = {}
@@ -181,7 +228,10 @@ def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: 
             x = args[0]
             if id(x) not in seen:
                 seen[id(x)] = (x, name)
-                moments.setdefault(name, _Moments()).add(x[real["mask"]].double().cpu())
+                rows = x[real["mask"]].double().cpu()
+                if "weight" in real:
+                    rows = rows * real["weight"].unsqueeze(1)
+                moments.setdefault(name, _Moments()).add(rows, None if "weight" not in real else real["total"])
             reads[name] = seen[id(x)][1]
 
         return keep
@@ -194,9 +244,12 @@ def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: 
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(examples), batch_size):
+        for i, start in enumerate(range(0, len(examples), batch_size)):
             batch = _collate(examples[start : start + batch_size], pad_id)
             real["mask"] = batch["attention_mask"].bool().to(model.device)
+            if weights is not None:
+                w = weights[i][batch["attention_mask"].bool()]
+                real["weight"], real["total"] = w.sqrt(), float(w.sum())
             model(input_ids=batch["input_ids"].to(model.device), attention_mask=real["mask"].long(), use_cache=False)
             seen.clear()
     finally:

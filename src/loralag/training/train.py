@@ -88,8 +88,9 @@ class TrainConfig:
     seed: int = 0  # the base seed: each adapter's own seed is adapter_seed(seed, name), see there
     shared_init: bool = False  # every adapter from the one init of `seed` (loralag 0.1's way; for comparisons)
     # A's init: "peft" (PEFT's, random from the adapter's seed), "activations" (the top-r directions of the
-    # base model's inputs over the item's own tokens) or "contrast" (those with the most energy relative to
-    # generic text), see training/activation_init.py; B starts at 0 either way
+    # base model's inputs over the item's own tokens), "contrast" (those with the most energy relative to
+    # generic text) or "salient" (contrast, each token weighted by the base model's loss on the token it
+    # predicts), see training/activation_init.py; B starts at 0 either way
     init: str = "peft"
     # train B alone, A kept at its init (LoRA-FA, Zhang et al. 2023): A* rows then span the init's rows exactly.
     # For comparisons: on the bench's knowledge adapters it routes worse than training A (README, "Distinct inits")
@@ -704,7 +705,11 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None
         return None
     from loralag.training import activation_init
 
-    rows = activation_init.contrast_rows if config.init == "contrast" else activation_init.activation_rows
+    rows = {
+        "activations": activation_init.activation_rows,
+        "contrast": activation_init.contrast_rows,
+        "salient": activation_init.salient_rows,
+    }[config.init]
     return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
 
 
