@@ -403,6 +403,8 @@ def teacher_forced_routing(
     from loralag.experiments.lama.routing_stats import subject_mask
     from loralag.models import cache_kwarg
 
+    if gold_at not in (None, "prompt", "answer"):
+        raise ValueError(f"gold_at must be None, 'prompt' or 'answer', got {gold_at!r}")
     cache_kw = cache_kwarg(model)
     state = attach(model, {"knowledge": lib}, router=router, k=k)
     answer, subject, layers, nll = [0, 0], [0, 0], {}, 0.0
@@ -418,13 +420,12 @@ def teacher_forced_routing(
                 if gold_at is None:
                     out = model(input_ids=p_ids, **kv)
                 else:  # the prompt before its last token on one side, the answer positions on the other
-                    phases = [
-                        lambda: state.fix("knowledge", [q.entity]),
-                        lambda: state.set_router("knowledge", router, k=k),
-                    ]
-                    phases[gold_at == "answer"]()
+                    fix_gold = lambda: state.fix("knowledge", [q.entity])  # noqa: E731
+                    route = lambda: state.set_router("knowledge", router, k=k)  # noqa: E731
+                    before, after = (fix_gold, route) if gold_at == "prompt" else (route, fix_gold)
+                    before()
                     model(input_ids=p_ids[:, :-1], **kv)
-                    phases[gold_at == "prompt"]()
+                    after()
                     out = model(input_ids=p_ids[:, -1:], **kv)
                 logits = [out.logits[0, -1]]
                 for t in a_ids[:-1]:

@@ -99,8 +99,7 @@ def main():
             shapes=module_shapes(model),
             replace=True,
         )
-        routers = [("none", 1, False)] if init == inits[0] else []  # the base model once
-        routers = [(r, kk, oracle, None) for r, kk, oracle in routers]
+        routers = [("none", 1, False, None)] if init == inits[0] else []  # the base model once
         routers += [("arrow", 1, False, None), ("spectral", n, False, None), ("lag", k, False, None)]
         routers += [("lag", k, False, "prompt"), ("lag", k, False, "answer")] if args.where else []
         routers += [("fixed", 1, True, None)]

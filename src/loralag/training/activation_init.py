@@ -231,7 +231,7 @@ def input_moments(model, examples, targets: list[str], pad_id: int, batch_size: 
                 rows = x[real["mask"]].double().cpu()
                 if "weight" in real:
                     rows = rows * real["weight"].unsqueeze(1)
-                moments.setdefault(name, _Moments()).add(rows, None if "weight" not in real else real["total"])
+                moments.setdefault(name, _Moments()).add(rows, real.get("total"))
             reads[name] = seen[id(x)][1]
 
         return keep

@@ -843,10 +843,10 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
         _steps_bar(bar, config.steps) as steps_bar,
     ):
         model.train()
-        params = [p for w in wrappers.values() for p in ((w.lora_B,) if config.freeze_a else (w.lora_A, w.lora_B))]
         if config.freeze_a:
             for w in wrappers.values():
                 w.lora_A.requires_grad_(False)
+        params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         batches = [_batches(len(job.examples), config, job.seed) for job in group]
         for step in range(config.steps):
