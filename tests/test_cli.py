@@ -533,6 +533,10 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["fc_all_under"] is None  # the last call did not set it: the config's default
     result = invoke("bench", "--data", tmp_path, "--fc-all-under")
     assert result.exit_code == 0 and seen["fc_all_under"] is True, output(result)
+    assert seen["task_under"] == "none"
+    result = invoke("bench", "--data", tmp_path, "--task-under", "lag")
+    assert result.exit_code == 0 and seen["task_under"] == "lag", output(result)
+    assert invoke("bench", "--data", tmp_path, "--task-under", "mix").exit_code != 0
 
 
 @pytest.mark.parametrize("args, init", [((), "contrast"), (("--init", "peft"), "peft")])

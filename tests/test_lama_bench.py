@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_lora, tiny_llama
+from conftest import TINY_LLAMA, save_lora, tiny_llama
 
 from loralag import attach, build_library, detach
 from loralag.errors import LoralagError
@@ -18,6 +18,7 @@ from loralag.evaluation.answers import clean_answer, credited, fc_label
 from loralag.evaluation.kilt import read_kilt_predictions
 from loralag.experiments.lama.config import (
     BenchConfig,
+    bench_data,
     default_data_dir,
     fc_bare_cap,
     method_list,
@@ -29,6 +30,7 @@ from loralag.experiments.lama.data import (
     END_ENT,
     ENTITY_LINKING,
     FACT_CHECKING,
+    FAMILY_OF,
     QA,
     REFUTES,
     SLOT_FILLING,
@@ -321,6 +323,13 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert fc_bare_cap(default) == default.fc_bare_facts and fc_bare_cap(replace(default, fc_all_under=True)) is None
     assert under["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
     assert under["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"]}
+    # task adapters trained under the routed training-entity library: their own task folder, the same knowledge
+    routed = adapter_folders(tmp_path, replace(default, task_under="lag"))
+    assert routed["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+    assert routed["train-knowledge"] == adapter_folders(tmp_path, default)["train-knowledge"]
+    assert routed["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"], under["task"]}
+    with pytest.raises(LoralagError, match="task_under must be one of"):
+        size_config("tiny", task_under="gold")
     # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
     frozen = adapter_folders(tmp_path, replace(default, know_freeze_a=True))
     assert all(frozen[k] != adapter_folders(tmp_path, default)[k] for k in frozen)
@@ -635,3 +644,53 @@ def test_bare_fact_checking_pairs_train_under_their_entity():
         ("T2.", None),
         ("T5.", None),
     ]
+
+
+def test_task_under_lag_trains_the_task_adapters_under_the_routed_training_library(tmp_path):
+    """--task-under lag: every training entity gets a knowledge adapter, they form a library, and the slot-filling,
+    QA and entity-linking adapters (not fact checking's) train under it, routed by LAG at the run's k. A tiny model
+    with the default model's tokenizer: the wiring, not the scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    import loralag.training.train as lt
+    from loralag.errors import ModelError
+    from loralag.experiments.lama.run import adapter_folders, run_bench
+    from loralag.library.store import open_library
+    from loralag.models import default_model_dir
+
+    data = default_data_dir()
+    if not data.is_dir():
+        pytest.skip(f"LAMA data not found at {data}")
+    try:
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+    except (ModelError, OSError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 1024})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    seen = []
+    real = lt.train_adapters
+    with pytest.MonkeyPatch.context() as mp:  # record what each task adapter is trained under
+        mp.setattr(lt, "train_adapters", lambda m, t, items, *a, **k: seen.extend(items) or real(m, t, items, *a, **k))
+        settings = dict(n_entities=3, n_train_pairs=6, methods=("base",), task_under="lag", k=2)
+        results = run_bench(
+            "tiny",
+            data,
+            tmp_path / "out",
+            cache_dir=tmp_path,
+            progress=False,
+            model_and_tokenizer=(model, tok),
+            threads=1,
+            **settings,
+        )
+    cfg = size_config("tiny", **settings)
+    data_ = bench_data(cfg, data)
+    tasks = {item.name: item for item in seen if item.name in {FAMILY_OF[d] for d in DATASETS}}
+    assert set(tasks) == {FAMILY_OF[d] for d in DATASETS}
+    libs = {item.library.path for name, item in tasks.items() if name != FAMILY_OF[FACT_CHECKING]}
+    assert tasks[FAMILY_OF[FACT_CHECKING]].library is None and len(libs) == 1
+    assert all(item.library.router == "lag" and item.library.k == 2 for item in tasks.values() if item.library)
+    under = open_library(libs.pop())
+    assert sorted(under.names) == sorted(e.name for e in data_.train_entities)
+    assert adapter_folders(tmp_path, cfg)["task"].name.endswith("-routed-lag")
+    assert "task_under=lag" in results["settings"]["task_training"]

@@ -270,3 +270,75 @@ def test_configure_routes_the_block_then_restores_even_after_an_error(setup):
         assert dict(state.specs) == before
     finally:
         detach(model)
+
+
+@pytest.mark.parametrize("router", ["lag", "lag-prefix", "spectral", "arrow"])
+def test_gradient_through_routed_picks_equals_brute_force(setup, router):
+    """Training upstream of a routed library: the loss and its gradient to the inputs equal a brute force that
+    applies each token's picked adapter from its raw PEFT factors (s·B·A, not the library's SVD form) with
+    plain autograd, the picks being those the router made (its trace)."""
+    from loralag.library.adapters import read_adapter
+
+    model, _, know = setup
+    torch.manual_seed(7)
+    embeds = torch.randn(2, 6, 32)
+    weight = torch.randn(2, 6, 97)
+
+    def loss_and_grad(run):
+        x = embeds.clone().requires_grad_(True)
+        loss = (run(x) * weight).sum()
+        loss.backward()
+        return loss.detach(), x.grad
+
+    state = attach(model, [know], router=router, k=2)
+    try:
+        with state.tracing() as trace:
+            routed = loss_and_grad(lambda x: model(inputs_embeds=x).logits)
+    finally:
+        detach(model)
+    factors = {name: read_adapter(know.path.parent / "ads" / name).modules for name in know.names}
+
+    def brute(module_name, base):
+        picks = trace.winner_matrix(module_name, know.name).reshape(-1).tolist()
+        names = trace.names[(module_name, know.name)]
+
+        def forward(x):
+            X = x.reshape(-1, x.shape[-1])
+            rows = []
+            for t, w in enumerate(picks):
+                lora = factors[names[w]][module_name]
+                rows.append(lora.scale * (lora.B @ (lora.A @ X[t])))
+            return base(x) + torch.stack(rows).view(*x.shape[:-1], -1)
+
+        return forward
+
+    originals = {}
+    for name, module in model.named_modules():
+        if name in know.target_modules:
+            originals[name] = module.forward
+            module.forward = brute(name, module.forward)
+    try:
+        ref = loss_and_grad(lambda x: model(inputs_embeds=x).logits)
+    finally:
+        for name, module in model.named_modules():
+            if name in originals:
+                module.forward = originals[name]
+    assert len({w for m in know.target_modules for w in trace.winner_matrix(m, know.name).reshape(-1).tolist()}) > 1
+    torch.testing.assert_close(routed[0], ref[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(routed[1], ref[1], rtol=1e-4, atol=1e-5)
+    assert ref[1].abs().max() > 0
+
+
+def test_a_mixing_router_refuses_to_pass_gradients(setup):
+    from loralag.errors import LoralagError
+
+    model, _, know = setup
+    attach(model, [know], router="arrow-mix", k=2)
+    try:
+        x = torch.randn(1, 4, 32, requires_grad=True)
+        with pytest.raises(LoralagError, match="router 'arrow-mix' mixes adapters and passes no gradient"):
+            model(inputs_embeds=x)
+        with torch.no_grad():  # inference is unchanged
+            model(inputs_embeds=x)
+    finally:
+        detach(model)

@@ -780,3 +780,110 @@ def test_a_bundled_models_adapters_survive_another_cache_root(model, tok, tmp_pa
     # a model of one's own is still known by its path: another folder is another model
     model.config._name_or_path = str(tmp_path / "mine" / "models" / "my-model")
     assert not lt.train_adapter(model, tok, doc, tmp_path / "out", FAST).skipped
+
+
+def one_library(model, tmp_path, folders, name="under"):
+    from loralag.library.store import build_library, module_shapes
+
+    return build_library(tmp_path / name, folders, base_model="tiny", shapes=module_shapes(model), progress=False)
+
+
+def test_training_under_a_one_adapter_library_equals_training_on_it_merged(model, tok, tmp_path, one_thread):
+    """A library of one adapter routed by LAG picks it on every token: training under it must equal training on
+    the adapter merged into the base weights by PEFT (forward and gradients through the routed layer)."""
+    from conftest import save_lora
+
+    from loralag.routing.state import state_of
+
+    know = save_lora(model, tmp_path / "ads" / "know", seed=5, r=3, alpha=30, target_modules=KNOWLEDGE)
+    lib = one_library(model, tmp_path, [tmp_path / "ads"])
+    before, types = snapshot(model), module_types(model)
+    item = QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path))
+    [routed] = lt.train_adapters(model, tok, [item], tmp_path / "u", UNDER_CFG, progress=False)
+    [ref] = lt.train_adapters(
+        merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG, progress=False
+    )
+    wu, wr = weights(routed), weights(ref)
+    assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
+    for k in wr:
+        torch.testing.assert_close(wu[k], wr[k], atol=1e-4, rtol=0)
+    assert lt._read_marker(routed)["first_loss"] == pytest.approx(lt._read_marker(ref)["first_loss"], abs=1e-5)
+    [plain] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS)], tmp_path / "p", UNDER_CFG, progress=False)
+    assert abs(lt._read_marker(plain)["first_loss"] - lt._read_marker(routed)["first_loss"]) > 1e-3
+    after = model.state_dict()  # the library was detached: the model is what it was
+    assert all(torch.equal(before[k], after[k]) for k in before) and module_types(model) == types
+    assert state_of(model) is None and lt._read_marker(routed)["key"] != lt._read_marker(plain)["key"]
+
+
+def test_training_under_a_routed_library_sees_each_tokens_pick(model, tok, tmp_path, one_thread):
+    """With several adapters, the first loss (B starts at 0) is the routed library's own loss on the pairs:
+    the model with the library attached (LAG, the same k) scored without training anything."""
+    from conftest import save_lora
+
+    for i in range(4):
+        save_lora(model, tmp_path / "ads" / f"k{i}", seed=10 + i, r=3, alpha=30, target_modules=KNOWLEDGE)
+    lib = one_library(model, tmp_path, [tmp_path / "ads"])
+    cfg = TrainConfig(**{**asdict(UNDER_CFG), "batch_size": 2})  # one batch holds both pairs
+    [path] = lt.train_adapters(
+        model,
+        tok,
+        [QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path, k=2))],
+        tmp_path / "t",
+        cfg,
+        progress=False,
+    )
+    from loralag import attach, detach
+
+    state = attach(model, [lib], router="lag", k=2)
+    try:
+        with state.tracing() as trace:
+            rows = [row_loss_sum(model, tok, *pair) for pair in PAIRS]
+    finally:
+        detach(model)
+    picked = {w for m in lib.target_modules for w in trace.winner_matrix(m, lib.name).reshape(-1).tolist()}
+    assert len(picked) > 1  # the tokens do not all take one adapter
+    expected = sum(s for s, _ in rows) / sum(n for _, n in rows)
+    assert lt._read_marker(path)["first_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_routed_library_is_part_of_the_cache_key(model, tok, tmp_path, caplog, one_thread):
+    from conftest import save_lora
+
+    for i in range(3):
+        save_lora(model, tmp_path / "ads" / f"k{i}", seed=20 + i, r=3, target_modules=KNOWLEDGE)
+    lib = one_library(model, tmp_path, [tmp_path / "ads"])
+    item = QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path, k=2))
+    out = tmp_path / "out"
+    lt.train_adapters(model, tok, [item], out, UNDER_CFG, progress=False)
+    assert lt.train_adapter(model, tok, item, out, UNDER_CFG).skipped
+    for other in (replace(item.library, k=1), replace(item.library, router="spectral")):
+        assert not lt.train_adapter(model, tok, replace(item, library=other), tmp_path / "o", UNDER_CFG).skipped
+    assert not lt.train_adapter(model, tok, QAPairs("task", PAIRS), out, UNDER_CFG).skipped
+    lt.train_adapter(model, tok, item, out, UNDER_CFG)
+    lib.remove(["k2"])  # another library content: retrain
+    assert not lt.train_adapter(model, tok, item, out, UNDER_CFG).skipped
+    with caplog.at_level(logging.WARNING, logger="loralag.training.train"):
+        lt.train_adapters(
+            model, tok, [item, QAPairs("b", PAIRS)], tmp_path / "g", UNDER_CFG, progress=False, group_size=2
+        )
+    assert "routed library" in caplog.text
+
+
+def test_bad_routed_library(model, tok, tmp_path):
+    from conftest import save_lora
+
+    know = save_lora(model, tmp_path / "ads" / "know", seed=5, target_modules=KNOWLEDGE)
+    save_lora(model, tmp_path / "attn" / "a", seed=5, target_modules=("q_proj",))
+    lib = one_library(model, tmp_path, [tmp_path / "ads"])
+    attn = one_library(model, tmp_path, [tmp_path / "attn"], name="attnlib")
+    cases = [
+        (QAPairs("t", PAIRS, library=lt.UnderLibrary(lib.path, router="arrow-mix")), "picks one adapter per token"),
+        (QAPairs("t", PAIRS, library=lt.UnderLibrary(lib.path, k=0)), "k must be a positive integer"),
+        (QAPairs("t", PAIRS, under=[know, None], library=lt.UnderLibrary(lib.path)), "not both"),
+        (QAPairs("t", PAIRS, library=lt.UnderLibrary(attn.path)), r"targets \['q_proj'\], which the adapter"),
+        (QAPairs("t", PAIRS, library=lt.UnderLibrary(tmp_path / "nolib")), "nolib"),
+    ]
+    for item, message in cases:
+        with pytest.raises(LoralagError, match=message):
+            lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

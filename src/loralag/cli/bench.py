@@ -10,7 +10,7 @@ import typer
 from loralag.cli.app import console, user_errors
 from loralag.cli.checks import _check_model, _check_ray
 from loralag.cli.loading import _prepare_model, waiting
-from loralag.cli.options import INIT_HELP, MODEL_HELP, THREADS_HELP, Dtype, FcForm, Init, _ray_option
+from loralag.cli.options import INIT_HELP, MODEL_HELP, THREADS_HELP, Dtype, FcForm, Init, TaskUnder, _ray_option
 from loralag.errors import LoralagError
 
 
@@ -68,6 +68,14 @@ def bench(
         "the first 48 at full size; the rest only where the base model knows the fact, without an adapter); "
         "trains into its own folder.",
     ),
+    task_under: TaskUnder = typer.Option(
+        TaskUnder.none,
+        "--task-under",
+        help="'lag': the slot-filling, QA and entity-linking adapters train under every training entity's "
+        "knowledge adapter, routed per token by LAG as at test time (default 'none': without knowledge "
+        "adapters); trains the knowledge adapters of the training entities that lack one (cached beside fact "
+        "checking's), and these task adapters into their own folder.",
+    ),
     shared_init: bool = typer.Option(
         False,
         "--shared-init",
@@ -124,6 +132,7 @@ def bench(
         fc_form=fc_form.value,
         fc_steps=fc_steps,
         fc_all_under=fc_all_under or None,
+        task_under=task_under.value,
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,

@@ -22,6 +22,11 @@ class FcForm(str, Enum):  # lama_data.FC_FORMS
     recall = "recall"
 
 
+class TaskUnder(str, Enum):  # lama config.TASK_UNDER
+    none = "none"
+    lag = "lag"
+
+
 class Init(str, Enum):  # loralag.training.INITS
     peft = "peft"
     activations = "activations"

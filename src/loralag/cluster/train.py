@@ -7,8 +7,8 @@ anywhere resumes). The model goes into Ray's object store once; each worker acto
 its start, and trains the tasks it is given (`group_size` inputs each, grouped as a local run groups them)
 into a folder of its own. It returns the finished PEFT folders as bytes, and the driver writes each one into
 `out_dir/<name>/` atomically, as a local run does: so the output need not be on a filesystem the workers see
-(inputs with `under` adapters need those folders readable on the workers). Each adapter's seed is its own
-(`adapter_seed`), so which worker trains it, and in which order, does not change it.
+(inputs with `under` adapters or a routed `library` need those folders readable on the workers). Each adapter's
+seed is its own (`adapter_seed`), so which worker trains it, and in which order, does not change it.
 """
 
 from __future__ import annotations
@@ -157,13 +157,17 @@ def train_adapters(
 
 
 def _absolute_under(item):
-    """The item with its frozen adapters' folders made absolute (the cache key holds their checksums, not paths)."""
-    under = getattr(item, "under", None)
-    if not under:
-        return item
+    """The item with its frozen adapters' folders and routed library made absolute (the cache key holds their
+    checksums, not paths)."""
     import dataclasses
 
-    return dataclasses.replace(item, under=[None if u is None else str(Path(u).resolve()) for u in under])
+    under = getattr(item, "under", None)
+    if under:
+        item = dataclasses.replace(item, under=[None if u is None else str(Path(u).resolve()) for u in under])
+    library = getattr(item, "library", None)
+    if library is not None:
+        item = dataclasses.replace(item, library=dataclasses.replace(library, path=str(Path(library.path).resolve())))
+    return item
 
 
 def _write_folder(job: lt._Job, files: dict[str, bytes]) -> None:

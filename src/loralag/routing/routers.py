@@ -480,3 +480,6 @@ ROUTERS = {
     "none": route_none,
 }
 STATEFUL = {"lag-prefix"}  # routers that take the library's PrefixEvidence (the sequence so far)
+# routers whose delta is one adapter's B*_w A*_w x per token (w = Routed.winner, -1: none): the ones a model can
+# be trained under, the gradient to x being that adapter's (layer.py)
+SINGLE_PICK = {"lag", "lag-prefix", "arrow", "spectral", "fixed", "none"}

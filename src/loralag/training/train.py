@@ -69,6 +69,20 @@ class QAPairs:
     # Per pair: a trained LoRA folder applied, frozen, while this pair is learned (None: the base model alone),
     # e.g. a document's knowledge adapter under a task adapter that must learn to read what it injects.
     under: list[str | os.PathLike | None] | None = None
+    # A whole library routed per token under every pair (UnderLibrary), e.g. the knowledge a routed library
+    # delivers at inference, right or wrong, instead of one right document's adapter; not with `under`.
+    library: UnderLibrary | None = None
+
+
+@dataclass(frozen=True)
+class UnderLibrary:
+    """A loralag library attached, frozen, while a QAPairs item trains, routed per token as at inference by a
+    router that picks one adapter per token (lag, lag-prefix, arrow, spectral); the gradient passes through the
+    picked adapters to the adapter being trained upstream (routing/layer.py)."""
+
+    path: str | os.PathLike
+    router: str = "lag"
+    k: int = 20
 
 
 TrainItem = Union[Document, QAPairs]
@@ -381,7 +395,9 @@ def train_adapter(
     first, final = _write_adapter(
         job,
         config,
-        lambda tmp: _train_into(model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed),
+        lambda tmp: _train_into(
+            model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed, job.library
+        ),
     )
     return TrainResult(job.target, False, first, final)
 
@@ -397,6 +413,7 @@ class _Job:
     legacy_key: str = ""
     under: tuple[list, list[int]] | None = None  # (frozen LoraAdapters, per example: index into them or -1)
     seed: int = 0  # adapter_seed(config.seed, name)
+    library: UnderLibrary | None = None  # routed under every example
 
 
 def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
@@ -407,15 +424,64 @@ def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) 
         seed=config.seed if config.shared_init else adapter_seed(config.seed, item.name),
     )
     job.under = _read_under(item, config)
+    job.library, library_key = _read_library(item, config)
     # the frozen adapters' content is part of what was trained: another knowledge adapter retrains
     checksums = None if job.under is None else [job.under[0][i].checksum if i >= 0 else None for i in job.under[1]]
-    job.key = _train_key(model, job.examples, config, checksums, job.seed)
+    job.key = _train_key(model, job.examples, config, checksums, job.seed, library=library_key)
     raw = str(getattr(model.config, "_name_or_path", ""))
     # hashed again only where the names differ (a bundled model): elsewhere the old key is this one
     job.legacy_key = (
-        job.key if _base_name(model) == raw else _train_key(model, job.examples, config, checksums, job.seed, raw)
+        job.key
+        if _base_name(model) == raw
+        else _train_key(model, job.examples, config, checksums, job.seed, raw, library=library_key)
     )
     return job
+
+
+def _read_library(item: TrainItem, config: TrainConfig) -> tuple[UnderLibrary | None, dict | None]:
+    """A QAPairs item's routed library, checked, and what of it the cache key holds: every adapter's name and
+    checksum, the router and k (another library, router or k retrains)."""
+    spec = getattr(item, "library", None)
+    if spec is None:
+        return None, None
+    from loralag.library.store import open_library
+    from loralag.routing.routers import SINGLE_PICK
+
+    where = f"training item {item.name!r}"
+    if getattr(item, "under", None) is not None and any(u is not None for u in item.under):
+        raise LoralagError(f"{where}: give 'under' adapters or a routed library, not both")
+    if spec.router not in SINGLE_PICK - {"fixed", "none"}:
+        raise LoralagError(
+            f"{where}: a library is trained under with a router that picks one adapter per token, one of "
+            f"{sorted(SINGLE_PICK - {'fixed', 'none'})}; got {spec.router!r}"
+        )
+    if isinstance(spec.k, bool) or not isinstance(spec.k, int) or spec.k < 1:
+        raise LoralagError(f"{where}: the routed library's k must be a positive integer, got {spec.k!r}")
+    lib = open_library(spec.path)
+    if not len(lib):
+        raise LoralagError(f"{where}: the library {lib.path} to train under holds no adapter")
+    clash = sorted({m.rsplit(".", 1)[-1] for m in lib.target_modules} & set(config.target_modules))
+    if clash:
+        raise LoralagError(
+            f"{where}: the library {lib.path} targets {clash}, which the adapter being trained targets too; "
+            "a module can carry only one of them"
+        )
+    spec = replace(spec, path=str(Path(spec.path).resolve()))
+    adapters = sorted([e["name"], e["checksum"]] for e in lib.adapters)
+    return spec, {"adapters": adapters, "router": spec.router, "k": spec.k}
+
+
+@contextmanager
+def _routed_library(model, spec: UnderLibrary):
+    """The library attached (frozen, routed per token) for the block, then detached."""
+    from loralag.library.store import open_library
+    from loralag.routing.state import attach, detach
+
+    attach(model, {"under": open_library(spec.path)}, router=spec.router, k=spec.k)
+    try:
+        yield
+    finally:
+        detach(model)
 
 
 def _read_under(item: TrainItem, config: TrainConfig) -> tuple[list, list[int]] | None:
@@ -542,6 +608,7 @@ def _train_into(
     bar,
     under: tuple[list, list[int]] | None,
     seed: int,
+    library: UnderLibrary | None = None,
 ) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
@@ -549,6 +616,8 @@ def _train_into(
         torch.manual_seed(seed)
         init = _init_rows(model, examples, config, pad_id)  # of the base model alone, as at the first step
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
+        if library is not None:
+            stack.enter_context(_routed_library(model, library))
         with _peft_attached(model, _lora_config(config)) as peft_model:
             _set_init_rows(model, init)
             peft_model.train()
@@ -618,8 +687,8 @@ def _train_adapters_grouped(
                 todo.append(job)
         if len(todo) > 1:
             why_not = _grouping_blocker(model, config)
-            if why_not is None and any(job.under is not None for job in todo):
-                why_not = "some items train under frozen adapters"
+            if why_not is None and any(job.under is not None or job.library is not None for job in todo):
+                why_not = "some items train under frozen adapters or a routed library"
             if why_not is None:
                 why_not = _grouping_blocker_peft(model, config)
             if why_not is not None:
@@ -636,7 +705,9 @@ def _train_adapters_grouped(
                 _write_adapter(
                     job,
                     config,
-                    lambda tmp: _train_into(model, job.examples, config, pad_id, tmp, bar, job.under, job.seed),
+                    lambda tmp: _train_into(
+                        model, job.examples, config, pad_id, tmp, bar, job.under, job.seed, job.library
+                    ),
                 )
             else:
                 _train_group(
@@ -916,7 +987,13 @@ def _base_name(model) -> str:
 
 
 def _train_key(
-    model, examples, config: TrainConfig, under: list[str | None] | None, seed: int, base_name: str | None = None
+    model,
+    examples,
+    config: TrainConfig,
+    under: list[str | None] | None,
+    seed: int,
+    base_name: str | None = None,
+    library: dict | None = None,
 ) -> str:
     # Hash the token ids (so a different tokenizer or text retrains), the config, the adapter's own seed,
     # the base model's identity (base_name, default _base_name) and the checksums of frozen adapters the
@@ -937,6 +1014,8 @@ def _train_key(
     }
     if under is not None:  # absent otherwise, so adapters trained before `under` existed stay cached
         payload["under"] = under
+    if library is not None:  # likewise
+        payload["library"] = library
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ PLAG_NOTE = (
 TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
 GRANULARITIES = ("token", "sequence", "both")
+TASK_UNDER = ("none", "lag")  # what the task adapters (but fact checking's) train under: BenchConfig.task_under
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -57,6 +58,10 @@ class BenchConfig:
     # the task adapters' training seed (None: seed): another value retrains only them, into their own folder,
     # to measure how much one training of the task adapters moves the scores (README, LAMA)
     task_seed: int | None = None
+    # "lag": the slot-filling, QA and entity-linking adapters train under the training entities' knowledge
+    # library routed per token by this router (at k), the knowledge per-token LAG delivers at test time, right
+    # or wrong, instead of none; "none" (default): without knowledge adapters
+    task_under: str = "none"
     # evaluation
     k: int = 20  # the headline LAG's k
     k_sweep: tuple = (1, 2, 5, 10, 20, 50, "N")
@@ -139,6 +144,8 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
             raise LoralagError(f"an adapter init must be one of {INITS}, got {init!r}")
     if cfg.fc_form not in FC_FORMS:
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
+    if cfg.task_under not in TASK_UNDER:
+        raise LoralagError(f"task_under must be one of {TASK_UNDER}, got {cfg.task_under!r}")
     if cfg.n_entities < 2:
         raise LoralagError("the knowledge library needs at least 2 entities")
     if cfg.methods is not None:

@@ -145,7 +145,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
     into its own folder and switching back finds the earlier adapters instead of retraining them in place. The
     task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed,
-    --fc-steps, --fc-form or --fc-all-under of its own gets its own task folder."""
+    --fc-steps, --fc-form, --fc-all-under or --task-under of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
@@ -157,6 +157,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     task += f"-fc{cfg.fc_steps}" if cfg.fc_steps is not None and cfg.fc_steps != 2 * cfg.task_steps else ""
     task += f"-fc-{cfg.fc_form}" if cfg.fc_form != "label" else ""
     task += "-fc-all-under" if cfg.fc_all_under else ""
+    task += f"-routed-{cfg.task_under}" if cfg.task_under != "none" else ""
     return {
         "knowledge": cache / f"knowledge{know}",
         "train-knowledge": cache / f"train-knowledge{know}",
@@ -226,7 +227,7 @@ def _run(
     from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
     from loralag.evaluation.retrieval import BM25Index
     from loralag.models import load_model
-    from loralag.training.train import QAPairs, TrainConfig, train_adapters
+    from loralag.training.train import QAPairs, TrainConfig, UnderLibrary, train_adapters
 
     if ray is not None and ray is not False:  # the same adapters, trained on the cluster
         from loralag.cluster.train import train_adapters as train_on_cluster
@@ -300,6 +301,16 @@ def _run(
     )
     timings["train_fc_knowledge"] = time.perf_counter() - t
 
+    routed = None  # --task-under: every training entity's knowledge adapter, as a library routed under the task pairs
+    if cfg.task_under != "none":
+        t = time.perf_counter()
+        say(f"[bold]Knowledge adapters of all {len(data.train_entities)} training entities[/] (--task-under)")
+        train_docs = [knowledge_document(e, data.relations, cfg) for e in data.train_entities]
+        train_know = train_many(model, tokenizer, train_docs, folders["train-knowledge"], kcfg, progress=progress)
+        under_lib = _library(cache, "train-knowledge", train_know, model, model_spec, progress)
+        routed = UnderLibrary(under_lib.path, cfg.task_under, cfg.k)
+        timings["train_under_knowledge"] = time.perf_counter() - t
+
     t = time.perf_counter()
     tcfg = TrainConfig(
         target_modules=list(TASK_MODULES),
@@ -313,7 +324,9 @@ def _run(
         init=cfg.task_init,
     )
     task_items = [
-        QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under] if d == FACT_CHECKING else None)
+        QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under])
+        if d == FACT_CHECKING
+        else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=routed)
         for d in DATASETS
     ]
     fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
@@ -466,7 +479,13 @@ def _run(
         "methods": list(answers),
         "p_lag_definition": PLAG_NOTE,
         "task_training": _TRAINING_NOTE
-        + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else ""),
+        + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
+        + (
+            f" Here (task_under={cfg.task_under}) the other task adapters train under every training entity's "
+            f"knowledge adapter, as a library routed per token by {cfg.task_under} at k={cfg.k}."
+            if cfg.task_under != "none"
+            else ""
+        ),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
         "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
         "torch_threads": torch.get_num_threads(),
