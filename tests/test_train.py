@@ -813,6 +813,8 @@ def test_training_under_a_one_adapter_library_equals_training_on_it_merged(model
     after = model.state_dict()  # the library was detached: the model is what it was
     assert all(torch.equal(before[k], after[k]) for k in before) and module_types(model) == types
     assert state_of(model) is None and lt._read_marker(routed)["key"] != lt._read_marker(plain)["key"]
+    assert lt._read_marker(routed)["library"] == {"path": str(lib.path.resolve()), "router": "lag", "k": 20}
+    assert "library" not in lt._read_marker(plain)
 
 
 def test_training_under_a_routed_library_sees_each_tokens_pick(model, tok, tmp_path, one_thread):

@@ -531,6 +531,8 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
             "config": asdict(config),
             "examples": len(job.examples),
         }
+        if job.library is not None:  # what it was trained under, for whoever reads the folder
+            info["library"] = {"path": str(job.library.path), "router": job.library.router, "k": job.library.k}
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
         _replace_dir(tmp, job.target)
