@@ -260,6 +260,54 @@ def test_train_pairs_under_a_frozen_adapter(world, tmp_path):
     assert bad.exit_code != 0 and "nowhere is not a folder" in output(bad)
 
 
+def test_train_pairs_under_a_routed_library(world, tmp_path):
+    docs, checks = tmp_path / "docs", tmp_path / "checks"
+    docs.mkdir(), checks.mkdir()
+    (docs / "zarn.txt").write_text("the red moon has a capital called zarn . zarn is old .")
+    (docs / "moon.txt").write_text("the blue moon is cold . its capital is old .")
+    common = ("--model", world / "model", "--epochs", "1", "--batch-size", "2")
+    assert invoke("train", tmp_path / "know", docs, *common, "-t", "up_proj").exit_code == 0
+    built = invoke("build", tmp_path / "lib", tmp_path / "know", "--model", world / "model")
+    assert built.exit_code == 0, output(built)
+    line = json.dumps({"prompt": "capital of the red moon ?", "answer": "zarn"})
+    (checks / "check.jsonl").write_text(line + "\n" + line + "\n")
+    result = invoke(
+        "train",
+        tmp_path / "task",
+        checks,
+        *common,
+        "-t",
+        "q_proj",
+        "--under-library",
+        tmp_path / "lib",
+        "--under-k",
+        "1",
+    )
+    assert result.exit_code == 0, output(result)
+    marker = json.loads((tmp_path / "task" / "check" / "loralag_train.json").read_text())
+    assert marker["library"] == {"path": str((tmp_path / "lib").resolve()), "router": "lag", "k": 1}
+    assert invoke("train", tmp_path / "plain", checks, *common, "-t", "q_proj").exit_code == 0
+    plain = json.loads((tmp_path / "plain" / "check" / "loralag_train.json").read_text())
+    assert marker["first_loss"] != plain["first_loss"]  # the routed library acted
+    bad = invoke("train", tmp_path / "t2", docs, *common, "-t", "q_proj", "--under-library", tmp_path / "lib")
+    assert bad.exit_code != 0 and "prompt/answer inputs only, not documents: moon, zarn" in output(bad)
+    bad = invoke(
+        "train",
+        tmp_path / "t2",
+        checks,
+        *common,
+        "-t",
+        "q_proj",
+        "--under-library",
+        tmp_path / "lib",
+        "--under-router",
+        "arrow-mix",
+    )
+    assert bad.exit_code != 0 and "arrow-mix" in output(bad)
+    bad = invoke("train", tmp_path / "t2", checks, *common, "-t", "up_proj", "--under-library", tmp_path / "lib")
+    assert bad.exit_code != 0 and "which the adapter being trained targets too" in output(bad)
+
+
 # -- a newcomer's first hour (issue 15) ----------------------------------------------------------------------
 # Bad arguments, each with the value the error must name. Run in a fresh interpreter, so that what the CLI
 # imported before refusing them can be read off sys.modules.

@@ -52,6 +52,16 @@ def train(
         help="Adapters trained at a time, each in its own process with threads / N torch threads (the same "
         "adapters up to float rounding; for many cores: on 2, two train no faster than one process).",
     ),
+    under_library: Optional[Path] = typer.Option(
+        None,
+        "--under-library",
+        help="A loralag library attached, frozen, under every prompt/answer pair and routed per token as at "
+        "inference (e.g. a knowledge library under a task adapter); for prompt/answer inputs only.",
+    ),
+    under_router: str = typer.Option(
+        "lag", "--under-router", help="How --under-library routes: lag, lag-prefix, arrow or spectral."
+    ),
+    under_k: int = typer.Option(20, "--under-k", min=1, help="The --under-library router's k (Arrow's top k)."),
     ray: Optional[str] = _ray_option("Train the adapters"),
 ):
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
@@ -71,6 +81,9 @@ def train(
 
         items = read_training_inputs(inputs)
     from loralag.training.train import TrainConfig, train_for_epochs
+
+    if under_library is not None:
+        items = _under_library(items, under_library, under_router, under_k)
 
     model_, tokenizer = load_model_waiting(model)
     config = TrainConfig(
@@ -97,3 +110,18 @@ def train(
         train = partial(train_adapters, workers=workers)
     paths = train_for_epochs(model_, tokenizer, items, out, config, epochs, group_size=group_size, train=train)
     console.print(f"[green]{len(paths)} adapter(s)[/] in {out}: " + ", ".join(p.name for p in paths))
+
+
+def _under_library(items, library: Path, router: str, k: int):
+    """Every prompt/answer item trained under the routed library; a document cannot be (it has no answers)."""
+    from dataclasses import replace
+
+    from loralag.training.train import QAPairs, UnderLibrary
+
+    documents = [item.name for item in items if not isinstance(item, QAPairs)]
+    if documents:
+        more = f" and {len(documents) - 3} more" if len(documents) > 3 else ""
+        raise LoralagError(
+            f"--under-library trains prompt/answer inputs only, not documents: {', '.join(documents[:3])}{more}"
+        )
+    return [replace(item, library=UnderLibrary(library, router, k)) for item in items]
