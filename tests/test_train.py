@@ -439,6 +439,24 @@ def merged(model, folder):
     return PeftModel.from_pretrained(copy.deepcopy(model), folder).merge_and_unload().eval()
 
 
+def trains_like_merged(model, tok, tmp_path, item, know, atol):
+    """Train `item` (under `know` somehow) and the same pairs on `know` merged: the same adapter and first loss,
+    and another first loss without `know` (it really acted). Returns the item's adapter and the plain one."""
+    [under] = lt.train_adapters(model, tok, [item], tmp_path / "u", UNDER_CFG, progress=False)
+    [ref] = lt.train_adapters(
+        merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG, progress=False
+    )
+    wu, wr = weights(under), weights(ref)
+    assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
+    for k in wr:
+        torch.testing.assert_close(wu[k], wr[k], atol=atol, rtol=0)
+    first = lt._read_marker(under)["first_loss"]
+    assert first == pytest.approx(lt._read_marker(ref)["first_loss"], abs=1e-5)
+    [plain] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS)], tmp_path / "p", UNDER_CFG, progress=False)
+    assert abs(lt._read_marker(plain)["first_loss"] - first) > 1e-3
+    return under, plain
+
+
 def row_loss_sum(model, tok, prompt, answer):
     """HF's loss summed (not averaged) over one QA example's answer tokens, as training builds it."""
     ids, labels = lt.build_examples(tok, QAPairs("x", [(prompt, answer)]), UNDER_CFG)[0]
@@ -454,21 +472,7 @@ def test_training_under_a_frozen_adapter_equals_training_on_it_merged(model, tok
 
     know = save_lora(model, tmp_path / "know", seed=5, r=3, alpha=30, target_modules=KNOWLEDGE)
     before, types = snapshot(model), module_types(model)
-    [under] = lt.train_adapters(
-        model, tok, [QAPairs("task", PAIRS, under=[know, know])], tmp_path / "u", UNDER_CFG, progress=False
-    )
-    [ref] = lt.train_adapters(
-        merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG, progress=False
-    )
-    wu, wr = weights(under), weights(ref)
-    assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
-    for k in wr:
-        torch.testing.assert_close(wu[k], wr[k], atol=1e-5, rtol=0)
-    mu, mr = lt._read_marker(under), lt._read_marker(ref)
-    assert mu["first_loss"] == pytest.approx(mr["first_loss"], abs=1e-5)
-    # the frozen adapter really acted: without it the same training comes out otherwise
-    [plain] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS)], tmp_path / "p", UNDER_CFG, progress=False)
-    assert abs(lt._read_marker(plain)["first_loss"] - mu["first_loss"]) > 1e-3
+    trains_like_merged(model, tok, tmp_path, QAPairs("task", PAIRS, under=[know, know]), know, atol=1e-5)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and module_types(model) == types
 
@@ -799,17 +803,7 @@ def test_training_under_a_one_adapter_library_equals_training_on_it_merged(model
     lib = one_library(model, tmp_path, [tmp_path / "ads"])
     before, types = snapshot(model), module_types(model)
     item = QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path))
-    [routed] = lt.train_adapters(model, tok, [item], tmp_path / "u", UNDER_CFG, progress=False)
-    [ref] = lt.train_adapters(
-        merged(model, know), tok, [QAPairs("task", PAIRS)], tmp_path / "r", UNDER_CFG, progress=False
-    )
-    wu, wr = weights(routed), weights(ref)
-    assert wu.keys() == wr.keys() and any(wr[k].abs().max() > 0.01 for k in wr if "lora_B" in k)
-    for k in wr:
-        torch.testing.assert_close(wu[k], wr[k], atol=1e-4, rtol=0)
-    assert lt._read_marker(routed)["first_loss"] == pytest.approx(lt._read_marker(ref)["first_loss"], abs=1e-5)
-    [plain] = lt.train_adapters(model, tok, [QAPairs("task", PAIRS)], tmp_path / "p", UNDER_CFG, progress=False)
-    assert abs(lt._read_marker(plain)["first_loss"] - lt._read_marker(routed)["first_loss"]) > 1e-3
+    routed, plain = trains_like_merged(model, tok, tmp_path, item, know, atol=1e-4)  # the SVD form: float rounding
     after = model.state_dict()  # the library was detached: the model is what it was
     assert all(torch.equal(before[k], after[k]) for k in before) and module_types(model) == types
     assert state_of(model) is None and lt._read_marker(routed)["key"] != lt._read_marker(plain)["key"]
