@@ -452,7 +452,7 @@ def _read_library(item: TrainItem, config: TrainConfig) -> tuple[UnderLibrary | 
         raise LoralagError(f"{where}: give 'under' adapters or a routed library, not both")
     if spec.router not in SINGLE_PICK - {"fixed", "none"}:
         raise LoralagError(
-            f"{where}: a library is trained under with a router that picks one adapter per token, one of "
+            f"{where}: a library to train under is routed by a router that picks one adapter per token, one of "
             f"{sorted(SINGLE_PICK - {'fixed', 'none'})}; got {spec.router!r}"
         )
     if isinstance(spec.k, bool) or not isinstance(spec.k, int) or spec.k < 1:
