@@ -584,6 +584,8 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["task_under"] == "none"
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag")
     assert result.exit_code == 0 and seen["task_under"] == "lag", output(result)
+    result = invoke("bench", "--data", tmp_path, "--task-under", "lag-bare")
+    assert result.exit_code == 0 and seen["task_under"] == "lag-bare", output(result)
     assert invoke("bench", "--data", tmp_path, "--task-under", "mix").exit_code != 0
 
 

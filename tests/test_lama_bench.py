@@ -328,6 +328,8 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert routed["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
     assert routed["train-knowledge"] == adapter_folders(tmp_path, default)["train-knowledge"]
     assert routed["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"], under["task"]}
+    bare = adapter_folders(tmp_path, replace(default, task_under="lag-bare"))
+    assert bare["knowledge"] == routed["knowledge"] and bare["task"] != routed["task"]
     with pytest.raises(LoralagError, match="task_under must be one of"):
         size_config("tiny", task_under="gold")
     # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
@@ -694,3 +696,24 @@ def test_task_under_lag_trains_the_task_adapters_under_the_routed_training_libra
     assert sorted(under.names) == sorted(e.name for e in data_.train_entities)
     assert adapter_folders(tmp_path, cfg)["task"].name.endswith("-routed-lag")
     assert "task_under=lag" in results["settings"]["task_training"]
+
+
+def test_lag_bare_routes_the_library_under_the_pairs_without_a_page_only():
+    from loralag.experiments.lama.run import _bare_only
+    from loralag.training.train import UnderLibrary
+
+    data_dir = default_data_dir()
+    if not data_dir.is_dir():
+        pytest.skip(f"LAMA data not found at {data_dir}")
+    cfg = size_config("small", task_under="lag-bare")
+    data = bench_data(cfg, data_dir)
+    lib = UnderLibrary("lib")
+    for d in (SLOT_FILLING, QA, ENTITY_LINKING):
+        with_page = data.task_context[d]
+        assert len(with_page) == len(data.task_pairs[d]) and 0 < sum(with_page) < len(with_page)
+        pages = {e.page for e in data.train_entities}
+        # a pair has its page in front exactly where the data says so
+        assert with_page == [prompt.split("\n\n")[0] in pages for prompt, _ in data.task_pairs[d]]
+        assert _bare_only(lib, with_page, cfg).pairs == tuple(not p for p in with_page)
+        assert _bare_only(lib, with_page, replace(cfg, task_under="lag")) is lib
+    assert _bare_only(None, [True], cfg) is None

@@ -883,3 +883,43 @@ def test_bad_routed_library(model, tok, tmp_path):
         with pytest.raises(LoralagError, match=message):
             lt.train_adapters(model, tok, [item], tmp_path / "out", UNDER_CFG, progress=False)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_only_the_chosen_pairs_train_under_the_routed_library(model, tok, tmp_path, one_thread):
+    """UnderLibrary.pairs: a one-adapter library under the first pair only trains exactly like that adapter frozen
+    under the first pair only (the per-row frozen adapters, themselves checked against PEFT's merge above)."""
+    from conftest import save_lora
+
+    know = save_lora(model, tmp_path / "ads" / "know", seed=5, r=3, alpha=30, target_modules=KNOWLEDGE)
+    lib = one_library(model, tmp_path, [tmp_path / "ads"])
+    cfg = TrainConfig(**{**asdict(UNDER_CFG), "batch_size": 1})  # batches of one row: rows with and without
+    item = QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path, pairs=(True, False)))
+    [routed] = lt.train_adapters(model, tok, [item], tmp_path / "u", cfg, progress=False)
+    [ref] = lt.train_adapters(
+        model, tok, [QAPairs("task", PAIRS, under=[know, None])], tmp_path / "r", cfg, progress=False
+    )
+    wu, wr = weights(routed), weights(ref)
+    assert wu.keys() == wr.keys()
+    for k in wr:
+        torch.testing.assert_close(wu[k], wr[k], atol=1e-4, rtol=0)
+    cfg2 = TrainConfig(**{**asdict(UNDER_CFG), "batch_size": 2})  # both rows in one batch: the same rule per row
+    [both] = lt.train_adapters(model, tok, [item], tmp_path / "b", cfg2, progress=False)
+    [ref2] = lt.train_adapters(
+        model, tok, [QAPairs("task", PAIRS, under=[know, None])], tmp_path / "r2", cfg2, progress=False
+    )
+    assert lt._read_marker(both)["first_loss"] == pytest.approx(lt._read_marker(ref2)["first_loss"], abs=1e-5)
+    # every pair chosen is the plain library (the same key); another choice is another adapter
+    full = QAPairs("task", PAIRS, library=lt.UnderLibrary(lib.path))
+    assert lt._job(model, tok, replace(full, library=replace(full.library, pairs=(1, 1))), tmp_path, cfg).key == (
+        lt._job(model, tok, full, tmp_path, cfg).key
+    )
+    assert lt._job(model, tok, item, tmp_path, cfg).key != lt._job(model, tok, full, tmp_path, cfg).key
+    with pytest.raises(LoralagError, match="names 3 pairs to train under for 2"):
+        lt.train_adapters(
+            model,
+            tok,
+            [replace(full, library=replace(full.library, pairs=(True,) * 3))],
+            tmp_path / "x",
+            cfg,
+            progress=False,
+        )

@@ -25,6 +25,7 @@ class FcForm(str, Enum):  # lama_data.FC_FORMS
 class TaskUnder(str, Enum):  # lama config.TASK_UNDER
     none = "none"
     lag = "lag"
+    lag_bare = "lag-bare"
 
 
 class Init(str, Enum):  # loralag.training.INITS

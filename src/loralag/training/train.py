@@ -83,6 +83,7 @@ class UnderLibrary:
     path: str | os.PathLike
     router: str = "lag"
     k: int = 20
+    pairs: tuple[bool, ...] | None = None  # per pair of the item, whether it trains under the library (None: all)
 
 
 TrainItem = Union[Document, QAPairs]
@@ -466,21 +467,45 @@ def _read_library(item: TrainItem, config: TrainConfig) -> tuple[UnderLibrary | 
             f"{where}: the library {lib.path} targets {clash}, which the adapter being trained targets too; "
             "a module can carry only one of them"
         )
-    spec = replace(spec, path=str(Path(spec.path).resolve()))
+    if spec.pairs is not None and len(spec.pairs) != len(item.pairs):
+        raise LoralagError(f"{where}: the library names {len(spec.pairs)} pairs to train under for {len(item.pairs)}")
+    pairs = None if spec.pairs is None else tuple(bool(p) for p in spec.pairs)
+    spec = replace(spec, path=str(Path(spec.path).resolve()), pairs=pairs)
     adapters = sorted([e["name"], e["checksum"]] for e in lib.adapters)
-    return spec, {"adapters": adapters, "router": spec.router, "k": spec.k}
+    key = {"adapters": adapters, "router": spec.router, "k": spec.k}
+    if pairs is not None and not all(pairs):  # absent when every pair trains under it: the same adapter
+        key["pairs"] = list(pairs)
+    return spec, key
+
+
+class _Rows:
+    """Which rows of the current batch train under the routed library (None: all)."""
+
+    use: torch.Tensor | None = None
 
 
 @contextmanager
 def _routed_library(model, spec: UnderLibrary):
-    """The library attached (frozen, routed per token) for the block, then detached."""
+    """The library attached (frozen, routed per token) for the block, then detached. Yields the rows object: a
+    row whose `use` is False gets its layers' base output alone (the library's delta left out)."""
     from loralag.library.store import open_library
     from loralag.routing.state import attach, detach
 
-    attach(model, {"under": open_library(spec.path)}, router=spec.router, k=spec.k)
+    rows = _Rows()
+
+    def base_where_unused(layer, args, output):
+        if rows.use is None or bool(rows.use.all()):
+            return output
+        keep = rows.use.view(-1, *([1] * (output.dim() - 1)))
+        return torch.where(keep, output, layer.base(args[0]))
+
+    state = attach(model, {"under": open_library(spec.path)}, router=spec.router, k=spec.k)
+    hooks = [layer.register_forward_hook(base_where_unused) for layer in state.layers.values()]
     try:
-        yield
+        yield rows
     finally:
+        for hook in hooks:
+            hook.remove()
         detach(model)
 
 
@@ -618,8 +643,7 @@ def _train_into(
         torch.manual_seed(seed)
         init = _init_rows(model, examples, config, pad_id)  # of the base model alone, as at the first step
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
-        if library is not None:
-            stack.enter_context(_routed_library(model, library))
+        routed = stack.enter_context(_routed_library(model, library)) if library is not None else None
         with _peft_attached(model, _lora_config(config)) as peft_model:
             _set_init_rows(model, init)
             peft_model.train()
@@ -635,6 +659,8 @@ def _train_into(
                 picked = next(batches)
                 if rows is not None:
                     rows.index = torch.tensor([under[1][i] for i in picked], device=model.device)
+                if routed is not None and library.pairs is not None:
+                    routed.use = torch.tensor([library.pairs[i] for i in picked], device=model.device)
                 batch = _collate([examples[i] for i in picked], pad_id)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 logits, targets = _learned_logits(model, peft_model, batch)

@@ -18,7 +18,7 @@ PLAG_NOTE = (
 TASK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 KNOWLEDGE_MODULES = ("gate_proj", "up_proj", "down_proj")
 GRANULARITIES = ("token", "sequence", "both")
-TASK_UNDER = ("none", "lag")  # what the task adapters (but fact checking's) train under: BenchConfig.task_under
+TASK_UNDER = ("none", "lag", "lag-bare")  # what the task adapters (but fact checking's) train under (task_under)
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -60,7 +60,8 @@ class BenchConfig:
     task_seed: int | None = None
     # "lag": the slot-filling, QA and entity-linking adapters train under the training entities' knowledge
     # library routed per token by this router (at k), the knowledge per-token LAG delivers at test time, right
-    # or wrong, instead of none; "none" (default): without knowledge adapters
+    # or wrong, instead of none; "lag-bare": only their pairs without a page in front (RAG's pairs have their
+    # knowledge source); "none" (default): without knowledge adapters
     task_under: str = "none"
     # evaluation
     k: int = 20  # the headline LAG's k

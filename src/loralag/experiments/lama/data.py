@@ -121,6 +121,8 @@ class LamaData:
     context_every: int = 3
     # per fact-checking pair: the training entity whose knowledge adapter it trains under (None: no adapter)
     fc_under: list[str | None] = field(default_factory=list)
+    # dataset -> per task pair, whether its page is in front (RAG form)
+    task_context: dict[str, list[bool]] = field(default_factory=dict)
 
     def entity(self, name: str) -> Entity:
         for e in self.entities:
@@ -449,10 +451,12 @@ def build_data(
         questions[dataset] = qs
 
     task_pairs: dict[str, list[tuple[str, str]]] = {}
+    task_context: dict[str, list[bool]] = {}
     train_entities: list[Entity] = []
     for dataset in (SLOT_FILLING, QA, ENTITY_LINKING):
         prng = random.Random(f"{seed}-train-{dataset}")
         pairs: list[tuple[str, str]] = []
+        task_context[dataset] = []
         for j, ent in enumerate(pool):
             if len(pairs) >= n_train_pairs:
                 break
@@ -468,6 +472,7 @@ def build_data(
             # one fact in `context_every` in RAG form (its page in front), so one task adapter serves both
             with_context = context_every and j % context_every == 0
             pairs.append((rag_prompt(ent.page, prompt) if with_context else prompt, " " + answers[0]))
+            task_context[dataset].append(bool(with_context))
             if ent not in train_entities:
                 train_entities.append(ent)
         task_pairs[dataset] = pairs
@@ -498,7 +503,15 @@ def build_data(
     used = {c.entity for c in claims[:n_train_pairs]}
     train_entities += [e for e in pool if e.name in used and e not in train_entities]
     return LamaData(
-        relations, entities, train_entities, questions, task_pairs, claims, context_every, [under for _, _, under in fc]
+        relations,
+        entities,
+        train_entities,
+        questions,
+        task_pairs,
+        claims,
+        context_every,
+        [under for _, _, under in fc],
+        task_context,
     )
 
 

@@ -140,6 +140,13 @@ def knowledge_document(entity, relations, cfg: BenchConfig):
     return Document(entity.name, entity.article, rewrites(entity, relations, cfg.know_qa))
 
 
+def _bare_only(routed, with_page: list[bool], cfg: BenchConfig):
+    """--task-under lag-bare: the routed library under the pairs without a page in front only."""
+    if routed is None or cfg.task_under != "lag-bare":
+        return routed
+    return replace(routed, pairs=tuple(not page for page in with_page))
+
+
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
     switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
@@ -308,7 +315,7 @@ def _run(
         train_docs = [knowledge_document(e, data.relations, cfg) for e in data.train_entities]
         train_know = train_many(model, tokenizer, train_docs, folders["train-knowledge"], kcfg, progress=progress)
         under_lib = _library(cache, "train-knowledge", train_know, model, model_spec, progress)
-        routed = UnderLibrary(under_lib.path, cfg.task_under, cfg.k)
+        routed = UnderLibrary(under_lib.path, "lag", cfg.k)
         timings["train_under_knowledge"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -326,7 +333,7 @@ def _run(
     task_items = [
         QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under])
         if d == FACT_CHECKING
-        else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=routed)
+        else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=_bare_only(routed, data.task_context[d], cfg))
         for d in DATASETS
     ]
     fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
@@ -482,7 +489,8 @@ def _run(
         + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
         + (
             f" Here (task_under={cfg.task_under}) the other task adapters train under every training entity's "
-            f"knowledge adapter, as a library routed per token by {cfg.task_under} at k={cfg.k}."
+            f"knowledge adapter, as a library routed per token by LAG at k={cfg.k}"
+            + (", their pairs without a page in front only." if cfg.task_under == "lag-bare" else ".")
             if cfg.task_under != "none"
             else ""
         ),
