@@ -478,7 +478,7 @@ def _read_library(item: TrainItem, config: TrainConfig) -> tuple[UnderLibrary | 
     return spec, key
 
 
-class _Rows:
+class _UnderRows:
     """Which rows of the current batch train under the routed library (None: all)."""
 
     use: torch.Tensor | None = None
@@ -491,7 +491,7 @@ def _routed_library(model, spec: UnderLibrary):
     from loralag.library.store import open_library
     from loralag.routing.state import attach, detach
 
-    rows = _Rows()
+    rows = _UnderRows()
 
     def base_where_unused(layer, args, output):
         if rows.use is None or bool(rows.use.all()):
