@@ -66,6 +66,9 @@ def main():
 
     ra, rb = (json.loads((r / "results.json").read_text()) for r in (args.a, args.b))
     ga, gb = generations(args.a), generations(args.b)
+    for run, g in ((args.a, ga), (args.b, gb)):
+        if not g:  # git keeps results.json and results.md only: the answers stay where the bench ran
+            p.error(f"{run}: no predictions/*/*.generations.jsonl (the bench writes them; git does not keep them)")
     rows = []
     for folder in sorted(ga.keys() & gb.keys()):
         for dataset in sorted(ga[folder].keys() & gb[folder].keys()):
