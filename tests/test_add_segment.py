@@ -4,6 +4,7 @@ exactly like the same adapters added from PEFT folders."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -65,6 +66,20 @@ def test_added_segment_reads_back_as_written(tmp_path):
     )
     assert L.Library(tmp_path / "lib").names == ["a", "b", "c", "d"]
     assert len(list((tmp_path / "lib" / L.SEGMENTS).iterdir())) == 2
+
+
+def test_an_added_segments_checksum_is_its_files_sha256(tmp_path):
+    """So that a key over the library's checksums (training under a library) changes when an adapter's weights do:
+    the same name added again from other bytes gets another checksum."""
+    lib = L.create_library(tmp_path / "lib", "synthetic", SHAPES)
+    segment_file(tmp_path / "in.safetensors", {"m1": ["a", "b"]})
+    want = "segment:" + hashlib.sha256((tmp_path / "in.safetensors").read_bytes()).hexdigest()
+    lib.add_segment(tmp_path / "in.safetensors")
+    assert lib.entry("a")["checksum"] == lib.entry("b")["checksum"] == want
+    lib.remove(["a"])
+    segment_file(tmp_path / "again.safetensors", {"m1": ["a"]}, seed=3)
+    lib.add_segment(tmp_path / "again.safetensors")
+    assert L.Library(tmp_path / "lib").entry("a")["checksum"] not in (want, "-")
 
 
 def test_a_segment_copied_from_a_built_library_routes_the_same(tmp_path):

@@ -476,8 +476,8 @@ class Library:
         this module's docstring. For adapters made at scale without PEFT folders, e.g. a file streamed tensor by
         tensor, beside the library (not in its segments/, where a file the manifest does not name is swept). The
         file is checked like every segment (header, rows table, shapes and dtype against the library), then moved
-        in (a rename on the library's file system) and committed. Each adapter targets the
-        modules whose rows name it; its rank is its largest there, its alpha that rank (the scale is in B*).
+        in (a rename on the library's file system) and committed. Each adapter targets the modules whose rows name
+        it; its rank is its largest there, its alpha that rank (the scale is in B*), its checksum the file's sha256.
         Returns the names added, in the file's order; a name the library already holds is refused."""
         file = Path(file)
         with self._writing():
@@ -505,10 +505,12 @@ class Library:
             taken = sorted(set(ranks) & set(self.names))
             if taken:
                 raise LibraryError(f"library {self.path} already holds {taken[:5]}; remove them first")
+            with open(file, "rb") as f:  # the bytes it came in: what a key over checksums (train --under-library) sees
+                checksum = "segment:" + hashlib.file_digest(f, "sha256").hexdigest()
             seg = uuid.uuid4().hex[:16]
             shutil.move(file, self._segment_path(seg))
             fsync_dir(self.path / SEGMENTS)
-            entry = {"source": source, "checksum": "-", "use_rslora": False, "segment": seg}
+            entry = {"source": source, "checksum": checksum, "use_rslora": False, "segment": seg}
             new = [dict(name=n, rank=r, alpha=r, target_modules=sorted(targets[n]), **entry) for n, r in ranks.items()]
             self._commit(self.adapters + new)
         return list(ranks)
