@@ -717,3 +717,47 @@ def test_lag_bare_routes_the_library_under_the_pairs_without_a_page_only():
         assert _bare_only(lib, with_page, cfg).pairs == tuple(not p for p in with_page)
         assert _bare_only(lib, with_page, replace(cfg, task_under="lag")) is lib
     assert _bare_only(None, [True], cfg) is None
+
+
+def test_another_base_model_caches_its_adapters_beside_the_defaults(tmp_path, monkeypatch):
+    """`loralag bench --model X` with the default cache: X's adapters go to a folder of their own, so a run with
+    another base model neither retrains over the adapters already cached (one folder holds one version of each
+    adapter name) nor reuses them. Two tiny models saved as local folders, the default model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from loralag.errors import ModelError
+    from loralag.experiments.lama.config import default_cache_dir
+    from loralag.experiments.lama.run import adapter_folders, run_bench
+    from loralag.models import default_model_dir, per_model_dir
+
+    data = default_data_dir()
+    if not data.is_dir():
+        pytest.skip(f"LAMA data not found at {data}")
+    try:
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+    except (ModelError, OSError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+    monkeypatch.setenv("LORALAG_CACHE", str(tmp_path / "cache"))
+    assert per_model_dir(default_cache_dir(), "default") == default_cache_dir()  # caches on disk stay valid
+    settings = dict(n_entities=2, n_train_pairs=4, methods=("base",))
+    cfg = size_config("tiny", **settings)
+    markers = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 1024})
+        folder = tmp_path / f"model{seed}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        results = run_bench(
+            "tiny", data, tmp_path / f"out{seed}", model_spec=str(folder), progress=False, threads=1, **settings
+        )
+        cache = per_model_dir(default_cache_dir(), str(folder))
+        assert results["settings"]["cache_dir"] == str(cache) and cache != default_cache_dir()
+        know = adapter_folders(cache, cfg)["knowledge"]
+        markers[seed] = {p.parent.name: p.read_text() for p in know.glob("*/loralag_train.json")}
+        assert len(markers[seed]) == 2
+    # the first model's adapters are still the ones it trained, and the second trained its own
+    first = adapter_folders(per_model_dir(default_cache_dir(), str(tmp_path / "model0")), cfg)["knowledge"]
+    assert {p.parent.name: p.read_text() for p in first.glob("*/loralag_train.json")} == markers[0]
+    assert markers[0].keys() == markers[1].keys() and all(markers[0][n] != markers[1][n] for n in markers[0])
+    assert not (default_cache_dir() / adapter_folders(default_cache_dir(), cfg)["knowledge"].name).exists()

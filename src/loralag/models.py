@@ -59,6 +59,17 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loralag"
 
 
+def per_model_dir(root: Path, model_spec: str) -> Path:
+    """Where the work of base model `model_spec` is cached under `root`: `root` itself for the default model
+    (so caches already on disk stay valid), else a folder of its own, so that another base model's adapters
+    are trained beside the default's instead of over them (an adapter's folder holds one version)."""
+    if model_spec == "default":
+        return root
+    import hashlib
+
+    return root / "models" / hashlib.sha256(model_spec.encode()).hexdigest()[:12]
+
+
 def cache_kwarg(model) -> str:
     """The name under which `model.forward` takes the KV cache: `cache` in transformers 5 (`past_key_values`
     is deprecated there, to be removed in 5.40), `past_key_values` before."""

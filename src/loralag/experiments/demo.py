@@ -263,7 +263,7 @@ def run_demo(
 
     from loralag.generate import generate, majority_adapter
     from loralag.library.store import build_library, module_shapes
-    from loralag.models import load_model
+    from loralag.models import load_model, per_model_dir
     from loralag.routing.state import attach, detach
     from loralag.training.train import Document, TrainConfig, train_adapters
 
@@ -273,13 +273,7 @@ def run_demo(
     if init is not None:
         config.init = init
     config.router, config.k = router, k
-    if workdir is None:
-        workdir = default_workdir()
-        if model_spec != "default":  # adapters and library of another base model live apart
-            import hashlib
-
-            workdir = workdir / "models" / hashlib.sha256(model_spec.encode()).hexdigest()[:12]
-    workdir = Path(workdir)
+    workdir = Path(workdir) if workdir is not None else per_model_dir(default_workdir(), model_spec)
     say = console.print if console is not None else (lambda *a, **kw: None)
 
     def waiting(message: str):  # a spinner with a message while something slow runs

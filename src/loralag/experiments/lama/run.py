@@ -233,7 +233,7 @@ def _run(
 
     from loralag.evaluation.kilt import score_dataset, write_kilt_predictions
     from loralag.evaluation.retrieval import BM25Index
-    from loralag.models import load_model
+    from loralag.models import load_model, per_model_dir
     from loralag.training.train import QAPairs, TrainConfig, UnderLibrary, train_adapters
 
     if ray is not None and ray is not False:  # the same adapters, trained on the cluster
@@ -246,7 +246,8 @@ def _run(
     size_name = size if isinstance(size, str) else "custom"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     out = Path(out_dir) if out_dir is not None else Path("results") / f"lama-{size_name}"
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    # another base model's adapters are cached apart (in the default cache): the same names would retrain in place
+    cache = Path(cache_dir) if cache_dir is not None else per_model_dir(default_cache_dir(), model_spec)
     out.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
     timings: dict[str, float] = {}
