@@ -364,6 +364,21 @@ def test_bad_model_args_are_refused_in_one_line(setup, args, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_libraries_keep_the_model_on_the_cpu_where_a_gpu_is_present(setup, monkeypatch):
+    """lm-eval's HFLM picks CUDA when there is one; the libraries route on the CPU, so with libraries the model
+    stays there, and an explicit GPU device is refused before the model loads."""
+    know = str(setup["libs"]["know"].path)
+    with pytest.raises(LoralagError) as e:
+        lle.LoralagLM(pretrained=str(setup["model_dir"]), libraries=f"know:{know}", device="cuda:0")
+    assert "device cuda:0" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    lm = lle.LoralagLM(pretrained=str(setup["model_dir"]), libraries=f"know:{know}")
+    try:
+        assert {p.device.type for p in lm.model.parameters()} == {"cpu"}
+    finally:
+        detach(lm.model)
+
+
 def test_cli_help_is_lm_evals(setup):
     result = invoke("lm-eval", "-h")
     assert "--model_args" in output(result) and "--include_path" in output(result)

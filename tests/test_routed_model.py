@@ -150,6 +150,21 @@ def test_attach_refuses_a_library_of_another_model(setup):
         attach(tiny_gpt2(), task)
 
 
+def test_attach_refuses_a_model_off_the_cpu_in_one_line(setup):
+    """The banks are CPU tensors: a model on another device is refused at attach (naming the device), not at its
+    first forward deep inside a router, and is left as it was."""
+    from loralag.errors import ModelError
+    from loralag.routing.state import state_of
+
+    _, task, _ = setup
+    elsewhere = tiny_llama().to("meta")  # any device but the CPU; a CUDA model takes the same path
+    before = {name: type(m) for name, m in elsewhere.named_modules()}
+    with pytest.raises(ModelError) as e:
+        attach(elsewhere, task)
+    assert "meta" in str(e.value) and "\n" not in str(e.value)
+    assert state_of(elsewhere) is None and {name: type(m) for name, m in elsewhere.named_modules()} == before
+
+
 def test_fixed_refuses_unknown_adapter(setup):
     model, task, _ = setup
     state = attach(model, task)

@@ -158,10 +158,14 @@ class LoralagLM(HFLM):
             if unknown:
                 raise LoralagError(f"model_args fixed: unknown libraries {unknown}; attached: {sorted(libs)}")
             self._fixed = parts
-        if device is None:
+        if device is None:  # lm-eval's own default, except that libraries route on the CPU (routing.state.attach)
             import torch
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and not libs else "cpu"
+        elif libs and not str(device).startswith("cpu"):
+            raise LoralagError(
+                f"device {device}: loralag routes its libraries on the CPU; leave device out or set device=cpu"
+            )
         source = model_source(pretrained) if isinstance(pretrained, str) else pretrained
         super().__init__(pretrained=source, device=device, dtype=dtype, **kwargs)
         self.routing = None

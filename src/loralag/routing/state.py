@@ -12,7 +12,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from loralag.errors import LibraryError
+from loralag.errors import LibraryError, ModelError
 from loralag.library.store import Library, module_shapes
 from loralag.routing.layer import RoutedLinear
 from loralag.routing.prefix_evidence import PrefixEvidence
@@ -230,6 +230,14 @@ def attach(model: nn.Module, libraries, router="lag", k=20, temperature=1.0, npr
     take one value for every library or a dict per library name."""
     if hasattr(model, STATE_ATTR):
         raise RuntimeError("model already has libraries attached; detach(model) first")
+    # the banks and their kernels are CPU tensors: a model elsewhere would fail at its first forward, deep inside
+    # a router, with a device mismatch
+    off = next((p.device for p in model.parameters() if p.device.type != "cpu"), None)
+    if off is not None:
+        raise ModelError(
+            f"loralag routes on the CPU, but the model's weights are on {off}; load the model on the CPU "
+            "(model.to('cpu')) before attaching libraries"
+        )
     libs = _library_dict(libraries)
     routers, ks, temps, probes = (
         _per_library(v, libs, w)
