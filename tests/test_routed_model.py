@@ -163,6 +163,16 @@ def test_attach_refuses_a_model_off_the_cpu_in_one_line(setup):
         attach(elsewhere, task)
     assert "meta" in str(e.value) and "\n" not in str(e.value)
     assert state_of(elsewhere) is None and {name: type(m) for name, m in elsewhere.named_modules()} == before
+    # moved after attach: its first forward says so in one line
+    moved = tiny_llama()
+    attach(moved, task)
+    try:
+        moved.to("meta")
+        with pytest.raises(ModelError) as e:
+            moved(torch.zeros(1, 3, dtype=torch.long, device="meta"))
+        assert "q_proj" in str(e.value) and "meta" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        detach(moved)
 
 
 def test_fixed_refuses_unknown_adapter(setup):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralag.errors import LoralagError
+from loralag.errors import LoralagError, ModelError
 from loralag.library.bank import ModuleBank
 from loralag.routing.routers import ROUTERS, SINGLE_PICK, STATEFUL
 
@@ -25,6 +25,11 @@ class RoutedLinear(nn.Module):
         self.members = {lib: state.members(lib, bank) for lib, bank in banks.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # moved after attach (which refuses such a model): say so, not a device mismatch
+            raise ModelError(
+                f"loralag routes on the CPU, but module '{self.name}' got inputs on {x.device}; keep the model on the "
+                "CPU while libraries are attached"
+            )
         h = self.base(x)
         batch = x.shape[0] if x.dim() > 2 else 1
         X = x.reshape(-1, x.shape[-1])
