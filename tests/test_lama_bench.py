@@ -648,25 +648,33 @@ def test_bare_fact_checking_pairs_train_under_their_entity():
     ]
 
 
-def test_task_under_lag_trains_the_task_adapters_under_the_routed_training_library(tmp_path):
-    """--task-under lag: every training entity gets a knowledge adapter, they form a library, and the slot-filling,
-    QA and entity-linking adapters (not fact checking's) train under it, routed by LAG at the run's k. A tiny model
-    with the default model's tokenizer: the wiring, not the scores."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+def _data_and_default_tokenizer():
+    """The LAMA data folder and the default model's tokenizer (for tiny models of its vocabulary), else skip."""
+    from transformers import AutoTokenizer
 
-    import loralag.training.train as lt
     from loralag.errors import ModelError
-    from loralag.experiments.lama.run import adapter_folders, run_bench
-    from loralag.library.store import open_library
     from loralag.models import default_model_dir
 
     data = default_data_dir()
     if not data.is_dir():
         pytest.skip(f"LAMA data not found at {data}")
     try:
-        tok = AutoTokenizer.from_pretrained(default_model_dir())
+        return data, AutoTokenizer.from_pretrained(default_model_dir())
     except (ModelError, OSError) as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+def test_task_under_lag_trains_the_task_adapters_under_the_routed_training_library(tmp_path):
+    """--task-under lag: every training entity gets a knowledge adapter, they form a library, and the slot-filling,
+    QA and entity-linking adapters (not fact checking's) train under it, routed by LAG at the run's k. A tiny model
+    with the default model's tokenizer: the wiring, not the scores."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import loralag.training.train as lt
+    from loralag.experiments.lama.run import adapter_folders, run_bench
+    from loralag.library.store import open_library
+
+    data, tok = _data_and_default_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 1024})
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -723,20 +731,13 @@ def test_another_base_model_caches_its_adapters_beside_the_defaults(tmp_path, mo
     """`loralag bench --model X` with the default cache: X's adapters go to a folder of their own, so a run with
     another base model neither retrains over the adapters already cached (one folder holds one version of each
     adapter name) nor reuses them. Two tiny models saved as local folders, the default model's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from loralag.errors import ModelError
     from loralag.experiments.lama.config import default_cache_dir
     from loralag.experiments.lama.run import adapter_folders, run_bench
-    from loralag.models import default_model_dir, per_model_dir
+    from loralag.models import per_model_dir
 
-    data = default_data_dir()
-    if not data.is_dir():
-        pytest.skip(f"LAMA data not found at {data}")
-    try:
-        tok = AutoTokenizer.from_pretrained(default_model_dir())
-    except (ModelError, OSError) as e:
-        pytest.skip(f"default model unavailable: {e}")
+    data, tok = _data_and_default_tokenizer()
     monkeypatch.setenv("LORALAG_CACHE", str(tmp_path / "cache"))
     assert per_model_dir(default_cache_dir(), "default") == default_cache_dir()  # caches on disk stay valid
     settings = dict(n_entities=2, n_train_pairs=4, methods=("base",))
