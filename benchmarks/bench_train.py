@@ -198,6 +198,14 @@ def extra(p):
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (default 2; quick 1)")
     p.add_argument("--groups", type=str, default=None, help="comma-separated group sizes (default 2,4,8; quick 2,4)")
     p.add_argument("--workers", type=str, default="2", help="comma-separated worker-process counts (default 2)")
+    p.add_argument("--device", default="cpu", help="where the model trains (default cpu; e.g. cuda)")
+    p.add_argument(
+        "--random-weights",
+        type=Path,
+        default=None,
+        help="a folder with a model's config.json and tokenizer only: that architecture with random weights, for "
+        "a machine without the model's weights (the timings are the same; the losses are not a trained model's)",
+    )
 
 
 def main():
@@ -211,10 +219,22 @@ def main():
     groups = [int(g) for g in (args.groups or ("2,4" if args.quick else "2,4,8")).split(",")]
     info = C.machine_info()
 
-    from loralag.models import load_model
+    if args.random_weights is None:
+        from loralag.models import load_model
 
-    model, tok = load_model("default")
-    model.eval()
+        model, tok = load_model("default")
+        name = "SmolLM2-135M-Instruct"
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights))
+        tok = AutoTokenizer.from_pretrained(args.random_weights)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        name = f"{args.random_weights.name} (random weights)"
+    model.to(args.device).eval()
+    if args.device != "cpu":
+        info["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
     docs = make_docs(n_docs)
     config = lt.TrainConfig(target_modules=TARGETS, r=6, alpha=12, steps=steps, batch_size=4, lr=2e-3)
     examples = [lt.build_examples(tok, d, config) for d in docs]
@@ -320,7 +340,7 @@ def main():
         f"{n_docs} documents (text {min(text_tok)}–{max(text_tok)} tokens, 3 rewrites each: "
         f"{sum(map(len, lengths))} examples of {min(map(min, lengths))}–{max(map(max, lengths))} tokens), "
         f"batch {config.batch_size}, {steps} steps, r {config.r} on {', '.join(TARGETS)}, lr {config.lr}; "
-        f"SmolLM2-135M-Instruct float32, torch threads {torch.get_num_threads()}. Seconds per adapter = wall time "
+        f"{name} float32 on {info.get('device', 'the CPU')}, torch threads {torch.get_num_threads()}. Seconds per adapter = wall time "
         f"of one `train_adapters` call over all {n_docs} documents (training + saving, nothing cached) / {n_docs}; "
         f"median of {reps} interleaved run(s).",
         "",
@@ -342,7 +362,7 @@ def main():
         "",
         *(
             []
-            if grouped_wins
+            if grouped_wins or args.device != "cpu"
             else [
                 f"Why: on a CPU thread the matmuls of one adapter's batch (up to {config.batch_size} rows of "
                 f"{min(map(min, lengths))}–{max(map(max, lengths))} tokens) already run at full speed, so a step costs "

@@ -113,6 +113,7 @@ def machine_info() -> dict:
 
 def machine_md(info: dict) -> str:
     keys = [
+        "device",
         "cpu",
         "cpus_visible",
         "torch_threads",
