@@ -340,7 +340,8 @@ def main():
         f"{n_docs} documents (text {min(text_tok)}–{max(text_tok)} tokens, 3 rewrites each: "
         f"{sum(map(len, lengths))} examples of {min(map(min, lengths))}–{max(map(max, lengths))} tokens), "
         f"batch {config.batch_size}, {steps} steps, r {config.r} on {', '.join(TARGETS)}, lr {config.lr}; "
-        f"{name} float32 on {info.get('device', 'the CPU')}, torch threads {torch.get_num_threads()}. Seconds per adapter = wall time "
+        f"{name} float32 on {info.get('device', 'the CPU')}, torch threads {torch.get_num_threads()}. "
+        "Seconds per adapter = wall time "
         f"of one `train_adapters` call over all {n_docs} documents (training + saving, nothing cached) / {n_docs}; "
         f"median of {reps} interleaved run(s).",
         "",
