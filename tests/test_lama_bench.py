@@ -742,10 +742,10 @@ def test_another_base_model_caches_its_adapters_beside_the_defaults(tmp_path, mo
     assert per_model_dir(default_cache_dir(), "default") == default_cache_dir()  # caches on disk stay valid
     settings = dict(n_entities=2, n_train_pairs=4, methods=("base",))
     cfg = size_config("tiny", **settings)
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 1024})
     markers = {}
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "max_position_embeddings": 1024})
         folder = tmp_path / f"model{seed}"
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         tok.save_pretrained(folder)
@@ -761,4 +761,4 @@ def test_another_base_model_caches_its_adapters_beside_the_defaults(tmp_path, mo
     first = adapter_folders(per_model_dir(default_cache_dir(), str(tmp_path / "model0")), cfg)["knowledge"]
     assert {p.parent.name: p.read_text() for p in first.glob("*/loralag_train.json")} == markers[0]
     assert markers[0].keys() == markers[1].keys() and all(markers[0][n] != markers[1][n] for n in markers[0])
-    assert not (default_cache_dir() / adapter_folders(default_cache_dir(), cfg)["knowledge"].name).exists()
+    assert not adapter_folders(default_cache_dir(), cfg)["knowledge"].exists()
