@@ -379,7 +379,8 @@ def plot_k_sweep(results: dict, path: Path) -> Path:
     ax.set_xlabel("k (Arrow candidates per token, knowledge library)")
     ax.set_ylabel("normalised score, % of Oracle (AVG)")
     ax.set_title(f"LAG's k — {results['settings']['n_knowledge_adapters']} knowledge adapters")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a run with no k sweep and no normalised scores has nothing to label
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
