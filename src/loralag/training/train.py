@@ -37,6 +37,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from loralag.errors import LoralagError
 from loralag.routing.swap import ModuleSwaps
@@ -566,13 +567,18 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
     return first, final
 
 
-def _lora_config(config: TrainConfig) -> LoraConfig:
+def _lora_config(model, config: TrainConfig) -> LoraConfig:
+    targets = set(config.target_modules)
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules),
+        # GPT-2's transformers Conv1D stores its weight transposed: say so, as PEFT would otherwise (with a warning)
+        fan_in_fan_out=any(
+            isinstance(m, Conv1D) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets
+        ),
     )
 
 
@@ -644,7 +650,7 @@ def _train_into(
         init = _init_rows(model, examples, config, pad_id)  # of the base model alone, as at the first step
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         routed = stack.enter_context(_routed_library(model, library)) if library is not None else None
-        with _peft_attached(model, _lora_config(config)) as peft_model:
+        with _peft_attached(model, _lora_config(model, config)) as peft_model:
             _set_init_rows(model, init)
             peft_model.train()
             if config.freeze_a:
@@ -784,7 +790,7 @@ def _grouping_blocker(model, config: TrainConfig) -> str | None:
 
 def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
     """Why PEFT's LoRA layers on this model cannot be grouped (a target that is not a plain nn.Linear), or None."""
-    with torch.random.fork_rng(), _peft_attached(model, _lora_config(config)):
+    with torch.random.fork_rng(), _peft_attached(model, _lora_config(model, config)):
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer):
                 base = module.get_base_layer()
@@ -832,7 +838,7 @@ def _lora_init(model, config: TrainConfig, seed: int, examples=None, pad_id: int
     init = _init_rows(model, examples, config, pad_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        with _peft_attached(model, _lora_config(config)):
+        with _peft_attached(model, _lora_config(model, config)):
             _set_init_rows(model, init)
             return {
                 name: (
@@ -973,7 +979,7 @@ def _train_group(model, group: list[_Job], config: TrainConfig, pad_id: int, ini
 def _save_group(model, group: list[_Job], config: TrainConfig, trained: dict, losses: list[torch.Tensor]) -> None:
     """Write each adapter of the group through PEFT's own save_pretrained (same files, key names
     and adapter_config.json as one at a time), each folder atomically."""
-    with torch.random.fork_rng(), _peft_attached(model, _lora_config(config)) as peft_model:
+    with torch.random.fork_rng(), _peft_attached(model, _lora_config(model, config)) as peft_model:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         if layers.keys() != trained.keys():
             raise RuntimeError("PEFT wrapped other modules than grouped training did")  # a bug
