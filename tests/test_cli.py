@@ -586,6 +586,8 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert result.exit_code == 0 and seen["task_under"] == "lag", output(result)
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag-bare")
     assert result.exit_code == 0 and seen["task_under"] == "lag-bare", output(result)
+    result = invoke("bench", "--data", tmp_path, "--task-under", "lag-fact")
+    assert result.exit_code == 0 and seen["task_under"] == "lag-fact", output(result)
     assert invoke("bench", "--data", tmp_path, "--task-under", "mix").exit_code != 0
 
 

@@ -330,6 +330,8 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert routed["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"], under["task"]}
     bare = adapter_folders(tmp_path, replace(default, task_under="lag-bare"))
     assert bare["knowledge"] == routed["knowledge"] and bare["task"] != routed["task"]
+    fact = adapter_folders(tmp_path, replace(default, task_under="lag-fact"))
+    assert fact["train-knowledge"] == routed["train-knowledge"] and fact["task"] not in {routed["task"], bare["task"]}
     with pytest.raises(LoralagError, match="task_under must be one of"):
         size_config("tiny", task_under="gold")
     # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
@@ -706,8 +708,10 @@ def test_task_under_lag_trains_the_task_adapters_under_the_routed_training_libra
     assert "task_under=lag" in results["settings"]["task_training"]
 
 
-def test_lag_bare_routes_the_library_under_the_pairs_without_a_page_only():
-    from loralag.experiments.lama.run import _bare_only
+def test_task_under_routes_the_library_under_the_pairs_each_setting_names():
+    """lag-bare: the pairs without a page in front only; lag-fact: slot filling's and QA's pairs, none of entity
+    linking's; lag: every pair of the three."""
+    from loralag.experiments.lama.run import _routed_for
     from loralag.training.train import UnderLibrary
 
     data_dir = default_data_dir()
@@ -722,9 +726,11 @@ def test_lag_bare_routes_the_library_under_the_pairs_without_a_page_only():
         pages = {e.page for e in data.train_entities}
         # a pair has its page in front exactly where the data says so
         assert with_page == [prompt.split("\n\n")[0] in pages for prompt, _ in data.task_pairs[d]]
-        assert _bare_only(lib, with_page, cfg).pairs == tuple(not p for p in with_page)
-        assert _bare_only(lib, with_page, replace(cfg, task_under="lag")) is lib
-    assert _bare_only(None, [True], cfg) is None
+        assert _routed_for(d, lib, with_page, cfg).pairs == tuple(not p for p in with_page)
+        assert _routed_for(d, lib, with_page, replace(cfg, task_under="lag")) is lib
+        fact = _routed_for(d, lib, with_page, replace(cfg, task_under="lag-fact"))
+        assert fact is (None if d == ENTITY_LINKING else lib)
+    assert _routed_for(SLOT_FILLING, None, [True], cfg) is None
 
 
 def test_another_base_model_caches_its_adapters_beside_the_defaults(tmp_path, monkeypatch):

@@ -73,8 +73,9 @@ def bench(
         "--task-under",
         help="'lag': the slot-filling, QA and entity-linking adapters train under every training entity's "
         "knowledge adapter, routed per token by LAG as at test time; 'lag-bare': their pairs without a page in "
-        "front only (default 'none': without knowledge adapters); trains the knowledge adapters of the training "
-        "entities that lack one (cached beside fact checking's), and these task adapters into their own folder.",
+        "front only; 'lag-fact': slot filling's and QA's only (default 'none': without knowledge adapters); "
+        "trains the knowledge adapters of the training entities that lack one (cached beside fact checking's), "
+        "and these task adapters into their own folder.",
     ),
     shared_init: bool = typer.Option(
         False,

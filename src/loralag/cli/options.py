@@ -26,6 +26,7 @@ class TaskUnder(str, Enum):  # lama config.TASK_UNDER
     none = "none"
     lag = "lag"
     lag_bare = "lag-bare"
+    lag_fact = "lag-fact"
 
 
 class Init(str, Enum):  # loralag.training.INITS

@@ -140,9 +140,12 @@ def knowledge_document(entity, relations, cfg: BenchConfig):
     return Document(entity.name, entity.article, rewrites(entity, relations, cfg.know_qa))
 
 
-def _bare_only(routed, with_page: list[bool], cfg: BenchConfig):
-    """--task-under lag-bare: the routed library under the pairs without a page in front only."""
-    if routed is None or cfg.task_under != "lag-bare":
+def _routed_for(dataset: str, routed, with_page: list[bool], cfg: BenchConfig):
+    """What `dataset`'s task adapter trains under: --task-under lag-bare: the routed library under the pairs
+    without a page in front only; lag-fact: under slot filling's and QA's pairs only, none for entity linking."""
+    if routed is None or (cfg.task_under == "lag-fact" and dataset not in (SLOT_FILLING, QA)):
+        return None
+    if cfg.task_under != "lag-bare":
         return routed
     return replace(routed, pairs=tuple(not page for page in with_page))
 
@@ -334,7 +337,7 @@ def _run(
     task_items = [
         QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under])
         if d == FACT_CHECKING
-        else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=_bare_only(routed, data.task_context[d], cfg))
+        else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=_routed_for(d, routed, data.task_context[d], cfg))
         for d in DATASETS
     ]
     fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
@@ -489,8 +492,10 @@ def _run(
         "task_training": _TRAINING_NOTE
         + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
         + (
-            f" Here (task_under={cfg.task_under}) the other task adapters train under every training entity's "
-            f"knowledge adapter, as a library routed per token by LAG at k={cfg.k}"
+            f" Here (task_under={cfg.task_under}) the "
+            + ("slot-filling and QA" if cfg.task_under == "lag-fact" else "other")
+            + f" task adapters train under every training entity's knowledge adapter, as a library routed per "
+            f"token by LAG at k={cfg.k}"
             + (", their pairs without a page in front only." if cfg.task_under == "lag-bare" else ".")
             if cfg.task_under != "none"
             else ""
