@@ -150,6 +150,18 @@ def _routed_for(dataset: str, routed, with_page: list[bool], cfg: BenchConfig):
     return replace(routed, pairs=tuple(not page for page in with_page))
 
 
+def _task_under_note(cfg: BenchConfig) -> str:
+    """The settings' sentence on what _routed_for gives the task adapters ("" for --task-under none)."""
+    if cfg.task_under == "none":
+        return ""
+    trained = "slot-filling and QA" if cfg.task_under == "lag-fact" else "other"
+    pairs = ", their pairs without a page in front only." if cfg.task_under == "lag-bare" else "."
+    return (
+        f" Here (task_under={cfg.task_under}) the {trained} task adapters train under every training entity's "
+        f"knowledge adapter, as a library routed per token by LAG at k={cfg.k}{pairs}"
+    )
+
+
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
     switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
@@ -491,15 +503,7 @@ def _run(
         "p_lag_definition": PLAG_NOTE,
         "task_training": _TRAINING_NOTE
         + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
-        + (
-            f" Here (task_under={cfg.task_under}) the "
-            + ("slot-filling and QA" if cfg.task_under == "lag-fact" else "other")
-            + f" task adapters train under every training entity's knowledge adapter, as a library routed per "
-            f"token by LAG at k={cfg.k}"
-            + (", their pairs without a page in front only." if cfg.task_under == "lag-bare" else ".")
-            if cfg.task_under != "none"
-            else ""
-        ),
+        + _task_under_note(cfg),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
         "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
         "torch_threads": torch.get_num_threads(),
