@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -396,6 +397,53 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         assert len(s["prompt_by_layer"]) == 2
     finally:
         detach(model)
+
+
+def test_answer_hubs_count_the_answer_decisions_of_every_module_by_hand(routed):
+    from loralag.experiments.lama.report import hub_lines
+
+    model, libs = routed
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    answer = torch.zeros(3, 9, dtype=torch.bool)
+    answer[:, 5:] = True
+    answer[2, 7:] = False  # a shorter answer
+    state = attach(model, libs, router="lag", k=2)
+    try:
+        with state.tracing() as trace, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        detach(model)
+    names = libs["knowledge"].names
+    gold = [names[0], names[0], "not-in-the-library"]
+    stats = RoutingStats()
+    stats.add_trace("m", "knowledge", trace, gold, mask, torch.zeros(3, 9, dtype=torch.bool), 2, answer)
+    wins, golds = Counter(), Counter()
+    for module in trace.modules("knowledge"):
+        bank = trace.names[(module, "knowledge")]
+        w = trace.winner_matrix(module, "knowledge")
+        for seq in range(3):
+            for t in range(9):
+                if answer[seq, t]:
+                    wins[bank[int(w[seq, t])]] += 1
+                    if gold[seq] in bank:
+                        golds[gold[seq]] += 1
+    s = stats.summary()["m"]["knowledge"]
+    n, total = wins.most_common(1)[0][1], sum(wins.values())
+    assert s["answer_hub_share"] == pytest.approx(n / total)
+    assert wins[s["answer_hub"]] == n
+    assert s["answer_top10_share"] == pytest.approx(sum(c for _, c in wins.most_common(10)) / total)
+    assert s["answer_adapters"] == len(wins)
+    # the one gold adapter the library holds takes every counted decision (the third's gold is not in it)
+    assert s["answer_gold_hub_share"] == golds[names[0]] / sum(golds.values()) == 1.0
+    # shares merged from two workers count each decision once per share
+    merged = RoutingStats()
+    merged.merge(stats.data)
+    merged.merge(stats.data)
+    assert merged.data["m"]["knowledge"]["answer_wins"] == {a: 2 * c for a, c in wins.items()}
+    assert merged.summary()["m"]["knowledge"]["answer_hub_share"] == pytest.approx(n / total)
+    table = "\n".join(hub_lines(merged.summary()))
+    assert f"| m | knowledge | {s['answer_hub']} | {100 * n / total:.1f} |" in table
 
 
 def share_job(routed, lama_dir):

@@ -148,6 +148,35 @@ def findings(results: dict, cfg: BenchConfig) -> dict:
     return out
 
 
+def hub_lines(routing: dict) -> list[str]:
+    """The answer positions' hubs: how many of the routed decisions the most-chosen adapters took, beside the same
+    shares had every decision gone to its gold adapter."""
+    rows = [
+        (m, lib, d) for m, per in routing.items() for lib, d in per.items() if d.get("answer_hub_share") is not None
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Answer-position hubs",
+        "",
+        "Over every module, the decisions at the answer positions: the adapter chosen most often and its share of "
+        "them, the ten most chosen's share, how many adapters won any; beside, the same two shares had every "
+        "decision gone to its question's gold adapter (what the questions' own spread gives).",
+        "",
+        "| method | library | most chosen | its share | top-10 share | adapters chosen | gold: top share | "
+        "gold: top-10 share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, lib, d in rows:
+        lines.append(
+            f"| {m} | {lib} | {d['answer_hub']} | {_fmt(d['answer_hub_share'], True)} | "
+            f"{_fmt(d['answer_top10_share'], True)} | {d['answer_adapters']} | "
+            f"{_fmt(d['answer_gold_hub_share'], True)} | {_fmt(d['answer_gold_top10_share'], True)} |"
+        )
+    return lines
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "—"
@@ -275,6 +304,7 @@ def report_markdown(results: dict) -> str:
             f"{_fmt(kn.get('answer'), True)} | {_fmt(tk.get('prompt'), True)} | {_fmt(tk.get('answer'), True)} "
             f"| {vote_k} | {_fmt(tk.get('vote'), True)} |"
         )
+    lines += hub_lines(results["routing"])
     if results["k_sweep"]:
         lines += [
             "",

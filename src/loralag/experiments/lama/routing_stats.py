@@ -71,7 +71,9 @@ def votes_from_trace(trace, library: str, prompt_mask) -> list[str | None]:
 
 class RoutingStats:
     """Per method and library: per layer, decisions routed to the gold adapter among subject tokens, prompt tokens
-    and answer positions (the decisions that produced an answer token)."""
+    and answer positions (the decisions that produced an answer token); and, over every module, how the answer
+    positions' decisions spread over the adapters, beside how the gold adapters of the same decisions spread (a
+    few "hub" adapters drawing many questions' answers is what routing accuracy alone does not show)."""
 
     def __init__(self, data: dict | None = None):
         self.data: dict = data if data is not None else {}
@@ -85,7 +87,12 @@ class RoutingStats:
                     self.data[method][lib] = copy.deepcopy(d)
                     continue
                 for key, v in d.items():
-                    mine[key] = [a + b for a, b in zip(mine[key], v)] if isinstance(v, list) else mine[key] + v
+                    if isinstance(v, dict):  # answer_wins, answer_gold: adapter -> decisions
+                        mine[key] = {n: mine.get(key, {}).get(n, 0) + v.get(n, 0) for n in {*mine.get(key, {}), *v}}
+                    elif isinstance(v, list):
+                        mine[key] = [a + b for a, b in zip(mine[key], v)]
+                    else:
+                        mine[key] = mine[key] + v
 
     def _slot(self, method: str, lib: str, layers: int) -> dict:
         d = self.data.setdefault(method, {}).setdefault(lib, {})
@@ -97,6 +104,8 @@ class RoutingStats:
                 prompt_total=[0] * layers,
                 answer_hits=[0] * layers,
                 answer_total=[0] * layers,
+                answer_wins={},
+                answer_gold={},
                 vote_hits=0,
                 vote_total=0,
             )
@@ -119,6 +128,8 @@ class RoutingStats:
             if answer is not None:
                 d["answer_hits"][layer_of(module)] += int(((full == g) & answer).sum())
                 d["answer_total"][layer_of(module)] += int(answer.sum())
+                _tally(d.setdefault("answer_wins", {}), names, full[answer])
+                _tally(d.setdefault("answer_gold", {}), names, g.expand_as(full)[answer])
             L = layer_of(module)
             pm, sm = prompt_mask.bool(), subj_mask.bool() & prompt_mask.bool()
             d["prompt_hits"][L] += int((hit & pm).sum())
@@ -150,8 +161,40 @@ class RoutingStats:
                     "prompt": ph / pt if pt else None,
                     "answer": ah / at if at else None,
                     "subject_tokens": th,
+                    **hubs(d.get("answer_wins", {}), d.get("answer_gold", {})),
                     "vote": d["vote_hits"] / d["vote_total"] if d["vote_total"] else None,
                     "vote_hits": d["vote_hits"],
                     "vote_total": d["vote_total"],
                 }
         return out
+
+
+def _tally(counts: dict, names: list[str], picks) -> None:
+    """Add each adapter index in `picks` (a gold missing from the bank is -2, no pick -1: not counted) to counts."""
+    import torch
+
+    for i, n in zip(*torch.unique(picks, return_counts=True)):
+        if i >= 0:
+            counts[names[int(i)]] = counts.get(names[int(i)], 0) + int(n)
+
+
+def hubs(wins: dict, gold: dict) -> dict:
+    """The answer positions' decisions over the adapters: the most-chosen adapter and its share, the ten most
+    chosen's share, how many adapters won any; and the same two shares had every decision gone to its gold adapter
+    (the questions' own spread, the reference)."""
+
+    def top_share(counts):
+        ranked = sorted(counts.values(), reverse=True)
+        total = sum(ranked)
+        return (ranked[0] / total, sum(ranked[:10]) / total) if total else (None, None)
+
+    first, first_top = top_share(wins)
+    gold_first, gold_top = top_share(gold)
+    return {
+        "answer_hub": min(wins, key=lambda n: (-wins[n], n)) if wins else None,
+        "answer_hub_share": first,
+        "answer_top10_share": first_top,
+        "answer_adapters": sum(1 for v in wins.values() if v),
+        "answer_gold_hub_share": gold_first,
+        "answer_gold_top10_share": gold_top,
+    }
