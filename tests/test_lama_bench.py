@@ -362,6 +362,16 @@ def routed(tmp_path_factory):
     return model, libs
 
 
+def decisions_by_hand(trace, lib: str, mask):
+    """Each decision of `lib` at the positions `mask` marks, module by module: (sequence, adapter chosen, the bank's
+    names)."""
+    for module in trace.modules(lib):
+        bank = trace.names[(module, lib)]
+        w = trace.winner_matrix(module, lib)
+        for seq, t in mask.bool().nonzero().tolist():
+            yield seq, bank[int(w[seq, t])], bank
+
+
 def test_votes_from_trace_equal_routing_state_vote(routed):
     model, libs = routed
     ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(7))
@@ -384,14 +394,9 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         assert s["vote"] == 1.0 and s["vote_total"] == 3
         # by hand: decisions on real prompt tokens that pick the voted adapter
         hits = total = 0
-        for module in trace.modules("knowledge"):
-            names = trace.names[(module, "knowledge")]
-            w = trace.winner_matrix(module, "knowledge")
-            for seq in range(3):
-                for t in range(9):
-                    if mask[seq, t]:
-                        total += 1
-                        hits += names[int(w[seq, t])] == gold[seq]
+        for seq, name, _ in decisions_by_hand(trace, "knowledge", mask):
+            total += 1
+            hits += name == gold[seq]
         assert s["prompt"] == pytest.approx(hits / total)
         assert s["subject_tokens"] == 3 * 3 * len(trace.modules("knowledge"))
         assert len(s["prompt_by_layer"]) == 2
@@ -419,15 +424,10 @@ def test_answer_hubs_count_the_answer_decisions_of_every_module_by_hand(routed):
     stats = RoutingStats()
     stats.add_trace("m", "knowledge", trace, gold, mask, torch.zeros(3, 9, dtype=torch.bool), 2, answer)
     wins, golds = Counter(), Counter()
-    for module in trace.modules("knowledge"):
-        bank = trace.names[(module, "knowledge")]
-        w = trace.winner_matrix(module, "knowledge")
-        for seq in range(3):
-            for t in range(9):
-                if answer[seq, t]:
-                    wins[bank[int(w[seq, t])]] += 1
-                    if gold[seq] in bank:
-                        golds[gold[seq]] += 1
+    for seq, name, bank in decisions_by_hand(trace, "knowledge", answer):
+        wins[name] += 1
+        if gold[seq] in bank:
+            golds[gold[seq]] += 1
     s = stats.summary()["m"]["knowledge"]
     n, total = wins.most_common(1)[0][1], sum(wins.values())
     assert s["answer_hub_share"] == pytest.approx(n / total)
