@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 
 
 # -- routing statistics ----------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class RoutingStats:
                     continue
                 for key, v in d.items():
                     if isinstance(v, dict):  # answer_wins, answer_gold: adapter -> decisions
-                        mine[key] = {n: mine.get(key, {}).get(n, 0) + v.get(n, 0) for n in {*mine.get(key, {}), *v}}
+                        mine[key] = dict(Counter(mine.get(key, {})) + Counter(v))
                     elif isinstance(v, list):
                         mine[key] = [a + b for a, b in zip(mine[key], v)]
                     else:
@@ -128,8 +129,8 @@ class RoutingStats:
             if answer is not None:
                 d["answer_hits"][layer_of(module)] += int(((full == g) & answer).sum())
                 d["answer_total"][layer_of(module)] += int(answer.sum())
-                _tally(d.setdefault("answer_wins", {}), names, full[answer])
-                _tally(d.setdefault("answer_gold", {}), names, g.expand_as(full)[answer])
+                _tally(d["answer_wins"], names, full[answer])
+                _tally(d["answer_gold"], names, g.expand_as(full)[answer])
             L = layer_of(module)
             pm, sm = prompt_mask.bool(), subj_mask.bool() & prompt_mask.bool()
             d["prompt_hits"][L] += int((hit & pm).sum())
@@ -181,20 +182,23 @@ def _tally(counts: dict, names: list[str], picks) -> None:
 def hubs(wins: dict, gold: dict) -> dict:
     """The answer positions' decisions over the adapters: the most-chosen adapter and its share, the ten most
     chosen's share, how many adapters won any; and the same two shares had every decision gone to its gold adapter
-    (the questions' own spread, the reference)."""
+    (the questions' own spread, the reference). Ranked as generate's and the server's routing summaries rank."""
+    from loralag.routing.trace import shares_and_entropy  # imports torch: kept out of module import, as above
 
-    def top_share(counts):
-        ranked = sorted(counts.values(), reverse=True)
-        total = sum(ranked)
-        return (ranked[0] / total, sum(ranked[:10]) / total) if total else (None, None)
+    won, _ = shares_and_entropy(wins)
+    golds, _ = shares_and_entropy(gold)
 
-    first, first_top = top_share(wins)
-    gold_first, gold_top = top_share(gold)
+    def first_and_top(shares):
+        ranked = list(shares.values())
+        return (ranked[0], sum(ranked[:10])) if ranked else (None, None)
+
+    first, first_top = first_and_top(won)
+    gold_first, gold_top = first_and_top(golds)
     return {
-        "answer_hub": min(wins, key=lambda n: (-wins[n], n)) if wins else None,
+        "answer_hub": next(iter(won), None),
         "answer_hub_share": first,
         "answer_top10_share": first_top,
-        "answer_adapters": sum(1 for v in wins.values() if v),
+        "answer_adapters": len(won),
         "answer_gold_hub_share": gold_first,
         "answer_gold_top10_share": gold_top,
     }
