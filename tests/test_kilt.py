@@ -244,6 +244,12 @@ def test_score_dataset_counts_and_official_conventions():
     assert res["accuracy"] == pytest.approx(100 * 1 / 4)  # strict: only " Paris " -> "Paris" matches exactly
     assert res["f1"] == pytest.approx(100 * (1 + 1 + 2 * 1 * 0.5 / 1.5 + 0) / 4)
     assert (res["n"], res["n_empty"], res["n_missing"], res["n_extra"]) == (4, 1, 0, 1)
+    assert "per_example" not in res
+    # per example, in the examples' order: EM for "Paris" and "the beatles", not for "a whale" or the empty one
+    assert score_dataset(ex, preds, per_example=True)["per_example"] == [1.0, 1.0, 0.0, 0.0]
+    f1 = score_dataset(ex, preds, metric="f1", per_example=True)
+    assert f1["per_example"] == pytest.approx([1.0, 1.0, 2 * 1 * 0.5 / 1.5, 0.0])
+    assert 100 * sum(f1["per_example"]) / 4 == pytest.approx(f1["score"])
     with pytest.raises(LoralagError, match="no prediction for 1 of 4"):
         score_dataset(ex, {"1": "Paris", "2": "x", "3": "y"})
     res = score_dataset(ex, {"1": "Paris"}, allow_missing=True)

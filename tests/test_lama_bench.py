@@ -621,6 +621,10 @@ def test_tiny_writes_the_results_folder(tiny_run):
         for d in DATASETS:
             preds = read_kilt_predictions(out / "predictions" / slug / f"{d}.jsonl")
             assert len(preds) == n[d]
+            # the per-question verdicts: one per question in the predictions' order, their share the score
+            bits = results["right"][method][d]
+            assert list(preds) == results["question_ids"][d] and len(bits) == n[d] and set(bits) <= {"0", "1"}
+            assert 100 * bits.count("1") / n[d] == pytest.approx(results["table"][method][d])
     assert results["normalised"]["oracle"]["AVG"] == pytest.approx(100.0)
     for required in (
         "base",
@@ -642,6 +646,58 @@ def test_tiny_writes_the_results_folder(tiny_run):
         "lag-prefix@6",
     ):
         assert required in results["scores"], required
+
+
+def _compare_runs(a, b, out):
+    """benchmarks/compare_runs.py A B --out OUT, as a user runs it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
+    return subprocess.run([sys.executable, script, a, b, "--out", out], capture_output=True, text=True)
+
+
+def test_compare_runs_counts_agreement_from_results_json_alone(tmp_path):
+    """Two runs without predictions/ (as git keeps them): right in both / only one, per method and dataset, from
+    results.json's per-question verdicts, against a by-hand count; questions only one run asked do not count."""
+    ids = {SLOT_FILLING: ["q1", "q2", "q3", "q4"], QA: ["a1", "a2"]}
+    a_bits = {"lag@20": {SLOT_FILLING: "1101", QA: "10"}, "oracle": {SLOT_FILLING: "1111", QA: "11"}}
+    b_bits = {"lag@20": {SLOT_FILLING: "10101", QA: "01"}, "oracle": {SLOT_FILLING: "11110", QA: "11"}}
+    runs = {}
+    for name, bits, qids in (
+        ("a", a_bits, ids),
+        ("b", b_bits, {**ids, SLOT_FILLING: [*ids[SLOT_FILLING], "q5"]}),
+    ):
+        table = {m: {d: 100 * v.count("1") / len(v) for d, v in per.items()} for m, per in bits.items()}
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        results = {
+            "table": table,
+            "normalised": {m: {"AVG": 100.0 if m == "oracle" else 50.0} for m in bits},
+            "question_ids": qids,
+            "right": bits,
+        }
+        (runs[name] / "results.json").write_text(json.dumps(results))
+    done = _compare_runs(runs["a"], runs["b"], tmp_path / "cmp")
+    assert done.returncode == 0, done.stderr
+    got = json.loads((tmp_path / "cmp" / "compare_runs.json").read_text())
+    rows = {(r["method"], r["dataset"]): r for r in got["rows"]}
+    # lag, slot filling: a 1101, b 1010 over q1..q4 (b's q5 was not asked in a)
+    assert {k: rows[("lag@20", SLOT_FILLING)][k] for k in ("questions", "both", "only_a", "only_b")} == {
+        "questions": 4,
+        "both": 1,
+        "only_a": 2,
+        "only_b": 1,
+    }
+    assert (rows[("lag@20", QA)]["only_a"], rows[("lag@20", QA)]["only_b"], rows[("oracle", QA)]["both"]) == (1, 1, 2)
+    assert rows[("oracle", SLOT_FILLING)]["both"] == 4 and rows[("lag@20", QA)]["same_answer"] is None
+    assert (
+        "| lag@20 | slot_filling | 75.0 | 60.0 | 1 | 2 | 1 | — |" in (tmp_path / "cmp" / "compare_runs.md").read_text()
+    )
+    (runs["b"] / "results.json").write_text(json.dumps({"table": {}, "normalised": {}}))  # neither verdicts nor answers
+    done = _compare_runs(runs["a"], runs["b"], tmp_path / "x")
+    assert done.returncode != 0 and "no per-question `right`" in done.stderr
 
 
 def test_task_pairs_pair_true_and_false_claims_and_include_rag_form(lama_dir):

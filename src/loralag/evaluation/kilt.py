@@ -526,6 +526,7 @@ def score_dataset(
     task: str | None = None,
     metric: str | None = None,
     allow_missing: bool = False,
+    per_example: bool = False,
 ) -> dict:
     """Score predictions {id: answer} against examples, as the official scorer's `_calculate_metrics` does.
 
@@ -533,7 +534,8 @@ def score_dataset(
     metric's name), "score" (its value), "task", and counts "n" (examples scored), "n_empty" (empty predictions,
     scored 0 like the official scorer), "n_missing" (examples with no prediction; LoralagError unless
     allow_missing, then scored as empty) and "n_extra" (predictions for ids not in examples, ignored).
-    task defaults to the examples' task; metric to primary_metric(task).
+    task defaults to the examples' task; metric to primary_metric(task). per_example: also "per_example", each
+    example's value of the primary metric (0 to 1) in the examples' order, whose mean × 100 is "score".
     """
     if task is None:
         tasks = {ex.task for ex in examples}
@@ -553,6 +555,7 @@ def score_dataset(
         )
     totals = dict.fromkeys(_METRICS, 0.0)
     n_empty = 0
+    values = []  # the primary metric per example
     for ex, ex_id in zip(examples, ids):
         gold = {a.strip() for a in ex.answers if a.strip()}
         if not gold:
@@ -561,11 +564,17 @@ def score_dataset(
         guess = "" if guess is None else str(guess).strip()
         if not guess:
             n_empty += 1
+            values.append(0.0)
             continue
-        totals["accuracy"] += guess in gold
-        totals["em"] += metric_max_over_ground_truths(exact_match_score, guess, gold)
-        totals["f1"] += metric_max_over_ground_truths(f1_score, guess, gold)
-        totals["rougel"] += metric_max_over_ground_truths(rougel_score, guess, gold)
+        one = {
+            "accuracy": float(guess in gold),
+            "em": metric_max_over_ground_truths(exact_match_score, guess, gold),
+            "f1": metric_max_over_ground_truths(f1_score, guess, gold),
+            "rougel": metric_max_over_ground_truths(rougel_score, guess, gold),
+        }
+        for k, v in one.items():
+            totals[k] += v
+        values.append(float(one[metric]))
     n = len(examples)
     result = {k: (100.0 * v / n if n else 0.0) for k, v in totals.items()}
     result.update(
@@ -577,6 +586,8 @@ def score_dataset(
         n_missing=len(missing),
         n_extra=len(set(preds) - set(ids)),
     )
+    if per_example:
+        result["per_example"] = values
     return result
 
 

@@ -436,6 +436,10 @@ def _run(
     # -- scores ------------------------------------------------------------------------------------------------
     scores: dict[str, dict] = {}
     table: dict[str, dict] = {}
+    # per method and dataset, "1"/"0" per question (question_ids' order): right or wrong as the score counts it,
+    # so two runs compare question by question from results.json alone (benchmarks/compare_runs.py)
+    right: dict[str, dict[str, str]] = {}
+    question_ids = {d: [q.example.id for q in questions if q.dataset == d] for d in DATASETS}
     pred_dir = out / "predictions"
     for name, raw in answers.items():
         scores[name] = {}
@@ -457,7 +461,8 @@ def _run(
                 for (k, v), ex in zip(cleaned.items(), examples)
             }
             metric = "em" if d in (SLOT_FILLING, QA) else "accuracy"  # KILT's: FEVER, AIDA and WNED by accuracy
-            res = score_dataset(examples, final, task=d, metric=metric)
+            res = score_dataset(examples, final, task=d, metric=metric, per_example=True)
+            right.setdefault(name, {})[d] = "".join(str(int(v)) for v in res.pop("per_example"))
             strict = score_dataset(examples, cleaned, task=d, metric=metric)
             res["strict"] = strict["score"]
             scores[name][d] = res
@@ -515,6 +520,8 @@ def _run(
         "data": describe(data),
         "scores": scores,
         "table": {m: {d: v[0] for d, v in r.items()} for m, r in table.items()},
+        "question_ids": {d: ids for d, ids in question_ids.items() if ids},
+        "right": right,
         "normalised": normalised,
         "routing": routing,
         "retrieval_top1": retrieval_top1,
