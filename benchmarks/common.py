@@ -387,7 +387,16 @@ def log(*a):
 
 # -- knowledge routing, teacher-forced -------------------------------------------------------------------
 def teacher_forced_routing(
-    model, tok, lib, questions, mentions: dict, router: str, k: int, oracle: bool = False, gold_at: str | None = None
+    model,
+    tok,
+    lib,
+    questions,
+    mentions: dict,
+    router: str,
+    k: int,
+    oracle: bool = False,
+    gold_at: str | None = None,
+    on_trace=None,
 ):
     """Knowledge library only: each question's prompt is prefilled with the KV cache, then its gold answer is
     fed token by token (as generation feeds its own tokens). Returns the share of routing decisions
@@ -396,7 +405,8 @@ def teacher_forced_routing(
     token on the gold adapter (the adapters' own quality). gold_at: where the routing matters — "prompt": the
     gold adapter on the prompt's tokens before the last, `router` at the answer positions (the prompt's last
     token and the fed answer tokens); "answer": the other way round. The prompt's last token then runs in a call
-    of its own after the rest (the same computation, in two calls)."""
+    of its own after the rest (the same computation, in two calls). on_trace(trace, prompt_length, gold index):
+    called with each question's RoutingTrace, for measures of one's own."""
     import torch
     from transformers import DynamicCache
 
@@ -435,6 +445,8 @@ def teacher_forced_routing(
             lp = torch.stack(logits).float().log_softmax(-1)
             nll -= float(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum())
             P = p_ids.shape[1]
+            if on_trace is not None:
+                on_trace(trace, P, gold)
             smask = subject_mask(tok, [q.prompt], [mentions[q.entity]], P)[0]
             for module in trace.modules("knowledge"):
                 w = trace.winner_matrix(module, "knowledge")[0]

@@ -256,14 +256,16 @@ class ReferenceLinear(torch.nn.Module):
         return self.base(x) + delta.view(*x.shape[:-1], -1)
 
 
-def reference_logits(model, adapters, router, k, ids):
+def logits_with(model, wrap, ids):
+    """model(ids).logits with every module for which wrap(name, module) returns a replacement swapped for it
+    (None: kept), the originals put back after."""
     originals = {}
     for name in module_shapes(model):
-        dense = [a.modules[name].scale * a.modules[name].B @ a.modules[name].A for a in adapters if name in a.modules]
-        if dense:
-            parent, _, child = name.rpartition(".")
+        parent, _, child = name.rpartition(".")
+        replacement = wrap(name, getattr(model.get_submodule(parent), child))
+        if replacement is not None:
             originals[name] = getattr(model.get_submodule(parent), child)
-            setattr(model.get_submodule(parent), child, ReferenceLinear(originals[name], dense, router, k))
+            setattr(model.get_submodule(parent), child, replacement)
     try:
         with torch.no_grad():
             return model(ids).logits
@@ -271,6 +273,19 @@ def reference_logits(model, adapters, router, k, ids):
         for name, orig in originals.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, orig)
+
+
+def dense_deltas(adapters, name: str) -> list[torch.Tensor]:
+    """s·B·A of module `name` for each adapter that has it."""
+    return [a.modules[name].scale * a.modules[name].B @ a.modules[name].A for a in adapters if name in a.modules]
+
+
+def reference_logits(model, adapters, router, k, ids):
+    def wrap(name, base):
+        dense = dense_deltas(adapters, name)
+        return ReferenceLinear(base, dense, router, k) if dense else None
+
+    return logits_with(model, wrap, ids)
 
 
 def routed_logits(model, lib, router, k, ids):
