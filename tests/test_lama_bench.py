@@ -446,6 +446,56 @@ def test_answer_hubs_count_the_answer_decisions_of_every_module_by_hand(routed):
     assert f"| m | knowledge | {s['answer_hub']} | {100 * n / total:.1f} |" in table
 
 
+def test_answer_confusion_counts_each_gold_adapters_decisions_by_hand(routed, monkeypatch):
+    from loralag.experiments.lama import routing_stats
+    from loralag.experiments.lama.report import confusion_lines
+
+    model, libs = routed
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    answer = torch.zeros(3, 9, dtype=torch.bool)
+    answer[:, 4:] = True
+    answer[1, 6:] = False
+    state = attach(model, libs, router="lag", k=2)
+    try:
+        with state.tracing() as trace, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        detach(model)
+    names = libs["task"].names
+    gold = [names[0], names[2], names[0]]
+    stats = RoutingStats()
+    stats.add_trace("m", "task", trace, gold, mask, torch.zeros(3, 9, dtype=torch.bool), 2, answer)
+    by_hand: dict[str, Counter] = {}
+    for seq, name, _ in decisions_by_hand(trace, "task", answer):
+        by_hand.setdefault(gold[seq], Counter())[name] += 1
+    table = stats.summary()["m"]["task"]["answer_confusion"]
+    assert set(table) == {names[0], names[2]}
+    for g, row in by_hand.items():
+        assert table[g] == pytest.approx({a: c / sum(row.values()) for a, c in row.items()})
+    # the diagonal's decisions over all rows are the answer routing accuracy
+    hits = sum(by_hand[g][g] for g in by_hand)
+    assert stats.summary()["m"]["task"]["answer"] == pytest.approx(
+        hits / sum(sum(r.values()) for r in by_hand.values())
+    )
+    merged = RoutingStats()
+    merged.merge(stats.data)
+    merged.merge(stats.data)
+    assert merged.data["m"]["task"]["answer_confusion"] == {
+        g: {a: 2 * c for a, c in row.items()} for g, row in by_hand.items()
+    }
+    lines = confusion_lines(merged.summary())
+    chosen = sorted(set().union(*by_hand.values(), by_hand))  # columns: every adapter chosen or gold
+    assert "| gold \\ chosen | " + " | ".join(chosen) + " |" in lines
+    row = by_hand[names[2]]
+    assert f"| {names[2]} | " + " | ".join(f"{100 * row[a] / sum(row.values()):.1f}" for a in chosen) + " |" in lines
+    # a library larger than CONFUSION_MAX (a knowledge library) gets none
+    monkeypatch.setattr(routing_stats, "CONFUSION_MAX", len(names) - 1)
+    small = RoutingStats()
+    small.add_trace("m", "task", trace, gold, mask, torch.zeros(3, 9, dtype=torch.bool), 2, answer)
+    assert small.summary()["m"]["task"]["answer_confusion"] == {}
+
+
 def share_job(routed, lama_dir):
     """An AnswerJob over the tiny libraries, every method but the Oracle (its gold task adapters are named by
     family; these are task0..task2), each entity's gold standing for one of the library's adapters."""

@@ -177,6 +177,37 @@ def hub_lines(routing: dict) -> list[str]:
     return lines
 
 
+def confusion_lines(routing: dict) -> list[str]:
+    """Per method and small library: where each gold adapter's answer-position decisions went (% of its row)."""
+    rows = [
+        (m, lib, d["answer_confusion"])
+        for m, per in routing.items()
+        for lib, d in per.items()
+        if d.get("answer_confusion")
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Answer-position decisions by gold adapter",
+        "",
+        "For each library of a few adapters (the task library): of the decisions at the answer positions of the "
+        "questions whose gold adapter is the row's, the share (%) that went to each adapter; the diagonal is the "
+        "routing accuracy of that row's questions.",
+    ]
+    for m, lib, table in rows:
+        chosen = sorted({a for row in table.values() for a in row} | set(table))
+        lines += [
+            "",
+            f"**{m}**, {lib} library:",
+            "",
+            "| gold \\ chosen | " + " | ".join(chosen) + " |",
+            "|---|" + "---|" * len(chosen),
+            *(f"| {g} | " + " | ".join(_fmt(row.get(a, 0.0), True) for a in chosen) + " |" for g, row in table.items()),
+        ]
+    return lines
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "—"
@@ -305,6 +336,7 @@ def report_markdown(results: dict) -> str:
             f"| {vote_k} | {_fmt(tk.get('vote'), True)} |"
         )
     lines += hub_lines(results["routing"])
+    lines += confusion_lines(results["routing"])
     if results["k_sweep"]:
         lines += [
             "",

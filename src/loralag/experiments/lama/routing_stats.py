@@ -8,6 +8,10 @@ import copy
 import re
 from collections import Counter
 
+# libraries up to this many adapters (the task library) also get, at the answer positions, where each gold
+# adapter's decisions went (a confusion table); a knowledge library's would be N × N
+CONFUSION_MAX = 16
+
 
 # -- routing statistics ----------------------------------------------------------------------------------------
 def layer_of(module: str) -> int:
@@ -74,7 +78,8 @@ class RoutingStats:
     """Per method and library: per layer, decisions routed to the gold adapter among subject tokens, prompt tokens
     and answer positions (the decisions that produced an answer token); and, over every module, how the answer
     positions' decisions spread over the adapters, beside how the gold adapters of the same decisions spread (a
-    few "hub" adapters drawing many questions' answers is what routing accuracy alone does not show)."""
+    few "hub" adapters drawing many questions' answers is what routing accuracy alone does not show); for a small
+    library (≤ CONFUSION_MAX adapters), where each gold adapter's answer-position decisions went."""
 
     def __init__(self, data: dict | None = None):
         self.data: dict = data if data is not None else {}
@@ -88,7 +93,12 @@ class RoutingStats:
                     self.data[method][lib] = copy.deepcopy(d)
                     continue
                 for key, v in d.items():
-                    if isinstance(v, dict):  # answer_wins, answer_gold: adapter -> decisions
+                    if key == "answer_confusion":  # gold adapter -> {chosen adapter -> decisions}
+                        mine[key] = {
+                            g: dict(Counter(mine[key].get(g, {})) + Counter(v.get(g, {})))
+                            for g in mine[key].keys() | v.keys()
+                        }
+                    elif isinstance(v, dict):  # answer_wins, answer_gold: adapter -> decisions
                         mine[key] = dict(Counter(mine.get(key, {})) + Counter(v))
                     elif isinstance(v, list):
                         mine[key] = [a + b for a, b in zip(mine[key], v)]
@@ -107,6 +117,7 @@ class RoutingStats:
                 answer_total=[0] * layers,
                 answer_wins={},
                 answer_gold={},
+                answer_confusion={},
                 vote_hits=0,
                 vote_total=0,
             )
@@ -131,6 +142,11 @@ class RoutingStats:
                 d["answer_total"][layer_of(module)] += int(answer.sum())
                 _tally(d["answer_wins"], names, full[answer])
                 _tally(d["answer_gold"], names, g.expand_as(full)[answer])
+                if len(names) <= CONFUSION_MAX:
+                    for gi in g.unique().tolist():
+                        if gi >= 0:
+                            row = d["answer_confusion"].setdefault(names[gi], {})
+                            _tally(row, names, full[answer & (g == gi)])
             L = layer_of(module)
             pm, sm = prompt_mask.bool(), subj_mask.bool() & prompt_mask.bool()
             d["prompt_hits"][L] += int((hit & pm).sum())
@@ -163,6 +179,11 @@ class RoutingStats:
                     "answer": ah / at if at else None,
                     "subject_tokens": th,
                     **hubs(d.get("answer_wins", {}), d.get("answer_gold", {})),
+                    "answer_confusion": {
+                        g: {a: n / sum(row.values()) for a, n in sorted(row.items())}
+                        for g, row in sorted(d.get("answer_confusion", {}).items())
+                        if sum(row.values())
+                    },
                     "vote": d["vote_hits"] / d["vote_total"] if d["vote_total"] else None,
                     "vote_hits": d["vote_hits"],
                     "vote_total": d["vote_total"],
