@@ -404,21 +404,29 @@ def test_votes_from_trace_equal_routing_state_vote(routed):
         detach(model)
 
 
-def test_answer_hubs_count_the_answer_decisions_of_every_module_by_hand(routed):
-    from loralag.experiments.lama.report import hub_lines
-
+def answer_trace(routed, seed: int, start: int, short: tuple[int, int]):
+    """Three random sequences of 9 tokens through both libraries routed by LAG@2, traced; the answer positions
+    are the decisions from `start` on, but sequence short[0]'s answer stops at short[1]. (trace, mask, answer)"""
     model, libs = routed
-    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(11))
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(3, 9, dtype=torch.long)
     answer = torch.zeros(3, 9, dtype=torch.bool)
-    answer[:, 5:] = True
-    answer[2, 7:] = False  # a shorter answer
+    answer[:, start:] = True
+    answer[short[0], short[1] :] = False  # a shorter answer
     state = attach(model, libs, router="lag", k=2)
     try:
         with state.tracing() as trace, torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     finally:
         detach(model)
+    return trace, mask, answer
+
+
+def test_answer_hubs_count_the_answer_decisions_of_every_module_by_hand(routed):
+    from loralag.experiments.lama.report import hub_lines
+
+    _, libs = routed
+    trace, mask, answer = answer_trace(routed, seed=11, start=5, short=(2, 7))
     names = libs["knowledge"].names
     gold = [names[0], names[0], "not-in-the-library"]
     stats = RoutingStats()
@@ -450,18 +458,8 @@ def test_answer_confusion_counts_each_gold_adapters_decisions_by_hand(routed, mo
     from loralag.experiments.lama import routing_stats
     from loralag.experiments.lama.report import confusion_lines
 
-    model, libs = routed
-    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(13))
-    mask = torch.ones(3, 9, dtype=torch.long)
-    answer = torch.zeros(3, 9, dtype=torch.bool)
-    answer[:, 4:] = True
-    answer[1, 6:] = False
-    state = attach(model, libs, router="lag", k=2)
-    try:
-        with state.tracing() as trace, torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        detach(model)
+    _, libs = routed
+    trace, mask, answer = answer_trace(routed, seed=13, start=4, short=(1, 6))
     names = libs["task"].names
     gold = [names[0], names[2], names[0]]
     stats = RoutingStats()
