@@ -42,14 +42,14 @@ def one_pick_per_mlp():
         if projection not in PROJECTIONS or spec.router in ("fixed", "none"):
             return forward(self, x)
         X = x.reshape(-1, x.shape[-1]).to(bank.dtype)
+        batch = x.shape[0] if x.dim() > 2 else 1
         if projection == "gate_proj":
-            routed = ROUTERS[spec.router](bank, X, spec, x.shape[0] if x.dim() > 2 else 1)
+            routed = ROUTERS[spec.router](bank, X, spec, batch)
             picks[mlp] = routed.winner
         else:
             winner = picks[mlp]
             routed = Routed(_apply_winner(bank, X, winner), winner, torch.zeros(len(winner)))
         if self.state.trace is not None:
-            batch = x.shape[0] if x.dim() > 2 else 1
             self.state.trace.record(self.name, "knowledge", routed.winner.view(batch, -1), routed.score.view(batch, -1))
         h = self.base(x)
         return h.add_(routed.delta.view(h.shape).to(h.dtype))

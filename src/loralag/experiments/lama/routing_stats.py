@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import Counter
 
 # libraries up to this many adapters (the task library) also get, at the answer positions, where each gold
 # adapter's decisions went (a confusion table); a knowledge library's would be N × N
@@ -93,13 +92,8 @@ class RoutingStats:
                     self.data[method][lib] = copy.deepcopy(d)
                     continue
                 for key, v in d.items():
-                    if key == "answer_confusion":  # gold adapter -> {chosen adapter -> decisions}
-                        mine[key] = {
-                            g: dict(Counter(mine[key].get(g, {})) + Counter(v.get(g, {})))
-                            for g in mine[key].keys() | v.keys()
-                        }
-                    elif isinstance(v, dict):  # answer_wins, answer_gold: adapter -> decisions
-                        mine[key] = dict(Counter(mine.get(key, {})) + Counter(v))
+                    if isinstance(v, dict):  # answer_wins, answer_gold, answer_confusion: tallies
+                        mine[key] = _added(mine.get(key, {}), v)
                     elif isinstance(v, list):
                         mine[key] = [a + b for a, b in zip(mine[key], v)]
                     else:
@@ -179,11 +173,7 @@ class RoutingStats:
                     "answer": ah / at if at else None,
                     "subject_tokens": th,
                     **hubs(d.get("answer_wins", {}), d.get("answer_gold", {})),
-                    "answer_confusion": {
-                        g: {a: n / sum(row.values()) for a, n in sorted(row.items())}
-                        for g, row in sorted(d.get("answer_confusion", {}).items())
-                        if sum(row.values())
-                    },
+                    "answer_confusion": confusion(d.get("answer_confusion", {})),
                     "vote": d["vote_hits"] / d["vote_total"] if d["vote_total"] else None,
                     "vote_hits": d["vote_hits"],
                     "vote_total": d["vote_total"],
@@ -200,11 +190,28 @@ def _tally(counts: dict, names: list[str], picks) -> None:
             counts[names[int(i)]] = counts.get(names[int(i)], 0) + int(n)
 
 
+def _added(a: dict, b: dict) -> dict:
+    """Two tallies (adapter -> decisions, or gold adapter -> such a tally) summed key by key."""
+    return {
+        k: _added(a.get(k, {}), b.get(k, {})) if isinstance(a.get(k, b.get(k)), dict) else a.get(k, 0) + b.get(k, 0)
+        for k in a.keys() | b.keys()
+    }
+
+
+def confusion(tally: dict) -> dict:
+    """{gold adapter: {chosen adapter: share of that gold adapter's decisions}}, rows by name, each row's shares
+    ranked as hubs() ranks them; rows without a decision left out."""
+    from loralag.routing.trace import shares_and_entropy  # imports torch: kept out of module import
+
+    rows = {g: shares_and_entropy(row)[0] for g, row in sorted(tally.items())}
+    return {g: row for g, row in rows.items() if row}
+
+
 def hubs(wins: dict, gold: dict) -> dict:
     """The answer positions' decisions over the adapters: the most-chosen adapter and its share, the ten most
     chosen's share, how many adapters won any; and the same two shares had every decision gone to its gold adapter
     (the questions' own spread, the reference). Ranked as generate's and the server's routing summaries rank."""
-    from loralag.routing.trace import shares_and_entropy  # imports torch: kept out of module import, as above
+    from loralag.routing.trace import shares_and_entropy  # imports torch: kept out of module import
 
     won, _ = shares_and_entropy(wins)
     golds, _ = shares_and_entropy(gold)
