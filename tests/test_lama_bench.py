@@ -338,6 +338,30 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     # knowledge adapters with A frozen: their own knowledge folders, and the task adapters trained under them too
     frozen = adapter_folders(tmp_path, replace(default, know_freeze_a=True))
     assert all(frozen[k] != adapter_folders(tmp_path, default)[k] for k in frozen)
+    # task inits contrasted with the families' pairs: their own task folder (salient alike), the same knowledge
+    families = adapter_folders(tmp_path, replace(default, task_contrast="families"))
+    assert families["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+    assert families["task"] != adapter_folders(tmp_path, default)["task"]
+    salient = replace(default, task_init="salient")
+    assert adapter_folders(tmp_path, replace(salient, task_contrast="families"))["task"] not in {
+        adapter_folders(tmp_path, salient)["task"],
+        families["task"],
+    }
+    with pytest.raises(LoralagError, match="task_contrast must be one of"):
+        size_config("tiny", task_contrast="library")
+    with pytest.raises(LoralagError, match="needs task_init 'contrast' or 'salient'"):
+        size_config("tiny", task_contrast="families", task_init="peft")
+
+
+def test_task_contrast_families_pools_every_familys_training_pairs(lama_dir):
+    from loralag.experiments.lama.run import _task_contrast_texts
+
+    cfg = size_config("tiny")
+    data = bench_data(cfg, lama_dir)
+    assert _task_contrast_texts(data, cfg) == []  # generic text: the base model's own samples, in activation_init
+    texts = _task_contrast_texts(data, replace(cfg, task_contrast="families"))
+    by_hand = [p + a for pairs in data.task_pairs.values() for p, a in pairs]
+    assert len(data.task_pairs) == 4 and sorted(texts) == sorted(by_hand)  # each family's pairs, every one once
 
 
 def test_layer_of():

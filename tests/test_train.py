@@ -710,12 +710,12 @@ def test_contrast_rows_are_the_items_directions_against_generic_text(model, tok)
     assert all(B.abs().max() == 0 for _, B, _ in init.values())  # starts as the base model
 
 
-def _check_contrast(model, tok, examples, targets, ref):
+def _check_contrast(model, tok, examples, targets, ref, reference=None):
     import numpy as np
 
     from loralag.training import activation_init as ai
 
-    rows = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)  # padded
+    rows = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3, reference=reference)
     item = _inputs_alone(model, examples, targets)
     assert rows.keys() == item.keys() and len(rows) == 4
     for name, x in item.items():
@@ -729,6 +729,54 @@ def _check_contrast(model, tok, examples, targets, ref):
         np.testing.assert_allclose(np.abs((ours * top).sum(1)), 1, atol=1e-4)  # the same directions, in order
         ratio = lambda v: (v @ sigma @ v) / (v @ sigma_ref @ v)  # noqa: E731
         assert ratio(ours[0]) > ratio(np.linalg.svd(x, full_matrices=False)[2][0])  # beats the plain top direction
+
+
+def test_contrast_against_a_librarys_texts_whitens_by_their_inputs(model, tok, tmp_path, one_thread):
+    """contrast_against: the generalised eigenvectors against the given texts' inputs (brute force, each text run
+    alone) instead of the base model's samples; through _lora_init as the adapter's A; the same adapters one at a
+    time and grouped; the texts held in the key and marker by their digest; refused with another init."""
+    from loralag.training import activation_init as ai
+
+    texts = ["The council banned the harvest of blue ice in 2031 .", PAIRS[0][0] + " " + PAIRS[0][1], TEXT]
+    config = replace(GROUP_CFG, init="contrast", contrast_against=texts)
+    reference = lt._reference_examples(tok, config)
+    assert reference == [ex for t in texts for ex in lt.build_examples(tok, Document("d", t), config)]
+    targets = ["q_proj", "down_proj"]
+    examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
+    _check_contrast(model, tok, examples, targets, _inputs_alone(model, reference, targets), reference)
+    generic = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3)
+    theirs = ai.contrast_rows(model, examples, targets, 3, lt._pad_id(tok), batch_size=3, reference=reference)
+    assert not torch.allclose(generic["model.layers.0.mlp.down_proj"], theirs["model.layers.0.mlp.down_proj"])
+    # the adapter's A: the rows against the texts, at PEFT's row norm
+    item = group_items()[1]
+    mine = lt.build_examples(tok, item, config)
+    init = lt._lora_init(model, config, 5, mine, lt._pad_id(tok), reference)
+    rows = ai.contrast_rows(model, mine, config.target_modules, config.r, lt._pad_id(tok), 2, reference=reference)
+    peft_rows = lt._lora_init(model, GROUP_CFG, 5)
+    for name, (A, B, _) in init.items():
+        torch.testing.assert_close(A, rows[name] * peft_rows[name][0].norm(dim=1).mean())
+        assert B.abs().max() == 0
+    single = lt.train_adapters(model, tok, group_items(), tmp_path / "s", config, progress=False)
+    grouped = lt.train_adapters(model, tok, group_items()[::-1], tmp_path / "g", config, progress=False, group_size=2)
+    for a, b in zip(single, grouped[::-1]):
+        wa, wb = weights(a), weights(b)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+    marker = lt._read_marker(single[1])
+    assert marker["config"]["contrast_against"] == lt._texts_digest(texts) and TEXT not in json.dumps(marker)
+    assert lt._texts_digest(texts).startswith("3 texts, sha256 ")
+    # another text, or none (generic text, whose keys stay as before the field): another adapter
+    keys = {
+        lt._job(model, tok, item, tmp_path, c).key
+        for c in (config, replace(config, contrast_against=texts[:2]), replace(config, contrast_against=[]))
+    }
+    assert len(keys) == 3 and "contrast_against" not in lt._key_config(replace(config, contrast_against=[]))
+    for bad, match in (
+        (replace(GROUP_CFG, contrast_against=texts), "not 'peft'"),
+        (replace(config, contrast_against=[" "]), r"contrast_against\[0\]"),
+    ):
+        with pytest.raises(LoralagError, match=match):
+            lt.train_adapters(model, tok, [item], tmp_path / "x", bad, progress=False)
 
 
 def test_salient_rows_weigh_each_input_by_the_loss_on_the_token_it_predicts(model, tok):

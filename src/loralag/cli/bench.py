@@ -10,7 +10,17 @@ import typer
 from loralag.cli.app import console, user_errors
 from loralag.cli.checks import _check_model, _check_ray
 from loralag.cli.loading import _prepare_model, waiting
-from loralag.cli.options import INIT_HELP, MODEL_HELP, THREADS_HELP, Dtype, FcForm, Init, TaskUnder, _ray_option
+from loralag.cli.options import (
+    INIT_HELP,
+    MODEL_HELP,
+    THREADS_HELP,
+    Dtype,
+    FcForm,
+    Init,
+    TaskContrast,
+    TaskUnder,
+    _ray_option,
+)
 from loralag.errors import LoralagError
 
 
@@ -84,6 +94,13 @@ def bench(
     ),
     know_init: Init = typer.Option(Init.contrast, "--know-init", help="The knowledge adapters' " + INIT_HELP),
     task_init: Init = typer.Option(Init.contrast, "--task-init", help="The task adapters' " + INIT_HELP),
+    task_contrast: TaskContrast = typer.Option(
+        TaskContrast.generic,
+        "--task-contrast",
+        help="What the task adapters' contrast/salient init contrasts each family's inputs with: 'generic' text "
+        "(the base model's own samples) or the 'families' (every task family's training pairs pooled: each "
+        "adapter starts on what tells its family apart); trains into its own folder.",
+    ),
     know_qa: bool = typer.Option(
         False,
         "--know-qa",
@@ -137,6 +154,7 @@ def bench(
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,
+        task_contrast=task_contrast.value,
         know_qa=know_qa or None,
         task_seed=task_seed,
         n_entities=entities,

@@ -29,6 +29,11 @@ class TaskUnder(str, Enum):  # lama config.TASK_UNDER
     lag_fact = "lag-fact"
 
 
+class TaskContrast(str, Enum):  # lama config.TASK_CONTRAST
+    generic = "generic"
+    families = "families"
+
+
 class Init(str, Enum):  # loralag.training.INITS
     peft = "peft"
     activations = "activations"

@@ -14,11 +14,14 @@ direction is part of what tells it apart.)
 init="contrast" keeps the idea but reads the directions where the item's inputs have the most energy
 *relative to generic text* (the base model's own samples): the top directions of a text's inputs are mostly
 those every text shares, so "activations" makes all adapters' arrows alike; "contrast" aims at what is the
-item's own.
+item's own. Against a library's own texts instead (`TrainConfig.contrast_against`, e.g. every task family's
+pairs), it aims at what tells the item from the rest of its library rather than from any text.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
 
 import torch
@@ -45,31 +48,46 @@ def activation_rows(
 
 @torch.no_grad()
 def contrast_rows(
-    model, examples, targets: list[str], r: int, pad_id: int, batch_size: int, shrink: float = CONTRAST_SHRINK
+    model,
+    examples,
+    targets: list[str],
+    r: int,
+    pad_id: int,
+    batch_size: int,
+    shrink: float = CONTRAST_SHRINK,
+    reference=None,
 ) -> dict[str, torch.Tensor]:
     """{module name: (r, d_in) float32}: per target module, the r directions v where the item's inputs have
     the most energy relative to generic text's, max vᵀΣ_item v / vᵀ(Σ_ref + δI) v (the top generalised
-    eigenvectors; Σ: second moments per token, Σ_ref over reference_examples(model), δ = shrink × the mean
-    eigenvalue of Σ_ref), rows of unit norm, signed as activation_rows'. What the item shares with any text
-    (the model's large common directions) scores low; what is its own scores high."""
-    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted=False)
+    eigenvectors; Σ: second moments per token, Σ_ref over `reference` ((ids, labels) examples; None:
+    reference_examples(model)), δ = shrink × the mean eigenvalue of Σ_ref), rows of unit norm, signed as
+    activation_rows'. What the item shares with any text (the model's large common directions) scores low;
+    what is its own scores high."""
+    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, False, reference)
 
 
 @torch.no_grad()
 def salient_rows(
-    model, examples, targets: list[str], r: int, pad_id: int, batch_size: int, shrink: float = CONTRAST_SHRINK
+    model,
+    examples,
+    targets: list[str],
+    r: int,
+    pad_id: int,
+    batch_size: int,
+    shrink: float = CONTRAST_SHRINK,
+    reference=None,
 ) -> dict[str, torch.Tensor]:
     """contrast_rows with each token's inputs weighted by the base model's loss on the token it predicts (its
     label's negative log-likelihood; 0 where it predicts none): Σ_item = Σ_t w_t x_t x_tᵀ / Σ_t w_t. The inputs
     where the item says what the base model does not know (a fact's object after its subject and relation) are
     those B's first gradients come from, and those the model is in when it must recall the item's knowledge."""
-    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted=True)
+    return _contrast(model, examples, targets, r, pad_id, batch_size, shrink, True, reference)
 
 
-def _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted: bool) -> dict[str, torch.Tensor]:
+def _contrast(model, examples, targets, r, pad_id, batch_size, shrink, weighted: bool, reference):
     weights = _label_losses(model, examples, pad_id, batch_size) if weighted else None
     moments, reads = input_moments(model, examples, targets, pad_id, batch_size, weights)
-    whiten = _reference_whitening(model, tuple(targets), batch_size, shrink)
+    whiten = _reference_whitening(model, tuple(targets), batch_size, shrink, reference, pad_id)
     done = {owner: _signed_rows(m.top(r, whiten[owner]), r) for owner, m in moments.items()}
     return {name: done[owner] for name, owner in reads.items()}
 
@@ -191,21 +209,27 @@ def reference_examples(model, sequences: int = REFERENCE_SEQUENCES, length: int 
     return [(row.tolist(), row.tolist()) for row in out.cpu()]
 
 
-_REFERENCE: dict = {}  # "model": a weak reference, "key": (targets, shrink), "factors": {module: L}; one model
+# "model": a weak reference, "key": (targets, shrink, the reference's digest), "factors": {module: L}; one model
+_REFERENCE: dict = {}
 
 
-def _reference_whitening(model, targets: tuple, batch_size: int, shrink: float) -> dict[str, torch.Tensor]:
-    """{reading module: L}, the Cholesky factor of Σ_ref + δI over reference_examples(model), once per model
-    (held by a weak reference: another model at a freed one's address is not taken for it)."""
+def _reference_whitening(
+    model, targets: tuple, batch_size: int, shrink: float, reference=None, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """{reading module: L}, the Cholesky factor of Σ_ref + δI over `reference` (None: reference_examples(model)),
+    once per model and reference (the model held by a weak reference: another model at a freed one's address
+    is not taken for it)."""
     held = _REFERENCE.get("model")
-    if held is None or held() is not model or _REFERENCE["key"] != (targets, shrink):
-        moments, _ = input_moments(model, reference_examples(model), list(targets), 0, batch_size)
+    digest = None if reference is None else hashlib.sha256(json.dumps(reference).encode()).hexdigest()
+    if held is None or held() is not model or _REFERENCE["key"] != (targets, shrink, digest):
+        examples = reference_examples(model) if reference is None else reference
+        moments, _ = input_moments(model, examples, list(targets), pad_id, batch_size)
         factors = {}
         for owner, m in moments.items():
             sigma = m.second_moment()
             d = len(sigma)
             factors[owner] = torch.linalg.cholesky(sigma + shrink * sigma.trace() / d * torch.eye(d, dtype=sigma.dtype))
-        _REFERENCE.update(model=weakref.ref(model), key=(targets, shrink), factors=factors)
+        _REFERENCE.update(model=weakref.ref(model), key=(targets, shrink, digest), factors=factors)
     return _REFERENCE["factors"]
 
 

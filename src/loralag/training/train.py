@@ -108,6 +108,10 @@ class TrainConfig:
     # generic text) or "salient" (contrast, each token weighted by the base model's loss on the token it
     # predicts), see training/activation_init.py; B starts at 0 either way
     init: str = "peft"
+    # init="contrast"/"salient" against these texts' pooled inputs instead of the base model's own samples (e.g.
+    # every task family's pairs: each adapter then aims at what tells its item from the rest of its library).
+    # The same texts for every adapter of a library keep each adapter independent of training order and grouping
+    contrast_against: list[str] = field(default_factory=list)
     # train B alone, A kept at its init (LoRA-FA, Zhang et al. 2023): A* rows then span the init's rows exactly.
     # For comparisons: on the bench's knowledge adapters it routes worse than training A (README, "Distinct inits")
     freeze_a: bool = False
@@ -398,7 +402,7 @@ def train_adapter(
         job,
         config,
         lambda tmp: _train_into(
-            model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed, job.library
+            model, job.examples, config, _pad_id(tokenizer), tmp, bar, job.under, job.seed, job.library, job.reference
         ),
     )
     return TrainResult(job.target, False, first, final)
@@ -416,6 +420,7 @@ class _Job:
     under: tuple[list, list[int]] | None = None  # (frozen LoraAdapters, per example: index into them or -1)
     seed: int = 0  # adapter_seed(config.seed, name)
     library: UnderLibrary | None = None  # routed under every example
+    reference: list | None = None  # config.contrast_against as (ids, labels) examples, None when empty
 
 
 def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) -> _Job:
@@ -424,6 +429,7 @@ def _job(model, tokenizer, item: TrainItem, out_dir: Path, config: TrainConfig) 
         build_examples(tokenizer, item, config),
         out_dir / item.name,
         seed=config.seed if config.shared_init else adapter_seed(config.seed, item.name),
+        reference=_reference_examples(tokenizer, config),
     )
     job.under = _read_under(item, config)
     job.library, library_key = _read_library(item, config)
@@ -554,7 +560,8 @@ def _write_adapter(job: _Job, config: TrainConfig, fill) -> tuple[float, float]:
             "seed": job.seed,
             "first_loss": first,
             "final_loss": final,
-            "config": asdict(config),
+            # the contrast texts by count and digest (a library's texts would fill every adapter's marker)
+            "config": asdict(config) | {"contrast_against": _texts_digest(config.contrast_against)},
             "examples": len(job.examples),
         }
         if job.library is not None:  # what it was trained under, for whoever reads the folder
@@ -642,12 +649,13 @@ def _train_into(
     under: tuple[list, list[int]] | None,
     seed: int,
     library: UnderLibrary | None = None,
+    reference: list | None = None,
 ) -> tuple[float, float]:
     losses = []
     # Seed inside a forked RNG: deterministic LoRA init and order without touching the caller's RNG.
     with torch.random.fork_rng(), ExitStack() as stack:
         torch.manual_seed(seed)
-        init = _init_rows(model, examples, config, pad_id)  # of the base model alone, as at the first step
+        init = _init_rows(model, examples, config, pad_id, reference)  # of the base model alone, as at step one
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         routed = stack.enter_context(_routed_library(model, library)) if library is not None else None
         with _peft_attached(model, _lora_config(model, config)) as peft_model:
@@ -740,7 +748,7 @@ def _train_adapters_grouped(
                     job,
                     config,
                     lambda tmp: _train_into(
-                        model, job.examples, config, pad_id, tmp, bar, job.under, job.seed, job.library
+                        model, job.examples, config, pad_id, tmp, bar, job.under, job.seed, job.library, job.reference
                     ),
                 )
             else:
@@ -749,7 +757,7 @@ def _train_adapters_grouped(
                     group,
                     config,
                     pad_id,
-                    [_lora_init(model, config, job.seed, job.examples, pad_id) for job in group],
+                    [_lora_init(model, config, job.seed, job.examples, pad_id, job.reference) for job in group],
                     bar,
                 )
             bar.update(len(group))
@@ -802,9 +810,22 @@ def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
 def _check_init(config: TrainConfig) -> None:
     if config.init not in INITS:
         raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
+    if config.contrast_against:
+        if config.init not in ("contrast", "salient"):
+            raise LoralagError(f"contrast_against is a reference for init 'contrast' or 'salient', not {config.init!r}")
+        for i, text in enumerate(config.contrast_against):
+            if not isinstance(text, str) or not text.strip():
+                raise LoralagError(f"contrast_against[{i}] must be a non-empty string, got {text!r}")
 
 
-def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None:
+def _reference_examples(tokenizer, config: TrainConfig) -> list | None:
+    """config.contrast_against tokenized as documents are (windows of max_length), or None when it is empty."""
+    if not config.contrast_against:
+        return None
+    return [ex for text in config.contrast_against for ex in build_examples(tokenizer, Document("ref", text), config)]
+
+
+def _init_rows(model, examples, config: TrainConfig, pad_id: int, reference: list | None = None) -> dict | None:
     _check_init(config)  # also for train_adapter called directly
     if config.init == "peft":
         return None
@@ -815,7 +836,9 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int) -> dict | None
         "contrast": activation_init.contrast_rows,
         "salient": activation_init.salient_rows,
     }[config.init]
-    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
+    if reference is None:
+        return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
+    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size, reference=reference)
 
 
 @torch.no_grad()
@@ -832,10 +855,10 @@ def _set_init_rows(model, init: dict | None) -> None:
             A[found] = rows[found] * A.norm(dim=1).mean()
 
 
-def _lora_init(model, config: TrainConfig, seed: int, examples=None, pad_id: int = 0) -> dict:
-    """The initial LoRA factors for an adapter's seed (and, for init="activations", its examples):
-    {module name: (A, B, scale)}, taken from get_peft_model exactly as `_train_into` seeds it."""
-    init = _init_rows(model, examples, config, pad_id)
+def _lora_init(model, config: TrainConfig, seed: int, examples=None, pad_id: int = 0, reference=None) -> dict:
+    """The initial LoRA factors for an adapter's seed (and, for a data-aware init, its examples and the contrast
+    reference): {module name: (A, B, scale)}, taken from get_peft_model exactly as `_train_into` seeds it."""
+    init = _init_rows(model, examples, config, pad_id, reference)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         with _peft_attached(model, _lora_config(model, config)):
@@ -1063,7 +1086,18 @@ def _key_config(config: TrainConfig) -> dict:
         del out["init"]
     if not out["freeze_a"]:  # and `freeze_a`
         del out["freeze_a"]
+    if out["contrast_against"]:  # and `contrast_against`, held by its digest (a library's texts: large)
+        out["contrast_against"] = _texts_digest(config.contrast_against)
+    else:
+        del out["contrast_against"]
     return out
+
+
+def _texts_digest(texts: list[str]) -> str | None:
+    """'N texts, sha256 …' for a list of texts (None when empty): what markers and cache keys hold of them."""
+    if not texts:
+        return None
+    return f"{len(texts)} texts, sha256 {hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()}"
 
 
 def _read_marker(folder: Path) -> dict:

@@ -21,6 +21,8 @@ GRANULARITIES = ("token", "sequence", "both")
 # what the task adapters (but fact checking's) train under (task_under)
 TASK_UNDER = ("none", "lag", "lag-bare", "lag-fact")
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
+# what the task adapters' contrast/salient init contrasts each family's inputs with (task_contrast)
+TASK_CONTRAST = ("generic", "families")
 
 
 @dataclass
@@ -56,6 +58,10 @@ class BenchConfig:
     task_lr: float = 2e-3
     task_batch: int = 4
     task_init: str = "contrast"
+    # "generic": the contrast/salient init against generic text (the base model's own samples); "families":
+    # against every task family's training pairs pooled (TrainConfig.contrast_against), so each task adapter's
+    # A starts on what tells its family's inputs from the other families'
+    task_contrast: str = "generic"
     # the task adapters' training seed (None: seed): another value retrains only them, into their own folder,
     # to measure how much one training of the task adapters moves the scores (README, LAMA)
     task_seed: int | None = None
@@ -146,6 +152,10 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
     for init in (cfg.know_init, cfg.task_init):
         if init not in INITS:
             raise LoralagError(f"an adapter init must be one of {INITS}, got {init!r}")
+    if cfg.task_contrast not in TASK_CONTRAST:
+        raise LoralagError(f"task_contrast must be one of {TASK_CONTRAST}, got {cfg.task_contrast!r}")
+    if cfg.task_contrast != "generic" and cfg.task_init not in ("contrast", "salient"):
+        raise LoralagError(f"task_contrast={cfg.task_contrast!r} needs task_init 'contrast' or 'salient'")
     if cfg.fc_form not in FC_FORMS:
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
     if cfg.task_under not in TASK_UNDER:

@@ -150,6 +150,14 @@ def _routed_for(dataset: str, routed, with_page: list[bool], cfg: BenchConfig):
     return replace(routed, pairs=tuple(not page for page in with_page))
 
 
+def _task_contrast_texts(data, cfg: BenchConfig) -> list[str]:
+    """--task-contrast families: every family's training pairs, prompt and answer as one text (the inputs the
+    task adapters train on), the reference of each task adapter's contrast init; [] for generic text."""
+    if cfg.task_contrast == "generic":
+        return []
+    return [prompt + answer for d in DATASETS for prompt, answer in data.task_pairs[d]]
+
+
 def _task_under_note(cfg: BenchConfig) -> str:
     """The settings' sentence on what _routed_for gives the task adapters ("" for --task-under none)."""
     if cfg.task_under == "none":
@@ -164,14 +172,16 @@ def _task_under_note(cfg: BenchConfig) -> str:
 
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
-    switching `--know-init`, `--task-init`, `--shared-init`, `--know-qa` (or BenchConfig.know_freeze_a) trains
-    into its own folder and switching back finds the earlier adapters instead of retraining them in place. The
-    task adapters depend on the knowledge adapters too: fact checking trains under them. A --task-seed,
-    --fc-steps, --fc-form, --fc-all-under or --task-under of its own gets its own task folder."""
+    switching `--know-init`, `--task-init`, `--task-contrast`, `--shared-init`, `--know-qa` (or
+    BenchConfig.know_freeze_a) trains into its own folder and switching back finds the earlier adapters instead of
+    retraining them in place. The task adapters depend on the knowledge adapters too: fact checking trains under
+    them. A --task-seed, --fc-steps, --fc-form, --fc-all-under or --task-under of its own gets its own task
+    folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
     task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
+    task += f"-vs-{cfg.task_contrast}" if cfg.task_contrast != "generic" else ""
     task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
     task += "-qa" if cfg.know_qa else ""
     task += "-frozen-a" if cfg.know_freeze_a else ""
@@ -345,6 +355,7 @@ def _run(
         seed=cfg.seed if cfg.task_seed is None else cfg.task_seed,
         shared_init=cfg.shared_init,
         init=cfg.task_init,
+        contrast_against=_task_contrast_texts(data, cfg),
     )
     task_items = [
         QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under])
