@@ -36,6 +36,12 @@ def main():
     p.add_argument("--qa", action="store_true", help="each fact also restated as a question and answer (--know-qa)")
     p.add_argument("--freeze-a", action="store_true", help="train B alone, A kept at its init (--know-freeze-a)")
     p.add_argument(
+        "--vs-library",
+        action="store_true",
+        help="contrast/salient against the library's own texts (every document's, pooled: "
+        "TrainConfig.contrast_against) instead of generic text",
+    )
+    p.add_argument(
         "--where",
         action="store_true",
         help="also LAG with the gold adapter on the prompt only, and at the answer positions only",
@@ -58,6 +64,8 @@ def main():
     unknown = sorted(set(inits) - set(INITS))
     if unknown or not inits:
         p.error(f"--inits: unknown {unknown}; choose from {INITS}")
+    if args.vs_library and set(inits) - {"contrast", "salient"}:
+        p.error("--vs-library is a reference for the contrast and salient inits only")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.entities
@@ -83,6 +91,8 @@ def main():
     rows, timings = [], {}
     for init in inits:
         kcfg = knowledge_train_config(replace(cfg, know_init=init))
+        if args.vs_library:
+            kcfg = replace(kcfg, contrast_against=[t for d in docs for t in (d.text, *d.extra_texts)])
         t = time.perf_counter()
         # a folder per init (and step count, rank, QA texts): one folder holds one version of each adapter name,
         # and would retrain it per setting
@@ -90,6 +100,7 @@ def main():
         folder += f"-r{cfg.know_r}" if cfg.know_r != default.know_r else ""
         folder += "-qa" if cfg.know_qa else ""
         folder += "-frozen-a" if cfg.know_freeze_a else ""
+        folder += "-vs-library" if args.vs_library else ""
         paths = train_adapters(model, tok, docs, cache / "knowledge-inits" / folder, kcfg, progress=True)
         timings[init] = time.perf_counter() - t
         lib = build_library(
@@ -118,6 +129,7 @@ def main():
         f"Data `{args.data}`; the bench's knowledge settings (rank {cfg.know_r}, {cfg.know_steps} steps"
         + (", each fact also as a question and answer" if cfg.know_qa else "")
         + (", A frozen at its init" if cfg.know_freeze_a else "")
+        + (", contrasted with the library's own texts pooled" if args.vs_library else "")
         + "). Knowledge"
         " library only; prompt prefilled, the gold answer fed token by token with the KV cache. Chance: "
         f"{100 / n:.1f}%.",
