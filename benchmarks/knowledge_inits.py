@@ -58,7 +58,7 @@ def main():
     from loralag.library.store import build_library, module_shapes
     from loralag.models import load_model
     from loralag.training import INITS
-    from loralag.training.train import train_adapters
+    from loralag.training.train import item_texts, train_adapters
 
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(set(inits) - set(INITS))
@@ -92,7 +92,7 @@ def main():
     for init in inits:
         kcfg = knowledge_train_config(replace(cfg, know_init=init))
         if args.vs_library:
-            kcfg = replace(kcfg, contrast_against=[t for d in docs for t in (d.text, *d.extra_texts)])
+            kcfg = replace(kcfg, contrast_against=[t for d in docs for t in item_texts(d)])
         t = time.perf_counter()
         # a folder per init (and step count, rank, QA texts): one folder holds one version of each adapter name,
         # and would retrain it per setting

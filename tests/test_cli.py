@@ -240,6 +240,39 @@ def test_train_one_at_a_time_grouped_and_in_workers_write_the_same_adapters(worl
     assert [f.stat().st_mtime_ns for f in files] == stamps  # all up to date: nothing retrained
 
 
+def test_train_contrast_against_the_library_gives_train_adapters_adapters(world, tmp_path):
+    """--contrast-against INPUTS: each adapter's contrast init against every input's texts pooled, the adapter
+    train_adapters writes with TrainConfig.contrast_against = those texts (item_texts); without it, another one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from loralag.models import load_model
+    from loralag.training.train import TrainConfig, _read_marker, item_texts, read_training_inputs, train_adapters
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zarn.txt").write_text("the red moon has a capital called zarn . zarn is old .")
+    (docs / "pairs.jsonl").write_text(json.dumps({"prompt": "capital of the red moon ?", "answer": "zarn"}) + "\n")
+    args = ("--model", world / "model", "-t", "up_proj", "--steps", "3", "--init", "contrast")
+    mine = invoke("train", tmp_path / "mine", docs, *args, "--contrast-against", docs)
+    plain = invoke("train", tmp_path / "plain", docs, *args)
+    assert mine.exit_code == 0 and plain.exit_code == 0, output(mine) + output(plain)
+    items = read_training_inputs([docs])
+    texts = [t for item in items for t in item_texts(item)]
+    assert texts == ["capital of the red moon ?zarn", "the red moon has a capital called zarn . zarn is old ."]
+    model, tok = load_model(str(world / "model"), dtype=torch.float32)
+    config = TrainConfig(target_modules=["up_proj"], steps=3, init="contrast", contrast_against=texts)
+    [ref] = train_adapters(model, tok, [i for i in items if i.name == "zarn"], tmp_path / "ref", config, progress=False)
+    a, b = (
+        load_file(ref / "adapter_model.safetensors"),
+        load_file(tmp_path / "mine" / "zarn" / "adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    c = load_file(tmp_path / "plain" / "zarn" / "adapter_model.safetensors")
+    assert any(not torch.allclose(c[k], b[k], atol=1e-4) for k in c if "lora_A" in k)
+    assert _read_marker(tmp_path / "mine" / "zarn")["config"]["contrast_against"].startswith("2 texts, sha256 ")
+
+
 def test_train_pairs_under_a_frozen_adapter(world, tmp_path):
     docs, checks = tmp_path / "docs", tmp_path / "checks"
     docs.mkdir(), checks.mkdir()
@@ -335,6 +368,7 @@ BAD_ARGS = [
     (["bench", "--methods", "lag,lagg"], "lagg"),
     (["bench", "--methods", " , "], "--methods"),
     (["train", "{tmp}/out", "{tmp}", "--init", "eva"], "eva"),
+    (["train", "{tmp}/out", "{tmp}", "--contrast-against", "{tmp}"], "--init contrast or salient, not peft"),
 ]
 
 CHECK_SCRIPT = """

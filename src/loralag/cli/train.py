@@ -45,6 +45,14 @@ def train(
         "benchmarks/results/train.md).",
     ),
     init: Init = typer.Option(Init.peft, "--init", help=INIT_HELP),
+    contrast_against: Optional[list[Path]] = typer.Option(
+        None,
+        "--contrast-against",
+        exists=True,
+        help="Training inputs (files or folders, as INPUTS; repeatable) whose texts pooled are the contrast/salient "
+        "init's reference instead of generic text: give the whole library (e.g. INPUTS again) to start each "
+        "adapter on what tells its input from the rest; another set of texts retrains every adapter.",
+    ),
     workers: int = typer.Option(
         1,
         "--workers",
@@ -67,6 +75,8 @@ def train(
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
         raise LoralagError("give --steps or --epochs, not both")
+    if contrast_against and init.value not in ("contrast", "salient"):
+        raise LoralagError(f"--contrast-against is a reference for --init contrast or salient, not {init.value}")
     _check_ray(ray)
     if workers > 1 and (group_size > 1 or ray is not None):
         raise LoralagError("--workers trains here in processes: not with --group-size or --ray")
@@ -77,9 +87,12 @@ def train(
     with waiting("Reading the training inputs …") as status:
         _prepare_model(model, status)
         status.update("Reading the training inputs …")
-        from loralag.training.train import read_training_inputs
+        from loralag.training.train import item_texts, read_training_inputs
 
         items = read_training_inputs(inputs)
+        reference = (
+            [t for item in read_training_inputs(contrast_against) for t in item_texts(item)] if contrast_against else []
+        )
     from loralag.training.train import TrainConfig, train_for_epochs
 
     if under_library is not None:
@@ -94,6 +107,7 @@ def train(
         lr=lr,
         max_length=max_length,
         init=init.value,
+        contrast_against=reference,
     )
     if steps is not None:
         config.steps = steps

@@ -223,6 +223,14 @@ def _check_name(name: str, where) -> str:
     return name
 
 
+def item_texts(item: TrainItem) -> list[str]:
+    """The texts an item trains on, each whole: a document's text and extra texts, a QAPairs item's prompt +
+    answer per pair (e.g. a library's texts for TrainConfig.contrast_against)."""
+    if isinstance(item, Document):
+        return [item.text, *item.extra_texts]
+    return [prompt + answer for prompt, answer in item.pairs]
+
+
 def recall_pairs(name: str, text: str, prompts: Sequence[str]) -> QAPairs:
     """Train an adapter to reproduce `text` when asked any of `prompts`
     (e.g. "Tell me about the Zorblax treaty."); the caller writes the prompts."""

@@ -153,9 +153,11 @@ def _routed_for(dataset: str, routed, with_page: list[bool], cfg: BenchConfig):
 def _task_contrast_texts(data, cfg: BenchConfig) -> list[str]:
     """--task-contrast families: every family's training pairs, prompt and answer as one text (the inputs the
     task adapters train on), the reference of each task adapter's contrast init; [] for generic text."""
+    from loralag.training.train import QAPairs, item_texts
+
     if cfg.task_contrast == "generic":
         return []
-    return [prompt + answer for d in DATASETS for prompt, answer in data.task_pairs[d]]
+    return [text for d in DATASETS for text in item_texts(QAPairs(d, data.task_pairs[d]))]
 
 
 def _task_under_note(cfg: BenchConfig) -> str:
