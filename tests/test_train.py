@@ -741,6 +741,10 @@ def test_contrast_against_a_librarys_texts_whitens_by_their_inputs(model, tok, t
     config = replace(GROUP_CFG, init="contrast", contrast_against=texts)
     reference = lt._reference_examples(tok, config)
     assert reference == [ex for t in texts for ex in lt.build_examples(tok, Document("d", t), config)]
+    assert lt._reference_examples(tok, replace(config)) is reference  # tokenized once for the library's adapters
+    fewer = lt._reference_examples(tok, replace(config, contrast_against=texts[:2]))
+    assert fewer == reference[: len(fewer)] and len(fewer) < len(reference)
+    reference = lt._reference_examples(tok, config)
     targets = ["q_proj", "down_proj"]
     examples = [ex for item in group_items() for ex in lt.build_examples(tok, item, config)]
     _check_contrast(model, tok, examples, targets, _inputs_alone(model, reference, targets), reference)

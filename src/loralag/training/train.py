@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -826,11 +827,23 @@ def _check_init(config: TrainConfig) -> None:
                 raise LoralagError(f"contrast_against[{i}] must be a non-empty string, got {text!r}")
 
 
+# the last contrast_against tokenized: "tokenizer" (a weak reference), "key" (max_length, digest), "examples"
+_REFERENCE_TOKENS: dict = {}
+
+
 def _reference_examples(tokenizer, config: TrainConfig) -> list | None:
-    """config.contrast_against tokenized as documents are (windows of max_length), or None when it is empty."""
+    """config.contrast_against tokenized as documents are (windows of max_length), or None when it is empty; once
+    per tokenizer and texts (every adapter of a library has the same: tokenizing them per adapter would cost
+    the library's size squared)."""
     if not config.contrast_against:
         return None
-    return [ex for text in config.contrast_against for ex in build_examples(tokenizer, Document("ref", text), config)]
+    key = (config.max_length, _texts_digest(config.contrast_against))
+    held = _REFERENCE_TOKENS.get("tokenizer")
+    if held is None or held() is not tokenizer or _REFERENCE_TOKENS["key"] != key:
+        texts = config.contrast_against
+        examples = [ex for text in texts for ex in build_examples(tokenizer, Document("ref", text), config)]
+        _REFERENCE_TOKENS.update(tokenizer=weakref.ref(tokenizer), key=key, examples=examples)
+    return _REFERENCE_TOKENS["examples"]
 
 
 def _init_rows(model, examples, config: TrainConfig, pad_id: int, reference: list | None = None) -> dict | None:
