@@ -57,15 +57,15 @@ def main():
     from loralag.experiments.lama.run import knowledge_document, knowledge_train_config
     from loralag.library.store import build_library, module_shapes
     from loralag.models import load_model
-    from loralag.training import INITS
+    from loralag.training import CONTRAST_INITS, INITS
     from loralag.training.train import item_texts, train_adapters
 
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(set(inits) - set(INITS))
     if unknown or not inits:
         p.error(f"--inits: unknown {unknown}; choose from {INITS}")
-    if args.vs_library and set(inits) - {"contrast", "salient"}:
-        p.error("--vs-library is a reference for the contrast and salient inits only")
+    if args.vs_library and set(inits) - set(CONTRAST_INITS):
+        p.error(f"--vs-library is a reference for the {' and '.join(CONTRAST_INITS)} inits only")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.entities

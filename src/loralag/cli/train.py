@@ -12,6 +12,7 @@ from loralag.cli.checks import _check_model, _check_ray
 from loralag.cli.loading import _prepare_model, load_model_waiting, waiting
 from loralag.cli.options import INIT_HELP, MODEL_HELP, Init, _ray_option
 from loralag.errors import LoralagError
+from loralag.training import CONTRAST_INITS
 
 
 @user_errors
@@ -75,8 +76,10 @@ def train(
     """Train one LoRA adapter per document or prompt/answer file (finished ones are skipped)."""
     if steps is not None and epochs is not None:
         raise LoralagError("give --steps or --epochs, not both")
-    if contrast_against and init.value not in ("contrast", "salient"):
-        raise LoralagError(f"--contrast-against is a reference for --init contrast or salient, not {init.value}")
+    if contrast_against and init.value not in CONTRAST_INITS:
+        raise LoralagError(
+            f"--contrast-against is a reference for --init {' or '.join(CONTRAST_INITS)}, not {init.value}"
+        )
     _check_ray(ray)
     if workers > 1 and (group_size > 1 or ray is not None):
         raise LoralagError("--workers trains here in processes: not with --group-size or --ray")

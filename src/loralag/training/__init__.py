@@ -6,3 +6,5 @@ Imports loralag.library and loralag.errors; never generation, serving, evaluatio
 
 # A LoRA init of TrainConfig.init (train.py, activation_init.py); here, so settings are checked without torch
 INITS = ("peft", "activations", "contrast", "salient")
+# the inits that read a reference (TrainConfig.contrast_against): generic text unless given one
+CONTRAST_INITS = ("contrast", "salient")

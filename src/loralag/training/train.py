@@ -42,7 +42,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loralag.errors import LoralagError
 from loralag.routing.swap import ModuleSwaps
-from loralag.training import INITS
+from loralag.training import CONTRAST_INITS, INITS
 from loralag.training.frozen_rows import frozen_adapters
 
 log = logging.getLogger(__name__)
@@ -820,8 +820,9 @@ def _check_init(config: TrainConfig) -> None:
     if config.init not in INITS:
         raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
     if config.contrast_against:
-        if config.init not in ("contrast", "salient"):
-            raise LoralagError(f"contrast_against is a reference for init 'contrast' or 'salient', not {config.init!r}")
+        if config.init not in CONTRAST_INITS:
+            inits = " or ".join(map(repr, CONTRAST_INITS))
+            raise LoralagError(f"contrast_against is a reference for init {inits}, not {config.init!r}")
         for i, text in enumerate(config.contrast_against):
             if not isinstance(text, str) or not text.strip():
                 raise LoralagError(f"contrast_against[{i}] must be a non-empty string, got {text!r}")
@@ -857,9 +858,8 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int, reference: lis
         "contrast": activation_init.contrast_rows,
         "salient": activation_init.salient_rows,
     }[config.init]
-    if reference is None:
-        return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size)
-    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size, reference=reference)
+    given = {} if reference is None else {"reference": reference}  # activation_rows reads no reference
+    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size, **given)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import FC_FORMS, build_data
-from loralag.training import INITS
+from loralag.training import CONTRAST_INITS, INITS
 
 PLAG_NOTE = (
     "P-LAG: LAG routes both libraries per token exactly as in `lag`, and the BM25 top-1 article's knowledge "
@@ -154,8 +154,10 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
             raise LoralagError(f"an adapter init must be one of {INITS}, got {init!r}")
     if cfg.task_contrast not in TASK_CONTRAST:
         raise LoralagError(f"task_contrast must be one of {TASK_CONTRAST}, got {cfg.task_contrast!r}")
-    if cfg.task_contrast != "generic" and cfg.task_init not in ("contrast", "salient"):
-        raise LoralagError(f"task_contrast={cfg.task_contrast!r} needs task_init 'contrast' or 'salient'")
+    if cfg.task_contrast != "generic" and cfg.task_init not in CONTRAST_INITS:
+        raise LoralagError(
+            f"task_contrast={cfg.task_contrast!r} needs task_init {' or '.join(map(repr, CONTRAST_INITS))}"
+        )
     if cfg.fc_form not in FC_FORMS:
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
     if cfg.task_under not in TASK_UNDER:
