@@ -615,7 +615,7 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["fc_all_under"] is None  # the last call did not set it: the config's default
     result = invoke("bench", "--data", tmp_path, "--fc-all-under")
     assert result.exit_code == 0 and seen["fc_all_under"] is True, output(result)
-    assert seen["task_under"] == "none"
+    assert seen["task_under"] is None and seen["task_contrast"] is None  # the size's
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag")
     assert result.exit_code == 0 and seen["task_under"] == "lag", output(result)
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag-bare")

@@ -353,6 +353,21 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
         size_config("tiny", task_contrast="families", task_init="peft")
 
 
+def test_the_full_size_trains_its_task_adapters_in_the_best_measured_setting():
+    """Full: lag-fact training and the families contrast; the smaller sizes neither. Another task init drops the
+    size's families contrast (it belongs to the contrast init) unless asked for, which another init refuses."""
+    full = size_config("full")
+    assert (full.task_under, full.task_contrast, full.task_init) == ("lag-fact", "families", "contrast")
+    for size in ("tiny", "small"):
+        assert (size_config(size).task_under, size_config(size).task_contrast) == ("none", "generic")
+    assert size_config("full", task_init="salient").task_contrast == "families"
+    peft = size_config("full", task_init="peft")
+    assert (peft.task_contrast, peft.task_under) == ("generic", "lag-fact")
+    assert size_config("full", task_contrast="generic").task_contrast == "generic"
+    with pytest.raises(LoralagError, match="needs task_init 'contrast' or 'salient'"):
+        size_config("full", task_init="peft", task_contrast="families")
+
+
 def test_task_contrast_families_pools_every_familys_training_pairs(lama_dir):
     from loralag.experiments.lama.run import _task_contrast_texts
 

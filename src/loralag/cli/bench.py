@@ -78,14 +78,14 @@ def bench(
         "the first 48 at full size; the rest only where the base model knows the fact, without an adapter); "
         "trains into its own folder.",
     ),
-    task_under: TaskUnder = typer.Option(
-        TaskUnder.none,
+    task_under: Optional[TaskUnder] = typer.Option(
+        None,
         "--task-under",
         help="'lag': the slot-filling, QA and entity-linking adapters train under every training entity's "
         "knowledge adapter, routed per token by LAG as at test time; 'lag-bare': their pairs without a page in "
-        "front only; 'lag-fact': slot filling's and QA's only (default 'none': without knowledge adapters); "
-        "trains the knowledge adapters of the training entities that lack one (cached beside fact checking's), "
-        "and these task adapters into their own folder.",
+        "front only; 'lag-fact': slot filling's and QA's only (the full size's); 'none': without knowledge adapters "
+        "(the smaller sizes'). The first three train the knowledge adapters of the training entities that lack one "
+        "(cached beside fact checking's), and these task adapters into their own folder.",
     ),
     shared_init: bool = typer.Option(
         False,
@@ -94,12 +94,13 @@ def bench(
     ),
     know_init: Init = typer.Option(Init.contrast, "--know-init", help="The knowledge adapters' " + INIT_HELP),
     task_init: Init = typer.Option(Init.contrast, "--task-init", help="The task adapters' " + INIT_HELP),
-    task_contrast: TaskContrast = typer.Option(
-        TaskContrast.generic,
+    task_contrast: Optional[TaskContrast] = typer.Option(
+        None,
         "--task-contrast",
         help="What the task adapters' contrast/salient init contrasts each family's inputs with: 'generic' text "
         "(the base model's own samples) or the 'families' (every task family's training pairs pooled: each "
-        "adapter starts on what tells its family apart); trains into its own folder.",
+        "adapter starts on what tells its family apart; the full size's with a contrast or salient task init); "
+        "trains into its own folder.",
     ),
     know_qa: bool = typer.Option(
         False,
@@ -150,11 +151,11 @@ def bench(
         fc_form=fc_form.value,
         fc_steps=fc_steps,
         fc_all_under=fc_all_under or None,
-        task_under=task_under.value,
+        task_under=task_under.value if task_under else None,
         shared_init=shared_init or None,
         know_init=know_init.value,
         task_init=task_init.value,
-        task_contrast=task_contrast.value,
+        task_contrast=task_contrast.value if task_contrast else None,
         know_qa=know_qa or None,
         task_seed=task_seed,
         n_entities=entities,

@@ -60,7 +60,7 @@ class BenchConfig:
     task_init: str = "contrast"
     # "generic": the contrast/salient init against generic text (the base model's own samples); "families":
     # against every task family's training pairs pooled (TrainConfig.contrast_against), so each task adapter's
-    # A starts on what tells its family's inputs from the other families'
+    # A starts on what tells its family's inputs from the other families' (the full size's)
     task_contrast: str = "generic"
     # the task adapters' training seed (None: seed): another value retrains only them, into their own folder,
     # to measure how much one training of the task adapters moves the scores (README, LAMA)
@@ -68,8 +68,8 @@ class BenchConfig:
     # "lag": the slot-filling, QA and entity-linking adapters train under the training entities' knowledge
     # library routed per token by this router (at k), the knowledge per-token LAG delivers at test time, right
     # or wrong, instead of none; "lag-bare": only their pairs without a page in front (RAG's pairs have their
-    # knowledge source); "lag-fact": slot filling and QA only, the two families that need the fact (entity
-    # linking trains as by default: under the routed library it answered worse, README); "none" (default): without
+    # knowledge source); "lag-fact" (the full size's): slot filling and QA only, the two families that need the
+    # fact (entity linking trains without: under the routed library it answered worse, README); "none": without
     # knowledge adapters
     task_under: str = "none"
     # evaluation
@@ -104,6 +104,10 @@ SIZES = {
     "small": dict(n_entities=12, n_train_pairs=60, fc_bare_facts=16, task_steps=40, task_batch=4, task_lr=2e-3),
     # the benchmark: 200 knowledge adapters
     # answering in bfloat16: 1.75x faster here (CPUs with AVX512-BF16 or AMX), as such models usually run
+    # slot filling's and QA's task adapters trained under the routed knowledge, every task adapter's init
+    # contrasted with the other families: per-token LAG's best measured setting (README, "Where the shortfall
+    # lies"); not at the small size, where the training entities' knowledge adapters (44 more) would add about
+    # 11 minutes to its 19
     "full": dict(
         n_entities=200,
         questions_per_dataset=200,
@@ -112,6 +116,8 @@ SIZES = {
         task_batch=4,
         task_lr=2e-3,
         eval_dtype="bfloat16",
+        task_under="lag-fact",
+        task_contrast="families",
     ),
 }
 BASE_METHODS = (
@@ -145,6 +151,8 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
     if bad:
         raise LoralagError(f"unknown bench settings {sorted(bad)}; known: {sorted(known)}")
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("task_contrast") is None and cfg.task_init not in CONTRAST_INITS:
+        cfg = replace(cfg, task_contrast="generic")  # a size's families contrast goes with its contrast init
     if cfg.eval_dtype not in EVAL_DTYPES:
         raise LoralagError(f"eval_dtype must be one of {EVAL_DTYPES}, got {cfg.eval_dtype!r}")
     if cfg.granularity not in GRANULARITIES:
