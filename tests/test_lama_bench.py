@@ -347,6 +347,10 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
         adapter_folders(tmp_path, salient)["task"],
         families["task"],
     }
+    # task adapters with A frozen at its init: their own task folder, the same knowledge
+    b_only = adapter_folders(tmp_path, replace(default, task_freeze_a=True))
+    assert b_only["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
+    assert b_only["task"] not in {adapter_folders(tmp_path, default)["task"], frozen["task"], families["task"]}
     with pytest.raises(LoralagError, match="task_contrast must be one of"):
         size_config("tiny", task_contrast="library")
     with pytest.raises(LoralagError, match="needs task_init 'contrast' or 'salient'"):

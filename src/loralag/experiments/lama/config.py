@@ -58,6 +58,9 @@ class BenchConfig:
     task_lr: float = 2e-3
     task_batch: int = 4
     task_init: str = "contrast"
+    # train the task adapters' B alone, A kept at its init (TrainConfig.freeze_a): their arrows stay where the init
+    # put them, on what tells the families apart
+    task_freeze_a: bool = False
     # "generic": the contrast/salient init against generic text (the base model's own samples); "families":
     # against every task family's training pairs pooled (TrainConfig.contrast_against), so each task adapter's
     # A starts on what tells its family's inputs from the other families' (the full size's)

@@ -174,7 +174,7 @@ def _task_under_note(cfg: BenchConfig) -> str:
 
 def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     """Where the run's adapters are cached, a folder per init setting (the defaults keep the plain names), so
-    switching `--know-init`, `--task-init`, `--task-contrast`, `--shared-init`, `--know-qa` (or
+    switching `--know-init`, `--task-init`, `--task-contrast`, `--task-freeze-a`, `--shared-init`, `--know-qa` (or
     BenchConfig.know_freeze_a) trains into its own folder and switching back finds the earlier adapters instead of
     retraining them in place. The task adapters depend on the knowledge adapters too: fact checking trains under
     them. A --task-seed, --fc-steps, --fc-form, --fc-all-under or --task-under of its own gets its own task
@@ -184,6 +184,7 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     know += "-frozen-a" if cfg.know_freeze_a else ""
     task = shared + ("" if cfg.task_init == "peft" else f"-{cfg.task_init}")
     task += f"-vs-{cfg.task_contrast}" if cfg.task_contrast != "generic" else ""
+    task += "-b-only" if cfg.task_freeze_a else ""
     task += "" if cfg.know_init == "peft" else f"-under-{cfg.know_init}"
     task += "-qa" if cfg.know_qa else ""
     task += "-frozen-a" if cfg.know_freeze_a else ""
@@ -358,6 +359,7 @@ def _run(
         shared_init=cfg.shared_init,
         init=cfg.task_init,
         contrast_against=_task_contrast_texts(data, cfg),
+        freeze_a=cfg.task_freeze_a,
     )
     task_items = [
         QAPairs(FAMILY_OF[d], data.task_pairs[d], [under.get(e) for e in data.fc_under])
