@@ -616,9 +616,11 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     result = invoke("bench", "--data", tmp_path, "--fc-all-under")
     assert result.exit_code == 0 and seen["fc_all_under"] is True, output(result)
     assert seen["task_under"] is None and seen["task_contrast"] is None  # the size's
-    assert seen["task_freeze_a"] is None
+    assert seen["task_freeze_a"] is None  # the size's
     result = invoke("bench", "--data", tmp_path, "--task-freeze-a")
     assert result.exit_code == 0 and seen["task_freeze_a"] is True, output(result)
+    result = invoke("bench", "--data", tmp_path, "--task-train-a")
+    assert result.exit_code == 0 and seen["task_freeze_a"] is False, output(result)
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag")
     assert result.exit_code == 0 and seen["task_under"] == "lag", output(result)
     result = invoke("bench", "--data", tmp_path, "--task-under", "lag-bare")

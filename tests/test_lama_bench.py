@@ -358,12 +358,20 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
 
 
 def test_the_full_size_trains_its_task_adapters_in_the_best_measured_setting():
-    """Full: lag-fact training and the families contrast; the smaller sizes neither. Another task init drops the
-    size's families contrast (it belongs to the contrast init) unless asked for, which another init refuses."""
+    """Full: lag-fact training, the families contrast and B alone; the smaller sizes none of them. Another task
+    init drops the size's families contrast (it belongs to the contrast init) unless asked for, which another init
+    refuses."""
     full = size_config("full")
-    assert (full.task_under, full.task_contrast, full.task_init) == ("lag-fact", "families", "contrast")
+    assert (full.task_under, full.task_contrast, full.task_init, full.task_freeze_a) == (
+        "lag-fact",
+        "families",
+        "contrast",
+        True,
+    )
+    assert size_config("full", task_freeze_a=False).task_freeze_a is False
     for size in ("tiny", "small"):
-        assert (size_config(size).task_under, size_config(size).task_contrast) == ("none", "generic")
+        cfg = size_config(size)
+        assert (cfg.task_under, cfg.task_contrast, cfg.task_freeze_a) == ("none", "generic", False)
     assert size_config("full", task_init="salient").task_contrast == "families"
     peft = size_config("full", task_init="peft")
     assert (peft.task_contrast, peft.task_under) == ("generic", "lag-fact")

@@ -102,11 +102,11 @@ def bench(
         "adapter starts on what tells its family apart; the full size's with a contrast or salient task init); "
         "trains into its own folder.",
     ),
-    task_freeze_a: bool = typer.Option(
-        False,
-        "--task-freeze-a",
+    task_freeze_a: Optional[bool] = typer.Option(
+        None,
+        "--task-freeze-a/--task-train-a",
         help="Train the task adapters' B alone, A kept at its init (LoRA-FA's way), so their arrows stay on what "
-        "the init chose; trains into its own folder.",
+        "the init chose (the full size's), or A and B (the smaller sizes'); trains into its own folder.",
     ),
     know_qa: bool = typer.Option(
         False,
@@ -163,7 +163,7 @@ def bench(
         task_init=task_init.value,
         task_contrast=task_contrast.value if task_contrast else None,
         know_qa=know_qa or None,
-        task_freeze_a=task_freeze_a or None,
+        task_freeze_a=task_freeze_a,
         task_seed=task_seed,
         n_entities=entities,
         methods=chosen,

@@ -59,7 +59,7 @@ class BenchConfig:
     task_batch: int = 4
     task_init: str = "contrast"
     # train the task adapters' B alone, A kept at its init (TrainConfig.freeze_a): their arrows stay where the init
-    # put them, on what tells the families apart
+    # put them, on what tells the families apart (the full size's)
     task_freeze_a: bool = False
     # "generic": the contrast/salient init against generic text (the base model's own samples); "families":
     # against every task family's training pairs pooled (TrainConfig.contrast_against), so each task adapter's
@@ -108,9 +108,9 @@ SIZES = {
     # the benchmark: 200 knowledge adapters
     # answering in bfloat16: 1.75x faster here (CPUs with AVX512-BF16 or AMX), as such models usually run
     # slot filling's and QA's task adapters trained under the routed knowledge, every task adapter's init
-    # contrasted with the other families: per-token LAG's best measured setting (README, "Where the shortfall
-    # lies"); not at the small size, where the training entities' knowledge adapters (44 more) would add about
-    # 11 minutes to its 19
+    # contrasted with the other families and only B trained: per-token LAG's best measured setting (README,
+    # "Where the shortfall lies"); not at the small size, where the training entities' knowledge adapters (44
+    # more) would add about 11 minutes to its 19
     "full": dict(
         n_entities=200,
         questions_per_dataset=200,
@@ -121,6 +121,7 @@ SIZES = {
         eval_dtype="bfloat16",
         task_under="lag-fact",
         task_contrast="families",
+        task_freeze_a=True,
     ),
 }
 BASE_METHODS = (

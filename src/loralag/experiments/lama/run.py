@@ -523,7 +523,8 @@ def _run(
         "p_lag_definition": PLAG_NOTE,
         "task_training": _TRAINING_NOTE
         + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
-        + _task_under_note(cfg),
+        + _task_under_note(cfg)
+        + (" The task adapters train B alone, A kept at its init (task_freeze_a)." if cfg.task_freeze_a else ""),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
         "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "stop": list(ANSWER_STOP)},
         "torch_threads": torch.get_num_threads(),
