@@ -378,6 +378,8 @@ def test_the_full_size_trains_its_task_adapters_in_the_best_measured_setting():
     assert size_config("full", task_contrast="generic").task_contrast == "generic"
     with pytest.raises(LoralagError, match="needs task_init 'contrast' or 'salient'"):
         size_config("full", task_init="peft", task_contrast="families")
+    with pytest.raises(LoralagError, match="needs task_init 'contrast' or 'salient'"):
+        size_config(dict(task_init="peft", task_contrast="families"))  # a config that asks for both, as before
 
 
 def test_task_contrast_families_pools_every_familys_training_pairs(lama_dir):

@@ -155,7 +155,8 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
     if bad:
         raise LoralagError(f"unknown bench settings {sorted(bad)}; known: {sorted(known)}")
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("task_contrast") is None and cfg.task_init not in CONTRAST_INITS:
+    chosen_init = overrides.get("task_init") is not None and overrides.get("task_contrast") is None
+    if chosen_init and cfg.task_init not in CONTRAST_INITS:
         cfg = replace(cfg, task_contrast="generic")  # a size's families contrast goes with its contrast init
     if cfg.eval_dtype not in EVAL_DTYPES:
         raise LoralagError(f"eval_dtype must be one of {EVAL_DTYPES}, got {cfg.eval_dtype!r}")
