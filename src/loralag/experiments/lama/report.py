@@ -352,6 +352,15 @@ def report_markdown(results: dict) -> str:
             )
     if f and "error" not in f:
         lines += ["", "## Findings", "", *finding_lines(f)]
+    if results.get("intervals"):
+        from loralag.experiments.lama.intervals import intervals_markdown  # it imports this module
+
+        lines += [
+            "",
+            "## How much other questions would move the scores",
+            "",
+            *intervals_markdown(results["intervals"]),
+        ]
     lines += [
         "",
         "## Settings",

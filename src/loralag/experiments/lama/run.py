@@ -80,6 +80,7 @@ from loralag.experiments.lama.data import (
     rewrites,
     write_questions,
 )
+from loralag.experiments.lama.intervals import score_intervals
 from loralag.experiments.lama.report import (
     findings,
     gain_fractions,
@@ -550,6 +551,8 @@ def _run(
         "sequence_answers_reused": share.reused,
     }
     results["findings"] = findings(results, cfg)
+    if "oracle" in right and "error" not in normalised:
+        results["intervals"] = score_intervals(results)
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(report_markdown(results))

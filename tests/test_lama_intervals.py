@@ -1,0 +1,108 @@
+"""The LAMA bench's score intervals (experiments/lama/intervals.py) against independent references: the binomial
+standard error, scipy's own bootstrap, and the probability that a resample leaves the Oracle nothing right."""
+
+import numpy as np
+import pytest
+
+from loralag.errors import LoralagError
+from loralag.experiments.lama.data import DATASETS, SLOT_FILLING
+from loralag.experiments.lama.intervals import intervals_markdown, score_intervals
+
+
+def bits(right: np.ndarray) -> str:
+    return "".join("1" if r else "0" for r in right)
+
+
+def run(verdicts: dict[str, dict[str, np.ndarray]], k: int = 20, n_adapters: int = 200) -> dict:
+    """The part of a results.json that score_intervals reads."""
+    return {
+        "settings": {"config": {"k": k}, "n_knowledge_adapters": n_adapters},
+        "table": {m: {} for m in verdicts},
+        "right": {m: {d: bits(v) for d, v in per.items()} for m, per in verdicts.items()},
+    }
+
+
+def exactly(n: int, hits: int, rng) -> np.ndarray:
+    v = np.zeros(n, dtype=bool)
+    v[rng.choice(n, hits, replace=False)] = True
+    return v
+
+
+def test_the_interval_of_one_family_is_scipys_bootstrap_and_the_binomial_spread():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    n = 200
+    method = exactly(n, 150, rng)  # 75% right; the Oracle all right, so % of the Oracle = % right
+    iv = score_intervals(run({"oracle": {SLOT_FILLING: np.ones(n, bool)}, "m": {SLOT_FILLING: method}}), 4000)
+    r = iv["methods"]["m"]
+    assert r["AVG"] == pytest.approx(75.0)
+    ref = scipy_stats.bootstrap(
+        (100.0 * method,), np.mean, n_resamples=4000, method="percentile", random_state=np.random.default_rng(2)
+    ).confidence_interval
+    assert r["AVG_interval"][0] == pytest.approx(ref.low, abs=0.8)
+    assert r["AVG_interval"][1] == pytest.approx(ref.high, abs=0.8)
+    half = 1.96 * 100 * np.sqrt(0.75 * 0.25 / n)  # the normal approximation: 75 ± 6.0
+    assert r["AVG_interval"] == pytest.approx([75 - half, 75 + half], abs=0.8)
+
+
+def test_methods_share_each_draw_so_the_oracle_itself_never_moves_and_a_copy_of_it_neither():
+    rng = np.random.default_rng(3)
+    oracle = {d: exactly(200, 120, rng) for d in DATASETS}
+    base = {d: np.zeros(200, bool) for d in DATASETS}
+    iv = score_intervals(run({"base": base, "oracle": oracle, "copy": dict(oracle)}), 500)
+    for m in ("oracle", "copy"):
+        assert iv["methods"][m]["AVG_interval"] == pytest.approx([100.0, 100.0])
+        assert iv["methods"][m]["gain_interval"] == pytest.approx([100.0, 100.0])
+    # Four families of 200, each at 60% of an Oracle that is itself drawn: the AVG's spread is the four ratios'
+    half_way = {d: oracle[d] & exactly(200, 100, rng) for d in DATASETS}  # right where the Oracle is, half as often
+    iv = score_intervals(run({"base": base, "oracle": oracle, "half": half_way}), 2000)
+    lo, hi = iv["methods"]["half"]["AVG_interval"]
+    assert lo < iv["methods"]["half"]["AVG"] < hi
+    # the ratio's own spread, by the delta method: p(1-p)/n_oracle per family with p = hits/oracle hits, / 4 families
+    p = np.array([half_way[d].sum() / oracle[d].sum() for d in DATASETS])
+    sd = 100 * np.sqrt(np.sum(p * (1 - p) / np.array([oracle[d].sum() for d in DATASETS]))) / len(DATASETS)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * sd, rel=0.15)
+
+
+def test_targets_are_shares_of_the_resamples():
+    rng = np.random.default_rng(4)
+    oracle = {d: np.ones(200, bool) for d in DATASETS}
+    base = {d: np.zeros(200, bool) for d in DATASETS}
+    iv = score_intervals(
+        run(
+            {
+                "base": base,
+                "oracle": oracle,
+                "lag@20": {d: exactly(200, 196, rng) for d in DATASETS},  # 98%: above 92 in every draw
+                "lag-prefix@20": {d: exactly(200, 160, rng) for d in DATASETS},  # 80%: never 97
+                "arrow": {d: exactly(200, 100, rng) for d in DATASETS},
+                "r-lag": {d: exactly(200, 197, rng) for d in DATASETS},
+            }
+        ),
+        1000,
+    )
+    t = iv["targets"]
+    assert t["lag"] == {"method": "lag@20", "share_met": 1.0}
+    assert t["lag-prefix"]["share_met"] == 0.0
+    assert t["lag above arrow"]["share_met"] == 1.0
+    assert 0.0 < t["r-lag >= lag"]["share_met"] < 1.0  # 98.5 against 98.0: either, by draw
+    text = "\n".join(intervals_markdown(iv))
+    assert "| lag@20 | 98.0 |" in text and "in 100.0% of the resamples" in text
+
+
+def test_draws_that_leave_the_oracle_nothing_right_are_dropped_and_counted():
+    oracle = np.array([True, False, False])  # a resample misses the one right answer with p = (2/3)^3
+    iv = score_intervals(run({"oracle": {SLOT_FILLING: oracle}, "m": {SLOT_FILLING: oracle}}), 4000)
+    assert iv["dropped"] / 4000 == pytest.approx((2 / 3) ** 3, abs=0.03)
+    assert iv["methods"]["m"]["AVG_interval"] == pytest.approx([100.0, 100.0])
+    assert "dropped, the Oracle at 0" in "\n".join(intervals_markdown(iv))
+
+
+def test_runs_without_verdicts_or_with_mismatched_ones_are_refused_by_name():
+    with pytest.raises(LoralagError, match="no per-question verdicts"):
+        score_intervals({"settings": {}, "table": {}})
+    bad = run({"oracle": {SLOT_FILLING: np.ones(5, bool)}, "lag@20": {SLOT_FILLING: np.ones(4, bool)}})
+    with pytest.raises(LoralagError, match="lag@20 has 4 verdicts on lama_slot_filling, the oracle 5"):
+        score_intervals(bad)
+    with pytest.raises(LoralagError, match="no oracle"):
+        score_intervals(run({"m": {SLOT_FILLING: np.ones(5, bool)}}))
