@@ -640,7 +640,13 @@ def tiny_run(tmp_path_factory):
     t = time.perf_counter()
     try:
         results = run_bench(
-            "tiny", data_dir=data, out_dir=root / "results", cache_dir=root / "cache", progress=False, threads=threads
+            "tiny",
+            data_dir=data,
+            out_dir=root / "results",
+            cache_dir=root / "cache",
+            progress=False,
+            threads=threads,
+            task_freeze_a=True,  # the full size's task training (B alone), end to end
         )
     except ModelError as e:
         pytest.skip(f"default model unavailable: {e}")
@@ -727,6 +733,19 @@ def test_tiny_writes_the_results_folder(tiny_run):
             assert list(preds) == results["question_ids"][d] and len(bits) == n[d] and set(bits) <= {"0", "1"}
             assert 100 * bits.count("1") / n[d] == pytest.approx(results["table"][method][d])
     assert results["normalised"]["oracle"]["AVG"] == pytest.approx(100.0)
+    # the intervals over the questions: around the run's own figures, in results.md
+    iv = results["intervals"]["methods"]
+    for m, per in results["normalised"].items():
+        assert iv[m]["AVG"] == pytest.approx(per["AVG"])
+        lo, hi = iv[m]["AVG_interval"]
+        assert lo <= per["AVG"] <= hi
+    assert "## How much other questions would move the scores" in md
+    # task_freeze_a reached training: every task adapter's marker records it, no knowledge adapter's does
+    markers = [json.loads(p.read_text()) for p in Path(settings["cache_dir"]).rglob("loralag_train.json")]
+    task = [m for m in markers if set(m["config"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}]
+    assert len(task) == len(DATASETS) and all(m["config"].get("freeze_a") for m in task)
+    assert not any(m["config"].get("freeze_a") for m in markers if m not in task)
+    assert "B alone" in settings["task_training"]
     for required in (
         "base",
         "oracle",

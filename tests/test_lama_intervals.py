@@ -98,6 +98,22 @@ def test_draws_that_leave_the_oracle_nothing_right_are_dropped_and_counted():
     assert "dropped, the Oracle at 0" in "\n".join(intervals_markdown(iv))
 
 
+def test_draws_where_the_floor_reaches_the_oracle_have_no_gain_fraction_and_do_not_meet_a_target():
+    # a draw without question 1 leaves the base model level with the Oracle: p = (2/3)^3 of the draws with any
+    # right answer, (1/3)^3 of them also without a right answer for the Oracle (dropped)
+    oracle, base = np.array([True, True, False]), np.array([True, False, False])
+    lag = np.array([True, True, False])  # the Oracle's answers: 100% in every draw
+    iv = score_intervals(
+        run({"base": {SLOT_FILLING: base}, "oracle": {SLOT_FILLING: oracle}, "lag@20": {SLOT_FILLING: lag}}), 4000
+    )
+    kept = 4000 - iv["dropped"]
+    assert iv["methods"]["lag@20"]["AVG_interval"] == pytest.approx([100.0, 100.0])
+    assert iv["methods"]["lag@20"]["gain_interval"] == pytest.approx([100.0, 100.0])  # where it is defined
+    level = ((2 / 3) ** 3 - (1 / 3) ** 3) / (1 - (1 / 3) ** 3)  # of the kept draws, those without question 1
+    assert 1 - iv["targets"]["lag"]["share_met"] == pytest.approx(level, abs=0.03)
+    assert kept > 0
+
+
 def test_runs_without_verdicts_or_with_mismatched_ones_are_refused_by_name():
     with pytest.raises(LoralagError, match="no per-question verdicts"):
         score_intervals({"settings": {}, "table": {}})
