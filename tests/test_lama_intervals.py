@@ -3,6 +3,7 @@ standard error, scipy's own bootstrap, and the probability that a resample leave
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats  # the reference bootstrap (the test extra installs scipy)
 
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import DATASETS, SLOT_FILLING
@@ -29,7 +30,6 @@ def exactly(n: int, hits: int, rng) -> np.ndarray:
 
 
 def test_the_interval_of_one_family_is_scipys_bootstrap_and_the_binomial_spread():
-    scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
     n = 200
     method = exactly(n, 150, rng)  # 75% right; the Oracle all right, so % of the Oracle = % right
