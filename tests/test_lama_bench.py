@@ -8,6 +8,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
