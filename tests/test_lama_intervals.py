@@ -8,6 +8,7 @@ from scipy import stats as scipy_stats  # the reference bootstrap (the test extr
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import DATASETS, SLOT_FILLING
 from loralag.experiments.lama.intervals import intervals_markdown, score_intervals
+from loralag.experiments.lama.report import gain_fractions, normalise
 
 
 def bits(right: np.ndarray) -> str:
@@ -15,11 +16,15 @@ def bits(right: np.ndarray) -> str:
 
 
 def run(verdicts: dict[str, dict[str, np.ndarray]], k: int = 20, n_adapters: int = 200) -> dict:
-    """The part of a results.json that score_intervals reads."""
+    """The part of a results.json that score_intervals reads, normalised as the bench does."""
+    table = {m: {d: (100.0 * v.mean(), len(v)) for d, v in per.items()} for m, per in verdicts.items()}
+    normalised = normalise(table)[0] if "oracle" in verdicts else {}
     return {
         "settings": {"config": {"k": k}, "n_knowledge_adapters": n_adapters},
         "table": {m: {} for m in verdicts},
         "right": {m: {d: bits(v) for d, v in per.items()} for m, per in verdicts.items()},
+        "normalised": normalised,
+        "gain": gain_fractions(normalised) if normalised else {},
     }
 
 

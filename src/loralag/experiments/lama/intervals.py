@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from loralag.errors import LoralagError
-from loralag.experiments.lama.report import TARGETS, gain_fractions, headline_lag, headline_prefix, normalise
+from loralag.experiments.lama.report import TARGETS, _fmt, gain_fractions, headline_lag, headline_prefix, normalise
 
 RESAMPLES, LEVEL, SEED = 2000, 95.0, 0
 
@@ -73,11 +73,8 @@ def score_intervals(results: dict, resamples: int = RESAMPLES, level: float = LE
         values = [v for v in values if v is not None]
         return [float(q) for q in np.percentile(values, [tail, 100.0 - tail])] if values else None
 
-    point_table = {
-        m: {d: (float(100.0 * per[d].mean()), len(per[d])) for d in datasets if d in per} for m, per in verdicts.items()
-    }
-    point, _ = normalise(point_table)
-    point_gain = gain_fractions(point)
+    # the run's own figures: the same verdicts, normalised by the run (results.json's `normalised` and `gain`)
+    point, point_gain = results.get("normalised") or {}, results.get("gain") or {}
     methods = {
         m: {
             "AVG": point.get(m, {}).get("AVG"),
@@ -114,9 +111,6 @@ def score_intervals(results: dict, resamples: int = RESAMPLES, level: float = LE
 def intervals_markdown(iv: dict) -> list[str]:
     """The intervals as a markdown section (results.md and benchmarks/score_intervals.py)."""
 
-    def f(x):
-        return "—" if x is None else f"{x:.1f}"
-
     def span(x):
         return "—" if x is None else f"{x[0]:.1f} – {x[1]:.1f}"
 
@@ -131,7 +125,7 @@ def intervals_markdown(iv: dict) -> list[str]:
     ]
     for m, r in iv["methods"].items():
         lines.append(
-            f"| {m} | {f(r['AVG'])} | {span(r['AVG_interval'])} | {f(r['gain'])} | {span(r['gain_interval'])} |"
+            f"| {m} | {_fmt(r['AVG'])} | {span(r['AVG_interval'])} | {_fmt(r['gain'])} | {span(r['gain_interval'])} |"
         )
     if iv["targets"]:
         lines.append("")
