@@ -15,7 +15,16 @@ from __future__ import annotations
 import numpy as np
 
 from loralag.errors import LoralagError
-from loralag.experiments.lama.report import TARGETS, _fmt, gain_fractions, headline_lag, headline_prefix, normalise
+from loralag.experiments.lama.report import (
+    TARGETS,
+    _fmt,
+    comparisons,
+    gain_fractions,
+    headline_lag,
+    headline_prefix,
+    holds,
+    normalise,
+)
 
 RESAMPLES, LEVEL, SEED = 2000, 95.0, 0
 
@@ -93,10 +102,9 @@ def score_intervals(results: dict, resamples: int = RESAMPLES, level: float = LE
             ]
             targets[key] = {"method": name, "share_met": float(np.mean(met))}
     # the two comparisons, as the share of resamples in which they hold (paired: the same questions)
-    lag = headline_lag(results)
-    for key, (a, b, strict) in {"lag above arrow": (lag, "arrow", True), "r-lag >= lag": ("r-lag", lag, False)}.items():
-        if a and avg.get(a) and avg.get(b):
-            held = [x > y if strict else x >= y for x, y in zip(avg[a], avg[b], strict=True)]
+    for key, (a, b, strict) in comparisons(results).items():
+        if avg.get(a) and avg.get(b):
+            held = [holds(x, y, strict) for x, y in zip(avg[a], avg[b], strict=True)]
             targets[key] = {"method": a, "share_met": float(np.mean(held))}
     return {
         "resamples": resamples,
