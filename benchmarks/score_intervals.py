@@ -8,6 +8,13 @@ Per run and method: % of the Oracle (AVG) and the gain fraction with their 95% i
 the questions (each family's drawn with replacement, the same draw for every method:
 loralag.experiments.lama.intervals), and the share of resamples in which each of the issue's targets holds.
 Needs results.json's per-question verdicts (`right`, in runs since `lama-task-under-lag-fact-fp32`).
+With --seeds the runs are trainings of one setting that differ only in the task adapters' seed (`--task-seed`):
+it also reports, per method, the mean over them, one training's standard deviation and the t-interval of the mean
+(loralag.experiments.lama.intervals.across_seeds), the spread that resampling the questions does not see:
+
+    python benchmarks/score_intervals.py benchmarks/results/lama benchmarks/results/lama-task-b-only-seed{1,2,3,4} \\
+        --seeds --out benchmarks/results/seeds
+
 Writes intervals.md and intervals.json into --out.
 """
 
@@ -19,7 +26,15 @@ import sys
 from pathlib import Path
 
 from loralag.errors import LoralagError
-from loralag.experiments.lama.intervals import LEVEL, RESAMPLES, SEED, intervals_markdown, score_intervals
+from loralag.experiments.lama.intervals import (
+    LEVEL,
+    RESAMPLES,
+    SEED,
+    across_seeds,
+    across_seeds_markdown,
+    intervals_markdown,
+    score_intervals,
+)
 
 
 def main():
@@ -29,20 +44,28 @@ def main():
     p.add_argument("--level", type=float, default=LEVEL, help="interval level in %% (default 95)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/intervals"))
+    p.add_argument("--seeds", action="store_true", help="the runs differ only in --task-seed: also their spread")
     args = p.parse_args()
     if args.resamples < 1 or not 0 < args.level < 100:
         p.error("--resamples must be ≥ 1 and --level between 0 and 100")
     lines = ["# Score intervals over the questions", ""]
-    out = {}
+    out, loaded = {}, {}
     for run in args.runs:
         path = run / "results.json"
         try:
-            results = json.loads(path.read_text())
+            loaded[str(run)] = results = json.loads(path.read_text())
             iv = score_intervals(results, args.resamples, args.level, args.seed)
         except (OSError, json.JSONDecodeError, LoralagError) as e:
             sys.exit(f"{path}: {e}")
         out[str(run)] = iv
         lines += [f"## {run}", "", *intervals_markdown(iv), ""]
+    if args.seeds:
+        try:
+            spread = across_seeds(loaded, args.level)
+        except LoralagError as e:
+            sys.exit(f"--seeds: {e}")
+        out["across_seeds"] = spread
+        lines += ["## Across trainings of the task adapters", "", *across_seeds_markdown(spread), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "intervals.md").write_text("\n".join(lines))
     (args.out / "intervals.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -7,7 +7,7 @@ from scipy import stats as scipy_stats  # the reference bootstrap (the test extr
 
 from loralag.errors import LoralagError
 from loralag.experiments.lama.data import DATASETS, SLOT_FILLING
-from loralag.experiments.lama.intervals import intervals_markdown, score_intervals
+from loralag.experiments.lama.intervals import across_seeds, across_seeds_markdown, intervals_markdown, score_intervals
 from loralag.experiments.lama.report import gain_fractions, normalise
 
 
@@ -127,3 +127,53 @@ def test_runs_without_verdicts_or_with_mismatched_ones_are_refused_by_name():
         score_intervals(bad)
     with pytest.raises(LoralagError, match="no oracle"):
         score_intervals(run({"m": {SLOT_FILLING: np.ones(5, bool)}}))
+
+
+def trained(seed, avg: dict[str, float], **config) -> dict:
+    """The part of a results.json that across_seeds reads: one training's normalised AVG per method."""
+    normalised = {m: {"AVG": a} for m, a in avg.items()}
+    return {
+        "settings": {
+            "size": "full",
+            "model": "default",
+            "data_dir": "d",
+            "n_knowledge_adapters": 200,
+            "config": {"k": 20, "task_seed": seed, "methods": None, **config},
+        },
+        "normalised": normalised,
+        "gain": gain_fractions(normalised),
+    }
+
+
+def test_across_seeds_is_the_t_interval_of_the_mean_over_trainings():
+    lag = [91.97, 88.9, 93.0, 90.2]
+    runs = {
+        f"seed{s}": trained(s, {"base": 8.6, "oracle": 100.0, "lag@20": v, **({"rag": 85.0} if s else {})})
+        for s, v in enumerate(lag)
+    }
+    sp = across_seeds(runs)
+    r = sp["methods"]["lag@20"]["AVG"]
+    assert r["runs"] == lag and r["mean"] == pytest.approx(np.mean(lag))
+    assert r["sd"] == pytest.approx(np.std(lag, ddof=1))
+    ci = scipy_stats.ttest_1samp(lag, 0.0).confidence_interval(0.95)  # scipy's own route to the same interval
+    assert r["interval"] == pytest.approx([ci.low, ci.high])
+    gains = [(v - 8.6) / (100 - 8.6) * 100 for v in lag]  # the floor is the same in every run here
+    assert sp["methods"]["lag@20"]["gain"]["mean"] == pytest.approx(np.mean(gains))
+    assert sp["methods"]["oracle"]["AVG"]["sd"] == 0.0
+    assert "rag" not in sp["methods"] and sp["left_out"] == ["rag"]  # seed 0 did not run it
+    assert sp["task_seeds"] == [0, 1, 2, 3]
+    text = "\n".join(across_seeds_markdown(sp))
+    assert "| lag@20 | 92.0 / 88.9 / 93.0 / 90.2 | 91.0 |" in text and "left out: rag" in text
+
+
+def test_across_seeds_refuses_runs_of_other_settings():
+    a = trained(0, {"oracle": 100.0, "lag@20": 92.0})
+    with pytest.raises(LoralagError, match="at least two runs"):
+        across_seeds({"a": a})
+    b = trained(1, {"oracle": 100.0, "lag@20": 90.0}, task_freeze_a=False)
+    with pytest.raises(LoralagError, match=r"^b: config\.task_freeze_a is False, a's None"):
+        across_seeds({"a": a, "b": b})
+    c = trained(1, {"oracle": 100.0, "lag@20": 90.0})
+    c["settings"]["model"] = "gemma"
+    with pytest.raises(LoralagError, match=r"^c: settings\.model differs from a's"):
+        across_seeds({"a": a, "c": c})

@@ -145,3 +145,73 @@ def intervals_markdown(iv: dict) -> list[str]:
             what = f"holds {key!r}"
         lines.append(f"- {t['method']} {what} in {100 * t['share_met']:.1f}% of the resamples.")
     return lines
+
+
+# -- across trainings ------------------------------------------------------------------------------------------
+# What may differ between runs that are trainings of one setting: the task adapters' seed and the methods run.
+SEED_VARIANT = ("task_seed", "methods")
+
+
+def across_seeds(runs: dict[str, dict], level: float = LEVEL) -> dict:
+    """The spread of each method's % of the Oracle (AVG) and gain fraction over `runs` ({name: results.json}), runs
+    of one setting that differ only in the task adapters' seed: per method, the figures per run, their mean and
+    sample standard deviation, and the `level`% t-interval of the mean (the seed's spread, which the question
+    bootstrap above does not see). Methods missing from a run are left out and named. Needs scipy."""
+    from scipy import stats
+
+    if len(runs) < 2:
+        raise LoralagError(f"across trainings needs at least two runs, got {len(runs)}")
+    (first, ref), *rest = runs.items()
+    for name, results in rest:
+        for key in ("size", "model", "data_dir", "n_knowledge_adapters"):
+            if results["settings"].get(key) != ref["settings"].get(key):
+                raise LoralagError(f"{name}: settings.{key} differs from {first}'s: not trainings of one setting")
+        a, b = ref["settings"]["config"], results["settings"]["config"]
+        for key in sorted((set(a) | set(b)) - set(SEED_VARIANT)):
+            if a.get(key) != b.get(key):
+                raise LoralagError(
+                    f"{name}: config.{key} is {b.get(key)!r}, {first}'s {a.get(key)!r}: not trainings of one setting"
+                )
+    for name, results in runs.items():
+        if "error" in (results.get("normalised") or {"error": True}):
+            raise LoralagError(f"{name}: results.json has no normalised scores")
+    seeds = [r["settings"]["config"].get("task_seed") for r in runs.values()]
+    everywhere = set.intersection(*(set(r["normalised"]) for r in runs.values()))
+    methods = {}
+    for m in (m for m in ref["normalised"] if m in everywhere):
+        out = {}
+        for key, source in (("AVG", "normalised"), ("gain", "gain")):
+            values = [(r.get(source) or {}).get(m, {}).get("AVG") for r in runs.values()]
+            if any(v is None for v in values):
+                out[key] = None
+                continue
+            mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
+            half = float(stats.t.ppf(0.5 + level / 200, len(values) - 1)) * sd / np.sqrt(len(values))
+            out[key] = {"runs": values, "mean": mean, "sd": sd, "interval": [mean - half, mean + half]}
+        if out["AVG"] is not None:
+            methods[m] = out
+    left_out = sorted(set().union(*(set(r["normalised"]) for r in runs.values())) - everywhere)
+    return {"runs": list(runs), "task_seeds": seeds, "level": level, "methods": methods, "left_out": left_out}
+
+
+def across_seeds_markdown(sp: dict) -> list[str]:
+    """across_seeds as a markdown section (benchmarks/score_intervals.py --seeds)."""
+    seeds = ", ".join("default" if s is None else str(s) for s in sp["task_seeds"])
+    lines = [
+        f"{len(sp['runs'])} trainings of the task adapters (task seeds {seeds}), the rest of the setting the same: "
+        f"per method the mean over them, the standard deviation of one training, and the {sp['level']:.0f}% "
+        "t-interval of the mean.",
+        "",
+        "| method | % of Oracle (AVG) per training | mean | sd | interval of the mean | gain, mean | interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in sp["methods"].items():
+        a, g = r["AVG"], r["gain"]
+        lines.append(
+            f"| {m} | {' / '.join(_fmt(v) for v in a['runs'])} | {_fmt(a['mean'])} | {_fmt(a['sd'])} | "
+            f"{_fmt(a['interval'][0])} – {_fmt(a['interval'][1])} | "
+            + (f"{_fmt(g['mean'])} | {_fmt(g['interval'][0])} – {_fmt(g['interval'][1])} |" if g else "— | — |")
+        )
+    if sp["left_out"]:
+        lines += ["", "Not in every run, left out: " + ", ".join(sp["left_out"]) + "."]
+    return lines
