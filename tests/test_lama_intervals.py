@@ -131,7 +131,8 @@ def test_runs_without_verdicts_or_with_mismatched_ones_are_refused_by_name():
 
 def trained(seed, avg: dict[str, float], **config) -> dict:
     """The part of a results.json that across_seeds reads: one training's normalised AVG per method."""
-    normalised = {m: {"AVG": a} for m, a in avg.items()}
+    # two families: one that follows the AVG, one that swings by the run (a family at chance)
+    normalised = {m: {"AVG": a, "qa": a - 1.0, "fact_checking": 100.0 + 5.0 * (-1) ** seed} for m, a in avg.items()}
     return {
         "settings": {
             "size": "full",
@@ -162,7 +163,12 @@ def test_across_seeds_is_the_t_interval_of_the_mean_over_trainings():
     assert sp["methods"]["oracle"]["AVG"]["sd"] == 0.0
     assert "rag" not in sp["methods"] and sp["left_out"] == ["rag"]  # seed 0 did not run it
     assert sp["task_seeds"] == [0, 1, 2, 3]
+    fam = sp["methods"]["lag@20"]["families"]
+    assert fam["qa"]["mean"] == pytest.approx(np.mean(lag) - 1.0) and fam["qa"]["sd"] == pytest.approx(r["sd"])
+    swing = fam["fact_checking"]
+    assert swing["mean"] == 100.0 and swing["sd"] == pytest.approx(np.std([5, -5] * 2, ddof=1))
     text = "\n".join(across_seeds_markdown(sp))
+    assert "| method | qa | fact_checking |" in text and f"| lag@20 | 90.0 ({np.std(lag, ddof=1):.1f}) |" in text
     assert "| lag@20 | 92.0 / 88.9 / 93.0 / 90.2 | 91.0 |" in text and "left out: rag" in text
 
 

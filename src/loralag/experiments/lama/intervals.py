@@ -188,6 +188,13 @@ def across_seeds(runs: dict[str, dict], level: float = LEVEL) -> dict:
             mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
             half = float(stats.t.ppf(0.5 + level / 200, len(values) - 1)) * sd / np.sqrt(len(values))
             out[key] = {"runs": values, "mean": mean, "sd": sd, "interval": [mean - half, mean + half]}
+        # per family too: a family at chance (fact checking here) can carry most of the AVG's spread
+        per = [r["normalised"][m] for r in runs.values()]
+        out["families"] = {
+            f: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+            for f in per[0]
+            if f != "AVG" and None not in (v := [p.get(f) for p in per])
+        }
         if out["AVG"] is not None:
             methods[m] = out
     left_out = sorted(set().union(*(set(r["normalised"]) for r in runs.values())) - everywhere)
@@ -211,6 +218,19 @@ def across_seeds_markdown(sp: dict) -> list[str]:
             f"| {m} | {' / '.join(_fmt(v) for v in a['runs'])} | {_fmt(a['mean'])} | {_fmt(a['sd'])} | "
             f"{_fmt(a['interval'][0])} – {_fmt(a['interval'][1])} | "
             + (f"{_fmt(g['mean'])} | {_fmt(g['interval'][0])} – {_fmt(g['interval'][1])} |" if g else "— | — |")
+        )
+    families = list(next(iter(sp["methods"].values()), {}).get("families", {}))
+    lines += [
+        "",
+        "Per family (% of the Oracle): mean over the trainings (one training's standard deviation).",
+        "",
+        "| method | " + " | ".join(families) + " |",
+        "|---|" + "---|" * len(families),
+    ]
+    for m, r in sp["methods"].items():
+        cells = [r["families"].get(f) for f in families]
+        lines.append(
+            f"| {m} | " + " | ".join("—" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['sd'])})" for c in cells) + " |"
         )
     if sp["left_out"]:
         lines += ["", "Not in every run, left out: " + ", ".join(sp["left_out"]) + "."]
