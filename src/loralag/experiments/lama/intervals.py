@@ -23,6 +23,7 @@ from loralag.experiments.lama.report import (
     headline_lag,
     headline_prefix,
     holds,
+    md_table,
     normalise,
 )
 
@@ -220,18 +221,14 @@ def across_seeds_markdown(sp: dict) -> list[str]:
             + (f"{_fmt(g['mean'])} | {_fmt(g['interval'][0])} – {_fmt(g['interval'][1])} |" if g else "— | — |")
         )
     families = list(next(iter(sp["methods"].values()), {}).get("families", {}))
-    lines += [
-        "",
-        "Per family (% of the Oracle): mean over the trainings (one training's standard deviation).",
-        "",
-        "| method | " + " | ".join(families) + " |",
-        "|---|" + "---|" * len(families),
-    ]
-    for m, r in sp["methods"].items():
-        cells = [r["families"].get(f) for f in families]
-        lines.append(
-            f"| {m} | " + " | ".join("—" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['sd'])})" for c in cells) + " |"
-        )
+
+    def cell(c):
+        return "—" if c is None else f"{_fmt(c['mean'])} ({_fmt(c['sd'])})"
+
+    lines += ["", "Per family (% of the Oracle): mean over the trainings (one training's standard deviation).", ""]
+    lines += md_table(
+        ["method", *families], [[m, *(cell(r["families"].get(f)) for f in families)] for m, r in sp["methods"].items()]
+    )
     if sp["left_out"]:
         lines += ["", "Not in every run, left out: " + ", ".join(sp["left_out"]) + "."]
     return lines

@@ -218,6 +218,11 @@ def confusion_lines(routing: dict) -> list[str]:
     return lines
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line a row of already formatted cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "—"
@@ -288,15 +293,8 @@ def report_markdown(results: dict) -> str:
                 f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams) + f" | {_fmt(gain.get(m, {}).get('AVG'))} |"
             )
         if gain:
-            lines += [
-                "",
-                "### Gain fraction per family (%)",
-                "",
-                "| method | " + " | ".join(fams) + " |",
-                "|---|" + "---|" * len(fams),
-            ]
-            for m, per in gain.items():
-                lines.append(f"| {m} | " + " | ".join(_fmt(per.get(f)) for f in fams) + " |")
+            lines += ["", "### Gain fraction per family (%)", ""]
+            lines += md_table(["method", *fams], [[m, *(_fmt(per.get(f)) for f in fams)] for m, per in gain.items()])
     f = results.get("findings", {})
     if f and "error" not in f:
         lines += [
