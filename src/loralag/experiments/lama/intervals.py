@@ -129,13 +129,14 @@ def intervals_markdown(iv: dict) -> list[str]:
         + (f"; {iv['dropped']} dropped, the Oracle at 0 on a dataset" if iv["dropped"] else "")
         + ").",
         "",
-        "| method | % of Oracle (AVG) | interval | gain fraction | interval |",
-        "|---|---|---|---|---|",
     ]
-    for m, r in iv["methods"].items():
-        lines.append(
-            f"| {m} | {_fmt(r['AVG'])} | {span(r['AVG_interval'])} | {_fmt(r['gain'])} | {span(r['gain_interval'])} |"
-        )
+    lines += md_table(
+        ["method", "% of Oracle (AVG)", "interval", "gain fraction", "interval"],
+        [
+            [m, _fmt(r["AVG"]), span(r["AVG_interval"]), _fmt(r["gain"]), span(r["gain_interval"])]
+            for m, r in iv["methods"].items()
+        ],
+    )
     if iv["targets"]:
         lines.append("")
     for key, t in iv["targets"].items():
@@ -210,16 +211,20 @@ def across_seeds_markdown(sp: dict) -> list[str]:
         f"per method the mean over them, the standard deviation of one training, and the {sp['level']:.0f}% "
         "t-interval of the mean.",
         "",
-        "| method | % of Oracle (AVG) per training | mean | sd | interval of the mean | gain, mean | interval |",
-        "|---|---|---|---|---|---|---|",
     ]
+
+    def interval(x):
+        return f"{_fmt(x['interval'][0])} – {_fmt(x['interval'][1])}"
+
+    rows = []
     for m, r in sp["methods"].items():
         a, g = r["AVG"], r["gain"]
-        lines.append(
-            f"| {m} | {' / '.join(_fmt(v) for v in a['runs'])} | {_fmt(a['mean'])} | {_fmt(a['sd'])} | "
-            f"{_fmt(a['interval'][0])} – {_fmt(a['interval'][1])} | "
-            + (f"{_fmt(g['mean'])} | {_fmt(g['interval'][0])} – {_fmt(g['interval'][1])} |" if g else "— | — |")
+        rows.append(
+            [m, " / ".join(_fmt(v) for v in a["runs"]), _fmt(a["mean"]), _fmt(a["sd"]), interval(a)]
+            + ([_fmt(g["mean"]), interval(g)] if g else ["—", "—"])
         )
+    header = ["method", "% of Oracle (AVG) per training", "mean", "sd", "interval of the mean", "gain, mean"]
+    lines += md_table([*header, "interval"], rows)
     families = list(next(iter(sp["methods"].values()), {}).get("families", {}))
 
     def cell(c):
