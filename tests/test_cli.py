@@ -615,6 +615,13 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     assert seen["fc_all_under"] is None  # the last call did not set it: the config's default
     result = invoke("bench", "--data", tmp_path, "--fc-all-under")
     assert result.exit_code == 0 and seen["fc_all_under"] is True, output(result)
+    assert (seen["fc_false"], seen["fc_under_train"], seen["fc_train_a"]) == (None, None, None)  # the size's
+    result = invoke("bench", "--data", tmp_path, "--fc-false", "3", "--fc-capped", "--fc-freeze-a")
+    assert result.exit_code == 0, output(result)
+    assert (seen["fc_false"], seen["fc_under_train"], seen["fc_train_a"]) == (3, False, False)
+    result = invoke("bench", "--data", tmp_path, "--fc-under-train", "--fc-train-a")
+    assert result.exit_code == 0 and (seen["fc_under_train"], seen["fc_train_a"]) == (True, True), output(result)
+    assert invoke("bench", "--data", tmp_path, "--fc-false", "0").exit_code != 0
     assert seen["task_under"] is None and seen["task_contrast"] is None  # the size's
     assert seen["task_freeze_a"] is None  # the size's
     result = invoke("bench", "--data", tmp_path, "--task-freeze-a")

@@ -325,6 +325,15 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert fc_bare_cap(default) == default.fc_bare_facts and fc_bare_cap(replace(default, fc_all_under=True)) is None
     assert under["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
     assert under["task"] not in {adapter_folders(tmp_path, default)["task"], recall["task"]}
+    # more wrong objects, every training entity's claims under its adapter, A trained for fact checking: each its
+    # own task folder, the same knowledge ones; A trained where every task adapter trains it anyway: the same
+    frozen = replace(default, task_freeze_a=True)
+    variants = [replace(default, fc_false=2), replace(default, fc_under_train=True), replace(frozen, fc_train_a=True)]
+    folders = [adapter_folders(tmp_path, c) for c in (*variants, default, frozen)]
+    assert len({f["task"] for f in folders}) == 5 and len({f["knowledge"] for f in folders}) == 1
+    assert adapter_folders(tmp_path, replace(default, task_freeze_a=False, fc_train_a=True)) == adapter_folders(
+        tmp_path, replace(default, task_freeze_a=False)
+    )
     # task adapters trained under the routed training-entity library: their own task folder, the same knowledge
     routed = adapter_folders(tmp_path, replace(default, task_under="lag"))
     assert routed["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
@@ -873,6 +882,37 @@ def test_bare_fact_checking_pairs_train_under_their_entity():
         ("T2.", None),
         ("T5.", None),
     ]
+
+
+def test_fact_checking_pairs_under_every_entity_with_an_adapter():
+    from loralag.experiments.lama.data import Claim, fact_checking_pairs
+
+    claims = [Claim(f"T{i}.", f"F{i}.", f"Article {i}.", f"e{i}", more_false=(f"G{i}.",) * (i % 2)) for i in range(5)]
+    # e0, e1, e3 have a knowledge adapter: their claims bare under it, whatever context_every, the cap or known
+    # say; e2 and e4 with their page in front; a second wrong object (odd i) pairs with the true claim again
+    pairs = fact_checking_pairs(claims, None, context_every=2, max_bare=0, known=[False] * 5, under={"e0", "e1", "e3"})
+    claim_of = [p.split("Claim: ")[1].split("\n")[0] for p, _, _ in pairs]
+    assert claim_of == "T0. F0. T1. F1. T1. G1. T2. F2. T3. F3. T3. G3. T4. F4.".split()
+    assert [a.strip() for _, a, _ in pairs] == [SUPPORTS, REFUTES] * 7
+    assert [u for _, _, u in pairs] == ["e0"] * 2 + ["e1"] * 4 + [None] * 2 + ["e3"] * 4 + [None] * 2
+    assert all(("Article" in p) == (u is None) for p, _, u in pairs)
+    assert len(fact_checking_pairs(claims, 5, context_every=2, under={"e0"})) == 5  # n_pairs still caps
+
+
+def test_more_wrong_objects_per_fact_keep_the_first(lama_dir):
+    one = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1)
+    three = build_data(lama_dir, n_entities=4, n_train_pairs=8, seed=1, fc_false=3)
+    assert [(c.true, c.false) for c in three.claims] == [(c.true, c.false) for c in one.claims]
+    assert not any(c.more_false for c in one.claims) and any(c.more_false for c in three.claims)
+    for c in three.claims:
+        wrong = [c.false, *c.more_false]
+        assert len(wrong) <= 3 and len(set(wrong)) == len(wrong) and c.true not in wrong
+        # the same subject and relation: only the object differs from the true claim
+        head = c.true[: c.true.index(c.obj)] if c.obj in c.true else None
+        assert head is None or all(w.startswith(head) for w in wrong)
+    assert three.questions == one.questions  # the test questions do not depend on the training claims
+    with pytest.raises(LoralagError, match="fc_false"):
+        size_config("tiny", fc_false=0)
 
 
 def _data_and_default_tokenizer():

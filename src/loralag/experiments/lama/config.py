@@ -37,6 +37,13 @@ class BenchConfig:
     fc_all_under: bool = False  # every bare fact-checking training fact under its entity's adapter (no cap)
     fc_steps: int | None = None  # the fact-checking task adapter's steps (None: 2 × task_steps: 2 pairs per fact)
     fc_form: str = "label"  # fact checking answers the bare label (FEVER's); "recall": object, then verdict
+    # wrong objects per fact-checking fact, each a (true, false) claim pair: a verdict that must come from the object
+    fc_false: int = 1
+    # every claim about a task-training entity bare under that entity's knowledge adapter, every other claim with
+    # its page in front, all of them (no cap, no base-model filter): fact checking learns to check a claim against
+    # an injected fact from every fact that has an adapter (the full size's; README, "Fact checking off chance")
+    fc_under_train: bool = False
+    fc_train_a: bool = False  # the fact-checking adapter trains A too, even where task_freeze_a keeps the others'
     seed: int = 0
     shared_init: bool = False  # every adapter from one LoRA init (loralag 0.1's way), to measure what distinct ones do
     max_article_chars: int = 400
@@ -122,6 +129,10 @@ SIZES = {
         task_under="lag-fact",
         task_contrast="families",
         task_freeze_a=True,
+        fc_false=2,
+        fc_under_train=True,
+        fc_steps=400,
+        fc_train_a=True,
     ),
 }
 BASE_METHODS = (
@@ -173,6 +184,8 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
         )
     if cfg.fc_form not in FC_FORMS:
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
+    if isinstance(cfg.fc_false, bool) or not isinstance(cfg.fc_false, int) or cfg.fc_false < 1:
+        raise LoralagError(f"fc_false (wrong objects per fact-checking fact) must be >= 1, got {cfg.fc_false!r}")
     if cfg.task_under not in TASK_UNDER:
         raise LoralagError(f"task_under must be one of {TASK_UNDER}, got {cfg.task_under!r}")
     if cfg.n_entities < 2:
@@ -201,6 +214,7 @@ def bench_data(cfg: BenchConfig, data_dir: str | Path):
         context_every=cfg.context_every,
         fc_bare_facts=fc_bare_cap(cfg),
         fc_form=cfg.fc_form,
+        fc_false=cfg.fc_false,
     )
 
 

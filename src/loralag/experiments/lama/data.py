@@ -108,6 +108,8 @@ class Claim:
     page: str  # the entity's page (Entity.page), in front of the claim in RAG form
     entity: str
     obj: str = ""  # the true object: the training answer recalls it before the verdict (fact_checking_pairs)
+    # more wrong objects' claims, each paired with the true claim again (build_data's fc_false)
+    more_false: tuple[str, ...] = ()
 
 
 @dataclass
@@ -361,6 +363,7 @@ def build_data(
     claim_pool: int = 2,
     fc_bare_facts: int | None = None,
     fc_form: str = "label",
+    fc_false: int = 1,
 ) -> LamaData:
     """Choose the knowledge set and the task-training pool; build articles, questions and task pairs.
 
@@ -369,7 +372,7 @@ def build_data(
     pairs per family for the task adapters, about other entities; one in `context_every` of them has the
     entity's page in front (the RAG form; 0: none). Fact checking draws its pairs from a pool of
     claim_pool × n_train_pairs claims, at most fc_bare_facts of them bare, answered in fc_form (see
-    fact_checking_pairs).
+    fact_checking_pairs); each claim's fact is stated falsely with fc_false different wrong objects.
     Entities are picked round-robin over the
     relations (so every relation is represented), in a seeded order, among subjects whose label is
     unambiguous, whose article stays under max_article_chars and names the subject, and that have a fact
@@ -479,6 +482,7 @@ def build_data(
     # fact checking: a pool of (true claim, false claim) about the same fact, so the verdict has to come from the
     # object, not the subject; which claims train the adapter is fact_checking_pairs' choice
     prng = random.Random(f"{seed}-train-{FACT_CHECKING}")
+    more_rng = random.Random(f"{seed}-train-{FACT_CHECKING}-more-false")
     claims: list[Claim] = []
     for j, ent in enumerate(pool):
         if len(claims) >= claim_pool * n_train_pairs:
@@ -488,6 +492,11 @@ def build_data(
         wrong = _wrong_object(fact, objects_by_relation[fact.relation], true, prng)
         if wrong is None:
             continue
+        more: list[str] = []  # from their own generator: every claim's first wrong object is the same for any fc_false
+        for _ in range(fc_false - 1):
+            extra = _wrong_object(fact, objects_by_relation[fact.relation], true | {wrong, *more}, more_rng)
+            if extra is not None:
+                more.append(extra)
         rel = relations[fact.relation]
         claims.append(
             Claim(
@@ -496,6 +505,7 @@ def build_data(
                 ent.page,
                 ent.name,
                 fact.object,
+                tuple(fill_template(rel.template, fact.subject, o) for o in more),
             )
         )
     fc = fact_checking_pairs(claims, n_train_pairs, context_every, fc_bare_facts, form=fc_form)
@@ -517,11 +527,12 @@ def build_data(
 
 def fact_checking_pairs(
     claims: list[Claim],
-    n_pairs: int,
+    n_pairs: int | None,
     context_every: int,
     max_bare: int | None = None,
     known: list[bool] | None = None,
     form: str = "label",
+    under: set[str] | None = None,
 ) -> list[tuple[str, str, str | None]]:
     """Fact-checking training pairs (prompt, answer, under): each fact's true claim (SUPPORTS) and false claim
     (REFUTES), the first in `context_every` facts in RAG form (its page in front: the verdict is in the
@@ -535,28 +546,38 @@ def fact_checking_pairs(
     entity; the LAMA benchmark trains it), so the task adapter learns to check a claim against what a knowledge
     adapter injects, as at test time. Past that cap a bare fact is used only if `known[i]` (the base model
     already ranks the true claim above the false one), without an adapter, to check against the model's own
-    knowledge; with known=None the list ends at the cap."""
+    knowledge; with known=None the list ends at the cap.
+
+    With `under` (entity names that have a knowledge adapter), every claim about one of them trains bare under
+    that adapter and every other claim with its page in front, whatever `context_every`, `max_bare` and `known`
+    say. A claim's more wrong objects (Claim.more_false) each add a (true, false) pair like the first. n_pairs
+    None: every claim's pairs."""
     if form not in FC_FORMS:
         raise LoralagError(f"fact-checking form must be one of {FC_FORMS}, got {form!r}")
     out: list[tuple[str, str, str | None]] = []
     bare = 0
     for j, c in enumerate(claims):
-        if len(out) >= n_pairs:
+        if n_pairs is not None and len(out) >= n_pairs:
             break
-        with_context = bool(context_every) and j % context_every == 0
-        under = None
-        if not with_context:
-            if max_bare is None or bare < max_bare:
-                under, bare = c.entity, bare + 1
-            elif known is None:
-                break
-            elif not known[j]:
-                continue
-        for text, label in ((c.true, SUPPORTS), (c.false, REFUTES)):
-            prompt = make_prompt(FACT_CHECKING, text)
-            answer = f" {c.obj}, so {label}" if form == "recall" and c.obj else " " + label
-            out.append((rag_prompt(c.page, prompt) if with_context else prompt, answer, under))
-    return out[:n_pairs]
+        entity = None  # the knowledge adapter the pair trains under
+        if under is not None:
+            with_context = c.entity not in under
+            entity = None if with_context else c.entity
+        else:
+            with_context = bool(context_every) and j % context_every == 0
+            if not with_context:
+                if max_bare is None or bare < max_bare:
+                    entity, bare = c.entity, bare + 1
+                elif known is None:
+                    break
+                elif not known[j]:
+                    continue
+        for false in (c.false, *c.more_false):
+            for text, label in ((c.true, SUPPORTS), (false, REFUTES)):
+                prompt = make_prompt(FACT_CHECKING, text)
+                answer = f" {c.obj}, so {label}" if form == "recall" and c.obj else " " + label
+                out.append((rag_prompt(c.page, prompt) if with_context else prompt, answer, entity))
+    return out if n_pairs is None else out[:n_pairs]
 
 
 def _round_robin(groups: list[list]) -> list:

@@ -178,8 +178,8 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     switching `--know-init`, `--task-init`, `--task-contrast`, `--task-freeze-a`, `--shared-init`, `--know-qa` (or
     BenchConfig.know_freeze_a) trains into its own folder and switching back finds the earlier adapters instead of
     retraining them in place. The task adapters depend on the knowledge adapters too: fact checking trains under
-    them. A --task-seed, --fc-steps, --fc-form, --fc-all-under or --task-under of its own gets its own task
-    folder."""
+    them. A --task-seed, --fc-steps, --fc-form, --fc-all-under, --fc-false, --fc-under-train, --fc-train-a or
+    --task-under of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
@@ -193,6 +193,9 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     task += f"-fc{cfg.fc_steps}" if cfg.fc_steps is not None and cfg.fc_steps != 2 * cfg.task_steps else ""
     task += f"-fc-{cfg.fc_form}" if cfg.fc_form != "label" else ""
     task += "-fc-all-under" if cfg.fc_all_under else ""
+    task += f"-fc-false{cfg.fc_false}" if cfg.fc_false != 1 else ""
+    task += "-fc-under-train" if cfg.fc_under_train else ""
+    task += "-fc-train-a" if cfg.fc_train_a and cfg.task_freeze_a else ""
     task += f"-routed-{cfg.task_under}" if cfg.task_under != "none" else ""
     return {
         "knowledge": cache / f"knowledge{know}",
@@ -305,7 +308,13 @@ def _run(
     t = time.perf_counter()
     known = known_claims(model, tokenizer, data.claims)
     fc = fact_checking_pairs(
-        data.claims, 2 * cfg.n_train_pairs, cfg.context_every, fc_bare_cap(cfg), known, form=cfg.fc_form
+        data.claims,
+        None if cfg.fc_under_train else 2 * cfg.n_train_pairs,
+        cfg.context_every,
+        fc_bare_cap(cfg),
+        known,
+        form=cfg.fc_form,
+        under={e.name for e in data.train_entities} if cfg.fc_under_train else None,
     )
     data.task_pairs[FACT_CHECKING] = [(prompt, answer) for prompt, answer, _ in fc]
     data.fc_under = [under for _, _, under in fc]
@@ -368,7 +377,7 @@ def _run(
         else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=_routed_for(d, routed, data.task_context[d], cfg))
         for d in DATASETS
     ]
-    fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps)
+    fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps, freeze_a=tcfg.freeze_a and not cfg.fc_train_a)
     say(
         f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
         f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities"
@@ -524,6 +533,14 @@ def _run(
         "p_lag_definition": PLAG_NOTE,
         "task_training": _TRAINING_NOTE
         + (" Here (fc_all_under) every bare fact trains under its entity's adapter." if cfg.fc_all_under else "")
+        + (
+            " Here (fc_under_train) every claim about a training entity trains bare under that entity's adapter, "
+            "every other claim with its page in front, all of them."
+            if cfg.fc_under_train
+            else ""
+        )
+        + (f" Each fact is stated falsely with {cfg.fc_false} wrong objects (fc_false)." if cfg.fc_false != 1 else "")
+        + (" The fact-checking adapter trains A too (fc_train_a)." if cfg.fc_train_a and cfg.task_freeze_a else "")
         + _task_under_note(cfg)
         + (" The task adapters train B alone, A kept at its init (task_freeze_a)." if cfg.task_freeze_a else ""),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
