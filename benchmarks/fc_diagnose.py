@@ -151,8 +151,8 @@ def main():
             for a, rows in adapters.items()
         ],
     ]
-    data = {"claims": n, "true": sum(supports), "knowledge": knowledge, "adapters": adapters}
-    write_tables(args.out, "fc_diagnose", lines, data)
+    summary = {"claims": n, "true": sum(supports), "knowledge": knowledge, "adapters": adapters}
+    write_tables(args.out, "fc_diagnose", lines, summary)
 
 
 if __name__ == "__main__":
