@@ -68,8 +68,8 @@ def bench(
         None,
         "--fc-steps",
         min=1,
-        help="The fact-checking task adapter's training steps (default: 400 at full size, else twice the other "
-        "task adapters'); another count trains into its own folder.",
+        help="The fact-checking task adapter's training steps (default: twice the other task adapters', 160 at "
+        "full size); another count trains into its own folder.",
     ),
     fc_all_under: bool = typer.Option(
         False,
@@ -82,21 +82,21 @@ def bench(
         None,
         "--fc-false",
         min=1,
-        help="Wrong objects per fact-checking training fact, each a (true, false) claim pair (default: 2 at full "
-        "size, else 1); another count trains into its own folder.",
+        help="Wrong objects per fact-checking training fact, each a (true, false) claim pair (default 1); another "
+        "count trains into its own folder.",
     ),
     fc_under_train: Optional[bool] = typer.Option(
         None,
         "--fc-under-train/--fc-capped",
         help="Fact checking trains on every claim about a task-training entity bare, under its knowledge adapter, "
-        "and every other claim with its page in front (the full size's), or on the capped pool that --fc-all-under "
-        "widens (the smaller sizes'); trains into its own folder.",
+        "and every other claim with its page in front, or on the capped pool that --fc-all-under widens (the "
+        "default); trains into its own folder.",
     ),
     fc_train_a: Optional[bool] = typer.Option(
         None,
         "--fc-train-a/--fc-freeze-a",
-        help="The fact-checking adapter trains A and B even where --task-freeze-a keeps the other task adapters' A "
-        "(the full size's), or follows --task-freeze-a; trains into its own folder.",
+        help="The fact-checking adapter trains A and B even where --task-freeze-a keeps the other task adapters' A, "
+        "or follows --task-freeze-a (the default); trains into its own folder.",
     ),
     task_under: Optional[TaskUnder] = typer.Option(
         None,

@@ -41,7 +41,7 @@ class BenchConfig:
     fc_false: int = 1
     # every claim about a task-training entity bare under that entity's knowledge adapter, every other claim with
     # its page in front, all of them (no cap, no base-model filter): fact checking learns to check a claim against
-    # an injected fact from every fact that has an adapter (the full size's; README, "Fact checking off chance")
+    # an injected fact from every fact that has an adapter (README, "Fact checking off chance": not a default)
     fc_under_train: bool = False
     fc_train_a: bool = False  # the fact-checking adapter trains A too, even where task_freeze_a keeps the others'
     seed: int = 0
@@ -129,10 +129,6 @@ SIZES = {
         task_under="lag-fact",
         task_contrast="families",
         task_freeze_a=True,
-        fc_false=2,
-        fc_under_train=True,
-        fc_steps=400,
-        fc_train_a=True,
     ),
 }
 BASE_METHODS = (
