@@ -34,6 +34,32 @@ def auc(scores: list[float], positive: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def markdown(summary: dict, n_knowledge: int, seconds: float) -> list[str]:
+    """fc_diagnose.md's lines from the summary written beside it."""
+    from loralag.experiments.lama.report import md_table
+
+    settings = list(next(iter(summary["adapters"].values()), {}))
+    cells = "{accuracy:.1f} / {auc:.1f} / {says_supports}"
+    return [
+        "# Fact checking: does the adapter check the claim?",
+        "",
+        f"{summary['claims']} fact-checking claims of the full size ({summary['true']} true), "
+        f"{n_knowledge} knowledge adapters; {seconds:.0f} s.",
+        "",
+        "What the knowledge adapters know: AUC (%) of the claim's log-likelihood, true claims over false.",
+        "",
+        *md_table(["model", "AUC"], [[k, f"{100 * v:.1f}"] for k, v in summary["knowledge"].items()]),
+        "",
+        "Each fact-checking adapter's verdict token (the margin of SUPPORTS over REFUTES): accuracy, AUC (%), "
+        "and the claims it calls SUPPORTS.",
+        "",
+        *md_table(
+            ["adapter", *settings],
+            [[a, *(cells.format(**r) for r in rows.values())] for a, rows in summary["adapters"].items()],
+        ),
+    ]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="a folder of LAMA T-REx relation files")
@@ -61,20 +87,21 @@ def main():
     data = bench_data(cfg, args.data)
     claims = data.questions[FACT_CHECKING]
     supports = [q.example.answers[0] == "SUPPORTS" for q in claims]
-    fcs = [Path(f) for f in args.fc.split(",")] if args.fc else [adapter_folders(cache, cfg)["task"] / "fact_checking"]
+    folders = adapter_folders(cache, cfg)
+    fcs = [Path(f) for f in args.fc.split(",")] if args.fc else [folders["task"] / "fact_checking"]
     missing = [str(f) for f in fcs if not (f / "adapter_config.json").is_file()]
     if missing:
         p.error(f"--fc: no adapter at {', '.join(missing)}")
 
     model, tok = load_model("default", dtype=torch.float32)
-    folders = adapter_folders(cache, cfg)
     docs = [knowledge_document(e, data.relations, cfg) for e in data.entities]
     know_paths = train_adapters(model, tok, docs, folders["knowledge"], knowledge_train_config(cfg))
     know = _library(cache, "knowledge", know_paths, model, "default", True)
     gold = [q.entity for q in claims]
 
-    def forward(prompts: list[str], fixes: dict, fn, left: bool) -> list[float]:
-        """fn(logits, batch encoding) -> a float per prompt, 16 at a time, each library fixed as `fixes` says."""
+    def forward(state, prompts: list[str], fixes: dict, fn, left: bool) -> list[float]:
+        """fn(logits, batch encoding) -> a float per prompt, 16 at a time, each of `state`'s libraries fixed as
+        `fixes` says."""
         tok.padding_side = "left" if left else "right"
         out = []
         for i in range(0, len(prompts), 16):
@@ -97,8 +124,8 @@ def main():
     texts = [q.example.input for q in claims]
     state = loralag.attach(model, {"knowledge": know}, router="none")
     knowledge = {
-        "base model": auc(forward(texts, {"knowledge": [None] * len(gold)}, loglik, False), supports),
-        "the entity's knowledge adapter": auc(forward(texts, {"knowledge": gold}, loglik, False), supports),
+        "base model": auc(forward(state, texts, {"knowledge": [None] * len(gold)}, loglik, False), supports),
+        "the entity's knowledge adapter": auc(forward(state, texts, {"knowledge": gold}, loglik, False), supports),
     }
     loralag.detach(model)
 
@@ -117,7 +144,7 @@ def main():
         task = [lib.names[0]] * len(gold)
         rows = {}
         for name, (prompts, knows) in settings.items():
-            m = forward(prompts, {"knowledge": knows, "task": task}, margin, True)
+            m = forward(state, prompts, {"knowledge": knows, "task": task}, margin, True)
             rows[name] = {
                 "accuracy": 100 * sum((x > 0) == y for x, y in zip(m, supports)) / len(m),
                 "auc": 100 * auc(m, supports),
@@ -126,32 +153,8 @@ def main():
         loralag.detach(model)
         adapters[fc.parent.name] = rows
 
-    n = len(claims)
-    lines = [
-        "# Fact checking: does the adapter check the claim?",
-        "",
-        f"{n} fact-checking claims of the full size ({sum(supports)} true), "
-        f"{len(data.entities)} knowledge adapters; {time.perf_counter() - t0:.0f} s.",
-        "",
-        "What the knowledge adapters know: AUC (%) of the claim's log-likelihood, true claims over false.",
-        "",
-        "| model | AUC |",
-        "|---|---|",
-        *[f"| {k} | {100 * v:.1f} |" for k, v in knowledge.items()],
-        "",
-        "Each fact-checking adapter's verdict token (the margin of SUPPORTS over REFUTES): accuracy, AUC (%), "
-        "and the claims it calls SUPPORTS.",
-        "",
-        "| adapter | " + " | ".join(settings) + " |",
-        "|---|" + "---|" * len(settings),
-        *[
-            f"| {a} | "
-            + " | ".join(f"{r['accuracy']:.1f} / {r['auc']:.1f} / {r['says_supports']}" for r in rows.values())
-            + " |"
-            for a, rows in adapters.items()
-        ],
-    ]
-    summary = {"claims": n, "true": sum(supports), "knowledge": knowledge, "adapters": adapters}
+    summary = {"claims": len(claims), "true": sum(supports), "knowledge": knowledge, "adapters": adapters}
+    lines = markdown(summary, len(data.entities), time.perf_counter() - t0)
     write_tables(args.out, "fc_diagnose", lines, summary)
 
 
