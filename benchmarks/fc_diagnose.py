@@ -72,6 +72,7 @@ def main():
     from common import write_tables
 
     import loralag
+    from loralag.experiments.lama.answering import sequence_logprobs
     from loralag.experiments.lama.config import bench_data, default_cache_dir, size_config
     from loralag.experiments.lama.data import FACT_CHECKING, rag_prompt
     from loralag.experiments.lama.run import _library, adapter_folders, knowledge_document, knowledge_train_config
@@ -99,33 +100,34 @@ def main():
     know = _library(cache, "knowledge", know_paths, model, "default", True)
     gold = [q.entity for q in claims]
 
-    def forward(state, prompts: list[str], fixes: dict, fn, left: bool) -> list[float]:
-        """fn(logits, batch encoding) -> a float per prompt, 16 at a time, each of `state`'s libraries fixed as
-        `fixes` says."""
-        tok.padding_side = "left" if left else "right"
-        out = []
-        for i in range(0, len(prompts), 16):
+    def fixed(state, fixes: dict, n: int):
+        """Slices of 16 of n sequences, each after fixing `state`'s libraries to their names in `fixes`."""
+        for i in range(0, n, 16):
             for lib, names in fixes.items():
                 state.fix(lib, names[i : i + 16])
-            enc = tok(prompts[i : i + 16], return_tensors="pt", padding=True)
-            with torch.no_grad():
-                out += fn(model(**enc).logits.float(), enc)
-        return out
+            yield slice(i, i + 16)
 
-    def loglik(logits, enc) -> list[float]:
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0]
-        return (lp * enc.attention_mask[:, 1:]).sum(1).tolist()
+    def loglik(state, texts: list[str], knows: list) -> list[float]:
+        return [
+            x for b in fixed(state, {"knowledge": knows}, len(texts)) for x in sequence_logprobs(model, tok, texts[b])
+        ]
 
     sup, ref = tok(" SUPPORTS").input_ids[0], tok(" REFUTES").input_ids[0]
 
-    def margin(logits, enc) -> list[float]:
-        return (logits[:, -1, sup] - logits[:, -1, ref]).tolist()
+    def margin(state, prompts: list[str], fixes: dict) -> list[float]:
+        """logit(SUPPORTS) - logit(REFUTES) after each prompt (left-padded: the last position is the verdict's)."""
+        tok.padding_side, out = "left", []
+        for b in fixed(state, fixes, len(prompts)):
+            with torch.no_grad():
+                logits = model(**tok(prompts[b], return_tensors="pt", padding=True)).logits[:, -1].float()
+            out += (logits[:, sup] - logits[:, ref]).tolist()
+        return out
 
     texts = [q.example.input for q in claims]
     state = loralag.attach(model, {"knowledge": know}, router="none")
     knowledge = {
-        "base model": auc(forward(state, texts, {"knowledge": [None] * len(gold)}, loglik, False), supports),
-        "the entity's knowledge adapter": auc(forward(state, texts, {"knowledge": gold}, loglik, False), supports),
+        "base model": auc(loglik(state, texts, [None] * len(gold)), supports),
+        "the entity's knowledge adapter": auc(loglik(state, texts, gold), supports),
     }
     loralag.detach(model)
 
@@ -144,7 +146,7 @@ def main():
         task = [lib.names[0]] * len(gold)
         rows = {}
         for name, (prompts, knows) in settings.items():
-            m = forward(state, prompts, {"knowledge": knows, "task": task}, margin, True)
+            m = margin(state, prompts, {"knowledge": knows, "task": task})
             rows[name] = {
                 "accuracy": 100 * sum((x > 0) == y for x, y in zip(m, supports)) / len(m),
                 "auc": 100 * auc(m, supports),
