@@ -622,6 +622,10 @@ def test_bench_methods_reach_the_run_and_choose_its_methods(tmp_path, monkeypatc
     result = invoke("bench", "--data", tmp_path, "--fc-under-train", "--fc-train-a")
     assert result.exit_code == 0 and (seen["fc_under_train"], seen["fc_train_a"]) == (True, True), output(result)
     assert invoke("bench", "--data", tmp_path, "--fc-false", "0").exit_code != 0
+    assert seen["fc_a_within"] is None  # the size's
+    result = invoke("bench", "--data", tmp_path, "--fc-a-within", "32")
+    assert result.exit_code == 0 and seen["fc_a_within"] == 32, output(result)
+    assert invoke("bench", "--data", tmp_path, "--fc-a-within", "-1").exit_code != 0
     assert seen["task_under"] is None and seen["task_contrast"] is None  # the size's
     assert seen["task_freeze_a"] is None  # the size's
     result = invoke("bench", "--data", tmp_path, "--task-freeze-a")

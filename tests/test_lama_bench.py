@@ -334,6 +334,11 @@ def test_each_init_setting_caches_its_adapters_in_its_own_folders(tmp_path):
     assert adapter_folders(tmp_path, replace(default, task_freeze_a=False, fc_train_a=True)) == adapter_folders(
         tmp_path, replace(default, task_freeze_a=False)
     )
+    # A trained within its init's top directions: its own task folder whatever fc_train_a says, one per count
+    within = [adapter_folders(tmp_path, replace(frozen, fc_a_within=m, fc_train_a=t)) for m, t in ((32, 0), (32, 1))]
+    assert within[0] == within[1] and within[0]["knowledge"] == folders[0]["knowledge"]
+    assert within[0]["task"] not in {f["task"] for f in folders}
+    assert adapter_folders(tmp_path, replace(frozen, fc_a_within=64))["task"] != within[0]["task"]
     # task adapters trained under the routed training-entity library: their own task folder, the same knowledge
     routed = adapter_folders(tmp_path, replace(default, task_under="lag"))
     assert routed["knowledge"] == adapter_folders(tmp_path, default)["knowledge"]
@@ -913,6 +918,11 @@ def test_more_wrong_objects_per_fact_keep_the_first(lama_dir):
     assert three.questions == one.questions  # the test questions do not depend on the training claims
     with pytest.raises(LoralagError, match="fc_false"):
         size_config("tiny", fc_false=0)
+    for bad, message in ((-1, "integer >= 0"), (True, "integer >= 0"), (4, r"at least task_r \(8\)")):
+        with pytest.raises(LoralagError, match=f"fc_a_within.*{message}"):
+            size_config("tiny", fc_a_within=bad)
+    with pytest.raises(LoralagError, match="fc_a_within .* data-aware task_init"):
+        size_config("tiny", fc_a_within=16, task_init="peft")
 
 
 def _data_and_default_tokenizer():

@@ -661,6 +661,53 @@ def test_freeze_a_trains_b_alone_from_the_init(model, tok, tmp_path, one_thread)
     assert "freeze_a" not in lt._key_config(GROUP_CFG)
 
 
+def test_a_within_trains_a_inside_its_inits_top_directions(model, tok, tmp_path, one_thread):
+    """a_within=m: the saved A starts at the init's first r rows and ends, trained, inside the span of the item's
+    top-m contrast directions (computed here directly); free A leaves that span; the key changes only when set."""
+    import numpy as np
+
+    from loralag.training.activation_init import contrast_rows
+
+    m = 9  # r is 6
+    config = replace(GROUP_CFG, init="contrast", a_within=m, steps=10, lr=2e-2)
+    item = group_items()[0]
+    [within] = lt.train_adapters(model, tok, [item], tmp_path / "w", config, progress=False)
+    [free] = lt.train_adapters(model, tok, [item], tmp_path / "f", replace(config, a_within=0), progress=False)
+    examples = lt.build_examples(tok, item, config)
+    top = contrast_rows(model, examples, list(config.target_modules), m, lt._pad_id(tok), config.batch_size)
+    start = lt._lora_init(model, replace(config, a_within=0), lt.adapter_seed(0, item.name), examples, lt._pad_id(tok))
+    ww, wf = weights(within), weights(free)
+    left_span = []
+    for name, rows in top.items():
+        basis = np.linalg.qr(rows.double().numpy().T)[0]  # (d_in, m)
+        [key] = [k for k in ww if k.endswith(f"{name}.lora_A.weight")]
+        A, F, A0 = ww[key].double().numpy(), wf[key].double().numpy(), start[name][0].double().numpy()
+        outside = lambda M: np.linalg.norm(M - (M @ basis) @ basis.T) / np.linalg.norm(M)  # noqa: E731
+        assert outside(A) < 1e-5, name
+        assert np.abs(A - A0).max() > 1e-3, name  # A trained
+        left_span.append(outside(F))
+    assert min(left_span) > 1e-2  # the free A leaves it: the check can fail
+    assert lt._read_marker(within)["config"]["a_within"] == m
+    assert lt._read_marker(within)["key"] != lt._read_marker(free)["key"]
+    assert "a_within" not in lt._key_config(GROUP_CFG)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(a_within=4), "init 'peft' has none"),
+        (dict(init="contrast", a_within=4, freeze_a=True), "freeze_a does not train A"),
+        (dict(init="contrast", a_within=2), r"a_within \(2\) must be at least the rank r \(4\)"),
+        (dict(init="contrast", a_within=-1), "a_within must be an integer >= 0"),
+        (dict(init="contrast", a_within=True), "a_within must be an integer >= 0"),
+    ],
+)
+def test_bad_a_within(model, tok, tmp_path, changes, message):
+    config = replace(GROUP_CFG, r=4, **changes)
+    with pytest.raises(LoralagError, match=message):
+        lt.train_adapters(model, tok, group_items()[:1], tmp_path, config, progress=False)
+
+
 def test_the_default_init_keeps_earlier_cache_keys(model, tok):
     item = group_items()[0]
     key = lt._job(model, tok, item, Path("x"), GROUP_CFG).key

@@ -98,6 +98,13 @@ def bench(
         help="The fact-checking adapter trains A and B even where --task-freeze-a keeps the other task adapters' A, "
         "or follows --task-freeze-a (the default); trains into its own folder.",
     ),
+    fc_a_within: Optional[int] = typer.Option(
+        None,
+        "--fc-a-within",
+        min=0,
+        help="The fact-checking adapter trains A within its init's top M directions (projected back after each "
+        "step), even where --task-freeze-a keeps the others' A (default 0: off); trains into its own folder.",
+    ),
     task_under: Optional[TaskUnder] = typer.Option(
         None,
         "--task-under",
@@ -180,6 +187,7 @@ def bench(
         fc_false=fc_false,
         fc_under_train=fc_under_train,
         fc_train_a=fc_train_a,
+        fc_a_within=fc_a_within,
         task_under=task_under.value if task_under else None,
         shared_init=shared_init or None,
         know_init=know_init.value,

@@ -116,6 +116,11 @@ class TrainConfig:
     # train B alone, A kept at its init (LoRA-FA, Zhang et al. 2023): A* rows then span the init's rows exactly.
     # For comparisons: on the bench's knowledge adapters it routes worse than training A (README, "Distinct inits")
     freeze_a: bool = False
+    # with a data-aware init, A trains within the span of the init's top `a_within` directions (its rows are
+    # projected back onto them after every step): A learns more than its r init rows hold, yet its A* rows,
+    # which routing reads, stay on what tells the item apart from the contrast (the fact-checking adapter, bench
+    # README "Fact checking off chance"). 0: A trains freely
+    a_within: int = 0
 
 
 def adapter_seed(base_seed: int, name: str) -> int:
@@ -665,6 +670,7 @@ def _train_into(
     with torch.random.fork_rng(), ExitStack() as stack:
         torch.manual_seed(seed)
         init = _init_rows(model, examples, config, pad_id, reference)  # of the base model alone, as at step one
+        within = _within_bases(init, config)
         rows = stack.enter_context(frozen_adapters(model, under[0])) if under is not None else None
         routed = stack.enter_context(_routed_library(model, library)) if library is not None else None
         with _peft_attached(model, _lora_config(model, config)) as peft_model:
@@ -694,6 +700,7 @@ def _train_into(
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                _project_a(model, within)
                 losses.append(loss.item())
                 if bar is not None:
                     bar.set_postfix(step=f"{step + 1}/{config.steps}", loss=f"{losses[-1]:.3f}")
@@ -785,6 +792,8 @@ def _grouping_blocker(model, config: TrainConfig) -> str | None:
     Dropout draws random numbers per row, so a mixed batch would draw other ones."""
     if config.dropout > 0:
         return f"LoRA dropout {config.dropout} > 0"
+    if config.a_within:
+        return f"a_within={config.a_within} projects each adapter's A onto its own init's directions"
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
             return f"the base model has dropout ({name}, p={module.p})"
@@ -819,6 +828,15 @@ def _grouping_blocker_peft(model, config: TrainConfig) -> str | None:
 def _check_init(config: TrainConfig) -> None:
     if config.init not in INITS:
         raise LoralagError(f"init must be one of {INITS}, got {config.init!r}")
+    if isinstance(config.a_within, bool) or not isinstance(config.a_within, int) or config.a_within < 0:
+        raise LoralagError(f"a_within must be an integer >= 0, got {config.a_within!r}")
+    if config.a_within:
+        if config.init == "peft":
+            raise LoralagError("a_within keeps A within a data-aware init's directions; init 'peft' has none")
+        if config.freeze_a:
+            raise LoralagError("a_within trains A within a subspace; freeze_a does not train A at all")
+        if config.a_within < config.r:
+            raise LoralagError(f"a_within ({config.a_within}) must be at least the rank r ({config.r})")
     if config.contrast_against:
         if config.init not in CONTRAST_INITS:
             inits = " or ".join(map(repr, CONTRAST_INITS))
@@ -859,7 +877,33 @@ def _init_rows(model, examples, config: TrainConfig, pad_id: int, reference: lis
         "salient": activation_init.salient_rows,
     }[config.init]
     given = {} if reference is None else {"reference": reference}  # activation_rows reads no reference
-    return rows(model, examples, list(config.target_modules), config.r, pad_id, config.batch_size, **given)
+    n_rows = max(config.r, config.a_within)  # the init's first r rows start A; all of them bound it (a_within)
+    return rows(model, examples, list(config.target_modules), n_rows, pad_id, config.batch_size, **given)
+
+
+def _within_bases(init: dict | None, config: TrainConfig) -> dict | None:
+    """{module name: (d_in, m) orthonormal basis of the init's a_within rows} (the rows are ordered by contrast,
+    not orthogonal), or None when A trains freely."""
+    if not config.a_within or init is None:
+        return None
+    bases = {}
+    for name, rows in init.items():
+        rows = rows[rows.norm(dim=1) > 0].double()  # a module that saw fewer tokens has zero rows after its own
+        q, _ = torch.linalg.qr(rows.T)
+        bases[name] = q.float()
+    return bases
+
+
+@torch.no_grad()
+def _project_a(model, bases: dict | None) -> None:
+    """A ← A Q Qᵀ for every LoRA layer: its rows back onto the span of its init's a_within rows."""
+    if bases is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            A = module.lora_A["default"].weight
+            q = bases[name].to(A)
+            A.copy_((A @ q) @ q.T)
 
 
 @torch.no_grad()
@@ -871,7 +915,7 @@ def _set_init_rows(model, init: dict | None) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             A = module.lora_A["default"].weight
-            rows = init[name].to(A)
+            rows = init[name][: A.shape[0]].to(A)  # a_within's extra rows bound A, they do not start it
             found = rows.norm(dim=1) > 0
             A[found] = rows[found] * A.norm(dim=1).mean()
 
@@ -1107,6 +1151,8 @@ def _key_config(config: TrainConfig) -> dict:
         del out["init"]
     if not out["freeze_a"]:  # and `freeze_a`
         del out["freeze_a"]
+    if not out["a_within"]:  # and `a_within`
+        del out["a_within"]
     if out["contrast_against"]:  # and `contrast_against`, held by its digest (a library's texts: large)
         out["contrast_against"] = _texts_digest(config.contrast_against)
     else:

@@ -44,6 +44,9 @@ class BenchConfig:
     # an injected fact from every fact that has an adapter (README, "Fact checking off chance": not a default)
     fc_under_train: bool = False
     fc_train_a: bool = False  # the fact-checking adapter trains A too, even where task_freeze_a keeps the others'
+    # > 0: the fact-checking adapter trains A within its init's top fc_a_within directions (TrainConfig.a_within),
+    # even where task_freeze_a keeps the others': more than B alone can learn, routed on what tells its family apart
+    fc_a_within: int = 0
     seed: int = 0
     shared_init: bool = False  # every adapter from one LoRA init (loralag 0.1's way), to measure what distinct ones do
     max_article_chars: int = 400
@@ -182,6 +185,15 @@ def size_config(size: str | dict | BenchConfig = "tiny", **overrides) -> BenchCo
         raise LoralagError(f"fc_form must be one of {FC_FORMS}, got {cfg.fc_form!r}")
     if isinstance(cfg.fc_false, bool) or not isinstance(cfg.fc_false, int) or cfg.fc_false < 1:
         raise LoralagError(f"fc_false (wrong objects per fact-checking fact) must be >= 1, got {cfg.fc_false!r}")
+    if isinstance(cfg.fc_a_within, bool) or not isinstance(cfg.fc_a_within, int) or cfg.fc_a_within < 0:
+        raise LoralagError(f"fc_a_within must be an integer >= 0, got {cfg.fc_a_within!r}")
+    if cfg.fc_a_within and (cfg.fc_a_within < cfg.task_r or cfg.task_init == "peft"):
+        raise LoralagError(
+            f"fc_a_within ({cfg.fc_a_within}) needs a data-aware task_init (not {cfg.task_init!r}) and at least "
+            f"task_r ({cfg.task_r}) directions"
+            if cfg.task_init == "peft"
+            else f"fc_a_within ({cfg.fc_a_within}) must be at least task_r ({cfg.task_r})"
+        )
     if cfg.task_under not in TASK_UNDER:
         raise LoralagError(f"task_under must be one of {TASK_UNDER}, got {cfg.task_under!r}")
     if cfg.n_entities < 2:

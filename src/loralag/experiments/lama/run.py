@@ -178,8 +178,8 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     switching `--know-init`, `--task-init`, `--task-contrast`, `--task-freeze-a`, `--shared-init`, `--know-qa` (or
     BenchConfig.know_freeze_a) trains into its own folder and switching back finds the earlier adapters instead of
     retraining them in place. The task adapters depend on the knowledge adapters too: fact checking trains under
-    them. A --task-seed, --fc-steps, --fc-form, --fc-all-under, --fc-false, --fc-under-train, --fc-train-a or
-    --task-under of its own gets its own task folder."""
+    them. A --task-seed, --fc-steps, --fc-form, --fc-all-under, --fc-false, --fc-under-train, --fc-train-a,
+    --fc-a-within or --task-under of its own gets its own task folder."""
     shared = "-shared-init" if cfg.shared_init else ""
     know = shared + ("" if cfg.know_init == "peft" else f"-{cfg.know_init}") + ("-qa" if cfg.know_qa else "")
     know += "-frozen-a" if cfg.know_freeze_a else ""
@@ -195,7 +195,8 @@ def adapter_folders(cache: Path, cfg: BenchConfig) -> dict[str, Path]:
     task += "-fc-all-under" if cfg.fc_all_under else ""
     task += f"-fc-false{cfg.fc_false}" if cfg.fc_false != 1 else ""
     task += "-fc-under-train" if cfg.fc_under_train else ""
-    task += "-fc-train-a" if cfg.fc_train_a and cfg.task_freeze_a else ""
+    task += "-fc-train-a" if cfg.fc_train_a and cfg.task_freeze_a and not cfg.fc_a_within else ""
+    task += f"-fc-a-within{cfg.fc_a_within}" if cfg.fc_a_within else ""
     task += f"-routed-{cfg.task_under}" if cfg.task_under != "none" else ""
     return {
         "knowledge": cache / f"knowledge{know}",
@@ -377,7 +378,12 @@ def _run(
         else QAPairs(FAMILY_OF[d], data.task_pairs[d], library=_routed_for(d, routed, data.task_context[d], cfg))
         for d in DATASETS
     ]
-    fc_cfg = replace(tcfg, steps=cfg.fc_steps or 2 * cfg.task_steps, freeze_a=tcfg.freeze_a and not cfg.fc_train_a)
+    fc_cfg = replace(
+        tcfg,
+        steps=cfg.fc_steps or 2 * cfg.task_steps,
+        freeze_a=tcfg.freeze_a and not (cfg.fc_train_a or cfg.fc_a_within),
+        a_within=cfg.fc_a_within,
+    )
     say(
         f"[bold]Task adapters[/]: {len(task_items)} ({cfg.task_steps} steps; fact checking {fc_cfg.steps}) on "
         f"{sum(len(p) for p in data.task_pairs.values())} pairs about {len(data.train_entities)} other entities"
@@ -540,7 +546,16 @@ def _run(
             else ""
         )
         + (f" Each fact is stated falsely with {cfg.fc_false} wrong objects (fc_false)." if cfg.fc_false != 1 else "")
-        + (" The fact-checking adapter trains A too (fc_train_a)." if cfg.fc_train_a and cfg.task_freeze_a else "")
+        + (
+            " The fact-checking adapter trains A too (fc_train_a)."
+            if cfg.fc_train_a and cfg.task_freeze_a and not cfg.fc_a_within
+            else ""
+        )
+        + (
+            f" The fact-checking adapter trains A within its init's top {cfg.fc_a_within} directions (fc_a_within)."
+            if cfg.fc_a_within
+            else ""
+        )
         + _task_under_note(cfg)
         + (" The task adapters train B alone, A kept at its init (task_freeze_a)." if cfg.task_freeze_a else ""),
         "answer_checking": _CHECKING_NOTE + (" Prefix credit on." if cfg.credit_prefix else " Prefix credit off."),
